@@ -1,0 +1,1 @@
+"""Python client library, chat CLI and load generator; they depend on `protos` only."""

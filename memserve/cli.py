@@ -1,0 +1,92 @@
+"""The `memserve` command: one entry point whose subcommands live in their own layers.
+
+Subcommand modules are imported only when run, so `memserve --help` stays fast and a
+command never loads layers it does not use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+from memserve import __version__
+
+
+def _version(_: argparse.Namespace) -> int:
+    import torch
+
+    from kernels import backend
+
+    print(f"memserve {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}", end="")
+    if backend.TRITON_AVAILABLE:
+        import triton
+
+        print(f", triton {triton.__version__}", end="")
+    print(f"\nkernel backend: {backend.describe()}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from memserve.demo import run_demo
+
+    return run_demo(
+        sessions=args.sessions,
+        batch=args.batch,
+        rows=args.rows,
+        width=args.width,
+        steps=args.steps,
+        seed=args.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `memserve` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="memserve",
+        description="Serve memory-augmented sequence models (NTM, DNC, VMED) to many sessions.",
+        epilog="Run 'memserve COMMAND --help' for the options of one command.",
+    )
+    parser.add_argument("--version", action="version", version=f"memserve {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    version = commands.add_parser(
+        "version", help="print versions and the kernel backend this machine will use"
+    )
+    version.set_defaults(handler=_version)
+
+    demo = commands.add_parser(
+        "demo",
+        help="step a pool of NTM memories with the fused kernel and check it against float64",
+        description=(
+            "Allocate a pool of NTM session memories, run batched memory steps on the "
+            "kernel backend this machine selects (see 'memserve version'), and compare every "
+            "step with the float64 PyTorch reference."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--sessions", type=int, default=64, help="slots in the pool")
+    demo.add_argument("--batch", type=int, default=16, help="sessions stepped per launch")
+    demo.add_argument("--rows", type=int, default=128, help="memory rows N")
+    demo.add_argument("--width", type=int, default=20, help="memory row width M")
+    demo.add_argument("--steps", type=int, default=10, help="batched steps to run")
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `memserve` command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        code: int = args.handler(args)
+    except ValueError as error:
+        print(f"memserve {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return code

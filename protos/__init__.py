@@ -1,0 +1,1 @@
+"""The public gRPC API (`.proto` files) and the code generated from it."""
