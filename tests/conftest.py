@@ -1,0 +1,50 @@
+"""Shared test set-up: Triton runs through its interpreter wherever there is no CUDA device.
+
+Triton reads TRITON_INTERPRET when the kernels are defined, so it is set here, before any
+test module imports `kernels`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where kernel tests run: compiled on CUDA when present, else the interpreter on CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def generator(request: pytest.FixtureRequest) -> torch.Generator:
+    """A generator seeded afresh every run, with the seed in the test's report on failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64; NaN anywhere gives inf."""
+    actual64, expected64 = actual.double().cpu(), expected.double().cpu()
+    if not bool(torch.isfinite(actual64).all()):
+        return float("inf")
+    denominator = float(expected64.norm())
+    numerator = float((actual64 - expected64).norm())
+    return numerator / denominator if denominator > 0 else numerator

@@ -1,0 +1,68 @@
+"""Compile the NTM kernel for a GPU architecture on a machine without one; print ptxas facts.
+
+Run as `python -m tests.kernels.compile_ntm SPEC...` with TRITON_INTERPRET unset (the
+interpreter replaces the compiler). Each SPEC is N,M,R,W,K,POOL_DTYPE; prints one JSON line
+per spec: registers, spilled bytes and shared memory of the sm_90a cubin.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels.ntm import launch_config, next_power_of_2
+from kernels.ntm_triton import ntm_step_kernel
+
+POINTER_TYPES = {"float32": "*fp32", "bfloat16": "*bf16"}
+
+
+def compile_spec(spec: str) -> dict[str, object]:
+    """Compile one N,M,R,W,K,POOL_DTYPE configuration for sm_90a and read ptxas -v."""
+    rows, width, num_read, num_write, radius, pool_dtype = spec.split(",")
+    config = launch_config(int(rows), int(width))
+    constants: dict[str, int | bool] = {
+        "N": int(rows), "M": int(width), "R": int(num_read), "W": int(num_write),
+        "R_PAD": next_power_of_2(max(1, int(num_read))), "K": int(radius),
+        "BLOCK_N": config.block_n, "BLOCK_M": config.block_m, "BLOCK_NF": config.block_nf,
+        "ONE_TILE": config.one_tile,
+    }  # fmt: skip
+    signature = {"memory_ptr": POINTER_TYPES[pool_dtype], "weights_ptr": POINTER_TYPES[pool_dtype]}
+    signature["slots_ptr"] = "*i64"
+    for name in ("keys", "beta", "gate", "shift", "gamma", "erase", "add", "reads", "scratch"):
+        signature[f"{name}_ptr"] = "*fp32"
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    source = ASTSource(fn=ntm_step_kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
+    )
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        report = subprocess.run(
+            [str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(folder) / "k.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return {
+        "spec": spec,
+        "num_warps": config.num_warps,
+        "one_tile": config.one_tile,
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_bytes": int(spills.group(1)) if spills else None,
+        "cubin_bytes": len(compiled.asm["cubin"]),
+    }
+
+
+if __name__ == "__main__":
+    for argument in sys.argv[1:]:
+        print(json.dumps(compile_spec(argument)), flush=True)
