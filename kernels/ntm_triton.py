@@ -47,29 +47,42 @@ def _address_heads(
     BLOCK_NF: tl.constexpr,
     row_ok,
 ):
-    """Phase B: turn each head's logits into its new weighting, in the pool and scratch."""
+    """Phase B: turn each head's logits into its new weighting, in the pool and scratch.
+
+    The shift needs every position's neighbours, which other threads hold: the gated
+    weighting is parked in the scratch row and read back at 2K+1 offsets.
+    """
     offs = tl.arange(0, BLOCK_NF)
     mask = (offs < N) & row_ok
     for h in tl.static_range(H):
         logits = tl.load(scratch_row + h * N + offs, mask=mask, other=float("-inf"))
         peak = tl.where(row_ok, tl.max(logits, axis=0), 0.0)
-        denom = tl.where(row_ok, tl.sum(tl.exp(logits - peak), axis=0), 1.0)
+        content = tl.exp(logits - peak)
+        inv_denom = 1.0 / tl.where(row_ok, tl.sum(content, axis=0), 1.0)
         gate = tl.load(gate_row + h, mask=row_ok, other=0.0)
-        shifted = tl.zeros([BLOCK_NF], dtype=tl.float32)
-        for j in tl.static_range(2 * K + 1):
-            # s_w[i] takes g_w[(i - (j - K)) mod N]; + K*N keeps the operand non-negative.
-            source = (offs + K * N - (j - K)) % N
-            logit = tl.load(scratch_row + h * N + source, mask=mask, other=float("-inf"))
-            previous = tl.load(weights_slot + h * N + source, mask=mask, other=0.0)
-            gated = gate * (tl.exp(logit - peak) / denom) + (1.0 - gate) * previous.to(tl.float32)
-            shifted += tl.load(shift_row + h * (2 * K + 1) + j, mask=row_ok, other=0.0) * gated
+        previous = tl.load(weights_slot + h * N + offs, mask=mask, other=0.0).to(tl.float32)
+        gated = gate * inv_denom * content + (1.0 - gate) * previous
+        if K > 0:
+            tl.debug_barrier()  # every thread has loaded its logits before they are replaced
+            tl.store(scratch_row + h * N + offs, gated, mask=mask)
+            tl.debug_barrier()
+            shifted = tl.zeros([BLOCK_NF], dtype=tl.float32)
+            for j in tl.static_range(2 * K + 1):
+                # s_w[i] takes g_w[(i - (j - K)) mod N]; + K*N keeps the operand non-negative.
+                source = (offs + K * N - (j - K)) % N
+                neighbour = tl.load(scratch_row + h * N + source, mask=mask, other=0.0)
+                shifted += (
+                    tl.load(shift_row + h * (2 * K + 1) + j, mask=row_ok, other=0.0) * neighbour
+                )
+        else:
+            shifted = gated * tl.load(shift_row + h, mask=row_ok, other=0.0)
         gamma = tl.load(gamma_row + h, mask=row_ok, other=1.0)
         top = tl.max(shifted, axis=0)
         scaled = shifted / tl.where(top > 0, top, 1.0)
         positive = scaled > 0
         powered = tl.where(positive, tl.exp2(gamma * tl.log2(tl.where(positive, scaled, 1.0))), 0.0)
         weighting = powered / (tl.sum(powered, axis=0) + 1e-16)
-        # Other threads may still be loading this head's scratch row and previous weights.
+        # Other threads may still be reading this head's scratch row or previous weights.
         tl.debug_barrier()
         tl.store(
             weights_slot + h * N + offs,

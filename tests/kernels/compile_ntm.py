@@ -39,7 +39,11 @@ def compile_spec(spec: str) -> dict[str, object]:
     for name in ("keys", "beta", "gate", "shift", "gamma", "erase", "add", "reads", "scratch"):
         signature[f"{name}_ptr"] = "*fp32"
     signature.update(dict.fromkeys(constants, "constexpr"))
-    source = ASTSource(fn=ntm_step_kernel, signature=signature, constexprs=constants)
+    # A launch specialises pointers to 16-byte alignment (torch allocations are); so does this,
+    # or the compiler would not vectorise the loads and the register counts would mislead.
+    pointers = [i for i, kind in enumerate(signature.values()) if kind.startswith("*")]
+    aligned = {(i,): [["tt.divisibility", 16]] for i in pointers}
+    source = ASTSource(fn=ntm_step_kernel, signature=signature, constexprs=constants, attrs=aligned)
     compiled = triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
     )

@@ -20,13 +20,13 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="triton wheel without the NVIDIA backend")
-def test_kernel_compiles_for_sm90_and_on_chip_sizes_do_not_spill() -> None:
-    specs = {
-        "128,64,1,1,1,float32": True,  # the benchmark's headline size: must not spill
+def test_kernel_compiles_for_sm90_without_register_spills() -> None:
+    specs = {  # spec -> whether the slot stays on chip
+        "128,64,1,1,1,float32": True,  # the benchmark's headline size
         "128,20,1,1,1,bfloat16": True,
         "100,20,0,2,3,float32": True,
         "1024,64,1,1,1,float32": False,  # tiled
-        "4096,256,2,1,1,bfloat16": False,
+        "4096,256,2,1,1,bfloat16": False,  # the largest size the issue names
     }
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
@@ -36,9 +36,8 @@ def test_kernel_compiles_for_sm90_and_on_chip_sizes_do_not_spill() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     reports = {r["spec"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert set(reports) == set(specs)
-    for spec, must_not_spill in specs.items():
+    for spec, on_chip in specs.items():
         report = reports[spec]
         assert report["cubin_bytes"] > 0
-        if must_not_spill:
-            assert report["one_tile"], spec
-            assert report["spill_bytes"] == 0, report
+        assert report["one_tile"] == on_chip, report
+        assert report["spill_bytes"] == 0, report
