@@ -9,6 +9,26 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_tile(
+    memory_slot,
+    start,
+    offs_m,
+    mask_m,
+    N: tl.constexpr,
+    M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    row_ok,
+):
+    """Rows start..start+BLOCK_N of a slot's memory, as float32, with their addresses."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mem_tile = memory_slot + offs_n[:, None] * M + offs_m[None, :]
+    mem_mask = mask_n[:, None] & mask_m[None, :] & row_ok
+    mem = tl.load(mem_tile, mask=mem_mask, other=0.0).to(tl.float32)
+    return offs_n, mask_n, mem_tile, mem
+
+
+@triton.jit
 def _content_logits(
     mem,
     offs_n,
@@ -176,22 +196,19 @@ def ntm_step_kernel(
     mask_m = offs_m < M
 
     if ONE_TILE:
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mem_tile = memory_slot + offs_n[:, None] * M + offs_m[None, :]
-        mem_mask = mask_n[:, None] & mask_m[None, :] & row_ok
-        mem = tl.load(mem_tile, mask=mem_mask, other=0.0).to(tl.float32)
+        # The only tile: loaded here, kept in registers for phase C.
+        offs_n, mask_n, mem_tile, mem = _load_tile(
+            memory_slot, 0, offs_m, mask_m, N, M, BLOCK_N, row_ok
+        )
         _content_logits(
             mem, offs_n, mask_n, offs_m, mask_m, keys_row, beta_ptr + row * H,
             scratch_row, N, M, H, row_ok,
         )  # fmt: skip
     else:
         for start in range(0, N, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            mem_tile = memory_slot + offs_n[:, None] * M + offs_m[None, :]
-            mem_mask = mask_n[:, None] & mask_m[None, :] & row_ok
-            mem = tl.load(mem_tile, mask=mem_mask, other=0.0).to(tl.float32)
+            offs_n, mask_n, mem_tile, mem = _load_tile(
+                memory_slot, start, offs_m, mask_m, N, M, BLOCK_N, row_ok
+            )
             _content_logits(
                 mem, offs_n, mask_n, offs_m, mask_m, keys_row, beta_ptr + row * H,
                 scratch_row, N, M, H, row_ok,
@@ -212,11 +229,9 @@ def ntm_step_kernel(
         )  # fmt: skip
     else:
         for start in range(0, N, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            mem_tile = memory_slot + offs_n[:, None] * M + offs_m[None, :]
-            mem_mask = mask_n[:, None] & mask_m[None, :] & row_ok
-            mem = tl.load(mem_tile, mask=mem_mask, other=0.0).to(tl.float32)
+            offs_n, mask_n, mem_tile, mem = _load_tile(
+                memory_slot, start, offs_m, mask_m, N, M, BLOCK_N, row_ok
+            )
             reads_acc = _read_write_tile(
                 mem, mem_tile, offs_n, mask_n, offs_m, mask_m, reads_acc, scratch_row,
                 erase_row, add_row, N, M, R, W, R_PAD, row_ok,
