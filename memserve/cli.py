@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="step a pool of NTM memories with the fused kernel and check it against float64",
+        help="step a pool of NTM memories on this machine's backend, checked against float64",
         description=(
             "Allocate a pool of NTM session memories, run batched memory steps on the "
             "kernel backend this machine selects (see 'memserve version'), and compare every "
