@@ -207,6 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.impl:
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     result = {
         "benchmark": "ntm_memory_step",
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", "bench/kernels.py", *argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device_name or device.type,
         "device_type": device.type,
