@@ -180,9 +180,15 @@ def test_sharpening_on_a_known_weighting(device: torch.device) -> None:
     assert torch.allclose(args[1][0, 0].cpu(), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["default", "torch"])
 def test_zero_rows_zero_keys_and_extreme_parameters_stay_finite(
-    generator: torch.Generator, device: torch.device
+    generator: torch.Generator,
+    device: torch.device,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if backend == "torch":
+        monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")
     memory, weights, slots, params = make_case(generator, device, 3, 20, 6, 1, 1, 1, [0, 1, 2])
     memory[0, :7] = 0.0
     memory[2] = 0.0
