@@ -201,31 +201,27 @@ def validate_ntm_step(
             f"shift must have shape [B, R+W, 2K+1] with K in 0..{MAX_SHIFT_RADIUS}, "
             f"got {tuple(shift.shape)}"
         )
-    expected = {
-        "keys": (batch, num_heads, row_width),
-        "beta": (batch, num_heads),
-        "gate": (batch, num_heads),
-        "shift": (batch, num_heads, shift.shape[2]),
-        "gamma": (batch, num_heads),
-        "erase": (batch, num_write, row_width),
-        "add": (batch, num_write, row_width),
-    }
-    given = {
-        "keys": keys, "beta": beta, "gate": gate, "shift": shift,
-        "gamma": gamma, "erase": erase, "add": add,
-    }  # fmt: skip
-    for name, tensor in given.items():
-        if tuple(tensor.shape) != expected[name]:
-            raise ValueError(
-                f"{name} must have shape {list(expected[name])}, got {list(tensor.shape)}"
-            )
+    device = memory.device
+    for name, tensor, shape in (
+        ("keys", keys, (batch, num_heads, row_width)),
+        ("beta", beta, (batch, num_heads)),
+        ("gate", gate, (batch, num_heads)),
+        ("shift", shift, (batch, num_heads, shift.shape[2])),
+        ("gamma", gamma, (batch, num_heads)),
+        ("erase", erase, (batch, num_write, row_width)),
+        ("add", add, (batch, num_write, row_width)),
+    ):
+        if tensor.shape != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
         if tensor.dtype != torch.float32:
             raise ValueError(f"{name} must be float32, got {tensor.dtype}")
         if not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    for name, tensor in {"weights": weights, "slots": slots, **given}.items():
-        if tensor.device != memory.device:
-            raise ValueError(f"{name} is on {tensor.device} but memory is on {memory.device}")
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but memory is on {device}")
+    for name, tensor in (("weights", weights), ("slots", slots)):
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but memory is on {device}")
     if check_slots and batch > 0:
         live = slots[slots >= 0]
         out_of_range = slots[(slots < -1) | (slots >= capacity)]
