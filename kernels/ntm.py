@@ -73,20 +73,9 @@ def launch_config(num_rows: int, row_width: int) -> LaunchConfig:
     return LaunchConfig(block_n, block_m, block_nf, num_warps)
 
 
-def _launch_triton(
-    memory: Tensor,
-    weights: Tensor,
-    slots: Tensor,
-    keys: Tensor,
-    beta: Tensor,
-    gate: Tensor,
-    shift: Tensor,
-    gamma: Tensor,
-    erase: Tensor,
-    add: Tensor,
-    reads: Tensor,
-    config: LaunchConfig | None,
-) -> None:
+def _launch_triton(args: tuple[Tensor, ...], reads: Tensor, config: LaunchConfig | None) -> None:
+    """Launch the kernel on validated `ntm_memory_step` arguments, in its order."""
+    memory, _, _, keys, _, _, shift, _, erase, _ = args
     batch, num_heads, row_width = keys.shape
     num_rows = memory.shape[1]
     num_write = erase.shape[1]
@@ -96,7 +85,7 @@ def _launch_triton(
     scratch = torch.empty(batch, num_heads, num_rows, dtype=torch.float32, device=keys.device)
     config = config or launch_config(num_rows, row_width)
     ntm_step_kernel[(batch,)](
-        memory, weights, slots, keys, beta, gate, shift, gamma, erase, add, reads, scratch,
+        *args, reads, scratch,
         num_rows, row_width,
         R=num_read, W=num_write, R_PAD=next_power_of_2(max(1, num_read)),
         K=(shift.shape[2] - 1) // 2, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
@@ -150,7 +139,7 @@ def ntm_memory_step(
         raise ValueError(f"out is on {out.device} but memory is on {memory.device}")
     args = (memory, weights, slots, keys, beta, gate, shift, gamma, erase, add)
     if select_backend(memory.device) == "triton":
-        _launch_triton(*args, out, config)
+        _launch_triton(args, out, config)
     else:
         out.copy_(reference.ntm_memory_step(*args))
     return out
