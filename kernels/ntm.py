@@ -73,6 +73,18 @@ def launch_config(num_rows: int, row_width: int) -> LaunchConfig:
     return LaunchConfig(block_n, block_m, block_nf, num_warps)
 
 
+def kernel_constants(
+    num_rows: int, row_width: int, num_read: int, num_write: int, radius: int, config: LaunchConfig
+) -> dict[str, int | bool]:
+    """The compile-time constants of `ntm_step_kernel` for one model shape and tiling."""
+    return {
+        "N": num_rows, "M": row_width, "R": num_read, "W": num_write,
+        "R_PAD": next_power_of_2(max(1, num_read)), "K": radius,
+        "BLOCK_N": config.block_n, "BLOCK_M": config.block_m, "BLOCK_NF": config.block_nf,
+        "ONE_TILE": config.one_tile,
+    }  # fmt: skip
+
+
 def _launch_triton(args: tuple[Tensor, ...], reads: Tensor, config: LaunchConfig | None) -> None:
     """Launch the kernel on validated `ntm_memory_step` arguments, in its order."""
     memory, _, _, keys, _, _, shift, _, erase, _ = args
@@ -84,13 +96,9 @@ def _launch_triton(args: tuple[Tensor, ...], reads: Tensor, config: LaunchConfig
         return
     scratch = torch.empty(batch, num_heads, num_rows, dtype=torch.float32, device=keys.device)
     config = config or launch_config(num_rows, row_width)
-    ntm_step_kernel[(batch,)](
-        *args, reads, scratch,
-        num_rows, row_width,
-        R=num_read, W=num_write, R_PAD=next_power_of_2(max(1, num_read)),
-        K=(shift.shape[2] - 1) // 2, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
-        BLOCK_NF=config.block_nf, ONE_TILE=config.one_tile, num_warps=config.num_warps,
-    )  # fmt: skip
+    radius = (shift.shape[2] - 1) // 2
+    constants = kernel_constants(num_rows, row_width, num_read, num_write, radius, config)
+    ntm_step_kernel[(batch,)](*args, reads, scratch, **constants, num_warps=config.num_warps)
 
 
 def ntm_memory_step(

@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.ntm import launch_config, next_power_of_2
+from kernels.ntm import kernel_constants, launch_config
 from kernels.ntm_triton import ntm_step_kernel
 
 POINTER_TYPES = {"float32": "*fp32", "bfloat16": "*bf16"}
@@ -28,12 +28,9 @@ def compile_spec(spec: str) -> dict[str, object]:
     """Compile one N,M,R,W,K,POOL_DTYPE configuration for sm_90a and read ptxas -v."""
     rows, width, num_read, num_write, radius, pool_dtype = spec.split(",")
     config = launch_config(int(rows), int(width))
-    constants: dict[str, int | bool] = {
-        "N": int(rows), "M": int(width), "R": int(num_read), "W": int(num_write),
-        "R_PAD": next_power_of_2(max(1, int(num_read))), "K": int(radius),
-        "BLOCK_N": config.block_n, "BLOCK_M": config.block_m, "BLOCK_NF": config.block_nf,
-        "ONE_TILE": config.one_tile,
-    }  # fmt: skip
+    constants = kernel_constants(
+        int(rows), int(width), int(num_read), int(num_write), int(radius), config
+    )
     signature = {"memory_ptr": POINTER_TYPES[pool_dtype], "weights_ptr": POINTER_TYPES[pool_dtype]}
     signature["slots_ptr"] = "*i64"
     for name in ("keys", "beta", "gate", "shift", "gamma", "erase", "add", "reads", "scratch"):
