@@ -7,9 +7,13 @@ test module imports `kernels`.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:  # importing kernels here would define the kernels before the line below
+    from kernels.samples import NTMStepParams
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -48,3 +52,27 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denominator = float(expected64.norm())
     numerator = float((actual64 - expected64).norm())
     return numerator / denominator if denominator > 0 else numerator
+
+
+def assert_step_matches_float64(
+    reads: torch.Tensor,
+    memory: torch.Tensor,
+    weights: torch.Tensor,
+    state64: tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
+    params: NTMStepParams,
+    pool_tolerance: float = 1e-5,
+) -> None:
+    """Advance the float64 copy `state64` of the pools by the same step with the reference,
+    then require the step under test (its reads and updated pools) to match it: reads to
+    1e-5 relative, the pools to `pool_tolerance` (1e-2 for bfloat16 pools)."""
+    from kernels import reference
+
+    memory64, weights64 = state64
+    expected = reference.ntm_memory_step(
+        memory64, weights64, slots, *params.to(torch.float64).tensors()
+    )
+    if expected.numel():
+        assert relative_error(reads, expected) < 1e-5
+    assert relative_error(memory, memory64) < pool_tolerance
+    assert relative_error(weights, weights64) < pool_tolerance

@@ -9,7 +9,7 @@ import torch
 
 from kernels import reference
 from kernels.samples import random_ntm_params, random_ntm_pools
-from tests.conftest import relative_error
+from tests.conftest import assert_step_matches_float64, relative_error
 
 
 def naive_step(
@@ -114,12 +114,7 @@ def test_float32_reference_is_close_to_float64(generator: torch.Generator) -> No
     memory64, weights64 = memory.double(), weights.double()
     for _ in range(3):
         reads = reference.ntm_memory_step(memory, weights, slots, *params.tensors())
-        reads64 = reference.ntm_memory_step(
-            memory64, weights64, slots, *params.to(torch.float64).tensors()
-        )
-        assert relative_error(reads, reads64) < 1e-5
-        assert relative_error(memory, memory64) < 1e-5
-        assert relative_error(weights, weights64) < 1e-5
+        assert_step_matches_float64(reads, memory, weights, (memory64, weights64), slots, params)
 
 
 def test_shift_moves_weight_in_the_positive_direction() -> None:
