@@ -1,0 +1,110 @@
+"""What every memserve model is: one set of weights with two paths over the same equations.
+
+`forward(inputs)` runs whole sequences `[B, T, input_size]` from the initial state with the
+differentiable reference pieces, for training. `step(pool, slots, inputs)` advances the
+sessions held in `slots` of a `StatePool` by one step each, in place, with the fused
+kernels, for serving. A model also describes its per-session state (`state_specs`) and
+provides the initial state of a new session (`initial_state`); the pool, snapshots and
+checkpoints are generic over that description.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from models.state import StatePool, StateSpec, state_bytes
+
+
+class MemoryModel(nn.Module, ABC):
+    """Base of the served models. Subclasses set `model_type` and a `config` dataclass."""
+
+    model_type: ClassVar[str]
+    config: Any  # a dataclass of hyperparameters; `hyperparameters()` serialises it
+    # Where a loaded checkpoint came from (its config.json "provenance"); empty otherwise.
+    provenance: dict[str, Any]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.provenance = {}
+
+    @property
+    @abstractmethod
+    def input_size(self) -> int:
+        """Width of one input step."""
+
+    @property
+    @abstractmethod
+    def output_size(self) -> int:
+        """Width of one output step."""
+
+    @abstractmethod
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        """The per-session state: every tensor a slot holds between steps."""
+
+    @abstractmethod
+    def initial_state(self) -> dict[str, Tensor]:
+        """The state of a new session, one tensor per spec (detached, on the model's device)."""
+
+    @abstractmethod
+    def forward(self, inputs: Tensor) -> Tensor:
+        """Outputs `[B, T, output_size]` for inputs `[B, T, input_size]` from the initial state."""
+
+    @abstractmethod
+    def step(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> Tensor:
+        """Advance the sessions in `slots` (int64 `[B]`, unique, -1 = padding) by one step.
+
+        inputs `[B, input_size]` -> outputs `[B, output_size]` (zeros for padding rows); the
+        pool's slots are updated in place and no other slot is touched.
+        """
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The config as plain JSON values (what `config.json` stores)."""
+        return asdict(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of state one session takes on the server."""
+        return state_bytes(self.state_specs())
+
+    def new_pool(self, capacity: int, device: torch.device | str | None = None) -> StatePool:
+        """A state pool for `capacity` sessions of this model (slots start zeroed: reset them)."""
+        return StatePool(self.state_specs(), capacity, device or self.device)
+
+    @torch.no_grad()
+    def reset(self, pool: StatePool, slots: Sequence[int]) -> None:
+        """Put the initial state into each of `slots` (a new session)."""
+        initial = {name: tensor.to(pool.device) for name, tensor in self.initial_state().items()}
+        for slot in slots:
+            pool.write(slot, initial)
+
+    def check_step_inputs(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> None:
+        """Raise ValueError, naming the argument, for a step this model cannot take."""
+        if slots.dim() != 1 or slots.dtype != torch.int64:
+            raise ValueError(f"slots must be 1-D int64, got {slots.dtype} {list(slots.shape)}")
+        expected = [slots.shape[0], self.input_size]
+        if list(inputs.shape) != expected or not inputs.is_floating_point():
+            raise ValueError(
+                f"inputs must be a float tensor of shape {expected}, "
+                f"got {inputs.dtype} {list(inputs.shape)}"
+            )
+        if slots.numel():
+            low, high = int(slots.min()), int(slots.max())
+            if low < -1 or high >= pool.capacity:
+                raise ValueError(
+                    f"slots must be in -1..{pool.capacity - 1} (-1 = padding), got {low}..{high}"
+                )
+            live = slots[slots >= 0]
+            if torch.unique(live).numel() != live.numel():
+                raise ValueError("slots must not repeat within one step")
+        if pool.specs != self.state_specs():
+            raise ValueError("the pool was not made for this model (its state specs differ)")

@@ -1,0 +1,217 @@
+"""The Neural Turing Machine (Graves, Wayne and Danihelka, 2014) with an LSTM controller.
+
+Each step the controller reads `[x_t; reads_{t-1}]`; a linear interface layer turns its top
+hidden state into the parameters of R read heads and W write heads, activated as in the
+paper (key and add as they are, beta = softplus, gate = sigmoid, shift = softmax over 2K+1,
+gamma = 1 + softplus, erase = sigmoid); every head addresses the memory as it was before the
+step, the read heads read it, the write heads then erase and add; the output layer maps
+`[h_t; reads_t]` to the output, through a sigmoid for bit tasks.
+
+Initial state, saved with the model: the memory is the constant `memory_init` (1e-6: Collier
+and Beel, ICANN 2018, found a small constant initialisation trains fastest and most stably),
+every head starts focused on row 0 (so location-based addressing has a place to start from),
+and the initial reads and controller state are learned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels import ntm_memory_step, reference
+from kernels.ntm import MAX_SHIFT_RADIUS
+from models.base import MemoryModel
+from models.controller import LSTMController
+from models.state import StatePool, StateSpec
+
+OUTPUT_ACTIVATIONS = ("sigmoid", "identity")
+
+
+@dataclass(frozen=True)
+class NTMConfig:
+    """Every hyperparameter of an NTM; `config.json` stores exactly these fields."""
+
+    input_size: int
+    output_size: int
+    memory_rows: int = 128  # N
+    memory_width: int = 20  # M
+    read_heads: int = 1  # R
+    write_heads: int = 1  # W
+    shift_radius: int = 1  # K: shifts by -K..K
+    controller_size: int = 100
+    controller_layers: int = 1
+    output_activation: str = "sigmoid"
+    memory_init: float = 1e-6
+
+    def __post_init__(self) -> None:
+        positive = {
+            "input_size": self.input_size,
+            "output_size": self.output_size,
+            "memory_rows": self.memory_rows,
+            "memory_width": self.memory_width,
+            "controller_size": self.controller_size,
+            "controller_layers": self.controller_layers,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"NTM {name} must be >= 1, got {value}")
+        if self.read_heads < 0 or self.write_heads < 0 or self.read_heads + self.write_heads < 1:
+            raise ValueError(
+                f"NTM needs read_heads >= 0, write_heads >= 0 and at least one head, got "
+                f"{self.read_heads} and {self.write_heads}"
+            )
+        if not 0 <= self.shift_radius <= MAX_SHIFT_RADIUS:
+            raise ValueError(
+                f"NTM shift_radius must be in 0..{MAX_SHIFT_RADIUS}, got {self.shift_radius}"
+            )
+        if self.output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(
+                f"NTM output_activation must be one of {OUTPUT_ACTIVATIONS}, "
+                f"got {self.output_activation!r}"
+            )
+
+
+class HeadParameters(NamedTuple):
+    """Activated head parameters for one step, in the order the memory kernel takes them."""
+
+    keys: Tensor  # [B, R+W, M]
+    beta: Tensor  # [B, R+W]
+    gate: Tensor  # [B, R+W]
+    shift: Tensor  # [B, R+W, 2K+1]
+    gamma: Tensor  # [B, R+W]
+    erase: Tensor  # [B, W, M]
+    add: Tensor  # [B, W, M]
+
+
+class NTM(MemoryModel):
+    """An NTM whose `forward` trains with autograd and whose `step` serves from a state pool."""
+
+    model_type: ClassVar[str] = "ntm"
+    config: NTMConfig
+    initial_memory: Tensor  # buffers, saved with the weights
+    initial_weights: Tensor
+
+    def __init__(self, config: NTMConfig) -> None:
+        super().__init__()
+        self.config = config
+        N, M = config.memory_rows, config.memory_width
+        R, W, K = config.read_heads, config.write_heads, config.shift_radius
+        self.heads = R + W
+        self.head_width = M + 4 + 2 * K  # key, beta, gate, 2K+1 shift weights, gamma
+        self.controller = LSTMController(
+            config.input_size + R * M, config.controller_size, config.controller_layers
+        )
+        self.interface = nn.Linear(config.controller_size, self.heads * self.head_width + W * 2 * M)
+        self.output = nn.Linear(config.controller_size + R * M, config.output_size)
+
+        self.register_buffer("initial_memory", torch.full((N, M), config.memory_init))
+        initial_weights = torch.zeros(self.heads, N)
+        initial_weights[:, 0] = 1.0
+        self.register_buffer("initial_weights", initial_weights)
+        self.initial_reads = nn.Parameter(torch.zeros(R, M))
+        self.initial_h = nn.Parameter(torch.zeros(config.controller_layers, config.controller_size))
+        self.initial_c = nn.Parameter(torch.zeros(config.controller_layers, config.controller_size))
+
+    @property
+    def input_size(self) -> int:
+        return self.config.input_size
+
+    @property
+    def output_size(self) -> int:
+        return self.config.output_size
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        c = self.config
+        return (
+            StateSpec("memory", (c.memory_rows, c.memory_width)),
+            StateSpec("weights", (self.heads, c.memory_rows)),
+            StateSpec("reads", (c.read_heads, c.memory_width)),
+            StateSpec("h", (c.controller_layers, c.controller_size)),
+            StateSpec("c", (c.controller_layers, c.controller_size)),
+        )
+
+    def initial_state(self) -> dict[str, Tensor]:
+        return {
+            "memory": self.initial_memory.detach().clone(),
+            "weights": self.initial_weights.detach().clone(),
+            "reads": self.initial_reads.detach().clone(),
+            "h": self.initial_h.detach().clone(),
+            "c": self.initial_c.detach().clone(),
+        }
+
+    def _control(
+        self, inputs: Tensor, reads: Tensor, h: Tensor, c: Tensor
+    ) -> tuple[Tensor, Tensor, HeadParameters]:
+        """The controller step and the activated head parameters it emits."""
+        h, c = self.controller(torch.cat([inputs, reads.flatten(1)], dim=1), h, c)
+        interface = self.interface(h[:, -1])
+        batch = interface.shape[0]
+        M, W, K = self.config.memory_width, self.config.write_heads, self.config.shift_radius
+        addressing = interface[:, : self.heads * self.head_width].view(
+            batch, self.heads, self.head_width
+        )
+        keys, beta, gate, shift, gamma = addressing.split([M, 1, 1, 2 * K + 1, 1], dim=-1)
+        erase, add = interface[:, self.heads * self.head_width :].view(batch, W, 2 * M).chunk(2, -1)
+        params = HeadParameters(
+            keys=keys,
+            beta=F.softplus(beta.squeeze(-1)),
+            gate=torch.sigmoid(gate.squeeze(-1)),
+            shift=torch.softmax(shift, dim=-1),
+            gamma=1 + F.softplus(gamma.squeeze(-1)),
+            erase=torch.sigmoid(erase),
+            add=add,
+        )
+        return h, c, params
+
+    def _activate(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits) if self.config.output_activation == "sigmoid" else logits
+
+    def forward(self, inputs: Tensor, activate: bool = True) -> Tensor:
+        """Outputs `[B, T, output_size]` for inputs `[B, T, input_size]` from the initial state.
+
+        `activate=False` returns the outputs before the output activation (logits), which
+        is what a numerically stable loss wants.
+        """
+        batch, steps, _ = inputs.shape
+        R = self.config.read_heads
+        memory = self.initial_memory.expand(batch, -1, -1)
+        weights = self.initial_weights.expand(batch, -1, -1)
+        reads = self.initial_reads.expand(batch, -1, -1)
+        h = self.initial_h.expand(batch, -1, -1)
+        c = self.initial_c.expand(batch, -1, -1)
+        outputs = []
+        for t in range(steps):
+            h, c, p = self._control(inputs[:, t], reads, h, c)
+            weights = reference.address(memory, weights, p.keys, p.beta, p.gate, p.shift, p.gamma)
+            reads = reference.read(memory, weights[:, :R])
+            memory = reference.write(memory, weights[:, R:], p.erase, p.add)
+            outputs.append(self.output(torch.cat([h[:, -1], reads.flatten(1)], dim=1)))
+        logits = torch.stack(outputs, dim=1)
+        return self._activate(logits) if activate else logits
+
+    @torch.no_grad()
+    def step(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> Tensor:
+        self.check_step_inputs(pool, slots, inputs)
+        outputs = torch.zeros(
+            slots.shape[0], self.output_size, dtype=torch.float32, device=inputs.device
+        )
+        live = torch.nonzero(slots >= 0).flatten()
+        if live.numel() == 0:
+            return outputs
+        live_slots = slots[live]
+        h, c, p = self._control(
+            inputs[live].float(), pool["reads"][live_slots], pool["h"][live_slots],
+            pool["c"][live_slots],
+        )  # fmt: skip
+        # Validates the slots (range, uniqueness) before touching any state.
+        params = (tensor.contiguous() for tensor in p)  # the split views are strided
+        reads = ntm_memory_step(pool["memory"], pool["weights"], live_slots, *params)
+        pool["reads"][live_slots] = reads
+        pool["h"][live_slots] = h
+        pool["c"][live_slots] = c
+        outputs[live] = self._activate(self.output(torch.cat([h[:, -1], reads.flatten(1)], dim=1)))
+        return outputs
