@@ -74,6 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=10, help="batched steps to run")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(handler=_demo)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model on a task into a checkpoint directory",
+        description="Train a model on a task. Run 'memserve train TASK --help' for its options.",
+    )
+    tasks = train.add_subparsers(dest="task", metavar="TASK", required=True)
+    from memserve.train import add_copy_parser
+
+    add_copy_parser(tasks)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a trained model on a task",
+        description="Evaluate a model on a task. Run 'memserve eval TASK --help' for options.",
+    )
+    eval_tasks = evaluate.add_subparsers(dest="task", metavar="TASK", required=True)
+    from memserve.evaluate import add_copy_parser as add_eval_copy_parser
+
+    add_eval_copy_parser(eval_tasks)
     return parser
 
 
