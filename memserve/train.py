@@ -24,7 +24,11 @@ def add_copy_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT")
     parser.add_argument("--steps", type=int, default=20000, help="optimizer steps in all")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate at the start")
+    parser.add_argument(
+        "--final-lr", type=float, default=1e-5,
+        help="learning rate at the last step (cosine decay from --lr)",
+    )  # fmt: skip
     parser.add_argument("--clip", type=float, default=10.0, help="gradient norm clip")
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and every batch")
     parser.add_argument("--min-length", type=int, default=1, help="shortest training sequence")
@@ -66,6 +70,7 @@ def run_copy(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        final_learning_rate=args.final_lr,
         clip_norm=args.clip,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,

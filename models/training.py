@@ -1,10 +1,17 @@
-"""The training loop every task shares: Adam, gradient clipping, progress, checkpoints, resume.
+"""The training loop every task shares: Adam with a cosine learning-rate decay, gradient
+clipping, progress, checkpoints, resume.
 
-A run writes into one output directory: the checkpoint (`config.json`, `model.safetensors`)
-every `checkpoint_every` steps and at the end, plus `training-state.safetensors` (optimizer
-moments) and `training.json` (step, run settings, loss history) that `resume` continues from.
+The decay matters for NTMs: at a constant 1e-3, a copy-task NTM that had converged (loss
+5e-4) fell back to chance at step 2,600 of one run; letting the rate fall to a hundredth by
+the end of the run settles the weights instead.
+
+A run writes into one output directory, every `checkpoint_every` steps and at the end:
+`training-state.safetensors`, everything `resume` needs (weights, optimizer moments, the
+step, the settings, the loss history) in one file replaced atomically, so a run killed at
+any moment resumes from its last complete checkpoint; then the checkpoint proper
+(`config.json`, `model.safetensors`) and `training.json` (the loss history, for people).
 Batch t is drawn from a generator seeded by (seed, t), so a resumed run sees exactly the
-batches the uninterrupted run would have seen.
+batches the uninterrupted run would have seen and ends bit-identical to it.
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from models.base import MemoryModel
-from models.checkpoint import load, save
+from models.checkpoint import save
 
 STATE_FILE = "training-state.safetensors"
 RUN_FILE = "training.json"
@@ -52,7 +60,8 @@ class TrainSettings:
 
     steps: int
     batch_size: int
-    learning_rate: float
+    learning_rate: float  # at step 1; decays along a cosine to final_learning_rate
+    final_learning_rate: float
     clip_norm: float
     seed: int
     checkpoint_every: int
@@ -66,6 +75,14 @@ class TrainSettings:
                 )
         if not self.learning_rate > 0 or not self.clip_norm > 0:
             raise ValueError("learning rate and clip norm must be > 0")
+        if not 0 <= self.final_learning_rate <= self.learning_rate:
+            raise ValueError("the final learning rate must be in 0..learning rate")
+
+    def learning_rate_at(self, step: int) -> float:
+        """Cosine decay from `learning_rate` at step 1 to `final_learning_rate` at the end."""
+        progress = (step - 1) / max(1, self.steps - 1)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.final_learning_rate + (self.learning_rate - self.final_learning_rate) * cosine
 
 
 def batch_generator(seed: int, step: int) -> torch.Generator:
@@ -73,25 +90,37 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
-    """Optimizer tensors to safetensors; returns the JSON-able rest (hyperparameters)."""
-    state = optimizer.state_dict()
-    tensors: dict[str, Tensor] = {}
-    for index, entry in state["state"].items():
+def _save_state(
+    path: Path, model: MemoryModel, optimizer: torch.optim.Optimizer, run: dict[str, Any]
+) -> None:
+    """Weights, optimizer moments and the run record in one atomically replaced file."""
+    optimizer_state = optimizer.state_dict()
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for index, entry in optimizer_state["state"].items():
         for key, value in entry.items():
-            tensors[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    run = {**run, "param_groups": optimizer_state["param_groups"]}
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp)
+    save_file(tensors, tmp, metadata={"run": json.dumps(run)})
     os.replace(tmp, path)
-    return {"param_groups": state["param_groups"]}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path, rest: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
-    for name, tensor in load_file(path).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
-    optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+def _load_state(
+    path: Path,
+) -> tuple[dict[str, Tensor], dict[int, dict[str, Tensor]], dict[str, Any]]:
+    """The weights, the optimizer state by parameter index, and the run record."""
+    weights: dict[str, Tensor] = {}
+    moments: dict[int, dict[str, Tensor]] = {}
+    with safe_open(path, framework="pt") as handle:
+        run: dict[str, Any] = json.loads(handle.metadata()["run"])
+        for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            kind, rest = name.split(".", 1)
+            if kind == "model":
+                weights[rest] = handle.get_tensor(name)
+            else:
+                index, key = rest.split(".", 1)
+                moments.setdefault(int(index), {})[key] = handle.get_tensor(name)
+    return weights, moments, run
 
 
 class Progress:
@@ -120,6 +149,40 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
+def _task_settings(task: Task) -> dict[str, Any]:
+    """A task's settings for provenance (its dataclass fields)."""
+    return asdict(task) if is_dataclass(task) and not isinstance(task, type) else {}
+
+
+def _check_same_run(
+    run: dict[str, Any], model: MemoryModel, task: Task, settings: TrainSettings
+) -> None:
+    """Raise ValueError naming every setting in which a resume differs from its run."""
+    ignored = ("checkpoint_every", "log_every")  # these may change without changing the run
+    recorded = {
+        "model type": run["model_type"],
+        **{f"model {k}": v for k, v in run["hyperparameters"].items()},
+        **{f"task {k}": v for k, v in run["task_settings"].items()},
+        **{k: v for k, v in run["settings"].items() if k not in ignored},
+    }
+    given = {
+        "model type": model.model_type,
+        **{f"model {k}": v for k, v in model.hyperparameters().items()},
+        **{f"task {k}": v for k, v in _task_settings(task).items()},
+        **asdict(settings),
+    }
+    differences = [
+        f"{key.replace('_', '-')} {given.get(key)} (the run has {value})"
+        for key, value in recorded.items()
+        if given.get(key) != value
+    ]
+    if differences:
+        raise ValueError(
+            "a resumed run must keep the settings it was started with; this one differs in "
+            + ", ".join(differences)
+        )
+
+
 def train(
     model: MemoryModel,
     task: Task,
@@ -134,34 +197,36 @@ def train(
     """Train `model` on `task` into checkpoint directory `out`; returns the final log entry.
 
     Without `resume`, refuses a directory that already holds a run. With it, continues the
-    run recorded there (its model, optimizer state, settings and history) up to
-    `settings.steps`.
+    run recorded there (its weights, optimizer state and history) exactly as the
+    uninterrupted run would have gone on, so the model, the task and the settings must be
+    the ones it was started with; a difference is an error that names it.
     """
     out = Path(out)
     device = torch.device(device)
-    run_path = out / RUN_FILE
+    state_path = out / STATE_FILE
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     history: list[dict[str, Any]] = []
     start = 0
-    if run_path.exists() and not resume:
+    if state_path.exists() and not resume:
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it")
     if resume:
-        if not run_path.exists():
-            raise ValueError(f"{out} holds no training run to resume ({RUN_FILE} is missing)")
-        run = json.loads(run_path.read_text())
-        saved = load(out, device)
-        model.load_state_dict(saved.state_dict())
-        model.train()
-        _load_optimizer(optimizer, out / STATE_FILE, run["optimizer"])
+        if not state_path.exists():
+            raise ValueError(f"{out} holds no training run to resume ({STATE_FILE} is missing)")
+        weights, moments, run = _load_state(state_path)
+        _check_same_run(run, model, task, settings)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict({"state": moments, "param_groups": run["param_groups"]})
         start, history = int(run["step"]), list(run["history"])
         if start >= settings.steps:
-            raise ValueError(f"the run in {out} already reached step {start} of {settings.steps}")
+            raise ValueError(
+                f"the run in {out} already finished (step {start} of {settings.steps})"
+            )
 
     def checkpoint(step: int, entry: dict[str, Any]) -> None:
         provenance = {
             "task": task.name,
-            "task_settings": asdict(task) if is_dataclass(task) else {},
+            "task_settings": _task_settings(task),
             "steps": step,
             "seed": settings.seed,
             "final_loss": entry.get("loss"),
@@ -171,13 +236,21 @@ def train(
             "memserve": version("memserve"),
             "torch": torch.__version__,
         }
+        run = {
+            "step": step,
+            "model_type": model.model_type,
+            "hyperparameters": model.hyperparameters(),
+            "task_settings": _task_settings(task),
+            "settings": asdict(settings),
+            "history": history,
+        }
+        _save_state(state_path, model, optimizer, run)
         save(model, out, provenance)
-        rest = _save_optimizer(optimizer, out / STATE_FILE)
-        run = {"step": step, "settings": asdict(settings), "optimizer": rest, "history": history}
-        tmp = run_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(run) + "\n")
-        os.replace(tmp, run_path)
+        log_path = out / RUN_FILE
+        log_path.with_suffix(".tmp").write_text(json.dumps(run, indent=1) + "\n")
+        os.replace(log_path.with_suffix(".tmp"), log_path)
 
+    out.mkdir(parents=True, exist_ok=True)
     bar = Progress(settings.steps, start, progress)
     elapsed_before = float(history[-1]["elapsed_seconds"]) if history else 0.0
     began = time.monotonic()
@@ -185,6 +258,8 @@ def train(
     count = 0
     entry: dict[str, Any] = history[-1] if history else {}
     for step in range(start + 1, settings.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.learning_rate_at(step)
         loss, metrics = task.loss(model, batch_generator(settings.seed, step), device)
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)

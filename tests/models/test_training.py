@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -40,13 +43,24 @@ def test_a_short_run_lowers_the_loss(tmp_path: Path) -> None:
     assert model.provenance["final_loss"] == pytest.approx(last["loss"])
 
 
-def test_resume_continues_exactly_where_the_run_stopped(tmp_path: Path) -> None:
-    """30 + 30 resumed steps give bit-identical weights to 60 steps in one go."""
-    assert train(tmp_path / "straight", "--steps", "60", "--checkpoint-every", "30") == 0
-    assert train(tmp_path / "split", "--steps", "30") == 0
-    assert train(tmp_path / "split", "--steps", "60", "--resume") == 0
+def test_a_run_killed_mid_way_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """SIGKILL a run at an arbitrary moment after its first checkpoint, resume it: the
+    weights at the end are bit-identical to those of the same run left alone."""
+    steps = ["--steps", "100", "--checkpoint-every", "20"]
+    assert train(tmp_path / "straight", *steps) == 0
+    command = [sys.executable, "-m", "memserve", "train", "copy", "--out", str(tmp_path / "split")]
+    process = subprocess.Popen([*command, *SMALL, *steps], stderr=subprocess.DEVNULL)
+    state = tmp_path / "split" / "training-state.safetensors"
+    deadline = time.monotonic() + 120
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert state.exists()
+    assert train(tmp_path / "split", *steps, "--resume") == 0
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     split = load_file(tmp_path / "split" / "model.safetensors")
+    assert straight.keys() == split.keys()
     for name, tensor in straight.items():
         assert torch.equal(tensor, split[name]), name
 
@@ -58,7 +72,10 @@ def test_training_refuses_to_overwrite_or_to_resume_nothing(
     assert train(tmp_path / "run", "--steps", "10") == 2
     assert "already holds a training run; pass --resume" in capsys.readouterr().err
     assert train(tmp_path / "run", "--steps", "5", "--resume") == 2
-    assert "already reached step 5 of 5" in capsys.readouterr().err
+    assert "already finished (step 5 of 5)" in capsys.readouterr().err
+    assert train(tmp_path / "run", "--steps", "9", "--lr", "0.01", "--resume") == 2
+    error = capsys.readouterr().err
+    assert "differs in steps 9 (the run has 5), learning-rate 0.01 (the run has 0.001)" in error
     assert train(tmp_path / "empty", "--steps", "5", "--resume") == 2
     assert "holds no training run to resume" in capsys.readouterr().err
     assert train(tmp_path / "bad", "--steps", "5", "--min-length", "3", "--max-length", "2") == 2
