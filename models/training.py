@@ -12,6 +12,10 @@ any moment resumes from its last complete checkpoint; then the checkpoint proper
 (`config.json`, `model.safetensors`) and `training.json` (the loss history, for people).
 Batch t is drawn from a generator seeded by (seed, t), so a resumed run sees exactly the
 batches the uninterrupted run would have seen and ends bit-identical to it.
+
+At every checkpoint the model is scored on the task's fixed validation set; the exported
+checkpoint is the best-scoring one so far (scores compared in order, lexicographically), so
+a late collapse, which NTMs are prone to, cannot replace a good model with a broken one.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class Task(Protocol):
         self, model: MemoryModel, generator: torch.Generator, device: torch.device
     ) -> tuple[Tensor, dict[str, float]]:
         """Draw one batch from `generator`, run the model, return the loss and metrics."""
+        ...
+
+    def validate(self, model: MemoryModel, device: torch.device) -> dict[str, float]:
+        """Scores on a fixed held-out set, most important first, each lower-is-better."""
         ...
 
 
@@ -131,6 +139,10 @@ class Progress:
         self.began = time.monotonic()
         self.tty = sys.stderr.isatty()
 
+    def note(self, message: str) -> None:
+        if self.enabled:
+            print(("\n" if self.tty else "") + message, file=sys.stderr, flush=True)
+
     def update(self, step: int, metrics: dict[str, float], final: bool = False) -> None:
         if not self.enabled:
             return
@@ -207,6 +219,8 @@ def train(
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     history: list[dict[str, Any]] = []
+    validations: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None  # the validation record of the exported checkpoint
     start = 0
     if state_path.exists() and not resume:
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it")
@@ -218,24 +232,28 @@ def train(
         model.load_state_dict(weights)
         optimizer.load_state_dict({"state": moments, "param_groups": run["param_groups"]})
         start, history = int(run["step"]), list(run["history"])
+        validations, best = list(run["validations"]), run["best"]
         if start >= settings.steps:
             raise ValueError(
                 f"the run in {out} already finished (step {start} of {settings.steps})"
             )
 
     def checkpoint(step: int, entry: dict[str, Any]) -> None:
-        provenance = {
-            "task": task.name,
-            "task_settings": _task_settings(task),
-            "steps": step,
-            "seed": settings.seed,
-            "final_loss": entry.get("loss"),
-            "command": command,
-            "settings": asdict(settings),
-            "trained_seconds": entry.get("elapsed_seconds"),
-            "memserve": version("memserve"),
-            "torch": torch.__version__,
-        }
+        nonlocal best
+        model.eval()
+        with torch.no_grad():
+            scores = task.validate(model, device)
+        model.train()
+        record = {"step": step, **scores}
+        validations.append(record)
+        improved = best is None or tuple(scores.values()) <= tuple(best[key] for key in scores)
+        if improved:
+            best = record
+        bar.note(
+            f"validation at step {step}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+            + (" (best so far, exported)" if improved else f" (best: step {best['step']})")
+        )
         run = {
             "step": step,
             "model_type": model.model_type,
@@ -243,9 +261,25 @@ def train(
             "task_settings": _task_settings(task),
             "settings": asdict(settings),
             "history": history,
+            "validations": validations,
+            "best": best,
         }
         _save_state(state_path, model, optimizer, run)
-        save(model, out, provenance)
+        if improved:
+            provenance = {
+                "task": task.name,
+                "task_settings": _task_settings(task),
+                "steps": step,
+                "seed": settings.seed,
+                "final_loss": entry.get("loss"),
+                "validation": scores,
+                "command": command,
+                "settings": asdict(settings),
+                "trained_seconds": entry.get("elapsed_seconds"),
+                "memserve": version("memserve"),
+                "torch": torch.__version__,
+            }
+            save(model, out, provenance)
         log_path = out / RUN_FILE
         log_path.with_suffix(".tmp").write_text(json.dumps(run, indent=1) + "\n")
         os.replace(log_path.with_suffix(".tmp"), log_path)

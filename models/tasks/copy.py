@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# Seeds the validation set; training batches come from generators seeded by (seed, step).
+VALIDATION_SEED = 2_718_281_828
+
 
 @dataclass
 class CopyBatch:
@@ -92,6 +95,16 @@ class CopyTask:
         logits = model(batch.inputs, activate=False)
         errors = bit_errors(logits.detach(), batch)
         return copy_loss(logits, batch), {"bit_errors": float(errors.mean())}
+
+    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        """Bit errors per sequence, then loss, on 256 fixed sequences of the longest length."""
+        generator = torch.Generator().manual_seed(VALIDATION_SEED)
+        batch = copy_batch(256, self.max_length, self.max_length, generator, self.bits).to(device)
+        logits = model(batch.inputs, activate=False)
+        return {
+            "bit_errors": float(bit_errors(logits, batch).mean()),
+            "loss": float(copy_loss(logits, batch)),
+        }
 
 
 @torch.no_grad()
