@@ -5,6 +5,7 @@ tensors through the interpreter; `kernels.backend` explains how a backend is cho
 """
 
 from kernels.backend import select_backend
+from kernels.dnc import dnc_memory_step
 from kernels.ntm import ntm_memory_step
 
-__all__ = ["ntm_memory_step", "select_backend"]
+__all__ = ["dnc_memory_step", "ntm_memory_step", "select_backend"]

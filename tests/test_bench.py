@@ -41,3 +41,19 @@ def test_cpu_run_writes_a_consistent_record(
 def test_fused_timing_is_refused_without_cuda() -> None:
     with pytest.raises(SystemExit, match="need CUDA"):
         bench.main(["--impl", "fused", "--batch", "1", "--rows", "4", "--width", "2"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only mode")
+def test_cpu_dnc_run_counts_the_link_matrix(tmp_path: Path) -> None:
+    out = tmp_path / "dnc.json"
+    argv = ["--kernel", "dnc", "--batch", "2", "--rows", "12", "--width", "5", "--dtype",
+            "float32", "--cpu-budget", "0.05", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "dnc_memory_step" and record["heads"]["read"] == 4
+    (row,) = record["rows"]
+    assert (row["batch"], row["rows"], row["width"]) == (2, 12, 5)
+    # Each slot's link (12 x 12) and memory (12 x 5) read and written, at the least.
+    assert row["min_bytes"] >= 2 * 2 * (144 + 60) * 4
+    seconds = row["microseconds"]["eager"] / 1e6
+    assert row["gbps"]["eager"] == pytest.approx(row["min_bytes"] / seconds / 1e9)

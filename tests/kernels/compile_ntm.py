@@ -41,8 +41,14 @@ def compile_spec(spec: str) -> dict[str, object]:
     pointers = [i for i, kind in enumerate(signature.values()) if kind.startswith("*")]
     aligned = {(i,): [["tt.divisibility", 16]] for i in pointers}
     source = ASTSource(fn=ntm_step_kernel, signature=signature, constexprs=constants, attrs=aligned)
+    facts = compile_for_sm90(source, config.num_warps)
+    return {"spec": spec, "num_warps": config.num_warps, "one_tile": config.one_tile, **facts}
+
+
+def compile_for_sm90(source: ASTSource, num_warps: int) -> dict[str, int | None]:
+    """Compile `source` for sm_90a and read registers, spilled bytes and cubin size."""
     compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
     )
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as folder:
@@ -55,9 +61,6 @@ def compile_spec(spec: str) -> dict[str, object]:
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
     return {
-        "spec": spec,
-        "num_warps": config.num_warps,
-        "one_tile": config.one_tile,
         "registers": int(registers.group(1)) if registers else None,
         "spill_bytes": int(spills.group(1)) if spills else None,
         "cubin_bytes": len(compiled.asm["cubin"]),
