@@ -1,13 +1,23 @@
-"""The LSTM controller the NTM and the DNC share: a stack of LSTM cells stepped one at a time.
+"""The LSTM controller the NTM and the DNC share, and the model skeleton around it.
 
-Its state for a batch is `h` and `c`, each `[B, layers, hidden]`, the same layout a
-session's slot keeps in the state pool, so training and serving pass it around unchanged.
+`LSTMController` is a stack of LSTM cells stepped one at a time; its state for a batch is
+`h` and `c`, each `[B, layers, hidden]`, the layout a session's slot keeps in the state pool,
+so training and serving pass it around unchanged. `ControllerMemoryModel` is everything of
+the NTM and the DNC but their memory: the controller, interface and output layers, the
+learned initial reads and controller state, the training forward and the serving step.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import Tensor, nn
+
+from models.base import MemoryModel
+from models.state import StatePool, StateSpec
+
+OUTPUT_ACTIVATIONS = ("sigmoid", "identity")
 
 
 class LSTMController(nn.Module):
@@ -37,3 +47,135 @@ class LSTMController(nn.Module):
             new_c.append(c_layer)
             layer_input = h_layer
         return torch.stack(new_h, dim=1), torch.stack(new_c, dim=1)
+
+
+class ControllerMemoryModel(MemoryModel):
+    """An LSTM controller driving an external memory, the shape the NTM and the DNC share.
+
+    Each step the controller reads `[x_t; reads_{t-1}]`, a linear interface layer turns its
+    top hidden state into the memory's parameters for this step, the memory updates and
+    returns R read vectors, and the output layer maps `[h_t; reads_t]` to the output. The
+    reads and the controller's h and c are per-session state (learned initial values); a
+    subclass adds its memory's state and says how one memory step runs, functionally for
+    training (`memory_forward`) and in place on a pool for serving (`memory_step`).
+    """
+
+    initial_reads: nn.Parameter
+    initial_h: nn.Parameter
+    initial_c: nn.Parameter
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        read_heads: int,
+        read_width: int,
+        controller_size: int,
+        controller_layers: int,
+        interface_size: int,
+        output_activation: str,
+    ) -> None:
+        super().__init__()
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(
+                f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}"
+            )
+        self._sizes = (input_size, output_size)
+        self._sigmoid = output_activation == "sigmoid"
+        reads = read_heads * read_width
+        self.controller = LSTMController(input_size + reads, controller_size, controller_layers)
+        self.interface = nn.Linear(controller_size, interface_size)
+        self.output = nn.Linear(controller_size + reads, output_size)
+        self.initial_reads = nn.Parameter(torch.zeros(read_heads, read_width))
+        self.initial_h = nn.Parameter(torch.zeros(controller_layers, controller_size))
+        self.initial_c = nn.Parameter(torch.zeros(controller_layers, controller_size))
+
+    @property
+    def input_size(self) -> int:
+        return self._sizes[0]
+
+    @property
+    def output_size(self) -> int:
+        return self._sizes[1]
+
+    @abstractmethod
+    def memory_specs(self) -> tuple[StateSpec, ...]:
+        """The memory's per-session state (the controller's reads, h and c come after it)."""
+
+    @abstractmethod
+    def initial_memory_state(self) -> dict[str, Tensor]:
+        """The memory state of a new session, one tensor per `memory_specs` entry."""
+
+    @abstractmethod
+    def memory_forward(
+        self, state: dict[str, Tensor], interface: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """One differentiable memory step for a batch: new state and reads `[B, R, width]`."""
+
+    @abstractmethod
+    def memory_step(self, pool: StatePool, slots: Tensor, interface: Tensor) -> Tensor:
+        """One memory step in place at `slots` (all live, checked); returns reads."""
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        reads, h = self.initial_reads, self.initial_h
+        return (
+            *self.memory_specs(),
+            StateSpec("reads", tuple(reads.shape)),
+            StateSpec("h", tuple(h.shape)),
+            StateSpec("c", tuple(h.shape)),
+        )
+
+    def initial_state(self) -> dict[str, Tensor]:
+        learned = {"reads": self.initial_reads, "h": self.initial_h, "c": self.initial_c}
+        state = {**self.initial_memory_state(), **learned}
+        return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+    def _activate(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits) if self._sigmoid else logits
+
+    def _read_out(self, h: Tensor, reads: Tensor) -> Tensor:
+        outputs: Tensor = self.output(torch.cat([h[:, -1], reads.flatten(1)], dim=1))
+        return outputs
+
+    def forward(self, inputs: Tensor, activate: bool = True) -> Tensor:
+        """Outputs `[B, T, output_size]` for inputs `[B, T, input_size]` from the initial state.
+
+        `activate=False` returns the outputs before the output activation (logits), which
+        is what a numerically stable loss wants.
+        """
+        batch = inputs.shape[0]
+        memory = {
+            name: tensor.expand(batch, *tensor.shape)
+            for name, tensor in self.initial_memory_state().items()
+        }
+        reads = self.initial_reads.expand(batch, -1, -1)
+        h = self.initial_h.expand(batch, -1, -1)
+        c = self.initial_c.expand(batch, -1, -1)
+        outputs = []
+        for t in range(inputs.shape[1]):
+            h, c = self.controller(torch.cat([inputs[:, t], reads.flatten(1)], dim=1), h, c)
+            memory, reads = self.memory_forward(memory, self.interface(h[:, -1]))
+            outputs.append(self._read_out(h, reads))
+        logits = torch.stack(outputs, dim=1)
+        return self._activate(logits) if activate else logits
+
+    @torch.no_grad()
+    def step(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> Tensor:
+        self.check_step_inputs(pool, slots, inputs)
+        outputs = torch.zeros(
+            slots.shape[0], self.output_size, dtype=torch.float32, device=inputs.device
+        )
+        live = torch.nonzero(slots >= 0).flatten()
+        if live.numel() == 0:
+            return outputs
+        live_slots = slots[live]
+        controller_inputs = torch.cat(
+            [inputs[live].float(), pool["reads"][live_slots].flatten(1)], 1
+        )
+        h, c = self.controller(controller_inputs, pool["h"][live_slots], pool["c"][live_slots])
+        reads = self.memory_step(pool, live_slots, self.interface(h[:, -1]))
+        pool["reads"][live_slots] = reads
+        pool["h"][live_slots] = h
+        pool["c"][live_slots] = c
+        outputs[live] = self._activate(self._read_out(h, reads))
+        return outputs

@@ -20,15 +20,12 @@ from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from kernels import ntm_memory_step, reference
 from kernels.ntm import MAX_SHIFT_RADIUS
-from models.base import MemoryModel
-from models.controller import LSTMController
+from models.controller import OUTPUT_ACTIVATIONS, ControllerMemoryModel
 from models.state import StatePool, StateSpec
-
-OUTPUT_ACTIVATIONS = ("sigmoid", "identity")
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,7 @@ class HeadParameters(NamedTuple):
     add: Tensor  # [B, W, M]
 
 
-class NTM(MemoryModel):
+class NTM(ControllerMemoryModel):
     """An NTM whose `forward` trains with autograd and whose `step` serves from a state pool."""
 
     model_type: ClassVar[str] = "ntm"
@@ -96,67 +93,46 @@ class NTM(MemoryModel):
     initial_weights: Tensor
 
     def __init__(self, config: NTMConfig) -> None:
-        super().__init__()
-        self.config = config
         N, M = config.memory_rows, config.memory_width
         R, W, K = config.read_heads, config.write_heads, config.shift_radius
-        self.heads = R + W
-        self.head_width = M + 4 + 2 * K  # key, beta, gate, 2K+1 shift weights, gamma
-        self.controller = LSTMController(
-            config.input_size + R * M, config.controller_size, config.controller_layers
+        head_width = M + 4 + 2 * K  # key, beta, gate, 2K+1 shift weights, gamma
+        super().__init__(
+            input_size=config.input_size,
+            output_size=config.output_size,
+            read_heads=R,
+            read_width=M,
+            controller_size=config.controller_size,
+            controller_layers=config.controller_layers,
+            interface_size=(R + W) * head_width + W * 2 * M,
+            output_activation=config.output_activation,
         )
-        self.interface = nn.Linear(config.controller_size, self.heads * self.head_width + W * 2 * M)
-        self.output = nn.Linear(config.controller_size + R * M, config.output_size)
-
+        self.config = config
+        self.heads, self.head_width = R + W, head_width
         self.register_buffer("initial_memory", torch.full((N, M), config.memory_init))
         initial_weights = torch.zeros(self.heads, N)
         initial_weights[:, 0] = 1.0
         self.register_buffer("initial_weights", initial_weights)
-        self.initial_reads = nn.Parameter(torch.zeros(R, M))
-        self.initial_h = nn.Parameter(torch.zeros(config.controller_layers, config.controller_size))
-        self.initial_c = nn.Parameter(torch.zeros(config.controller_layers, config.controller_size))
 
-    @property
-    def input_size(self) -> int:
-        return self.config.input_size
-
-    @property
-    def output_size(self) -> int:
-        return self.config.output_size
-
-    def state_specs(self) -> tuple[StateSpec, ...]:
+    def memory_specs(self) -> tuple[StateSpec, ...]:
         c = self.config
         return (
             StateSpec("memory", (c.memory_rows, c.memory_width)),
             StateSpec("weights", (self.heads, c.memory_rows)),
-            StateSpec("reads", (c.read_heads, c.memory_width)),
-            StateSpec("h", (c.controller_layers, c.controller_size)),
-            StateSpec("c", (c.controller_layers, c.controller_size)),
         )
 
-    def initial_state(self) -> dict[str, Tensor]:
-        return {
-            "memory": self.initial_memory.detach().clone(),
-            "weights": self.initial_weights.detach().clone(),
-            "reads": self.initial_reads.detach().clone(),
-            "h": self.initial_h.detach().clone(),
-            "c": self.initial_c.detach().clone(),
-        }
+    def initial_memory_state(self) -> dict[str, Tensor]:
+        return {"memory": self.initial_memory, "weights": self.initial_weights}
 
-    def _control(
-        self, inputs: Tensor, reads: Tensor, h: Tensor, c: Tensor
-    ) -> tuple[Tensor, Tensor, HeadParameters]:
-        """The controller step and the activated head parameters it emits."""
-        h, c = self.controller(torch.cat([inputs, reads.flatten(1)], dim=1), h, c)
-        interface = self.interface(h[:, -1])
+    def head_parameters(self, interface: Tensor) -> HeadParameters:
+        """Split the interface vector `[B, size]` into the heads' activated parameters."""
         batch = interface.shape[0]
         M, W, K = self.config.memory_width, self.config.write_heads, self.config.shift_radius
         addressing = interface[:, : self.heads * self.head_width].view(
             batch, self.heads, self.head_width
         )
-        keys, beta, gate, shift, gamma = addressing.split([M, 1, 1, 2 * K + 1, 1], dim=-1)
+        keys, beta, gate, shift, gamma = torch.split(addressing, [M, 1, 1, 2 * K + 1, 1], dim=-1)
         erase, add = interface[:, self.heads * self.head_width :].view(batch, W, 2 * M).chunk(2, -1)
-        params = HeadParameters(
+        return HeadParameters(
             keys=keys,
             beta=F.softplus(beta.squeeze(-1)),
             gate=torch.sigmoid(gate.squeeze(-1)),
@@ -165,53 +141,19 @@ class NTM(MemoryModel):
             erase=torch.sigmoid(erase),
             add=add,
         )
-        return h, c, params
 
-    def _activate(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits) if self.config.output_activation == "sigmoid" else logits
+    def memory_forward(
+        self, state: dict[str, Tensor], interface: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        p = self.head_parameters(interface)
+        memory, R = state["memory"], self.config.read_heads
+        weights = reference.address(memory, state["weights"], *p[:5])
+        reads = reference.read(memory, weights[:, :R])
+        memory = reference.write(memory, weights[:, R:], p.erase, p.add)
+        return {"memory": memory, "weights": weights}, reads
 
-    def forward(self, inputs: Tensor, activate: bool = True) -> Tensor:
-        """Outputs `[B, T, output_size]` for inputs `[B, T, input_size]` from the initial state.
-
-        `activate=False` returns the outputs before the output activation (logits), which
-        is what a numerically stable loss wants.
-        """
-        batch, steps, _ = inputs.shape
-        R = self.config.read_heads
-        memory = self.initial_memory.expand(batch, -1, -1)
-        weights = self.initial_weights.expand(batch, -1, -1)
-        reads = self.initial_reads.expand(batch, -1, -1)
-        h = self.initial_h.expand(batch, -1, -1)
-        c = self.initial_c.expand(batch, -1, -1)
-        outputs = []
-        for t in range(steps):
-            h, c, p = self._control(inputs[:, t], reads, h, c)
-            weights = reference.address(memory, weights, p.keys, p.beta, p.gate, p.shift, p.gamma)
-            reads = reference.read(memory, weights[:, :R])
-            memory = reference.write(memory, weights[:, R:], p.erase, p.add)
-            outputs.append(self.output(torch.cat([h[:, -1], reads.flatten(1)], dim=1)))
-        logits = torch.stack(outputs, dim=1)
-        return self._activate(logits) if activate else logits
-
-    @torch.no_grad()
-    def step(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> Tensor:
-        self.check_step_inputs(pool, slots, inputs)
-        outputs = torch.zeros(
-            slots.shape[0], self.output_size, dtype=torch.float32, device=inputs.device
-        )
-        live = torch.nonzero(slots >= 0).flatten()
-        if live.numel() == 0:
-            return outputs
-        live_slots = slots[live]
-        h, c, p = self._control(
-            inputs[live].float(), pool["reads"][live_slots], pool["h"][live_slots],
-            pool["c"][live_slots],
-        )  # fmt: skip
-        # Validates the slots (range, uniqueness) before touching any state.
-        params = (tensor.contiguous() for tensor in p)  # the split views are strided
-        reads = ntm_memory_step(pool["memory"], pool["weights"], live_slots, *params)
-        pool["reads"][live_slots] = reads
-        pool["h"][live_slots] = h
-        pool["c"][live_slots] = c
-        outputs[live] = self._activate(self.output(torch.cat([h[:, -1], reads.flatten(1)], dim=1)))
-        return outputs
+    def memory_step(self, pool: StatePool, slots: Tensor, interface: Tensor) -> Tensor:
+        params = (t.contiguous() for t in self.head_parameters(interface))  # split views
+        return ntm_memory_step(
+            pool["memory"], pool["weights"], slots, *params, check_slots=False
+        )  # the slots were checked by `step`

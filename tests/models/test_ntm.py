@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from models.ntm import NTM, NTMConfig
-from models.state import StatePool
-from tests.conftest import relative_error
+from tests.models.agreement import assert_forward_and_step_agree, fill_random, randomize
 
 CONFIG = NTMConfig(
     input_size=5,
@@ -27,49 +26,17 @@ def random_ntm(config: NTMConfig, generator: torch.Generator) -> NTM:
     """An NTM whose weights and initial state are all random, with sharp enough addressing."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
     model = NTM(config)
-    with torch.no_grad():
-        model.interface.weight.mul_(4)  # strong keys, strengths and shifts, not near-uniform
-        for parameter in (model.initial_reads, model.initial_h, model.initial_c):
-            parameter.normal_(generator=generator)
-        model.initial_memory.normal_(generator=generator)
+    randomize(model, generator)
     return model.eval()
-
-
-def fill_random(pool: StatePool, generator: torch.Generator) -> None:
-    for name in pool:
-        pool[name].copy_(torch.randn(pool[name].shape, generator=generator))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_forward_and_step_agree_over_100_steps(
     backend: str, monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
 ) -> None:
-    """Same weights and inputs: the sequence forward (reference pieces, autograd graph) and
-    100 serving steps on a pool (the fused kernel, here `backend`) give the same outputs,
-    and the pool slots outside the batch stay bit-identical."""
+    """100 steps on the pool through the kernel (here `backend`) match the training forward."""
     monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", backend)
-    model = random_ntm(CONFIG, generator)
-    steps, slots = 100, torch.tensor([4, -1, 0, 2])
-    live = slots >= 0
-    inputs = torch.randn(int(live.sum()), steps, CONFIG.input_size, generator=generator)
-    with torch.no_grad():
-        expected = model(inputs)
-
-    pool = model.new_pool(6)
-    fill_random(pool, generator)
-    model.reset(pool, slots[live].tolist())
-    untouched = {name: pool[name][[1, 3, 5]].clone() for name in pool}
-    outputs = []
-    for t in range(steps):
-        step_inputs = torch.randn(len(slots), CONFIG.input_size, generator=generator)
-        step_inputs[live] = inputs[:, t]
-        out = model.step(pool, slots, step_inputs)
-        assert torch.equal(out[~live], torch.zeros_like(out[~live]))
-        outputs.append(out[live])
-    actual = torch.stack(outputs, dim=1)
-    assert relative_error(actual, expected) < 1e-5
-    for name in pool:
-        assert torch.equal(pool[name][[1, 3, 5]], untouched[name])
+    assert_forward_and_step_agree(random_ntm(CONFIG, generator), 100, generator)
 
 
 def test_a_sigmoid_model_outputs_probabilities(generator: torch.Generator) -> None:
