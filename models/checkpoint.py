@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.base import MemoryModel
+from models.dnc import DNC, DNCConfig
 from models.ntm import NTM, NTMConfig
 
 FORMAT_VERSION = 1
@@ -28,7 +29,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 # model_type -> (model class, config class). New models register here.
-MODEL_TYPES: dict[str, tuple[Callable[[Any], MemoryModel], type[Any]]] = {"ntm": (NTM, NTMConfig)}
+MODEL_TYPES: dict[str, tuple[Callable[[Any], MemoryModel], type[Any]]] = {
+    "ntm": (NTM, NTMConfig),
+    "dnc": (DNC, DNCConfig),
+}
 
 
 class CheckpointError(ValueError):

@@ -1,0 +1,174 @@
+"""The Differentiable Neural Computer (Graves et al., Nature 2016) with an LSTM controller.
+
+The controller and its reads work as in the NTM (`models.controller`); the memory adds
+dynamic allocation by usage and, optionally, a temporal link matrix that lets the read heads
+walk forward or backward through the order in which rows were written. The interface vector
+is split and activated as in the paper's methods: keys as they are, strengths through
+oneplus (1 + softplus), erase, free, allocation and write gates through a sigmoid, the read
+modes through a softmax over (backward, content, forward).
+
+Initial state, saved with the model: the memory is the constant `memory_init`, usage,
+precedence, links and weightings are zero (so the first write goes to row 0 by allocation),
+and the initial reads and controller state are learned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels import dnc_memory_step
+from kernels.dnc_reference import DNCInterface, DNCState, step
+from models.controller import OUTPUT_ACTIVATIONS, ControllerMemoryModel
+from models.state import StatePool, StateSpec
+
+
+@dataclass(frozen=True)
+class DNCConfig:
+    """Every hyperparameter of a DNC; `config.json` stores exactly these fields."""
+
+    input_size: int
+    output_size: int
+    memory_rows: int = 64  # N
+    word_size: int = 32  # W
+    read_heads: int = 4  # R
+    controller_size: int = 128
+    controller_layers: int = 1
+    use_links: bool = True  # False: no temporal links, content reads only, no N x N state
+    output_activation: str = "sigmoid"
+    memory_init: float = 1e-6
+
+    def __post_init__(self) -> None:
+        positive = {
+            "input_size": self.input_size,
+            "output_size": self.output_size,
+            "memory_rows": self.memory_rows,
+            "word_size": self.word_size,
+            "read_heads": self.read_heads,
+            "controller_size": self.controller_size,
+            "controller_layers": self.controller_layers,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"DNC {name} must be >= 1, got {value}")
+        if self.output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(
+                f"DNC output_activation must be one of {OUTPUT_ACTIVATIONS}, "
+                f"got {self.output_activation!r}"
+            )
+
+
+def oneplus(x: Tensor) -> Tensor:
+    """1 + softplus(x): the paper's activation for strengths (>= 1)."""
+    return 1 + F.softplus(x)
+
+
+class DNC(ControllerMemoryModel):
+    """A DNC whose `forward` trains with autograd and whose `step` serves from a state pool."""
+
+    model_type: ClassVar[str] = "dnc"
+    config: DNCConfig
+    initial_memory: Tensor  # a buffer, saved with the weights
+
+    def __init__(self, config: DNCConfig) -> None:
+        R, W = config.read_heads, config.word_size
+        # read keys and strengths, write key and strength, erase, write vector, free gates,
+        # allocation and write gates, and with links the read modes
+        self.split_sizes = [R * W, R, W, 1, W, W, R, 1, 1] + ([3 * R] if config.use_links else [])
+        super().__init__(
+            input_size=config.input_size,
+            output_size=config.output_size,
+            read_heads=R,
+            read_width=W,
+            controller_size=config.controller_size,
+            controller_layers=config.controller_layers,
+            interface_size=sum(self.split_sizes),
+            output_activation=config.output_activation,
+        )
+        self.config = config
+        self.register_buffer(
+            "initial_memory", torch.full((config.memory_rows, W), config.memory_init)
+        )
+
+    def memory_specs(self) -> tuple[StateSpec, ...]:
+        N, W, R = self.config.memory_rows, self.config.word_size, self.config.read_heads
+        links = (StateSpec("precedence", (N,)), StateSpec("link", (N, N)))
+        return (
+            StateSpec("memory", (N, W)),
+            StateSpec("usage", (N,)),
+            *(links if self.config.use_links else ()),
+            StateSpec("write_weights", (N,)),
+            StateSpec("read_weights", (R, N)),
+        )
+
+    def initial_memory_state(self) -> dict[str, Tensor]:
+        state = {"memory": self.initial_memory}
+        for spec in self.memory_specs()[1:]:
+            state[spec.name] = self.initial_memory.new_zeros(spec.shape)
+        return state
+
+    def interface_parameters(self, interface: Tensor) -> DNCInterface:
+        """Split the interface vector `[B, size]` and activate each part."""
+        batch, R, W = interface.shape[0], self.config.read_heads, self.config.word_size
+        parts = torch.split(interface, self.split_sizes, dim=-1)
+        read_keys, read_strengths, write_key, write_strength, erase, write_vector = parts[:6]
+        free_gates, allocation_gate, write_gate = parts[6:9]
+        read_modes = (
+            torch.softmax(parts[9].view(batch, R, 3), dim=-1) if self.config.use_links else None
+        )
+        return DNCInterface(
+            read_keys=read_keys.reshape(batch, R, W),
+            read_strengths=oneplus(read_strengths),
+            write_key=write_key,
+            write_strength=oneplus(write_strength.squeeze(-1)),
+            erase=torch.sigmoid(erase),
+            write_vector=write_vector,
+            free_gates=torch.sigmoid(free_gates),
+            allocation_gate=torch.sigmoid(allocation_gate.squeeze(-1)),
+            write_gate=torch.sigmoid(write_gate.squeeze(-1)),
+            read_modes=read_modes,
+        )
+
+    def memory_forward(
+        self, state: dict[str, Tensor], interface: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        memory_state = DNCState(
+            state["memory"],
+            state["usage"],
+            state.get("precedence"),
+            state.get("link"),
+            state["write_weights"],
+            state["read_weights"],
+        )
+        new_state, reads = step(memory_state, self.interface_parameters(interface))
+        new = {name: value for name, value in new_state._asdict().items() if value is not None}
+        return new, reads
+
+    def memory_step(self, pool: StatePool, slots: Tensor, interface: Tensor) -> Tensor:
+        p = self.interface_parameters(interface)
+        links = self.config.use_links
+        return dnc_memory_step(
+            pool["memory"],
+            pool["usage"],
+            pool["precedence"] if links else None,
+            pool["link"] if links else None,
+            pool["write_weights"],
+            pool["read_weights"],
+            slots,
+            # the split views are strided; the kernel takes contiguous rows
+            p.read_keys.contiguous(),
+            p.read_strengths.contiguous(),
+            p.write_key.contiguous(),
+            p.write_strength.contiguous(),
+            p.erase.contiguous(),
+            p.write_vector.contiguous(),
+            p.free_gates.contiguous(),
+            p.allocation_gate.contiguous(),
+            p.write_gate.contiguous(),
+            None if p.read_modes is None else p.read_modes.contiguous(),
+            check_slots=False,  # checked by `step`
+        )
