@@ -52,8 +52,9 @@ class MemoryModel(nn.Module, ABC):
         """The state of a new session, one tensor per spec (detached, on the model's device)."""
 
     @abstractmethod
-    def forward(self, inputs: Tensor) -> Tensor:
-        """Outputs `[B, T, output_size]` for inputs `[B, T, input_size]` from the initial state."""
+    def forward(self, inputs: Tensor, activate: bool = True) -> Tensor:
+        """Outputs `[B, T, output_size]` for inputs `[B, T, input_size]` from the initial state;
+        `activate=False` gives them before the output activation (logits, for the loss)."""
 
     @abstractmethod
     def step(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> Tensor:
@@ -106,5 +107,7 @@ class MemoryModel(nn.Module, ABC):
             live = slots[slots >= 0]
             if torch.unique(live).numel() != live.numel():
                 raise ValueError("slots must not repeat within one step")
+        if not bool(torch.isfinite(inputs).all()):
+            raise ValueError("inputs hold NaN or Inf")
         if pool.specs != self.state_specs():
             raise ValueError("the pool was not made for this model (its state specs differ)")

@@ -35,6 +35,19 @@ MODEL_TYPES: dict[str, tuple[Callable[[Any], MemoryModel], type[Any]]] = {
 }
 
 
+# The JSON value types a hyperparameter of each annotated type accepts.
+JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "float": (int, float),
+    "str": str,
+    "bool": bool,
+}
+
+
+def field_type_name(expected: type | tuple[type, ...]) -> str:
+    return "a number" if isinstance(expected, tuple) else f"a JSON {expected.__name__}"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing file, unknown type, bad tensors, ..."""
 
@@ -100,15 +113,22 @@ def read_config(directory: Path) -> dict[str, Any]:
 def build_model(model_type: str, hyperparameters: Mapping[str, Any]) -> MemoryModel:
     """A freshly initialised model of `model_type` from its hyperparameters."""
     model_class, config_class = MODEL_TYPES[model_type]
-    known = {field.name for field in fields(config_class)}
-    unknown = sorted(set(hyperparameters) - known)
+    types = {field.name: JSON_TYPES.get(str(field.type)) for field in fields(config_class)}
+    unknown = sorted(set(hyperparameters) - types.keys())
     if unknown:
         raise CheckpointError(f"unknown {model_type} hyperparameters: {', '.join(unknown)}")
+    for name, value in hyperparameters.items():
+        expected = types[name]
+        wrong_bool = isinstance(value, bool) and expected is not bool
+        if expected is not None and (wrong_bool or not isinstance(value, expected)):
+            raise CheckpointError(
+                f"invalid {model_type} hyperparameters: {name} must be "
+                f"{field_type_name(expected)}, got {value!r}"
+            )
     try:
-        config = config_class(**hyperparameters)
+        return model_class(config_class(**hyperparameters))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"invalid {model_type} hyperparameters: {error}") from error
-    return model_class(config)
 
 
 def load(path_or_name: str | os.PathLike[str], device: torch.device | str = "cpu") -> MemoryModel:

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from models.base import MemoryModel
-from models.checkpoint import save
+from models.checkpoint import CONFIG_FILE, save
 
 STATE_FILE = "training-state.safetensors"
 RUN_FILE = "training.json"
@@ -119,15 +119,20 @@ def _load_state(
     """The weights, the optimizer state by parameter index, and the run record."""
     weights: dict[str, Tensor] = {}
     moments: dict[int, dict[str, Tensor]] = {}
-    with safe_open(path, framework="pt") as handle:
-        run: dict[str, Any] = json.loads(handle.metadata()["run"])
-        for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            kind, rest = name.split(".", 1)
-            if kind == "model":
-                weights[rest] = handle.get_tensor(name)
-            else:
-                index, key = rest.split(".", 1)
-                moments.setdefault(int(index), {})[key] = handle.get_tensor(name)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            run: dict[str, Any] = json.loads(handle.metadata()["run"])
+            names = list(handle.keys())
+            tensors = {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable training state: {error}") from error
+    for name, tensor in tensors.items():
+        kind, rest = name.split(".", 1)
+        if kind == "model":
+            weights[rest] = tensor
+        else:
+            index, key = rest.split(".", 1)
+            moments.setdefault(int(index), {})[key] = tensor
     return weights, moments, run
 
 
@@ -224,6 +229,8 @@ def train(
     start = 0
     if state_path.exists() and not resume:
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it")
+    if (out / CONFIG_FILE).exists() and not state_path.exists():
+        raise ValueError(f"{out} already holds a checkpoint; train into another directory")
     if resume:
         if not state_path.exists():
             raise ValueError(f"{out} holds no training run to resume ({STATE_FILE} is missing)")
@@ -252,7 +259,11 @@ def train(
         bar.note(
             f"validation at step {step}: "
             + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
-            + (" (best so far, exported)" if improved else f" (best: step {best['step']})")
+            + (
+                " (best so far, exported)"
+                if improved
+                else f" (best: step {(best or record)['step']})"
+            )
         )
         run = {
             "step": step,
@@ -264,7 +275,8 @@ def train(
             "validations": validations,
             "best": best,
         }
-        _save_state(state_path, model, optimizer, run)
+        # The exported checkpoint first, the training state last: the state file is the
+        # commit point, so a run killed in between redoes this step and exports it again.
         if improved:
             provenance = {
                 "task": task.name,
@@ -280,6 +292,7 @@ def train(
                 "torch": torch.__version__,
             }
             save(model, out, provenance)
+        _save_state(state_path, model, optimizer, run)
         log_path = out / RUN_FILE
         log_path.with_suffix(".tmp").write_text(json.dumps(run, indent=1) + "\n")
         os.replace(log_path.with_suffix(".tmp"), log_path)
@@ -295,15 +308,17 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate_at(step)
         loss, metrics = task.loss(model, batch_generator(settings.seed, step), device)
+        value = float(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
-        optimizer.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+        if not (math.isfinite(value) and bool(torch.isfinite(norm))):
+            # Before the update, so the weights and the last checkpoint stay good.
             raise FloatingPointError(
-                f"the loss became {value} at step {step}; lower the learning rate"
+                f"the loss or its gradient became non-finite at step {step} (loss {value}); "
+                "start a new run with a lower --lr or --clip (a resumed run keeps its settings)"
             )
+        optimizer.step()
         for key, metric in {"loss": value, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + metric
         count += 1

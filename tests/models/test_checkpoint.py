@@ -96,6 +96,14 @@ BROKEN = {
         edit_config("hyperparameters", {**CONFIG.__dict__, "memory_rows": 0}),
         "memory_rows must be >= 1",
     ),
+    "hyperparameter of the wrong type": (
+        edit_config("hyperparameters", {**CONFIG.__dict__, "memory_rows": 8.5}),
+        "memory_rows must be a JSON int, got 8.5",
+    ),
+    "boolean for a number": (
+        edit_config("hyperparameters", {**CONFIG.__dict__, "memory_init": True}),
+        "memory_init must be a number, got True",
+    ),
     "missing tensor": (
         edit_tensors(lambda t: t.__delitem__("output.bias")),
         r"missing tensors \['output.bias'\]",

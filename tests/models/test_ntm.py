@@ -68,6 +68,7 @@ def test_a_bad_step_is_refused_and_changes_nothing(generator: torch.Generator) -
             r"inputs must be a float tensor of shape \[2, 5\]",
         ),
         (torch.tensor([0, 1]), good_inputs.long(), "inputs must be a float tensor"),
+        (torch.tensor([0, 1]), good_inputs * torch.tensor([[1.0], [float("nan")]]), "NaN or Inf"),
     ]
     for slots, inputs, message in cases:
         with pytest.raises(ValueError, match=message):
