@@ -1,0 +1,219 @@
+"""The associative recall task (Graves et al. 2014, section 4.3).
+
+An item is `item_size` random bit vectors (three six-bit vectors in the paper). K items are
+presented, each after a step that carries only the item delimiter; then a query delimiter,
+one of the first K-1 items again, a second query delimiter, and `item_size` blank steps
+during which the model must output the item that followed the queried one. Inputs have
+`bits + 2` channels (the bits, the item delimiter, the query delimiter), outputs `bits`; only
+the answer is scored. The items of one sequence are distinct, so the answer is unique.
+
+A DNC solves it with the two mechanisms that set it apart from the NTM: it writes the items
+to rows in order by allocation (recording that order in its temporal links), finds the
+queried item by content and steps forward through the links to the item written after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Seeds the validation set; training batches come from generators seeded by (seed, step).
+VALIDATION_SEED = 3_141_592_653
+
+
+@dataclass
+class RecallBatch:
+    """Inputs `[B, T, bits+2]`, targets and mask `[B, T, bits]` (mask 1 where scored).
+
+    `items[b]` is the number of items of sequence b, `queries[b]` the index of its queried
+    item (its answer is item `queries[b] + 1`).
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    mask: Tensor
+    items: Tensor  # [B] int64
+    queries: Tensor  # [B] int64
+
+    def to(self, device: torch.device | str) -> RecallBatch:
+        tensors = (self.inputs, self.targets, self.mask, self.items, self.queries)
+        return RecallBatch(*(t.to(device) for t in tensors))
+
+
+def recall_steps(items: int, item_size: int) -> int:
+    """Steps of a sequence of `items` items: each with its delimiter, then the query with its
+    two delimiters, then the answer."""
+    return items * (item_size + 1) + 2 * item_size + 2
+
+
+def check_recall_arguments(min_items: int, max_items: int, bits: int, item_size: int) -> None:
+    """Raise ValueError, naming the argument, unless sequences of these sizes can be drawn."""
+    if bits < 1 or item_size < 1:
+        raise ValueError(f"recall needs bits >= 1 and item size >= 1, got {bits}, {item_size}")
+    if not 2 <= min_items <= max_items:
+        raise ValueError(f"recall item counts need 2 <= min <= max, got {min_items}..{max_items}")
+    if 2 ** (bits * item_size) < max_items:
+        raise ValueError(
+            f"{max_items} distinct items need more than {bits * item_size} bits per item "
+            f"(bits {bits} x item size {item_size})"
+        )
+
+
+def _distinct_items(
+    batch: int, items: int, bits: int, item_size: int, generator: torch.Generator
+) -> Tensor:
+    """Random items `[batch, items, item_size, bits]`, distinct within each sequence.
+
+    An item equal to an earlier one of its sequence is drawn again until it differs; with
+    the paper's 2^18 possible items that is almost never needed.
+    """
+    vectors = torch.randint(0, 2, (batch, items, item_size, bits), generator=generator).float()
+    flat = vectors.view(batch, items, item_size * bits)
+    for k in range(1, items):
+        while True:
+            repeated = (flat[:, k : k + 1] == flat[:, :k]).all(dim=-1).any(dim=-1)
+            count = int(repeated.sum())
+            if count == 0:
+                break
+            redrawn = torch.randint(0, 2, (count, item_size * bits), generator=generator)
+            flat[repeated, k] = redrawn.float()
+    return vectors
+
+
+def recall_batch(
+    batch: int,
+    min_items: int,
+    max_items: int,
+    generator: torch.Generator,
+    bits: int = 6,
+    item_size: int = 3,
+) -> RecallBatch:
+    """`batch` sequences with item counts uniform in `min_items..max_items`, padded to the
+    longest; the queried item is uniform over the items that have a successor.
+
+    Sequence b occupies steps 0..recall_steps(K_b)-1; after that its inputs are blank and
+    nothing is scored, so sequences of different lengths share a batch without changing
+    each other's task.
+    """
+    check_recall_arguments(min_items, max_items, bits, item_size)
+    counts = torch.randint(min_items, max_items + 1, (batch,), generator=generator)
+    # the query is uniform over 0..K_b-2: scale a uniform draw, as randint takes one range
+    queries = (torch.rand(batch, generator=generator) * (counts - 1)).long()
+    most = int(counts.max())
+    vectors = _distinct_items(batch, most, bits, item_size, generator)
+    steps = recall_steps(most, item_size)
+    inputs = torch.zeros(batch, steps, bits + 2)
+    targets = torch.zeros(batch, steps, bits)
+    mask = torch.zeros(batch, steps, bits)
+    item_delimiter, query_delimiter = bits, bits + 1
+    for b, (count, query) in enumerate(zip(counts.tolist(), queries.tolist(), strict=True)):
+        for k in range(count):
+            start = k * (item_size + 1)
+            inputs[b, start, item_delimiter] = 1.0
+            inputs[b, start + 1 : start + 1 + item_size, :bits] = vectors[b, k]
+        start = count * (item_size + 1)
+        inputs[b, start, query_delimiter] = 1.0
+        inputs[b, start + 1 : start + 1 + item_size, :bits] = vectors[b, query]
+        inputs[b, start + 1 + item_size, query_delimiter] = 1.0
+        answer = start + 2 + item_size
+        targets[b, answer : answer + item_size] = vectors[b, query + 1]
+        mask[b, answer : answer + item_size] = 1.0
+    return RecallBatch(inputs, targets, mask, counts, queries)
+
+
+def recall_loss(logits: Tensor, batch: RecallBatch) -> Tensor:
+    """Binary cross-entropy per scored bit, averaged over the scored bits of the batch."""
+    losses = F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="none")
+    return (losses * batch.mask).sum() / batch.mask.sum()
+
+
+def bit_errors(logits: Tensor, batch: RecallBatch) -> Tensor:
+    """Wrong bits per sequence `[B]` (outputs thresholded at 0.5), answer steps only."""
+    predicted = (logits > 0).float()
+    return ((predicted != batch.targets).float() * batch.mask).sum(dim=(1, 2))
+
+
+@dataclass(frozen=True)
+class RecallTask:
+    """Training batches for associative recall: one item count per batch, uniform in the range.
+
+    One count per batch keeps every step of a batch useful (no padding); across batches the
+    counts are uniform in `min_items..max_items` (2..6 in the paper).
+    """
+
+    batch_size: int
+    min_items: int = 2
+    max_items: int = 6
+    bits: int = 6
+    item_size: int = 3
+    name: str = "recall"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        check_recall_arguments(self.min_items, self.max_items, self.bits, self.item_size)
+
+    def loss(
+        self, model: torch.nn.Module, generator: torch.Generator, device: torch.device
+    ) -> tuple[Tensor, dict[str, float]]:
+        items = int(torch.randint(self.min_items, self.max_items + 1, (1,), generator=generator))
+        batch = recall_batch(
+            self.batch_size, items, items, generator, self.bits, self.item_size
+        ).to(device)
+        logits = model(batch.inputs, activate=False)
+        errors = bit_errors(logits.detach(), batch)
+        return recall_loss(logits, batch), {"bit_errors": float(errors.mean())}
+
+    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        """Bit errors per sequence, then loss, on 1,024 fixed sequences of the most items.
+
+        That many, as for the copy task: a trained model's failures are rare but whole (a
+        wrong answer costs several of its bits), and a small set would not see one.
+        """
+        generator = torch.Generator().manual_seed(VALIDATION_SEED)
+        errors, losses = [], []
+        for _ in range(4):
+            batch = recall_batch(
+                256, self.max_items, self.max_items, generator, self.bits, self.item_size
+            ).to(device)
+            logits = model(batch.inputs, activate=False)
+            errors.append(float(bit_errors(logits, batch).mean()))
+            losses.append(float(recall_loss(logits, batch)))
+        return {"bit_errors": sum(errors) / len(errors), "loss": sum(losses) / len(losses)}
+
+
+@torch.no_grad()
+def evaluate_recall(
+    model: torch.nn.Module,
+    items: int,
+    samples: int,
+    generator: torch.Generator,
+    bits: int = 6,
+    item_size: int = 3,
+    chunk: int = 250,
+) -> dict[str, float]:
+    """Bit errors per sequence of `samples` fresh sequences of `items` items each.
+
+    Returns the mean, the standard error of the mean, the worst sequence and the fraction
+    answered without a single wrong bit.
+    """
+    if samples < 1 or chunk < 1:
+        raise ValueError(f"samples and chunk must be >= 1, got {samples}, {chunk}")
+    device = next(model.parameters()).device
+    errors = []
+    for start in range(0, samples, chunk):
+        size = min(chunk, samples - start)
+        batch = recall_batch(size, items, items, generator, bits, item_size).to(device)
+        errors.append(bit_errors(model(batch.inputs, activate=False), batch).cpu())
+    per_sequence = torch.cat(errors).double()
+    return {
+        "items": items,
+        "samples": samples,
+        "mean_bit_errors": float(per_sequence.mean()),
+        "standard_error": float(per_sequence.std() / samples**0.5) if samples > 1 else 0.0,
+        "max_bit_errors": float(per_sequence.max()),
+        "perfect_fraction": float((per_sequence == 0).double().mean()),
+    }
