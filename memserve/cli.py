@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model on a task. Run 'memserve train TASK --help' for its options.",
     )
     tasks = train.add_subparsers(dest="task", metavar="TASK", required=True)
-    from memserve.train import add_copy_parser
+    from memserve.train import add_copy_parser, add_recall_parser
 
     add_copy_parser(tasks)
+    add_recall_parser(tasks)
 
     evaluate = commands.add_parser(
         "eval",
@@ -92,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_tasks = evaluate.add_subparsers(dest="task", metavar="TASK", required=True)
     from memserve.evaluate import add_copy_parser as add_eval_copy_parser
+    from memserve.evaluate import add_recall_parser as add_eval_recall_parser
 
     add_eval_copy_parser(eval_tasks)
+    add_eval_recall_parser(eval_tasks)
     return parser
 
 
@@ -101,12 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the `memserve` command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # What was typed after `memserve`, for the provenance that training and evaluation record.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 0
     try:
         code: int = args.handler(args)
-    except ValueError as error:
+    except ValueError as error:  # bad arguments or input files: nothing was done
         print(f"memserve {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except (OSError, ArithmeticError) as error:  # the file system, or a diverging run
+        print(f"memserve {args.command}: error: {error}", file=sys.stderr)
+        return 1
     return code

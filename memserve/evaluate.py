@@ -6,23 +6,77 @@ import argparse
 import json
 import platform
 import shlex
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.base import MemoryModel
 
 DEFAULT_LENGTHS = "10,20,30,40,60,80,120"
+DEFAULT_ITEMS = "2,4,6,8,10,12,16"
 
 
-def parse_lengths(text: str) -> list[int]:
-    """'10,20,30' -> [10, 20, 30]; every length >= 1."""
+class SizeAxis(NamedTuple):
+    """What a task's evaluation varies: its option (`--lengths`), what one value is called,
+    its key in each result, the plot's x label, the report's keys for samples per size and
+    for the training range, and the label of the shaded training band."""
+
+    option: str
+    noun: str
+    key: str
+    label: str
+    samples_key: str
+    range_key: str
+    range_label: str
+
+
+COPY_AXIS = SizeAxis(
+    option="--lengths",
+    noun="length",
+    key="length",
+    label="sequence length",
+    samples_key="samples_per_length",
+    range_key="training_lengths",
+    range_label="training lengths",
+)
+RECALL_AXIS = SizeAxis(
+    option="--items",
+    noun="item count",
+    key="items",
+    label="items in the sequence",
+    samples_key="samples_per_count",
+    range_key="training_items",
+    range_label="training items",
+)
+
+
+def parse_sizes(text: str, axis: SizeAxis = COPY_AXIS) -> list[int]:
+    """'10,20,30' -> [10, 20, 30]; every size >= 1. Errors name the axis's option."""
+    option, noun = axis.option, axis.noun
     try:
-        lengths = [int(part) for part in text.split(",") if part.strip()]
+        sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--lengths must be comma-separated integers, got {text!r}") from None
-    if not lengths or min(lengths) < 1:
-        raise ValueError(f"--lengths needs at least one length, each >= 1, got {text!r}")
-    return lengths
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"{option} needs at least one {noun}, each >= 1, got {text!r}")
+    return sizes
+
+
+def _add_arguments(
+    parser: argparse.ArgumentParser, task: str, model: str, axis: SizeAxis, default_sizes: str
+) -> None:
+    """The options every evaluation shares: the model, the sizes, the samples, the outputs."""
+    parser.add_argument("--model", default=model, help="bundled model name or checkpoint dir")
+    parser.add_argument(axis.option, default=default_sizes, help=f"comma-separated {axis.noun}s")
+    parser.add_argument("--samples", type=int, default=1000, help=f"sequences per {axis.noun}")
+    parser.add_argument("--seed", type=int, default=12345, help="seed of the test sequences")
+    parser.add_argument("--json", default=f"{task}-eval.json", help="JSON file to write")
+    parser.add_argument("--plot", default=f"{task}-eval.png", help="PNG file to write ('' skips)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
 
 
 def add_copy_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,33 +92,52 @@ def add_copy_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default="ntm-copy", help="bundled model name or checkpoint dir")
-    parser.add_argument("--lengths", default=DEFAULT_LENGTHS, help="comma-separated lengths")
-    parser.add_argument("--samples", type=int, default=1000, help="sequences per length")
-    parser.add_argument("--seed", type=int, default=12345, help="seed of the test sequences")
-    parser.add_argument("--json", default="copy-eval.json", help="JSON file to write")
-    parser.add_argument("--plot", default="copy-eval.png", help="PNG file to write ('' skips)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    _add_arguments(parser, "copy", "ntm-copy", COPY_AXIS, DEFAULT_LENGTHS)
     parser.set_defaults(handler=run_copy)
 
 
-def plot_copy(
-    results: list[dict[str, Any]], training_range: tuple[int, int] | None, title: str, path: Path
+def add_recall_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`memserve eval recall` and its options."""
+    parser = commands.add_parser(
+        "recall",
+        help="bit errors per sequence of an associative-recall model, by item count",
+        description=(
+            "Evaluate an associative-recall checkpoint on fresh random sequences of each item "
+            "count: mean bit errors per sequence (outputs thresholded at 0.5, answer only). "
+            "Prints a table, writes it as JSON and plots error against item count with the "
+            "training range shaded."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_arguments(parser, "recall", "dnc-recall", RECALL_AXIS, DEFAULT_ITEMS)
+    parser.add_argument(
+        "--item-size", type=int, default=0,
+        help="vectors per item (0: the item size the model was trained with, else 3)",
+    )  # fmt: skip
+    parser.set_defaults(handler=run_recall)
+
+
+def plot_bit_errors(
+    results: list[dict[str, Any]],
+    axis: SizeAxis,
+    training_range: tuple[int, int] | None,
+    title: str,
+    path: Path,
 ) -> None:
-    """Mean bit errors per sequence against length, with the training range shaded."""
+    """Mean bit errors per sequence against the size of each result, training range shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = [r["length"] for r in results]
+    sizes = [r[axis.key] for r in results]
     means = [r["mean_bit_errors"] for r in results]
     errors = [r["standard_error"] for r in results]
     figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     if training_range is not None:
-        axes.axvspan(*training_range, color="tab:green", alpha=0.15, label="training lengths")
-    axes.errorbar(lengths, means, yerr=errors, marker="o", capsize=3, label="mean bit errors")
-    axes.set_xlabel("sequence length")
+        axes.axvspan(*training_range, color="tab:green", alpha=0.15, label=axis.range_label)
+    axes.errorbar(sizes, means, yerr=errors, marker="o", capsize=3, label="mean bit errors")
+    axes.set_xlabel(axis.label)
     axes.set_ylabel("bit errors per sequence")
     # symlog keeps zero errors on the plot; the limits make every decade up to the worst show.
     axes.set_yscale("symlog", linthresh=0.01)
@@ -77,56 +150,82 @@ def plot_copy(
     plt.close(figure)
 
 
-def run_copy(args: argparse.Namespace) -> int:
-    """Evaluate, print the table, write the JSON and the plot."""
+def size_generator(seed: int, size: int) -> torch.Generator:
+    """The generator of the test sequences of one size: seeded by (seed, size), so a size's
+    result does not depend on which other sizes are evaluated with it."""
     import torch
 
-    from memserve import __version__
-    from models.checkpoint import load, resolve
-    from models.tasks.copy import evaluate_copy
+    return torch.Generator().manual_seed(seed * 1_000_003 + size)
 
-    lengths = parse_lengths(args.lengths)
+
+def check_evaluation_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any work, what would fail only after the evaluation has run."""
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    torch.set_num_threads(args.threads)
-    model = load(args.model)
-    bits = model.output_size
-    if model.input_size != bits + 1:
-        raise ValueError(
-            f"{args.model} is not a copy-task model: it takes {model.input_size} inputs and "
-            f"gives {model.output_size} outputs (copy needs bits + 1 and bits)"
-        )
-    generator = torch.Generator().manual_seed(args.seed)
-    began = time.monotonic()
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"{option} {path}: the directory {Path(path).parent} does not exist")
+
+
+def _training_range(model: MemoryModel, low: str, high: str) -> tuple[int, int] | None:
+    """The (low, high) task settings the model was trained with, if its provenance has them."""
+    task_settings = model.provenance.get("task_settings") or {}
+    if low in task_settings and high in task_settings:
+        return int(task_settings[low]), int(task_settings[high])
+    return None
+
+
+def _evaluate_sizes(
+    sizes: list[int], axis: SizeAxis, evaluate: Callable[[int], dict[str, float]]
+) -> list[dict[str, float]]:
+    """Evaluate each size, printing one table row as each finishes."""
     results = []
-    print(f"{'length':>6}  {'bit errors/seq':>14}  {'± s.e.':>8}  {'worst':>5}  {'perfect':>7}")
-    for length in lengths:
-        result = evaluate_copy(model, length, args.samples, generator, bits)
+    print(f"{axis.key:>6}  {'bit errors/seq':>14}  {'± s.e.':>8}  {'worst':>5}  {'perfect':>7}")
+    for size in sizes:
+        result = evaluate(size)
         results.append(result)
         print(
-            f"{length:>6}  {result['mean_bit_errors']:>14.4f}  {result['standard_error']:>8.4f}  "
+            f"{size:>6}  {result['mean_bit_errors']:>14.4f}  {result['standard_error']:>8.4f}  "
             f"{result['max_bit_errors']:>5.0f}  {100 * result['perfect_fraction']:>6.1f}%",
             flush=True,
         )
-    provenance = getattr(model, "provenance", {})
-    settings = provenance.get("settings") or {}
-    command = provenance.get("command", "")
-    task_settings = provenance.get("task_settings") or {}
-    training_range = (
-        (int(task_settings["min_length"]), int(task_settings["max_length"]))
-        if "min_length" in task_settings and "max_length" in task_settings
-        else None
-    )
+    return results
+
+
+def _write_report(
+    args: argparse.Namespace,
+    model: MemoryModel,
+    task: str,
+    axis: SizeAxis,
+    results: list[dict[str, float]],
+    training_range: tuple[int, int] | None,
+    began: float,
+    extra: dict[str, Any],
+) -> None:
+    """Write the JSON report (results, training provenance, versions) and the plot."""
+    import torch
+
+    from memserve import __version__
+    from models.checkpoint import resolve
+
+    provenance = model.provenance
     report = {
-        "task": "copy",
+        "task": task,
         "model": args.model,
         "checkpoint": str(resolve(args.model)),
-        "samples_per_length": args.samples,
+        axis.samples_key: args.samples,
         "seed": args.seed,
+        **extra,
         "results": results,
-        "training": {"steps": provenance.get("steps"), "settings": settings, "command": command},
-        "training_lengths": list(training_range) if training_range else None,
-        "command": shlex.join(["memserve", *sys.argv[1:]]),
+        "training": {
+            "steps": provenance.get("steps"),
+            "settings": provenance.get("settings") or {},
+            "command": provenance.get("command", ""),
+        },
+        axis.range_key: list(training_range) if training_range else None,
+        "command": shlex.join(["memserve", *args.argv]),
         "memserve": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -135,6 +234,73 @@ def run_copy(args: argparse.Namespace) -> int:
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
     if args.plot:
-        plot_copy(results, training_range, f"copy task: {args.model}", Path(args.plot))
+        title = f"{task} task: {args.model}"
+        plot_bit_errors(results, axis, training_range, title, Path(args.plot))
         print(f"wrote {args.plot}")
+
+
+def run_copy(args: argparse.Namespace) -> int:
+    """Evaluate, print the table, write the JSON and the plot."""
+    import torch
+
+    from models.checkpoint import load
+    from models.tasks.copy import evaluate_copy
+
+    lengths = parse_sizes(args.lengths, COPY_AXIS)
+    check_evaluation_arguments(args)
+    torch.set_num_threads(args.threads)
+    model = load(args.model)
+    bits = model.output_size
+    if model.input_size != bits + 1:
+        raise ValueError(
+            f"{args.model} is not a copy-task model: it takes {model.input_size} inputs and "
+            f"gives {model.output_size} outputs (copy needs bits + 1 and bits)"
+        )
+    began = time.monotonic()
+    results = _evaluate_sizes(
+        lengths,
+        COPY_AXIS,
+        lambda length: evaluate_copy(
+            model, length, args.samples, size_generator(args.seed, length), bits
+        ),
+    )
+    training_range = _training_range(model, "min_length", "max_length")
+    _write_report(args, model, "copy", COPY_AXIS, results, training_range, began, {})
+    return 0
+
+
+def run_recall(args: argparse.Namespace) -> int:
+    """Evaluate, print the table, write the JSON and the plot."""
+    import torch
+
+    from models.checkpoint import load
+    from models.tasks.recall import check_recall_arguments, evaluate_recall
+
+    counts = parse_sizes(args.items, RECALL_AXIS)
+    check_evaluation_arguments(args)
+    torch.set_num_threads(args.threads)
+    model = load(args.model)
+    bits = model.output_size
+    if model.input_size != bits + 2:
+        raise ValueError(
+            f"{args.model} is not an associative-recall model: it takes {model.input_size} "
+            f"inputs and gives {model.output_size} outputs (recall needs bits + 2 and bits)"
+        )
+    trained_item_size = (model.provenance.get("task_settings") or {}).get("item_size", 3)
+    item_size = int(args.item_size or trained_item_size)
+    try:
+        check_recall_arguments(min(counts), max(counts), bits, item_size)
+    except ValueError as error:
+        raise ValueError(f"{error} (--items {args.items}, --item-size {item_size})") from None
+    began = time.monotonic()
+    results = _evaluate_sizes(
+        counts,
+        RECALL_AXIS,
+        lambda count: evaluate_recall(
+            model, count, args.samples, size_generator(args.seed, count), bits, item_size
+        ),
+    )
+    training_range = _training_range(model, "min_items", "max_items")
+    extra = {"bits": bits, "item_size": item_size}
+    _write_report(args, model, "recall", RECALL_AXIS, results, training_range, began, extra)
     return 0

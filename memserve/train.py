@@ -4,7 +4,65 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from models.training import TrainSettings
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """Where the run goes and how it optimises: the options every task shares, first."""
+    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUT")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps in all")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate at the start")
+    parser.add_argument(
+        "--final-lr", type=float, default=1e-5,
+        help="learning rate at the last step (cosine decay from --lr)",
+    )  # fmt: skip
+    parser.add_argument("--clip", type=float, default=10.0, help="gradient norm clip")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and every batch")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser, threads_help: str) -> None:
+    """Checkpoints, progress and threads: the options every task shares, last."""
+    parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps per checkpoint")
+    parser.add_argument("--log-every", type=int, default=100, help="steps per progress entry")
+    parser.add_argument("--threads", type=int, default=1, help=threads_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _settings(args: argparse.Namespace) -> TrainSettings:
+    """The run's settings; also checks the options that are not settings."""
+    from models.training import TrainSettings
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+
+    return TrainSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        final_learning_rate=args.final_lr,
+        clip_norm=args.clip,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+    )
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line this run was started with, for its provenance."""
+    return shlex.join(["memserve", *args.argv])
+
+
+def _print_final(final: dict[str, Any], out: str) -> None:
+    print(
+        f"trained to step {final.get('step')}: loss {final.get('loss', float('nan')):.4g}, "
+        f"bit errors per sequence {final.get('bit_errors', float('nan')):.3g}; "
+        f"checkpoint in {out}"
+    )
 
 
 def add_copy_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,17 +78,7 @@ def add_copy_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", required=True, help="checkpoint directory to write")
-    parser.add_argument("--resume", action="store_true", help="continue the run in OUT")
-    parser.add_argument("--steps", type=int, default=20000, help="optimizer steps in all")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate at the start")
-    parser.add_argument(
-        "--final-lr", type=float, default=1e-5,
-        help="learning rate at the last step (cosine decay from --lr)",
-    )  # fmt: skip
-    parser.add_argument("--clip", type=float, default=10.0, help="gradient norm clip")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and every batch")
+    _add_run_arguments(parser, steps=12000)
     parser.add_argument("--min-length", type=int, default=1, help="shortest training sequence")
     parser.add_argument("--max-length", type=int, default=20, help="longest training sequence")
     parser.add_argument("--bits", type=int, default=8, help="bits per vector")
@@ -41,13 +89,7 @@ def add_copy_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("--read-heads", type=int, default=1, help="read heads R")
     parser.add_argument("--write-heads", type=int, default=1, help="write heads W")
     parser.add_argument("--shift-radius", type=int, default=1, help="shifts by -K..K")
-    parser.add_argument("--checkpoint-every", type=int, default=1000, help="steps per checkpoint")
-    parser.add_argument("--log-every", type=int, default=100, help="steps per progress entry")
-    parser.add_argument(
-        "--threads", type=int, default=1,
-        help="CPU threads for torch (small NTM steps run fastest on one)",
-    )  # fmt: skip
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_output_arguments(parser, "CPU threads for torch (small NTM steps run fastest on one)")
     parser.set_defaults(handler=run_copy)
 
 
@@ -57,25 +99,16 @@ def run_copy(args: argparse.Namespace) -> int:
 
     from models.ntm import NTM, NTMConfig
     from models.tasks.copy import CopyTask
-    from models.training import TrainSettings, train
+    from models.training import train
 
-    torch.set_num_threads(args.threads)
     if args.bits < 1:
         raise ValueError(f"--bits must be >= 1, got {args.bits}")
     if not 1 <= args.min_length <= args.max_length:
         raise ValueError(
             f"need 1 <= --min-length <= --max-length, got {args.min_length}, {args.max_length}"
         )
-    settings = TrainSettings(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        final_learning_rate=args.final_lr,
-        clip_norm=args.clip,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-    )
+    settings = _settings(args)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = NTMConfig(
         input_size=args.bits + 1,
@@ -89,14 +122,81 @@ def run_copy(args: argparse.Namespace) -> int:
         controller_layers=args.controller_layers,
     )
     task = CopyTask(args.batch_size, args.min_length, args.max_length, args.bits)
-    command = shlex.join(["memserve", *sys.argv[1:]]) if sys.argv[0] else "memserve train copy"
     final = train(
-        NTM(config), task, settings, args.out, command, resume=args.resume,
+        NTM(config), task, settings, args.out, _command(args), resume=args.resume,
         progress=not args.quiet,
     )  # fmt: skip
-    print(
-        f"trained to step {final.get('step')}: loss {final.get('loss', float('nan')):.4g}, "
-        f"bit errors per sequence {final.get('bit_errors', float('nan')):.3g}; "
-        f"checkpoint in {args.out}"
+    _print_final(final, args.out)
+    return 0
+
+
+def add_recall_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`memserve train recall` and its options."""
+    parser = commands.add_parser(
+        "recall",
+        help="train a DNC on associative recall (Graves et al. 2014)",
+        description=(
+            "Train a DNC on associative recall: items of --item-size random bit vectors, each "
+            "after a delimiter, then a query item between two query delimiters; the model must "
+            "output the item that followed the queried one. It has to find the item by content "
+            "and step forward in write order, which the DNC's allocation and temporal links do "
+            "(--no-links trains one without them, for comparison). Item counts are uniform in "
+            "the given range (one count per batch). Writes a checkpoint (config.json, "
+            "model.safetensors) into OUT every --checkpoint-every steps; --resume continues an "
+            "interrupted run exactly."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_run_arguments(parser, steps=18000)
+    parser.add_argument("--min-items", type=int, default=2, help="fewest items in a sequence")
+    parser.add_argument("--max-items", type=int, default=6, help="most items in a sequence")
+    parser.add_argument("--bits", type=int, default=6, help="bits per vector")
+    parser.add_argument("--item-size", type=int, default=3, help="vectors per item")
+    parser.add_argument("--memory-rows", type=int, default=64, help="memory rows N")
+    parser.add_argument("--word-size", type=int, default=16, help="memory word size W")
+    parser.add_argument("--read-heads", type=int, default=1, help="read heads R")
+    parser.add_argument("--controller-size", type=int, default=64, help="LSTM hidden size")
+    parser.add_argument("--controller-layers", type=int, default=1, help="LSTM layers")
+    parser.add_argument(
+        "--no-links", action="store_true",
+        help="no temporal link matrix: content reads only, no N x N state per session",
+    )  # fmt: skip
+    _add_output_arguments(parser, "CPU threads for torch (small DNC steps run fastest on one)")
+    parser.set_defaults(handler=run_recall)
+
+
+def run_recall(args: argparse.Namespace) -> int:
+    """Train associative recall as `args` say; the checkpoint records this exact command."""
+    import torch
+
+    from models.dnc import DNC, DNCConfig
+    from models.tasks.recall import RecallTask, check_recall_arguments
+    from models.training import train
+
+    try:
+        check_recall_arguments(args.min_items, args.max_items, args.bits, args.item_size)
+    except ValueError as error:
+        raise ValueError(
+            f"{error} (--min-items, --max-items, --bits, --item-size: got {args.min_items}, "
+            f"{args.max_items}, {args.bits}, {args.item_size})"
+        ) from None
+    settings = _settings(args)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = DNCConfig(
+        input_size=args.bits + 2,
+        output_size=args.bits,
+        memory_rows=args.memory_rows,
+        word_size=args.word_size,
+        read_heads=args.read_heads,
+        controller_size=args.controller_size,
+        controller_layers=args.controller_layers,
+        use_links=not args.no_links,
+    )
+    task = RecallTask(args.batch_size, args.min_items, args.max_items, args.bits, args.item_size)
+    final = train(
+        DNC(config), task, settings, args.out, _command(args), resume=args.resume,
+        progress=not args.quiet,
+    )  # fmt: skip
+    _print_final(final, args.out)
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import shlex
 import subprocess
 import sys
 import time
@@ -29,7 +31,8 @@ def train(out: Path, *extra: str) -> int:
 
 def test_a_short_run_lowers_the_loss(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert train(out, "--steps", "300", "--log-every", "50", "--lr", "3e-3") == 0
+    options = ["--steps", "300", "--log-every", "50", "--lr", "3e-3"]
+    assert train(out, *options) == 0
     history = json.loads((out / "training.json").read_text())["history"]
     assert [entry["step"] for entry in history] == [50, 100, 150, 200, 250, 300]
     first, last = history[0], history[-1]
@@ -39,13 +42,15 @@ def test_a_short_run_lowers_the_loss(tmp_path: Path) -> None:
     assert model.provenance["steps"] == 300
     assert model.provenance["task"] == "copy"
     assert model.provenance["task_settings"]["max_length"] == 4
-    assert model.provenance["command"].startswith("memserve ")
+    typed = ["memserve", "train", "copy", "--out", str(out), *SMALL, *options]
+    assert model.provenance["command"] == shlex.join(typed)
     assert model.provenance["final_loss"] == pytest.approx(last["loss"])
 
 
 def test_a_run_killed_mid_way_resumes_to_the_same_weights(tmp_path: Path) -> None:
-    """SIGKILL a run at an arbitrary moment after its first checkpoint, resume it: the
-    weights at the end are bit-identical to those of the same run left alone."""
+    """SIGKILL a run at a random moment after its first checkpoint, resume it: the final
+    weights and optimizer moments, and the exported best model, are bit-identical to those
+    of the same run left alone."""
     steps = ["--steps", "100", "--checkpoint-every", "20"]
     assert train(tmp_path / "straight", *steps) == 0
     command = [sys.executable, "-m", "memserve", "train", "copy", "--out", str(tmp_path / "split")]
@@ -54,15 +59,18 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(tmp_path: Path) -> Non
     deadline = time.monotonic() + 120
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    time.sleep(random.uniform(0, 1))  # anywhere in the rest of the run, even past its end
     process.kill()
     process.wait()
     assert state.exists()
-    assert train(tmp_path / "split", *steps, "--resume") == 0
-    straight = load_file(tmp_path / "straight" / "model.safetensors")
-    split = load_file(tmp_path / "split" / "model.safetensors")
-    assert straight.keys() == split.keys()
-    for name, tensor in straight.items():
-        assert torch.equal(tensor, split[name]), name
+    if process.returncode != 0:  # it was killed before the end
+        assert train(tmp_path / "split", *steps, "--resume") == 0
+    for name in ("training-state.safetensors", "model.safetensors"):
+        straight = load_file(tmp_path / "straight" / name)
+        split = load_file(tmp_path / "split" / name)
+        assert straight.keys() == split.keys()
+        for key, tensor in straight.items():
+            assert torch.equal(tensor, split[key]), (name, key)
 
 
 def test_training_refuses_to_overwrite_or_to_resume_nothing(
@@ -80,6 +88,11 @@ def test_training_refuses_to_overwrite_or_to_resume_nothing(
     assert "holds no training run to resume" in capsys.readouterr().err
     assert train(tmp_path / "bad", "--steps", "5", "--min-length", "3", "--max-length", "2") == 2
     assert "--min-length" in capsys.readouterr().err
+    assert train(tmp_path / "bad", "--steps", "5", "--threads", "0") == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    (tmp_path / "run" / "training-state.safetensors").unlink()  # a plain checkpoint remains
+    assert train(tmp_path / "run", "--steps", "5") == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
 
 
 def test_eval_writes_a_table_json_and_a_plot(
@@ -111,3 +124,6 @@ def test_eval_rejects_bad_lengths_and_non_copy_models(
     assert "comma-separated integers" in capsys.readouterr().err
     assert main(["eval", "copy", "--lengths", "0"]) == 2
     assert "each >= 1" in capsys.readouterr().err
+    missing = tmp_path / "no" / "such" / "eval.json"
+    assert main(["eval", "copy", "--lengths", "5", "--json", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err
