@@ -76,6 +76,24 @@ def launch_config(num_rows: int, word_size: int) -> LaunchConfig:
     return LaunchConfig(block_rows, block_w, block_n, block_link, num_warps)
 
 
+def check_config(config: LaunchConfig, num_rows: int, word_size: int) -> None:
+    """Raise ValueError for a tiling that would not cover the slot (checked before launch)."""
+    sizes = {
+        "block_rows": config.block_rows, "block_w": config.block_w,
+        "block_n": config.block_n, "block_link": config.block_link,
+    }  # fmt: skip
+    for name, size in sizes.items():
+        if size < 1 or size & (size - 1):
+            raise ValueError(f"config.{name} must be a power of two, got {size}")
+    if config.block_n < num_rows or config.block_w < word_size:
+        raise ValueError(
+            f"config must cover the slot: block_n >= N={num_rows} and block_w >= W={word_size}, "
+            f"got {config.block_n} and {config.block_w}"
+        )
+    if config.block_rows > config.block_n or config.block_link > config.block_n:
+        raise ValueError("config.block_rows and config.block_link must be <= block_n")
+
+
 def kernel_constants(
     num_rows: int, word_size: int, num_read: int, has_link: bool, config: LaunchConfig
 ) -> dict[str, int | bool]:
@@ -107,6 +125,7 @@ def _launch_triton(
         batch, scratch_elements(num_rows, num_read), dtype=torch.float32, device=memory.device
     )
     config = config or launch_config(num_rows, word_size)
+    check_config(config, num_rows, word_size)
     constants = kernel_constants(num_rows, word_size, num_read, link is not None, config)
     # Without links, precedence, link and read_modes are never dereferenced (HAS_LINK is off):
     # any pointer will do in their place.

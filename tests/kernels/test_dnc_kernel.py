@@ -14,6 +14,7 @@ import torch
 
 import kernels
 from kernels import dnc_reference
+from kernels.backend import select_backend
 from kernels.dnc import LaunchConfig, launch_config
 from kernels.dnc_reference import DNCInterface, DNCState
 from kernels.samples import dnc_to, random_dnc_interface, random_dnc_pools
@@ -104,6 +105,31 @@ def test_tiled_path_matches_reference(
         interface = random_dnc_interface(3, 2, 6, generator, device, link)
         reads = run_step(pools, slots, interface, config=tiled)
         assert_matches_float64(reads, pools, pools64, slots, interface)
+
+
+@pytest.mark.parametrize(
+    ("tiling", "message"),
+    [
+        ({"block_n": 8}, "must cover the slot"),
+        ({"block_w": 4}, "must cover the slot"),
+        ({"block_rows": 6}, "block_rows must be a power of two"),
+        ({"block_link": 32}, "must be <= block_n"),
+    ],
+)
+def test_a_tiling_that_misses_part_of_the_slot_is_refused(
+    generator: torch.Generator, device: torch.device, tiling: dict[str, int], message: str
+) -> None:
+    if select_backend(device) != "triton":
+        pytest.skip("the tiling only exists for the Triton kernel")
+    sizes = {"block_rows": 4, "block_w": 8, "block_n": 16, "block_link": 4, "num_warps": 4}
+    config = LaunchConfig(**{**sizes, **tiling})
+    pools = random_dnc_pools(3, 12, 6, 2, generator, device=device)
+    before = dnc_to(pools, torch.float32)
+    interface = random_dnc_interface(2, 2, 6, generator, device, True)
+    with pytest.raises(ValueError, match=message):
+        run_step(pools, torch.tensor([0, 2], device=device), interface, config=config)
+    for pool, saved in zip(pools, before, strict=True):
+        assert pool is not None and saved is not None and torch.equal(pool, saved)
 
 
 def test_launch_config_keeps_small_slots_in_one_tile_and_blocks_large_links() -> None:
@@ -331,12 +357,21 @@ def test_compiled_kernel_at_serving_sizes(
     device = torch.device("cuda")
     width, num_read, capacity = 64, 4, batch + 7
     slots = torch.randperm(capacity, generator=generator)[:batch]
-    slots[batch // 2] = -1
+    if 0 not in slots.tolist():
+        slots[0] = 0  # padding rows are clamped to slot 0 inside the kernel: keep it live
+    slots[batch // 2 + 1] = -1
+    untouched = sorted(set(range(capacity)) - set(slots.tolist()))
     slot_tensor = slots.to(device)
     pools = random_dnc_pools(capacity, rows, width, num_read, generator, pool_dtype, device, link)
-    pools64 = dnc_to(pools, torch.float64)
+    before = [None if pool is None else pool[untouched].clone() for pool in pools]
     pool_tolerance = 1e-5 if pool_dtype == torch.float32 else 1e-2
     for _ in range(2):
+        # The float64 reference starts each step from the kernel's own (possibly bfloat16)
+        # pools, so rounding of the stored state does not accumulate into the comparison.
+        pools64 = dnc_to(pools, torch.float64)
         interface = random_dnc_interface(batch, num_read, width, generator, device, link)
         reads = run_step(pools, slot_tensor, interface)
         assert_matches_float64(reads, pools, pools64, slot_tensor, interface, pool_tolerance)
+    for pool, saved in zip(pools, before, strict=True):
+        if pool is not None and saved is not None:
+            assert torch.equal(pool[untouched], saved)

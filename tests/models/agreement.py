@@ -27,12 +27,14 @@ def fill_random(pool: StatePool, generator: torch.Generator) -> None:
 def assert_forward_and_step_agree(
     model: ControllerMemoryModel, steps: int, generator: torch.Generator
 ) -> None:
-    """Same weights and inputs: the sequence forward (reference pieces, autograd graph) and
-    `steps` serving steps on a pool give the same outputs (relative error < 1e-5), padding
-    rows give zeros, and the pool slots outside the batch stay bit-identical."""
-    slots = torch.tensor([4, -1, 0, 2])
+    """On the model's device (the compiled kernels on CUDA), with the same weights and
+    inputs: the sequence forward (reference pieces, autograd graph) and `steps` serving
+    steps on a pool give the same outputs (relative error < 1e-5), padding rows give
+    zeros, and the pool slots outside the batch stay bit-identical."""
+    device = model.device
+    slots = torch.tensor([4, -1, 0, 2], device=device)
     live = slots >= 0
-    inputs = torch.randn(int(live.sum()), steps, model.input_size, generator=generator)
+    inputs = torch.randn(int(live.sum()), steps, model.input_size, generator=generator).to(device)
     with torch.no_grad():
         expected = model(inputs)
 
@@ -42,7 +44,7 @@ def assert_forward_and_step_agree(
     untouched = {name: pool[name][[1, 3, 5]].clone() for name in pool}
     outputs = []
     for t in range(steps):
-        step_inputs = torch.randn(len(slots), model.input_size, generator=generator)
+        step_inputs = torch.randn(len(slots), model.input_size, generator=generator).to(device)
         step_inputs[live] = inputs[:, t]
         out = model.step(pool, slots, step_inputs)
         assert torch.equal(out[~live], torch.zeros_like(out[~live]))

@@ -37,6 +37,14 @@ def test_forward_and_step_agree_over_100_steps(
     assert_forward_and_step_agree(random_dnc(use_links, generator), steps, generator)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_links", [True, False])
+def test_forward_and_step_agree_on_the_gpu(use_links: bool, generator: torch.Generator) -> None:
+    """The compiled kernel in the serving step against the training forward on CUDA."""
+    model = random_dnc(use_links, generator).to("cuda")
+    assert_forward_and_step_agree(model, 100, generator)
+
+
 def test_state_has_links_only_when_asked(generator: torch.Generator) -> None:
     with_links = {spec.name: spec.shape for spec in random_dnc(True, generator).state_specs()}
     without = {spec.name: spec.shape for spec in random_dnc(False, generator).state_specs()}

@@ -39,6 +39,13 @@ def test_forward_and_step_agree_over_100_steps(
     assert_forward_and_step_agree(random_ntm(CONFIG, generator), 100, generator)
 
 
+@pytest.mark.gpu
+def test_forward_and_step_agree_on_the_gpu(generator: torch.Generator) -> None:
+    """The compiled kernel in the serving step against the training forward on CUDA."""
+    model = random_ntm(CONFIG, generator).to("cuda")
+    assert_forward_and_step_agree(model, 100, generator)
+
+
 def test_a_sigmoid_model_outputs_probabilities(generator: torch.Generator) -> None:
     config = NTMConfig(input_size=3, output_size=2, memory_rows=8, memory_width=4)
     model = random_ntm(config, generator)
