@@ -12,7 +12,9 @@ if TYPE_CHECKING:
 
 def _add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     """Where the run goes and how it optimises: the options every task shares, first."""
-    parser.add_argument("--out", required=True, help="checkpoint directory to write")
+    parser.add_argument(
+        "--out", required=True, default=argparse.SUPPRESS, help="checkpoint directory to write"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in OUT")
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps in all")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
