@@ -21,6 +21,15 @@ from torch import Tensor, nn
 from models.state import StatePool, StateSpec, state_bytes
 
 
+def require_positive(config: object, *names: str) -> None:
+    """Raise ValueError naming the first of the config's fields `names` that is below 1."""
+    kind = type(config).__name__.removesuffix("Config")
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{kind} {name} must be >= 1, got {value}")
+
+
 class MemoryModel(nn.Module, ABC):
     """Base of the served models. Subclasses set `model_type` and a `config` dataclass."""
 

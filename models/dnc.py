@@ -23,6 +23,7 @@ from torch import Tensor
 
 from kernels import dnc_memory_step
 from kernels.dnc_reference import DNCInterface, DNCState, step
+from models.base import require_positive
 from models.controller import OUTPUT_ACTIVATIONS, ControllerMemoryModel
 from models.state import StatePool, StateSpec
 
@@ -43,18 +44,10 @@ class DNCConfig:
     memory_init: float = 1e-6
 
     def __post_init__(self) -> None:
-        positive = {
-            "input_size": self.input_size,
-            "output_size": self.output_size,
-            "memory_rows": self.memory_rows,
-            "word_size": self.word_size,
-            "read_heads": self.read_heads,
-            "controller_size": self.controller_size,
-            "controller_layers": self.controller_layers,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"DNC {name} must be >= 1, got {value}")
+        require_positive(
+            self, "input_size", "output_size", "memory_rows", "word_size", "read_heads",
+            "controller_size", "controller_layers",
+        )  # fmt: skip
         if self.output_activation not in OUTPUT_ACTIVATIONS:
             raise ValueError(
                 f"DNC output_activation must be one of {OUTPUT_ACTIVATIONS}, "

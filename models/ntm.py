@@ -24,6 +24,7 @@ from torch import Tensor
 
 from kernels import ntm_memory_step, reference
 from kernels.ntm import MAX_SHIFT_RADIUS
+from models.base import require_positive
 from models.controller import OUTPUT_ACTIVATIONS, ControllerMemoryModel
 from models.state import StatePool, StateSpec
 
@@ -45,17 +46,10 @@ class NTMConfig:
     memory_init: float = 1e-6
 
     def __post_init__(self) -> None:
-        positive = {
-            "input_size": self.input_size,
-            "output_size": self.output_size,
-            "memory_rows": self.memory_rows,
-            "memory_width": self.memory_width,
-            "controller_size": self.controller_size,
-            "controller_layers": self.controller_layers,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"NTM {name} must be >= 1, got {value}")
+        require_positive(
+            self, "input_size", "output_size", "memory_rows", "memory_width",
+            "controller_size", "controller_layers",
+        )  # fmt: skip
         if self.read_heads < 0 or self.write_heads < 0 or self.read_heads + self.write_heads < 1:
             raise ValueError(
                 f"NTM needs read_heads >= 0, write_heads >= 0 and at least one head, got "
