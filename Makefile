@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck pytest bench clean help
+.PHONY: setup run test lint typecheck pytest bench protos clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
@@ -46,6 +46,9 @@ test: lint typecheck pytest  ## set up, then lint, type-check and run the whole 
 
 bench: $(STAMP)  ## kernel benchmark; writes JSON under bench/results/
 	$(BIN)/python bench/kernels.py
+
+protos: $(STAMP)  ## regenerate protos/memserve_pb2*.py from protos/memserve.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/memserve.proto
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,41 @@
+"""The committed generated code is what the pinned grpcio-tools makes from the .proto."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from protos import memserve_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
+GENERATED = ("memserve_pb2.py", "memserve_pb2.pyi", "memserve_pb2_grpc.py")
+
+
+def test_regenerating_changes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "protos").mkdir()
+    shutil.copy(ROOT / "protos" / "memserve.proto", tmp_path / "protos")
+    command = [
+        sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.", "--pyi_out=.",
+        "--grpc_python_out=.", "protos/memserve.proto",
+    ]  # fmt: skip
+    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+    for name in GENERATED:
+        fresh = (tmp_path / "protos" / name).read_bytes()
+        assert fresh == (ROOT / "protos" / name).read_bytes(), f"{name} is stale: run make protos"
+
+
+def test_the_service_offers_every_rpc_of_the_api() -> None:
+    service = memserve_pb2.DESCRIPTOR.services_by_name["MemServe"]
+    assert service.full_name == "memserve.v1.MemServe"
+    methods = {method.name: method for method in service.methods}
+    assert sorted(methods) == sorted(
+        [
+            "ListModels", "CreateSession", "Step", "StepStream", "GetSession", "ForkSession",
+            "ExportSession", "ImportSession", "DeleteSession",
+        ]
+    )  # fmt: skip
+    stream = methods["StepStream"]
+    assert stream.client_streaming and stream.server_streaming
+    assert not methods["Step"].client_streaming and not methods["Step"].server_streaming
