@@ -8,10 +8,14 @@ then T blank steps during which the model must output the sequence again. Inputs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from models.tasks.bits import BitTask, bit_errors, bit_loss, evaluate_bits
+
+__all__ = ["CopyBatch", "CopyTask", "bit_errors", "bit_loss", "copy_batch", "evaluate_copy"]
 
 # Seeds the validation set; training batches come from generators seeded by (seed, step).
 VALIDATION_SEED = 2_718_281_828
@@ -61,59 +65,34 @@ def copy_batch(
     return CopyBatch(inputs, targets, mask, lengths)
 
 
-def copy_loss(logits: Tensor, batch: CopyBatch) -> Tensor:
-    """Binary cross-entropy per scored bit, averaged over the scored bits of the batch."""
-    losses = F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="none")
-    return (losses * batch.mask).sum() / batch.mask.sum()
-
-
-def bit_errors(logits: Tensor, batch: CopyBatch) -> Tensor:
-    """Wrong bits per sequence `[B]` (outputs thresholded at 0.5), recall phase only."""
-    predicted = (logits > 0).float()
-    return ((predicted != batch.targets).float() * batch.mask).sum(dim=(1, 2))
-
-
 @dataclass(frozen=True)
-class CopyTask:
-    """Training batches for the copy task: one length per batch, uniform in the range.
-
-    One length per batch keeps every step of a batch useful (no padding); across batches the
-    lengths are uniform in `min_length..max_length`, as in the paper.
-    """
+class CopyTask(BitTask):
+    """Training batches for the copy task: one length per batch, uniform in
+    `min_length..max_length` across batches, as in the paper."""
 
     batch_size: int
     min_length: int = 1
     max_length: int = 20
     bits: int = 8
     name: str = "copy"
+    validation_seed: ClassVar[int] = VALIDATION_SEED
 
-    def loss(
-        self, model: torch.nn.Module, generator: torch.Generator, device: torch.device
-    ) -> tuple[Tensor, dict[str, float]]:
-        length = int(torch.randint(self.min_length, self.max_length + 1, (1,), generator=generator))
-        batch = copy_batch(self.batch_size, length, length, generator, self.bits).to(device)
-        logits = model(batch.inputs, activate=False)
-        errors = bit_errors(logits.detach(), batch)
-        return copy_loss(logits, batch), {"bit_errors": float(errors.mean())}
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.min_length <= self.max_length or self.bits < 1:
+            raise ValueError(
+                f"copy needs 1 <= min <= max length and bits >= 1, got {self.min_length}.."
+                f"{self.max_length}, {self.bits}"
+            )
 
-    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
-        """Bit errors per sequence, then loss, on 1,024 fixed sequences of the longest length.
+    def size_range(self) -> tuple[int, int]:
+        return self.min_length, self.max_length
 
-        That many, because a trained model's failures are rare but whole: a sequence it gets
-        wrong costs dozens of bits, and a small validation set would not see one.
-        """
-        generator = torch.Generator().manual_seed(VALIDATION_SEED)
-        errors, losses = [], []
-        for _ in range(4):
-            batch = copy_batch(256, self.max_length, self.max_length, generator, self.bits)
-            batch = batch.to(device)
-            logits = model(batch.inputs, activate=False)
-            errors.append(float(bit_errors(logits, batch).mean()))
-            losses.append(float(copy_loss(logits, batch)))
-        return {"bit_errors": sum(errors) / len(errors), "loss": sum(losses) / len(losses)}
+    def draw(self, count: int, size: int, generator: torch.Generator) -> CopyBatch:
+        return copy_batch(count, size, size, generator, self.bits)
 
 
-@torch.no_grad()
 def evaluate_copy(
     model: torch.nn.Module,
     length: int,
@@ -127,17 +106,5 @@ def evaluate_copy(
     Returns the mean, the standard error of the mean, the worst sequence and the fraction
     copied without a single wrong bit.
     """
-    device = next(model.parameters()).device
-    errors = []
-    for start in range(0, samples, chunk):
-        batch = copy_batch(min(chunk, samples - start), length, length, generator, bits).to(device)
-        errors.append(bit_errors(model(batch.inputs, activate=False), batch).cpu())
-    per_sequence = torch.cat(errors).double()
-    return {
-        "length": length,
-        "samples": samples,
-        "mean_bit_errors": float(per_sequence.mean()),
-        "standard_error": float(per_sequence.std() / samples**0.5) if samples > 1 else 0.0,
-        "max_bit_errors": float(per_sequence.max()),
-        "perfect_fraction": float((per_sequence == 0).double().mean()),
-    }
+    draw = lambda count: copy_batch(count, length, length, generator, bits)  # noqa: E731
+    return {"length": length, **evaluate_bits(model, draw, samples, chunk)}

@@ -15,10 +15,17 @@ queried item by content and steps forward through the links to the item written 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from models.tasks.bits import BitTask, bit_errors, bit_loss, evaluate_bits
+
+__all__ = [
+    "RecallBatch", "RecallTask", "bit_errors", "bit_loss", "check_recall_arguments",
+    "evaluate_recall", "recall_batch", "recall_steps",
+]  # fmt: skip
 
 # Seeds the validation set; training batches come from generators seeded by (seed, step).
 VALIDATION_SEED = 3_141_592_653
@@ -124,20 +131,8 @@ def recall_batch(
     return RecallBatch(inputs, targets, mask, counts, queries)
 
 
-def recall_loss(logits: Tensor, batch: RecallBatch) -> Tensor:
-    """Binary cross-entropy per scored bit, averaged over the scored bits of the batch."""
-    losses = F.binary_cross_entropy_with_logits(logits, batch.targets, reduction="none")
-    return (losses * batch.mask).sum() / batch.mask.sum()
-
-
-def bit_errors(logits: Tensor, batch: RecallBatch) -> Tensor:
-    """Wrong bits per sequence `[B]` (outputs thresholded at 0.5), answer steps only."""
-    predicted = (logits > 0).float()
-    return ((predicted != batch.targets).float() * batch.mask).sum(dim=(1, 2))
-
-
 @dataclass(frozen=True)
-class RecallTask:
+class RecallTask(BitTask):
     """Training batches for associative recall: one item count per batch, uniform in the range.
 
     One count per batch keeps every step of a batch useful (no padding); across batches the
@@ -150,42 +145,20 @@ class RecallTask:
     bits: int = 6
     item_size: int = 3
     name: str = "recall"
+    validation_seed: ClassVar[int] = VALIDATION_SEED
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         check_recall_arguments(self.min_items, self.max_items, self.bits, self.item_size)
 
-    def loss(
-        self, model: torch.nn.Module, generator: torch.Generator, device: torch.device
-    ) -> tuple[Tensor, dict[str, float]]:
-        items = int(torch.randint(self.min_items, self.max_items + 1, (1,), generator=generator))
-        batch = recall_batch(
-            self.batch_size, items, items, generator, self.bits, self.item_size
-        ).to(device)
-        logits = model(batch.inputs, activate=False)
-        errors = bit_errors(logits.detach(), batch)
-        return recall_loss(logits, batch), {"bit_errors": float(errors.mean())}
+    def size_range(self) -> tuple[int, int]:
+        return self.min_items, self.max_items
 
-    def validate(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
-        """Bit errors per sequence, then loss, on 1,024 fixed sequences of the most items.
-
-        That many, as for the copy task: a trained model's failures are rare but whole (a
-        wrong answer costs several of its bits), and a small set would not see one.
-        """
-        generator = torch.Generator().manual_seed(VALIDATION_SEED)
-        errors, losses = [], []
-        for _ in range(4):
-            batch = recall_batch(
-                256, self.max_items, self.max_items, generator, self.bits, self.item_size
-            ).to(device)
-            logits = model(batch.inputs, activate=False)
-            errors.append(float(bit_errors(logits, batch).mean()))
-            losses.append(float(recall_loss(logits, batch)))
-        return {"bit_errors": sum(errors) / len(errors), "loss": sum(losses) / len(losses)}
+    def draw(self, count: int, size: int, generator: torch.Generator) -> RecallBatch:
+        return recall_batch(count, size, size, generator, self.bits, self.item_size)
 
 
-@torch.no_grad()
 def evaluate_recall(
     model: torch.nn.Module,
     items: int,
@@ -200,20 +173,5 @@ def evaluate_recall(
     Returns the mean, the standard error of the mean, the worst sequence and the fraction
     answered without a single wrong bit.
     """
-    if samples < 1 or chunk < 1:
-        raise ValueError(f"samples and chunk must be >= 1, got {samples}, {chunk}")
-    device = next(model.parameters()).device
-    errors = []
-    for start in range(0, samples, chunk):
-        size = min(chunk, samples - start)
-        batch = recall_batch(size, items, items, generator, bits, item_size).to(device)
-        errors.append(bit_errors(model(batch.inputs, activate=False), batch).cpu())
-    per_sequence = torch.cat(errors).double()
-    return {
-        "items": items,
-        "samples": samples,
-        "mean_bit_errors": float(per_sequence.mean()),
-        "standard_error": float(per_sequence.std() / samples**0.5) if samples > 1 else 0.0,
-        "max_bit_errors": float(per_sequence.max()),
-        "perfect_fraction": float((per_sequence == 0).double().mean()),
-    }
+    draw = lambda count: recall_batch(count, items, items, generator, bits, item_size)  # noqa: E731
+    return {"items": items, **evaluate_bits(model, draw, samples, chunk)}

@@ -10,9 +10,9 @@ from models.tasks.recall import (
     RecallBatch,
     RecallTask,
     bit_errors,
+    bit_loss,
     evaluate_recall,
     recall_batch,
-    recall_loss,
     recall_steps,
 )
 
@@ -162,7 +162,7 @@ def test_the_task_scores_an_oracle_perfect(generator: torch.Generator) -> None:
     wrong = task.validate(Oracle(4, 2, invert=True), torch.device("cpu"))
     assert wrong["bit_errors"] == 8 and wrong["loss"] > 9
     batch = recall_batch(3, 3, 3, generator, 4, 2)
-    assert float(recall_loss(Oracle(4, 2, invert=True)(batch.inputs), batch)) == pytest.approx(
+    assert float(bit_loss(Oracle(4, 2, invert=True)(batch.inputs), batch)) == pytest.approx(
         10, abs=1e-3
     )
 
