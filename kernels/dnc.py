@@ -33,7 +33,13 @@ from torch import Tensor
 
 from kernels import dnc_reference
 from kernels.backend import TRITON_AVAILABLE, select_backend
-from kernels.ntm import MAX_TILE_ELEMENTS, POOL_DTYPES, next_power_of_2
+from kernels.launch import (
+    MAX_TILE_ELEMENTS,
+    POOL_DTYPES,
+    next_power_of_2,
+    reads_buffer,
+    validate_slots,
+)
 
 if TRITON_AVAILABLE:
     from kernels.dnc_triton import dnc_step_kernel
@@ -181,15 +187,7 @@ def dnc_memory_step(
     )  # fmt: skip
     validate_dnc_step(*args, check_slots=check_slots)
     reads_shape = tuple(read_keys.shape)
-    if out is None:
-        out = torch.empty(reads_shape, dtype=torch.float32, device=memory.device)
-    elif tuple(out.shape) != reads_shape or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous float32 tensor of shape {list(reads_shape)}, "
-            f"got {out.dtype} {list(out.shape)}"
-        )
-    elif out.device != memory.device:
-        raise ValueError(f"out is on {out.device} but memory is on {memory.device}")
+    out = reads_buffer(out, reads_shape, memory.device)
     if select_backend(memory.device) == "triton":
         _launch_triton(args, out, config)
     else:
@@ -291,18 +289,8 @@ def validate_dnc_step(
             raise ValueError(f"{name} must be contiguous")
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but memory is on {device}")
-    if check_slots and batch > 0:
-        out_of_range = slots[(slots < -1) | (slots >= capacity)]
-        if out_of_range.numel() > 0:
-            raise ValueError(
-                f"slots must be -1 (padding) or in [0, {capacity}), got {out_of_range[:8].tolist()}"
-            )
-        ordered = slots[slots >= 0].sort().values
-        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        if repeated.numel() > 0:
-            raise ValueError(
-                f"slots must not repeat within one call, got {repeated[:8].tolist()} more than once"
-            )
+    if check_slots:
+        validate_slots(slots, capacity)
 
 
 def _kind(tensor: Tensor | None) -> str:

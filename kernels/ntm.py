@@ -29,19 +29,18 @@ from torch import Tensor
 
 from kernels import reference
 from kernels.backend import TRITON_AVAILABLE, select_backend
+from kernels.launch import (
+    MAX_TILE_ELEMENTS,
+    POOL_DTYPES,
+    next_power_of_2,
+    reads_buffer,
+    validate_slots,
+)
 
 if TRITON_AVAILABLE:
     from kernels.ntm_triton import ntm_step_kernel
 
-POOL_DTYPES = (torch.float32, torch.bfloat16)
 MAX_SHIFT_RADIUS = 3
-# Elements of one [BLOCK_N, BLOCK_M] memory tile a program keeps in registers.
-MAX_TILE_ELEMENTS = 8192
-
-
-def next_power_of_2(value: int) -> int:
-    """The smallest power of two >= value (value >= 1)."""
-    return 1 << (value - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -136,15 +135,7 @@ def ntm_memory_step(
     )
     batch, num_heads, row_width = keys.shape
     reads_shape = (batch, num_heads - erase.shape[1], row_width)
-    if out is None:
-        out = torch.empty(reads_shape, dtype=torch.float32, device=memory.device)
-    elif tuple(out.shape) != reads_shape or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous float32 tensor of shape {list(reads_shape)}, "
-            f"got {out.dtype} {list(out.shape)}"
-        )
-    elif out.device != memory.device:
-        raise ValueError(f"out is on {out.device} but memory is on {memory.device}")
+    out = reads_buffer(out, reads_shape, memory.device)
     args = (memory, weights, slots, keys, beta, gate, shift, gamma, erase, add)
     if select_backend(memory.device) == "triton":
         _launch_triton(args, out, config)
@@ -219,16 +210,5 @@ def validate_ntm_step(
     for name, tensor in (("weights", weights), ("slots", slots)):
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but memory is on {device}")
-    if check_slots and batch > 0:
-        live = slots[slots >= 0]
-        out_of_range = slots[(slots < -1) | (slots >= capacity)]
-        if out_of_range.numel() > 0:
-            raise ValueError(
-                f"slots must be -1 (padding) or in [0, {capacity}), got {out_of_range[:8].tolist()}"
-            )
-        ordered = live.sort().values
-        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        if repeated.numel() > 0:
-            raise ValueError(
-                f"slots must not repeat within one call, got {repeated[:8].tolist()} more than once"
-            )
+    if check_slots:
+        validate_slots(slots, capacity)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from kernels.launch import validate_slots
 from models.state import StatePool, StateSpec, state_bytes
 
 
@@ -107,15 +108,7 @@ class MemoryModel(nn.Module, ABC):
                 f"inputs must be a float tensor of shape {expected}, "
                 f"got {inputs.dtype} {list(inputs.shape)}"
             )
-        if slots.numel():
-            low, high = int(slots.min()), int(slots.max())
-            if low < -1 or high >= pool.capacity:
-                raise ValueError(
-                    f"slots must be in -1..{pool.capacity - 1} (-1 = padding), got {low}..{high}"
-                )
-            live = slots[slots >= 0]
-            if torch.unique(live).numel() != live.numel():
-                raise ValueError("slots must not repeat within one step")
+        validate_slots(slots, pool.capacity)
         if not bool(torch.isfinite(inputs).all()):
             raise ValueError("inputs hold NaN or Inf")
         if pool.specs != self.state_specs():

@@ -1,0 +1,48 @@
+"""What the host side of every kernel family shares: pool dtypes, tile arithmetic, the slot
+check and the output buffer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+POOL_DTYPES = (torch.float32, torch.bfloat16)
+# Elements of one register tile a program keeps live (memory rows, link rows, ...).
+MAX_TILE_ELEMENTS = 8192
+
+
+def next_power_of_2(value: int) -> int:
+    """The smallest power of two >= value (value >= 1)."""
+    return 1 << (value - 1).bit_length()
+
+
+def validate_slots(slots: Tensor, capacity: int) -> None:
+    """Raise ValueError unless every slot is -1 (padding) or in [0, capacity), the live ones
+    unique: two programs on one slot would race. Costs a device sync."""
+    if slots.numel() == 0:
+        return
+    out_of_range = slots[(slots < -1) | (slots >= capacity)]
+    if out_of_range.numel() > 0:
+        raise ValueError(
+            f"slots must be -1 (padding) or in [0, {capacity}), got {out_of_range[:8].tolist()}"
+        )
+    ordered = slots[slots >= 0].sort().values
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if repeated.numel() > 0:
+        raise ValueError(
+            f"slots must not repeat within one call, got {repeated[:8].tolist()} more than once"
+        )
+
+
+def reads_buffer(out: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """`out` checked to be a contiguous float32 tensor of `shape` on `device`, or a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous float32 tensor of shape {list(shape)}, "
+            f"got {out.dtype} {list(out.shape)}"
+        )
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but memory is on {device}")
+    return out
