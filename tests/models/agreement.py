@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from models.base import MemoryModel
 from models.controller import ControllerMemoryModel
 from models.state import StatePool
+from models.tasks.bits import BitBatch, bit_errors
 from tests.conftest import relative_error
 
 
@@ -52,3 +54,19 @@ def assert_forward_and_step_agree(
     assert relative_error(torch.stack(outputs, dim=1), expected) < 1e-5
     for name in pool:
         assert torch.equal(pool[name][[1, 3, 5]], untouched[name])
+
+
+def assert_served_like_forward(
+    model: MemoryModel, batch: BitBatch, generator: torch.Generator
+) -> None:
+    """Sessions of mixed lengths in random slots of one pool, stepped together one time step
+    per call as on a server, get exactly the bit errors the training forward gets."""
+    sessions = batch.inputs.shape[0]
+    pool = model.new_pool(sessions + 2)
+    slots = torch.randperm(sessions + 2, generator=generator)[:sessions]
+    model.reset(pool, slots.tolist())
+    steps = [model.step(pool, slots, batch.inputs[:, t]) for t in range(batch.inputs.shape[1])]
+    served = torch.logit(torch.stack(steps, dim=1).clamp(1e-7, 1 - 1e-7))
+    with torch.no_grad():
+        expected = bit_errors(model(batch.inputs, activate=False), batch)
+    assert torch.equal(bit_errors(served, batch), expected)

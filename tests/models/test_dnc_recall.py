@@ -11,7 +11,8 @@ import torch
 from memserve.evaluate import size_generator
 from models import bundled_names, load
 from models.dnc import DNC
-from models.tasks.recall import bit_errors, evaluate_recall, recall_batch
+from models.tasks.recall import evaluate_recall, recall_batch
+from tests.models.agreement import assert_served_like_forward
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -48,13 +49,4 @@ def test_served_step_by_step_it_recalls_as_well(
     model = load("dnc-recall")
     sessions, most_items = (2, 4) if backend == "triton" else (32, 6)  # the interpreter is slow
     batch = recall_batch(sessions, 2, most_items, generator, model.output_size, 3)  # mixed
-    pool = model.new_pool(sessions + 2)
-    slots = torch.randperm(sessions + 2, generator=generator)[:sessions]
-    model.reset(pool, slots.tolist())
-    outputs = torch.stack(
-        [model.step(pool, slots, batch.inputs[:, t]) for t in range(batch.inputs.shape[1])], dim=1
-    )
-    logits = torch.logit(outputs.clamp(1e-7, 1 - 1e-7))
-    with torch.no_grad():
-        expected = bit_errors(model(batch.inputs, activate=False), batch)
-    assert torch.equal(bit_errors(logits, batch), expected)
+    assert_served_like_forward(model, batch, generator)

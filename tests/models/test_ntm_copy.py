@@ -11,7 +11,8 @@ import torch
 from memserve.evaluate import size_generator
 from models import bundled_names, load
 from models.ntm import NTM
-from models.tasks.copy import bit_errors, copy_batch, evaluate_copy
+from models.tasks.copy import copy_batch, evaluate_copy
+from tests.models.agreement import assert_served_like_forward
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 TARGET_AT_20 = 0.05  # mean bit errors per sequence at length 20 (the target)
@@ -49,14 +50,4 @@ def test_served_step_by_step_it_copies_as_well(
     model = load("ntm-copy")
     sessions = 4 if backend == "triton" else 32  # the interpreter is slow
     batch = copy_batch(sessions, 2, 12, generator)  # mixed lengths, padded to the longest
-    pool = model.new_pool(sessions + 3)
-    slots = torch.randperm(sessions + 3, generator=generator)[:sessions]
-    model.reset(pool, slots.tolist())
-    outputs = torch.stack(
-        [model.step(pool, slots, batch.inputs[:, t]) for t in range(batch.inputs.shape[1])], dim=1
-    )
-    logits = torch.logit(outputs.clamp(1e-7, 1 - 1e-7))
-    with torch.no_grad():
-        expected = bit_errors(model(batch.inputs, activate=False), batch)
-    assert torch.equal(bit_errors(logits, batch), expected)
-    assert float(expected.mean()) < TARGET_AT_20 * 12
+    assert_served_like_forward(model, batch, generator)
