@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -209,7 +208,6 @@ def train(
     resume: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = True,
-    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `task` into checkpoint directory `out`; returns the final log entry.
 
@@ -331,8 +329,6 @@ def train(
             bar.update(
                 step, {k: v for k, v in entry.items() if k not in ("step", "elapsed_seconds")}, last
             )
-            if on_log is not None:
-                on_log(entry)
         if step % settings.checkpoint_every == 0 or last:
             checkpoint(step, entry)
     model.eval()
