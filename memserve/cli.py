@@ -42,6 +42,59 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from serving import config, logs, server
+
+    if args.print_config:
+        flags = {name: getattr(args, name) for name in config.FIELDS}
+        print(config.example_toml(config.load(flags, config_file=args.config)), end="")
+        return 0
+    settings = config.load(
+        {name: getattr(args, name) for name in config.FIELDS}, config_file=args.config
+    )
+    logs.configure(settings.log_level)
+    return server.serve(settings)
+
+
+def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from serving import config
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve models over gRPC (sessions, batched steps, Prometheus metrics)",
+        description=(
+            "Serve models over gRPC: memserve.v1.MemServe, grpc.health.v1 and server "
+            "reflection on HOST:PORT, Prometheus metrics on HOST:METRICS_PORT/metrics. "
+            "Every setting can also come from the environment (MEMSERVE_<NAME>) or a TOML "
+            "file (--config or $MEMSERVE_CONFIG, keys named as the settings); flags win over "
+            "the environment, which wins over the file. SIGTERM or SIGINT drains: health "
+            "turns NOT_SERVING, calls in flight get --grace seconds, exit 0."
+        ),
+        epilog="Example: memserve serve --models ntm-copy --port 50051 --slots 1024",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML file of settings")
+    serve.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the settings that would be used, as TOML, and exit",
+    )
+    defaults = config.ServerConfig()
+    for name, field in config.FIELDS.items():
+        default = getattr(defaults, name)
+        env = f"env {config.ENV_PREFIX}{name.upper()}"
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            metavar=name.upper(),
+            default=None,
+            help=f"{field.metadata['help']} ["
+            + (f"default: {default}; " if default not in ("", ()) else "")
+            + env
+            + "]",
+        )
+    serve.set_defaults(handler=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `memserve` and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -74,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=10, help="batched steps to run")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(handler=_demo)
+
+    add_serve_parser(commands)
 
     train = commands.add_parser(
         "train",

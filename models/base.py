@@ -83,6 +83,11 @@ class MemoryModel(nn.Module, ABC):
         return next(self.parameters()).device
 
     @property
+    def memory_shape(self) -> tuple[int, ...]:
+        """The external memory's shape for one session, `(N, M)` (the state named "memory")."""
+        return next(spec.shape for spec in self.state_specs() if spec.name == "memory")
+
+    @property
     def state_bytes(self) -> int:
         """Bytes of state one session takes on the server."""
         return state_bytes(self.state_specs())

@@ -1,0 +1,229 @@
+"""Server settings: defaults, overridden by a TOML file, by environment variables, by flags.
+
+Every setting has one name used everywhere: `slots` is `slots = 512` in the TOML file,
+`MEMSERVE_SLOTS=512` in the environment and `--slots 512` on the command line. Later
+sources win (flag > environment > file > default). A value that does not parse is an
+error naming the setting and where it came from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "MEMSERVE_"
+CONFIG_ENV = "MEMSERVE_CONFIG"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What `memserve serve` runs with. The help text of each flag is its field's `help`."""
+
+    models: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "bundled model names or checkpoint directories, comma-separated "
+            "(default: every bundled model)"
+        },
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0: any free port)"})
+    metrics_port: int = field(
+        default=9464,
+        metadata={
+            "help": "Prometheus /metrics port on the same host (0: any free port, "
+            "-1: no metrics endpoint)"
+        },
+    )
+    slots: int = field(default=256, metadata={"help": "active sessions per model (pool size)"})
+    max_batch: int = field(default=256, metadata={"help": "most sessions in one launch"})
+    max_queue_delay: float = field(
+        default=0.0,
+        metadata={
+            "help": "seconds a launch waits for more sessions to join it "
+            "(0: launch at once; calls that arrive meanwhile join the next)"
+        },
+    )
+    session_ttl: float = field(
+        default=600.0, metadata={"help": "seconds a session may sit idle before it expires"}
+    )
+    max_session_ttl: float = field(
+        default=86400.0, metadata={"help": "largest ttl_seconds a client may ask for"}
+    )
+    max_steps_per_call: int = field(
+        default=1024, metadata={"help": "largest T (steps) one Step call may carry"}
+    )
+    park_host_bytes: int = field(
+        default=1 << 30,
+        metadata={
+            "help": "host memory for parked sessions before they go to disk "
+            "(bytes; suffixes KiB, MiB, GiB, KB, MB, GB)"
+        },
+    )
+    park_dir: str = field(
+        default="",
+        metadata={
+            "help": "directory for sessions parked to disk (default: a temporary "
+            "directory removed at exit)"
+        },
+    )
+    grace: float = field(
+        default=10.0,
+        metadata={"help": "seconds in-flight calls get to finish after SIGTERM/SIGINT"},
+    )
+    device: str = field(
+        default="auto", metadata={"help": "where pools live: auto (cuda if present), cpu, cuda"}
+    )
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    def validate(self) -> ServerConfig:
+        """Raise ValueError naming the first setting out of range."""
+        for name in ("port", "slots", "max_batch", "max_steps_per_call"):
+            low = 0 if name == "port" else 1
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
+            raise ValueError("port must be in 0..65535 and metrics_port in -1..65535")
+        for name in ("max_queue_delay", "session_ttl", "max_session_ttl", "grace"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name.endswith("ttl") and value == 0):
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
+        if self.session_ttl > self.max_session_ttl:
+            raise ValueError(
+                f"session_ttl ({self.session_ttl:g}) exceeds max_session_ttl "
+                f"({self.max_session_ttl:g})"
+            )
+        if self.park_host_bytes < 0:
+            raise ValueError(f"park_host_bytes must be >= 0, got {self.park_host_bytes}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ValueError(
+                f"log_level must be debug, info, warning or error, got {self.log_level!r}"
+            )
+        return self
+
+
+FIELDS = {f.name: f for f in fields(ServerConfig)}
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size such as 1073741824, 512MiB or 2GB")
+    unit = (match.group(2) or "").lower()
+    return int(match.group(1)) * _UNITS.get(unit, 1)
+
+
+def parse_value(name: str, value: Any, source: str) -> Any:
+    """`value` (a string from flags/environment, or a TOML value) as setting `name`'s type."""
+    kind = FIELDS[name].type
+    try:
+        if name == "models":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            if not all(isinstance(item, str) for item in items):
+                raise ValueError("must be a list of strings")
+            return tuple(item.strip() for item in items if item.strip())
+        if name == "park_host_bytes":
+            return (
+                value
+                if isinstance(value, int) and not isinstance(value, bool)
+                else (parse_bytes(str(value)))
+            )
+        if kind == "int":
+            if isinstance(value, (bool, float)):
+                raise ValueError("must be an integer")
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("must be a number")
+            return float(value)
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        return value.lower() if name == "log_level" else value
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {name} = {value!r} is invalid: {error}") from error
+
+
+def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The settings in a TOML file (top-level keys named as the settings)."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise ValueError(f"cannot read config file {path}: {error.strerror}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"config file {path} is not valid TOML: {error}") from error
+    unknown = sorted(set(data) - FIELDS.keys())
+    if unknown:
+        raise ValueError(
+            f"config file {path}: unknown settings {', '.join(unknown)} "
+            f"(known: {', '.join(FIELDS)})"
+        )
+    return {name: parse_value(name, value, str(path)) for name, value in data.items()}
+
+
+def load(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> ServerConfig:
+    """Defaults < TOML file (`config_file` or $MEMSERVE_CONFIG) < environment < flags.
+
+    `flags` maps setting names to values given on the command line (None: not given).
+    """
+    environ = os.environ if environ is None else environ
+    config = ServerConfig()
+    path = config_file or environ.get(CONFIG_ENV)
+    if path:
+        config = replace(config, **read_file(path))
+    from_env = {
+        name: parse_value(name, environ[ENV_PREFIX + name.upper()], ENV_PREFIX + name.upper())
+        for name in FIELDS
+        if ENV_PREFIX + name.upper() in environ
+    }
+    config = replace(config, **from_env)
+    given = {
+        name: parse_value(name, value, "--" + name.replace("_", "-"))
+        for name, value in flags.items()
+        if value is not None
+    }
+    return replace(config, **given).validate()
+
+
+def source_of(name: str) -> str:
+    """How to set `name`, for help texts: flag, variable and TOML key."""
+    return f"--{name.replace('_', '-')}, ${ENV_PREFIX}{name.upper()}, {name} in TOML"
+
+
+def example_toml(config: ServerConfig | None = None) -> str:
+    """A TOML file with every setting at its value in `config` (default: the defaults)."""
+    config = config or ServerConfig()
+    lines = []
+    for name in FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, tuple):
+            rendered = "[" + ", ".join(f'"{v}"' for v in value) + "]"
+        elif isinstance(value, str):
+            rendered = f'"{value}"'
+        else:
+            rendered = repr(value)
+        lines.append(f"# {FIELDS[name].metadata['help']}\n{name} = {rendered}")
+    return "\n".join(lines) + "\n"
+
+
+def resolve_path(path: str) -> Path:
+    return Path(path).expanduser()

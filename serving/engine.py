@@ -1,0 +1,522 @@
+"""One served model: its state pool, its sessions, and the loop that steps them in batches.
+
+Continuous batching: Step calls queue per session (one in flight per session, arrival order
+kept). Each iteration the loop takes the head call of up to `max_batch` ready sessions in
+round-robin order, advances each by ONE step in a single `model.step` launch, and delivers
+the outputs; a call of T steps therefore takes T iterations and other sessions interleave
+with it, and calls that arrive while a launch runs join the next one. The launch runs on a
+worker thread so the event loop keeps taking RPCs meanwhile.
+
+Everything that touches the pool or the session bookkeeping (create, fork, import, export,
+delete, park, restore, expire, and the batch itself) holds `self.lock`, an asyncio lock on
+the event loop thread: one at a time, so a slot is never stepped and rewritten at once and
+a session's state always matches its step count.
+
+Slots: a new, forked, imported or restored session takes a free slot; if there is none the
+least recently used idle session is parked (host memory, then disk, see `store`); if every
+active session has work in flight, a new session starts parked and takes a slot when its
+first step comes. RESOURCE_EXHAUSTED only when the parking store cannot take it either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kernels.backend import select_backend
+from models.base import MemoryModel
+from models.state import validate_state
+from serving.errors import (
+    Cancelled,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServingError,
+)
+from serving.metrics import Metrics
+from serving.sessions import ImportedState, Session, SessionTable, export_state, new_session_id
+from serving.store import ParkingStore
+
+log = logging.getLogger("memserve.engine")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How one model is served (see `serving.config` for what each means)."""
+
+    slots: int
+    max_batch: int
+    max_queue_delay: float  # seconds to wait for more sessions before a launch
+    session_ttl: float
+    max_session_ttl: float
+    max_steps_per_call: int
+
+
+@dataclass(eq=False)
+class StepWork:
+    """One Step call: its inputs, the outputs filled in as its steps run, and its caller."""
+
+    session: Session
+    inputs: np.ndarray  # [T, input_size] float32
+    outputs: np.ndarray  # [T, output_size] float32, row t written by the t-th iteration
+    expected_step: int | None
+    future: asyncio.Future[int]  # the session's step count once all T steps ran
+    enqueued: float  # time.perf_counter() at arrival
+    done: int = 0
+    started: bool = False
+
+
+class ModelEngine:
+    """The sessions of one model and the batch loop that steps them."""
+
+    def __init__(
+        self,
+        name: str,
+        model: MemoryModel,
+        model_digest: str,
+        settings: EngineSettings,
+        table: SessionTable,
+        store: ParkingStore,
+        metrics: Metrics,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.model_digest = model_digest
+        self.settings = settings
+        self.table = table
+        self.store = store
+        self.metrics = metrics
+        self.pool = model.new_pool(settings.slots)
+        self.backend = select_backend(self.pool.device)
+        self.free_slots = list(range(settings.slots - 1, -1, -1))  # pop() gives slot 0 first
+        self.active: OrderedDict[str, Session] = OrderedDict()  # in slots, least recent first
+        self.parked: dict[str, Session] = {}
+        self.ready: OrderedDict[str, Session] = OrderedDict()  # with calls queued, round-robin
+        self.queued_calls = 0
+        self.lock = asyncio.Lock()
+        self.wake = asyncio.Event()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"step-{name}")
+        self.tasks: list[asyncio.Task[None]] = []
+        self._register_gauges()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start the batch loop and the expiry sweep (on the running event loop)."""
+        self.tasks = [
+            asyncio.create_task(self._batch_loop(), name=f"batch-{self.name}"),
+            asyncio.create_task(self._expiry_loop(), name=f"expiry-{self.name}"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the loops; calls still queued are answered CANCELLED."""
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for session in list(self.ready.values()):
+            self._fail_pending(session, Cancelled("the server shut down before this step ran"))
+        self.executor.shutdown(wait=True)
+
+    # ----------------------------------------------------------------- sessions
+
+    def info(self, session: Session) -> str:
+        """Where a session's state is: "active", "parked_host" or "parked_disk"."""
+        if session.slot is not None:
+            return "active"
+        return self.store.residence(session.id) or "parked_host"
+
+    def check_ttl(self, ttl: float | None) -> float:
+        if ttl is None:
+            return self.settings.session_ttl
+        if not (np.isfinite(ttl) and 0 < ttl <= self.settings.max_session_ttl):
+            raise InvalidArgument(
+                f"ttl_seconds must be > 0 and <= {self.settings.max_session_ttl:g}, got {ttl}"
+            )
+        return ttl
+
+    async def create(self, ttl: float | None, seed: int | None) -> Session:
+        """A new session at step 0 in the model's initial state."""
+        session = self._new_session(self.check_ttl(ttl), step=0, seed=seed)
+        async with self.lock:
+            initial = {
+                name: t.to(self.pool.device) for name, t in self.model.initial_state().items()
+            }
+            self._place(session, initial)
+        log.info(
+            "session created",
+            extra={
+                "event": "session_created",
+                "model": self.name,
+                "session": session.id,
+                "residence": self.info(session),
+            },
+        )
+        return session
+
+    async def fork(self, parent: Session, ttl: float | None) -> Session:
+        """A new session holding a copy of `parent`'s state and step count."""
+        ttl = self.check_ttl(ttl) if ttl is not None else parent.ttl
+        async with self.lock:
+            self._check_live(parent)
+            child = self._new_session(ttl, step=parent.step, seed=parent.seed)
+            if parent.slot is not None:
+                self._mark_used(parent)  # keep the parent out of the parking choice
+            self._place(child, self._read_state(parent))
+        log.info(
+            "session forked",
+            extra={
+                "event": "session_forked",
+                "model": self.name,
+                "session": child.id,
+                "parent": parent.id,
+            },
+        )
+        return child
+
+    async def export(self, session: Session) -> tuple[bytes, int]:
+        """The session's state as safetensors bytes, with its step count."""
+        async with self.lock:
+            self._check_live(session)
+            state, step = self._read_state(session), session.step
+        return export_state(state, self.name, self.model_digest, step), step
+
+    async def import_(self, imported: ImportedState, ttl: float | None) -> Session:
+        """A new session from what `export` returned (on this server or another)."""
+        ttl = self.check_ttl(ttl)
+        if imported.model_digest and imported.model_digest != self.model_digest:
+            raise FailedPrecondition(
+                f"state was exported from different weights of model {imported.model!r} "
+                f"(digest {imported.model_digest[:12]}, this server has {self.model_digest[:12]})"
+            )
+        try:
+            validate_state(self.pool.specs, imported.tensors)
+        except ValueError as error:
+            raise InvalidArgument(f"state does not fit model {self.name!r}: {error}") from error
+        session = self._new_session(ttl, step=imported.step, seed=None)
+        async with self.lock:
+            self._place(session, {n: t.to(self.pool.device) for n, t in imported.tensors.items()})
+        log.info(
+            "session imported",
+            extra={
+                "event": "session_imported",
+                "model": self.name,
+                "session": session.id,
+                "step": session.step,
+            },
+        )
+        return session
+
+    async def delete(self, session: Session) -> None:
+        """End a session; Step calls still queued for it are answered NOT_FOUND."""
+        async with self.lock:
+            self._check_live(session)
+            self._end(session, "was deleted")
+        log.info(
+            "session deleted",
+            extra={"event": "session_deleted", "model": self.name, "session": session.id},
+        )
+
+    # ----------------------------------------------------------------- stepping
+
+    async def step(
+        self, session: Session, inputs: np.ndarray, expected_step: int | None
+    ) -> tuple[np.ndarray, int]:
+        """Run the T steps of `inputs` `[T, input_size]` on the session, in the batch loop.
+
+        Returns the outputs `[T, output_size]` and the step count after them. Cancelling the
+        caller stops the call at the next iteration; the steps already taken stay.
+        """
+        self._check_live(session)
+        work = StepWork(
+            session=session,
+            inputs=inputs,
+            outputs=np.empty((inputs.shape[0], self.model.output_size), dtype=np.float32),
+            expected_step=expected_step,
+            future=asyncio.get_running_loop().create_future(),
+            enqueued=time.perf_counter(),
+        )
+        session.pending.append(work)
+        self.queued_calls += 1
+        if session.id not in self.ready:
+            self.ready[session.id] = session
+        self.wake.set()
+        step = await work.future
+        return work.outputs, step
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.settings.max_queue_delay
+        while True:
+            await self.wake.wait()
+            if delay > 0 and len(self.ready) < self.settings.max_batch:
+                await asyncio.sleep(delay)  # let more sessions join this launch
+            async with self.lock:
+                self.wake.clear()
+                batch = self._assemble()
+                if not batch:
+                    continue
+                slots = torch.tensor([work.session.slot for work in batch], dtype=torch.int64)
+                rows = np.stack([work.inputs[work.done] for work in batch])
+                try:
+                    outputs, seconds = await loop.run_in_executor(
+                        self.executor, self._launch, slots, rows
+                    )
+                except Exception as error:  # a bug, not a request's fault: fail the batch loudly
+                    log.exception(
+                        "batched step failed", extra={"event": "step_failed", "model": self.name}
+                    )
+                    for work in batch:
+                        self._finish(work, error=ServingError(f"the step failed: {error}"))
+                    continue
+                self.metrics.batch_size.labels(self.name).observe(len(batch))
+                self.metrics.step_duration.labels(self.name, self.backend).observe(seconds)
+                self._deliver(batch, outputs)
+                if self.ready:
+                    self.wake.set()
+
+    def _launch(self, slots: torch.Tensor, rows: np.ndarray) -> tuple[np.ndarray, float]:
+        """One batched step on the worker thread; returns outputs and its duration."""
+        start = time.perf_counter()
+        device = self.pool.device
+        outputs = self.model.step(self.pool, slots.to(device), torch.from_numpy(rows).to(device))
+        result = outputs.cpu().numpy()  # waits for the device
+        return result, time.perf_counter() - start
+
+    def _assemble(self) -> list[StepWork]:
+        """The head call of up to max_batch ready sessions, each with a slot."""
+        batch: list[StepWork] = []
+        for session in list(self.ready.values()):
+            if len(batch) >= self.settings.max_batch:
+                break
+            work = self._head(session)
+            if work is None:
+                continue
+            if session.slot is None and not self._restore(session):
+                continue  # no slot this iteration: every active session is busy
+            batch.append(work)
+        return batch
+
+    def _head(self, session: Session) -> StepWork | None:
+        """The session's next call to step, dropping cancelled and out-of-order ones."""
+        while session.pending:
+            work = session.pending[0]
+            if work.future.done():  # the caller went away before it started
+                self._finish(work)
+                continue
+            if not work.started:
+                if work.expected_step is not None and work.expected_step != session.step:
+                    self._finish(
+                        work,
+                        error=FailedPrecondition(
+                            f"expected_step is {work.expected_step} but session {session.id} "
+                            f"is at step {session.step}"
+                        ),
+                    )
+                    continue
+                work.started = True
+                self.metrics.queue_wait.labels(self.name).observe(
+                    time.perf_counter() - work.enqueued
+                )
+            return work
+        self.ready.pop(session.id, None)
+        return None
+
+    def _deliver(self, batch: list[StepWork], outputs: np.ndarray) -> None:
+        for row, work in enumerate(batch):
+            session = work.session
+            session.step += 1
+            work.outputs[work.done] = outputs[row]
+            work.done += 1
+            if work.done == len(work.inputs) or work.future.done():
+                self._finish(work, result=session.step)
+            if session.pending:
+                self.ready.move_to_end(session.id)
+            else:
+                self.ready.pop(session.id, None)
+
+    def _finish(
+        self, work: StepWork, result: int | None = None, error: Exception | None = None
+    ) -> None:
+        """Take a call off its session's queue and answer it (unless its caller left)."""
+        session = work.session
+        session.pending.remove(work)
+        self.queued_calls -= 1
+        session.last_used = time.monotonic()
+        if session.slot is not None and session.id in self.active:
+            self.active.move_to_end(session.id)
+        if work.future.done():
+            return
+        if error is not None:
+            work.future.set_exception(error)
+        else:
+            work.future.set_result(result if result is not None else session.step)
+
+    def _fail_pending(self, session: Session, error: Exception) -> None:
+        for work in list(session.pending):
+            self._finish(work, error=error)
+        self.ready.pop(session.id, None)
+
+    # ----------------------------------------------------------------- slots and parking
+
+    def _new_session(self, ttl: float, step: int, seed: int | None) -> Session:
+        return Session(
+            id=new_session_id(),
+            model=self.name,
+            ttl=ttl,
+            last_used=time.monotonic(),
+            step=step,
+            seed=seed,
+        )
+
+    def _check_live(self, session: Session) -> None:
+        """NOT_FOUND if the session ended since the handler looked it up."""
+        if self.table.sessions.get(session.id) is not session:
+            self.table.get(session.id)  # raises, saying why
+
+    def _mark_used(self, session: Session) -> None:
+        session.last_used = time.monotonic()
+        if session.id in self.active:
+            self.active.move_to_end(session.id)
+
+    def _read_state(self, session: Session) -> dict[str, torch.Tensor]:
+        if session.slot is not None:
+            return self.pool.read(session.slot)
+        return self.store.peek(session.id)
+
+    def _place(self, session: Session, state: dict[str, torch.Tensor]) -> None:
+        """Put a new session's state in a slot, or park it if no slot can be freed."""
+        slot = self._free_a_slot()
+        if slot is None:
+            self._park_state(session, state)
+            self.parked[session.id] = session
+        else:
+            try:
+                self.pool.write(slot, state)
+            except ValueError:
+                self.free_slots.append(slot)
+                raise
+            session.slot = slot
+            self.active[session.id] = session
+        self.table.add(session)
+
+    def _free_a_slot(self) -> int | None:
+        """A free slot, parking the least recently used idle session if there is none."""
+        if self.free_slots:
+            return self.free_slots.pop()
+        for session in self.active.values():
+            if not session.pending:
+                return self._park(session)
+        return None
+
+    def _park(self, session: Session) -> int:
+        """Move an idle active session's state to the parking store; returns its slot."""
+        slot = session.slot
+        assert slot is not None
+        self._park_state(session, self.pool.read(slot))
+        session.slot = None
+        del self.active[session.id]
+        self.parked[session.id] = session
+        residence = self.store.residence(session.id) or "parked_host"
+        self.metrics.evictions.labels(self.name, residence).inc()
+        log.info(
+            "session parked",
+            extra={
+                "event": "session_parked",
+                "model": self.name,
+                "session": session.id,
+                "residence": residence,
+            },
+        )
+        return slot
+
+    def _park_state(self, session: Session, state: dict[str, torch.Tensor]) -> None:
+        for demoted in self.store.park(session.id, state):
+            owner = self.table.sessions.get(demoted)
+            model = owner.model if owner is not None else self.name
+            self.metrics.evictions.labels(model, "parked_disk").inc()
+
+    def _restore(self, session: Session) -> bool:
+        """Bring a parked session back into a slot; False if no slot can be freed now."""
+        slot = self._free_a_slot()
+        if slot is None:
+            return False
+        state, source = self.store.unpark(session.id)
+        self.pool.write(slot, {n: t.to(self.pool.device) for n, t in state.items()})
+        session.slot = slot
+        del self.parked[session.id]
+        self.active[session.id] = session
+        self.metrics.restores.labels(self.name, source).inc()
+        log.info(
+            "session restored",
+            extra={
+                "event": "session_restored",
+                "model": self.name,
+                "session": session.id,
+                "source": source,
+            },
+        )
+        return True
+
+    def _end(self, session: Session, why: str) -> None:
+        """Remove a session and free its slot or parked state."""
+        self._fail_pending(session, NotFound(f"session {session.id} {why}"))
+        if session.slot is not None:
+            self.free_slots.append(session.slot)
+            session.slot = None
+            self.active.pop(session.id, None)
+        else:
+            self.store.delete(session.id)
+            self.parked.pop(session.id, None)
+        self.table.remove(session, why)
+
+    async def _expiry_loop(self) -> None:
+        period = min(1.0, max(0.05, self.settings.session_ttl / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            expired = [
+                s
+                for s in (*self.active.values(), *self.parked.values())
+                if not s.pending and now - s.last_used > s.ttl
+            ]
+            if not expired:
+                continue
+            async with self.lock:
+                for session in expired:
+                    if session.pending or self.table.sessions.get(session.id) is not session:
+                        continue
+                    self._end(session, f"expired after {session.ttl:g} s idle")
+                    self.metrics.evictions.labels(self.name, "expired").inc()
+                    log.info(
+                        "session expired",
+                        extra={
+                            "event": "session_expired",
+                            "model": self.name,
+                            "session": session.id,
+                        },
+                    )
+
+    # ----------------------------------------------------------------- metrics
+
+    def _register_gauges(self) -> None:
+        m, name = self.metrics, self.name
+        m.slots_capacity.labels(name).set(self.settings.slots)
+        m.slots_used.labels(name).set_function(lambda: len(self.active))
+        m.queue_length.labels(name).set_function(lambda: self.queued_calls)
+        m.sessions.labels(name, "active").set_function(lambda: len(self.active))
+        m.sessions.labels(name, "parked_host").set_function(
+            lambda: sum(1 for key in list(self.parked) if key in self.store.host)
+        )
+        m.sessions.labels(name, "parked_disk").set_function(
+            lambda: sum(1 for key in list(self.parked) if key not in self.store.host)
+        )

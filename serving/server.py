@@ -1,0 +1,224 @@
+"""Start, serve and drain: the models' engines, the gRPC server (MemServe, health,
+reflection) and the Prometheus endpoint, for `memserve serve`.
+
+Shutdown on SIGTERM or SIGINT: health turns NOT_SERVING at once (load balancers stop
+sending), new calls get UNAVAILABLE, calls in flight get up to `grace` seconds to finish,
+then everything stops and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from kernels import backend
+from memserve import __version__
+from models import checkpoint
+from protos import memserve_pb2, memserve_pb2_grpc
+from serving.config import ServerConfig
+from serving.engine import EngineSettings, ModelEngine
+from serving.metrics import Metrics
+from serving.service import MemServeService
+from serving.sessions import SessionTable
+from serving.store import DirectoryStore, ParkingStore
+
+log = logging.getLogger("memserve.server")
+
+SERVICE_NAME = memserve_pb2.DESCRIPTOR.services_by_name["MemServe"].full_name
+# Large enough for an exported DNC session with a big link matrix.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def model_name(spec: str) -> str:
+    """The name a model is served under: the bundled name, or the directory's name."""
+    return spec if spec in checkpoint.bundled_names() else Path(spec).resolve().name
+
+
+def weights_digest(directory: Path) -> str:
+    """SHA-256 of the weights file: an exported session only imports into the same weights."""
+    digest = hashlib.sha256()
+    with open(directory / checkpoint.WEIGHTS_FILE, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {setting!r} asked for, but this machine has no CUDA device")
+    return device
+
+
+class Server:
+    """One memserve process: call `start()`, then `wait()`; `drain()` stops it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.table = SessionTable()
+        self.engines: dict[str, ModelEngine] = {}
+        self.grpc_server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.service = MemServeService(self.engines, self.table, self.metrics)
+        self.metrics_http: Any = None
+        self.port = 0
+        self.metrics_port = -1
+        self.stopped = asyncio.Event()
+        self._temporary_park_dir: str | None = None
+
+    def load_models(self) -> None:
+        """Load every configured model (default: all bundled ones) into an engine."""
+        specs = list(self.config.models) or checkpoint.bundled_names()
+        if not specs:
+            raise ValueError("no models to serve: pass --models (none are bundled)")
+        device = pick_device(self.config.device)
+        park_dir = self.config.park_dir
+        if not park_dir:
+            park_dir = self._temporary_park_dir = tempfile.mkdtemp(prefix="memserve-park-")
+        store = ParkingStore(self.config.park_host_bytes, DirectoryStore(park_dir))
+        settings = EngineSettings(
+            slots=self.config.slots,
+            max_batch=self.config.max_batch,
+            max_queue_delay=self.config.max_queue_delay,
+            session_ttl=self.config.session_ttl,
+            max_session_ttl=self.config.max_session_ttl,
+            max_steps_per_call=self.config.max_steps_per_call,
+        )
+        for spec in specs:
+            name = model_name(spec)
+            if name in self.engines:
+                raise ValueError(f"two models would be served as {name!r}; rename a directory")
+            directory = checkpoint.resolve(spec)
+            model = checkpoint.load(directory, device)
+            engine = ModelEngine(
+                name, model, weights_digest(directory), settings, self.table, store, self.metrics
+            )
+            self.engines[name] = engine
+            log.info(
+                "model loaded",
+                extra={
+                    "event": "model_loaded",
+                    "model": name,
+                    "type": model.model_type,
+                    "path": str(directory),
+                    "device": str(device),
+                    "backend": engine.backend,
+                    "slots": settings.slots,
+                    "state_bytes": model.state_bytes,
+                },
+            )
+
+    async def start(self) -> None:
+        """Load the models, bind the ports and start serving."""
+        self.load_models()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        memserve_pb2_grpc.add_MemServeServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise OSError(f"cannot listen on {address}: {error}") from error
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address} (in use, or not an address here)")
+        if self.config.metrics_port >= 0:
+            self.metrics_http, _ = start_http_server(
+                self.config.metrics_port, self.config.host, self.metrics.registry
+            )
+            self.metrics_port = self.metrics_http.server_port
+        for engine in self.engines.values():
+            engine.start()
+        await server.start()
+        self.grpc_server = server
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving",
+            extra={
+                "event": "serving",
+                "version": __version__,
+                "host": self.config.host,
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "models": list(self.engines),
+                "kernel_backend": backend.describe(),
+            },
+        )
+
+    async def drain(self) -> None:
+        """NOT_SERVING, refuse new calls, let calls in flight finish (up to grace), stop."""
+        if self.service.draining:
+            return
+        started = time.monotonic()
+        log.info("draining", extra={"event": "draining", "grace_seconds": self.config.grace})
+        await self.health.enter_graceful_shutdown()
+        self.service.draining = True
+        deadline = started + self.config.grace
+        while self.service.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        left = self.service.in_flight
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(0.5)
+        for engine in self.engines.values():
+            await engine.stop()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+        if self._temporary_park_dir:
+            shutil.rmtree(self._temporary_park_dir, ignore_errors=True)
+        log.info(
+            "stopped",
+            extra={
+                "event": "stopped",
+                "seconds": round(time.monotonic() - started, 3),
+                "calls_cut_short": left,
+            },
+        )
+        self.stopped.set()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM or SIGINT, then drain; returns the exit code (0)."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        drain: asyncio.Task[None] | None = None
+
+        def on_signal(number: int) -> None:
+            nonlocal drain
+            log.info("signal", extra={"event": "signal", "signal": signal.Signals(number).name})
+            if drain is None:
+                drain = asyncio.ensure_future(self.drain())
+
+        for number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(number, on_signal, number)
+        await self.stopped.wait()
+        return 0
+
+
+def serve(config: ServerConfig) -> int:
+    """Run a server with `config` until it is told to stop; returns the exit code."""
+    return asyncio.run(Server(config).run())

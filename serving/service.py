@@ -1,0 +1,245 @@
+"""The RPC handlers of `memserve.v1.MemServe`: decode and check a request, hand it to the
+session's engine, encode the answer. Errors from below arrive as `ServingError`s and leave
+as their status code with their message; every call is timed into
+`memserve_request_duration_seconds{method,code}` (StepStream: every message).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import grpc
+
+from protos import memserve_pb2, memserve_pb2_grpc
+from serving import wire
+from serving.engine import ModelEngine
+from serving.errors import InvalidArgument, NotFound, ServingError, Unavailable
+from serving.metrics import Metrics
+from serving.sessions import Session, SessionTable, import_state
+
+log = logging.getLogger("memserve.service")
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def unary(method: str) -> Callable[[Handler[Request, Response]], Handler[Request, Response]]:
+    """Time a unary handler and answer its `ServingError`s with their status code."""
+
+    def decorate(handler: Handler[Request, Response]) -> Handler[Request, Response]:
+        @wraps(handler)
+        async def wrapped(
+            self: MemServeService, request: Request, context: grpc.aio.ServicerContext
+        ) -> Response:
+            start = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            self.in_flight += 1
+            try:
+                self.check_open()
+                response = await handler(self, request, context)
+                code = grpc.StatusCode.OK
+                return response
+            except ServingError as error:
+                code = error.code
+                self.reject(error)
+                await context.abort(code, str(error))
+                raise  # abort raised already; this line is for the type checker
+            except BaseException as error:
+                code = _code_of(error)
+                raise
+            finally:
+                self.in_flight -= 1
+                self.metrics.request_duration.labels(method, code.name).observe(
+                    time.perf_counter() - start
+                )
+
+        return wrapped
+
+    return decorate
+
+
+def _code_of(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, ServingError):
+        return error.code
+    if isinstance(error, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN
+    if type(error).__name__ == "CancelledError":
+        return grpc.StatusCode.CANCELLED
+    log.exception("unexpected error in a handler", extra={"event": "handler_error"})
+    return grpc.StatusCode.INTERNAL
+
+
+class MemServeService(memserve_pb2_grpc.MemServeServicer):
+    """Routes each session's calls to the engine of its model."""
+
+    def __init__(
+        self, engines: dict[str, ModelEngine], table: SessionTable, metrics: Metrics
+    ) -> None:
+        self.engines = engines
+        self.table = table
+        self.metrics = metrics
+        self.draining = False
+        self.in_flight = 0  # calls (and streams) being handled; the drain waits for them
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+
+    def reject(self, error: ServingError) -> None:
+        self.metrics.rejected.labels(error.code.name.lower()).inc()
+
+    def engine(self, model: str) -> ModelEngine:
+        engine = self.engines.get(model)
+        if engine is None:
+            if not model:
+                raise InvalidArgument("model is empty")
+            raise NotFound(
+                f"no model {model!r} on this server (serving: {', '.join(self.engines)})"
+            )
+        return engine
+
+    def session(self, session_id: str) -> tuple[Session, ModelEngine]:
+        session = self.table.get(session_id)
+        return session, self.engines[session.model]
+
+    def session_info(self, session: Session, engine: ModelEngine) -> memserve_pb2.SessionInfo:
+        return memserve_pb2.SessionInfo(
+            session_id=session.id,
+            model=session.model,
+            step=session.step,
+            ttl_seconds=session.ttl,
+            residence=engine.info(session),
+        )
+
+    # ------------------------------------------------------------------ RPCs
+
+    @unary("ListModels")
+    async def ListModels(
+        self, request: memserve_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.ListModelsResponse:
+        return memserve_pb2.ListModelsResponse(
+            models=[
+                memserve_pb2.ModelInfo(
+                    name=name,
+                    type=engine.model.model_type,
+                    input_size=engine.model.input_size,
+                    output_size=engine.model.output_size,
+                    memory_shape=list(engine.model.memory_shape),
+                    state_bytes=engine.model.state_bytes,
+                )
+                for name, engine in self.engines.items()
+            ]
+        )
+
+    @unary("CreateSession")
+    async def CreateSession(
+        self, request: memserve_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.SessionInfo:
+        engine = self.engine(request.model)
+        ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+        seed = request.seed if request.HasField("seed") else None
+        session = await engine.create(ttl, seed)
+        return self.session_info(session, engine)
+
+    async def _step(self, request: memserve_pb2.StepRequest) -> memserve_pb2.StepResponse:
+        session, engine = self.session(request.session_id)
+        if not request.HasField("inputs"):
+            raise InvalidArgument("inputs is missing")
+        inputs = wire.decode_steps(
+            request.inputs,
+            "inputs",
+            engine.model.input_size,
+            engine.settings.max_steps_per_call,
+        )
+        expected = request.expected_step if request.HasField("expected_step") else None
+        outputs, step = await engine.step(session, inputs, expected)
+        return memserve_pb2.StepResponse(outputs=wire.encode(outputs), step=step)
+
+    @unary("Step")
+    async def Step(
+        self, request: memserve_pb2.StepRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.StepResponse:
+        return await self._step(request)
+
+    async def StepStream(
+        self,
+        request_iterator: AsyncIterator[memserve_pb2.StepRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[memserve_pb2.StepResponse]:
+        """One session's Step calls in order on one stream; the first message names it."""
+        bound = ""
+        async for request in request_iterator:
+            start = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            self.in_flight += 1
+            try:
+                self.check_open()
+                if bound and request.session_id not in ("", bound):
+                    raise InvalidArgument(
+                        f"session_id {request.session_id!r} differs from the stream's "
+                        f"session {bound}; use one stream per session"
+                    )
+                bound = bound or request.session_id
+                request.session_id = bound
+                response = await self._step(request)
+                code = grpc.StatusCode.OK
+            except ServingError as error:
+                code = error.code
+                self.reject(error)
+                await context.abort(code, str(error))
+            except BaseException as error:
+                code = _code_of(error)
+                raise
+            finally:
+                self.in_flight -= 1
+                self.metrics.request_duration.labels("StepStream", code.name).observe(
+                    time.perf_counter() - start
+                )
+            yield response
+
+    @unary("GetSession")
+    async def GetSession(
+        self, request: memserve_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.SessionInfo:
+        session, engine = self.session(request.session_id)
+        return self.session_info(session, engine)
+
+    @unary("ForkSession")
+    async def ForkSession(
+        self, request: memserve_pb2.ForkSessionRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.SessionInfo:
+        parent, engine = self.session(request.session_id)
+        ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+        child = await engine.fork(parent, ttl)
+        return self.session_info(child, engine)
+
+    @unary("ExportSession")
+    async def ExportSession(
+        self, request: memserve_pb2.ExportSessionRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.SessionState:
+        session, engine = self.session(request.session_id)
+        data, step = await engine.export(session)
+        return memserve_pb2.SessionState(state=data, model=session.model, step=step)
+
+    @unary("ImportSession")
+    async def ImportSession(
+        self, request: memserve_pb2.ImportSessionRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.SessionInfo:
+        imported = import_state(request.state)
+        engine = self.engine(imported.model)
+        ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+        session = await engine.import_(imported, ttl)
+        return self.session_info(session, engine)
+
+    @unary("DeleteSession")
+    async def DeleteSession(
+        self, request: memserve_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.DeleteSessionResponse:
+        session, engine = self.session(request.session_id)
+        await engine.delete(session)
+        return memserve_pb2.DeleteSessionResponse()
