@@ -20,6 +20,25 @@ from models.state import StatePool, StateSpec
 OUTPUT_ACTIVATIONS = ("sigmoid", "identity")
 
 
+def rowwise_product(inputs: Tensor, weight: Tensor) -> Tensor:
+    """`inputs @ weight.T` computed so that each row's result does not depend on the others.
+
+    A plain matrix product picks its blocking, and so its summation order, from the batch
+    size: the same session's outputs then differ in the last bits between a launch of 1 and
+    a launch of 32, and recurrent memories amplify that over steps (the DNC drifted ~4e-6 in
+    80 steps). A batched product over B views of the weight matrix (stride 0, no copy) runs
+    the same small product for every row whatever B is, so a served session's outputs are
+    the same whichever other sessions share its launch.
+    """
+    return torch.bmm(inputs.unsqueeze(1), weight.t().expand(inputs.shape[0], -1, -1)).squeeze(1)
+
+
+def rowwise_linear(inputs: Tensor, layer: nn.Linear) -> Tensor:
+    """`layer(inputs)` with `rowwise_product`."""
+    outputs = rowwise_product(inputs, layer.weight)
+    return outputs if layer.bias is None else outputs + layer.bias
+
+
 class LSTMController(nn.Module):
     """`layers` LSTM cells of width `hidden_size`; layer l > 0 reads layer l-1's output."""
 
@@ -43,6 +62,26 @@ class LSTMController(nn.Module):
         layer_input = inputs
         for layer, cell in enumerate(self.cells):
             h_layer, c_layer = cell(layer_input, (h[:, layer], c[:, layer]))
+            new_h.append(h_layer)
+            new_c.append(c_layer)
+            layer_input = h_layer
+        return torch.stack(new_h, dim=1), torch.stack(new_c, dim=1)
+
+    def step(self, inputs: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward` for serving: the same LSTM equations, each row independent of the batch
+        (see `rowwise_linear`); gate order i, f, g, o as in `nn.LSTMCell`."""
+        new_h, new_c = [], []
+        layer_input = inputs
+        for layer, cell in enumerate(self.cells):
+            assert isinstance(cell, nn.LSTMCell)
+            gates = rowwise_product(layer_input, cell.weight_ih) + rowwise_product(
+                h[:, layer], cell.weight_hh
+            )
+            if cell.bias_ih is not None:
+                gates = gates + cell.bias_ih + cell.bias_hh
+            i, f, g, o = gates.chunk(4, dim=1)
+            c_layer = torch.sigmoid(f) * c[:, layer] + torch.sigmoid(i) * torch.tanh(g)
+            h_layer = torch.sigmoid(o) * torch.tanh(c_layer)
             new_h.append(h_layer)
             new_c.append(c_layer)
             layer_input = h_layer
@@ -133,8 +172,11 @@ class ControllerMemoryModel(MemoryModel):
     def _activate(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits) if self._sigmoid else logits
 
-    def _read_out(self, h: Tensor, reads: Tensor) -> Tensor:
-        outputs: Tensor = self.output(torch.cat([h[:, -1], reads.flatten(1)], dim=1))
+    def _read_out(self, h: Tensor, reads: Tensor, rowwise: bool = False) -> Tensor:
+        features = torch.cat([h[:, -1], reads.flatten(1)], dim=1)
+        outputs: Tensor = (
+            rowwise_linear(features, self.output) if rowwise else self.output(features)
+        )
         return outputs
 
     def forward(self, inputs: Tensor, activate: bool = True) -> Tensor:
@@ -172,10 +214,11 @@ class ControllerMemoryModel(MemoryModel):
         controller_inputs = torch.cat(
             [inputs[live].float(), pool["reads"][live_slots].flatten(1)], 1
         )
-        h, c = self.controller(controller_inputs, pool["h"][live_slots], pool["c"][live_slots])
-        reads = self.memory_step(pool, live_slots, self.interface(h[:, -1]))
+        # Row-wise products: a session's outputs do not depend on who shares its launch.
+        h, c = self.controller.step(controller_inputs, pool["h"][live_slots], pool["c"][live_slots])
+        reads = self.memory_step(pool, live_slots, rowwise_linear(h[:, -1], self.interface))
         pool["reads"][live_slots] = reads
         pool["h"][live_slots] = h
         pool["c"][live_slots] = c
-        outputs[live] = self._activate(self._read_out(h, reads))
+        outputs[live] = self._activate(self._read_out(h, reads, rowwise=True))
         return outputs
