@@ -447,10 +447,13 @@ class ModelEngine:
 
     def _restore(self, session: Session) -> bool:
         """Bring a parked session back into a slot; False if no slot can be freed now."""
-        slot = self._free_a_slot()
-        if slot is None:
+        if not self.free_slots and all(s.pending for s in self.active.values()):
             return False
+        # Out of the store before another session is parked into it: parking first could
+        # push this very state from host memory to disk just before reading it back.
         state, source = self.store.unpark(session.id)
+        slot = self._free_a_slot()
+        assert slot is not None
         self.pool.write(slot, {n: t.to(self.pool.device) for n, t in state.items()})
         session.slot = slot
         del self.parked[session.id]
