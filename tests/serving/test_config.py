@@ -1,0 +1,102 @@
+"""`memserve serve` settings: file < environment < flags, and errors that name the setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving import config
+from serving.config import ServerConfig
+
+
+def test_defaults_are_documented_ones() -> None:
+    defaults = config.load({}, environ={})
+    assert defaults == ServerConfig()
+    assert (defaults.host, defaults.port, defaults.metrics_port) == ("127.0.0.1", 50051, 9464)
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
+    toml = tmp_path / "memserve.toml"
+    toml.write_text(
+        'models = ["ntm-copy"]\nslots = 8\nmax_batch = 4\nport = 6000\npark_host_bytes = "2MiB"\n'
+    )
+    environ = {"MEMSERVE_SLOTS": "16", "MEMSERVE_PORT": "7000", "MEMSERVE_CONFIG": str(toml)}
+    loaded = config.load({"port": "8000", "session_ttl": None}, environ=environ)
+    assert loaded.models == ("ntm-copy",)  # file
+    assert loaded.max_batch == 4  # file
+    assert loaded.slots == 16  # environment over file
+    assert loaded.port == 8000  # flag over environment
+    assert loaded.park_host_bytes == 2 * 2**20
+    assert loaded.session_ttl == ServerConfig().session_ttl  # not given anywhere
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "words"),
+    [
+        ({"slots": "many"}, {}, ("--slots", "many")),
+        ({"slots": "0"}, {}, ("slots", ">= 1")),
+        ({}, {"MEMSERVE_PORT": "1.5"}, ("MEMSERVE_PORT",)),
+        ({"session_ttl": "nan"}, {}, ("session_ttl",)),
+        ({"session_ttl": "100000"}, {}, ("session_ttl", "max_session_ttl")),
+        ({"park_host_bytes": "12 parsecs"}, {}, ("park_host_bytes", "512MiB")),
+        ({"log_level": "chatty"}, {}, ("log_level",)),
+        ({"device": "tpu"}, {}, ("device",)),
+        ({"metrics_port": "-2"}, {}, ("metrics_port",)),
+    ],
+)
+def test_bad_values_name_the_setting(
+    flags: dict[str, str], environ: dict[str, str], words: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValueError) as error:
+        config.load(flags, environ=environ)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("slotz = 3\n")
+    with pytest.raises(ValueError, match="unknown settings slotz"):
+        config.load({}, environ={}, config_file=str(unknown))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("slots = \n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        config.load({}, environ={}, config_file=str(broken))
+    with pytest.raises(ValueError, match="cannot read config file"):
+        config.load({}, environ={}, config_file=str(tmp_path / "absent.toml"))
+
+
+def test_printed_config_reads_back(tmp_path: Path) -> None:
+    """`--print-config` prints a TOML file that loads into the same settings."""
+    printed = subprocess.run(
+        [sys.executable, "-m", "memserve", "serve", "--print-config", "--slots", "12",
+         "--models", "ntm-copy"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    saved = tmp_path / "printed.toml"
+    saved.write_text(printed)
+    loaded = config.load({}, environ={}, config_file=str(saved))
+    assert loaded.slots == 12 and loaded.models == ("ntm-copy",)
+    assert loaded == config.load({"slots": "12", "models": "ntm-copy"}, environ={})
+
+
+def test_bad_setting_exits_2_with_the_message() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "memserve", "serve", "--slots", "0"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "slots must be >= 1" in result.stderr
+
+
+def test_unknown_model_exits_2_naming_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "memserve", "serve", "--models", "ntm-nope", "--port", "0",
+         "--metrics-port", "-1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "ntm-nope" in result.stderr

@@ -1,0 +1,120 @@
+"""SIGTERM and SIGINT drain the server: health turns NOT_SERVING, new calls get
+UNAVAILABLE, the call in flight finishes, the process exits 0; plus health and reflection
+as a client without the .proto sees them."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from protos import memserve_pb2
+from tests.serving.client import create, step
+from tests.serving.server_process import ServerProcess
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_in_flight_work_and_exits_zero(tmp_path: Path, number: int) -> None:
+    with ServerProcess(
+        tmp_path, "--models", "ntm-copy", "--max-steps-per-call", "4000", "--grace", "60"
+    ) as server:
+        channel = grpc.insecure_channel(server.target)
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = server.stub()
+        request = health_pb2.HealthCheckRequest(service="memserve.v1.MemServe")
+        assert health.Check(request).status == SERVING
+        watch = health.Watch(request)
+        assert next(watch).status == SERVING
+
+        session_id = create(stub)
+        long_call: dict[str, tuple[np.ndarray, int]] = {}
+        failures: list[grpc.RpcError] = []
+
+        def run_long_call() -> None:  # 3000 steps: seconds of work in flight
+            try:
+                long_call["result"] = step(stub, session_id, np.zeros((3000, 9), np.float32))
+            except grpc.RpcError as error:
+                failures.append(error)
+
+        caller = threading.Thread(target=run_long_call)
+        caller.start()
+        while server.event("session_created") is None:
+            time.sleep(0.01)
+        time.sleep(0.3)  # the call is queued and stepping
+        server.signal(number)
+        assert next(watch).status == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            create(stub)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        caller.join(60)
+        assert not failures, failures
+        outputs, count = long_call["result"]
+        assert count == 3000 and outputs.shape == (3000, 8)
+        assert server.wait(30) == 0
+        stopped = server.event("stopped")
+        assert stopped is not None and stopped["calls_cut_short"] == 0
+        channel.close()
+
+
+def test_grace_period_bounds_the_drain(tmp_path: Path) -> None:
+    """A call longer than the grace period is cut short; the server still exits 0."""
+    with ServerProcess(
+        tmp_path, "--models", "ntm-copy", "--max-steps-per-call", "100000", "--grace", "0.5"
+    ) as server:
+        stub = server.stub()
+        session_id = create(stub)
+        errors: list[grpc.RpcError] = []
+
+        def run_endless_call() -> None:
+            try:
+                step(stub, session_id, np.zeros((100000, 9), np.float32))
+            except grpc.RpcError as error:
+                errors.append(error)
+
+        caller = threading.Thread(target=run_endless_call)
+        caller.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        assert time.monotonic() - started < 10
+        caller.join(30)
+        assert errors and errors[0].code() in (
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        stopped = server.event("stopped")
+        assert stopped is not None and stopped["calls_cut_short"] == 1
+
+
+def test_reflection_lists_the_services(server: ServerProcess) -> None:
+    channel = grpc.insecure_channel(server.target)
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = set(database.get_services())
+    assert {"memserve.v1.MemServe", "grpc.health.v1.Health"} <= services
+    step_method = database.FindFileContainingSymbol("memserve.v1.MemServe")
+    assert step_method.name == "protos/memserve.proto"
+    channel.close()
+
+
+def test_health_check_names_unknown_services(server: ServerProcess) -> None:
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest()).status == SERVING
+    with pytest.raises(grpc.RpcError) as unknown:
+        health.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert server.stub().ListModels(memserve_pb2.ListModelsRequest()).models
+    channel.close()
