@@ -5,22 +5,52 @@
 # CUDA wheels). On a GPU host, override both, e.g.
 #   make test TORCH_REQUIREMENT='torch==2.13.0' TRITON_REQUIREMENT='triton'
 # with the CUDA index configured for pip.
+#
+# The tests also start a real Prometheus: `system-deps` installs Debian's `prometheus` when
+# the binary is missing (as root, or through sudo), without starting its service.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_REQUIREMENT ?= torch==2.13.0
 TRITON_REQUIREMENT ?= triton==3.6.0
 PYTEST_ARGS ?=
+SERVE_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint typecheck pytest bench protos clean help
+# Debian packages the tests need, and how to install them here (sudo unless root).
+SYSTEM_PACKAGES := prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+# invoke-rc.d and deb-systemd-invoke ask this script before starting a service; 101 = no.
+POLICY_RC := /usr/sbin/policy-rc.d
+
+.PHONY: setup system-deps serve run test lint typecheck pytest bench protos clean help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
 
 setup: $(STAMP)  ## create .venv and install memserve with its dev tools
+
+# Installs the package only when its binary is missing; `apt-get update` only if the install
+# fails without it. The package would start a prometheus service (port 9090) on a host with
+# an init system: a temporary policy-rc.d forbids that (an existing one is left as it is).
+# The tests start prometheus themselves.
+system-deps:  ## install Debian's prometheus (the tests scrape the server with it) if missing
+	@command -v prometheus >/dev/null 2>&1 && exit 0; \
+	command -v apt-get >/dev/null 2>&1 || { \
+		echo "prometheus is missing and this is no Debian machine: install it yourself" >&2; exit 1; }; \
+	set -e; \
+	if [ ! -e $(POLICY_RC) ]; then \
+		trap '$(SUDO) rm -f $(POLICY_RC)' EXIT; \
+		printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee $(POLICY_RC) >/dev/null; \
+		$(SUDO) chmod 755 $(POLICY_RC); \
+	fi; \
+	$(APT_INSTALL) $(SYSTEM_PACKAGES) || { \
+		echo "apt-get install failed: updating the package lists and trying again" >&2; \
+		$(SUDO) apt-get update -q && $(APT_INSTALL) $(SYSTEM_PACKAGES); }; \
+	command -v prometheus >/dev/null
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +59,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-run: $(STAMP)  ## set up, then run the kernel demo (the server arrives with the serving issue)
+serve: $(STAMP)  ## set up, then serve the bundled models on 127.0.0.1:50051 (SERVE_ARGS='...')
+	$(BIN)/memserve serve $(SERVE_ARGS)
+
+run: $(STAMP)  ## set up, then run the kernel demo (batched NTM steps checked against float64)
 	$(BIN)/memserve demo
 
 lint: $(STAMP)  ## ruff
@@ -39,7 +72,7 @@ lint: $(STAMP)  ## ruff
 typecheck: $(STAMP)  ## mypy, strict
 	$(BIN)/mypy
 
-pytest: $(STAMP)  ## the test suite alone
+pytest: $(STAMP) system-deps  ## the test suite alone
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest  ## set up, then lint, type-check and run the whole test suite

@@ -301,8 +301,26 @@ class ModelEngine:
             work = self._head(session)
             if work is None:
                 continue
-            if session.slot is None and not self._restore(session):
-                continue  # no slot this iteration: every active session is busy
+            if session.slot is None:
+                try:
+                    if not self._restore(session):
+                        continue  # no slot this iteration: every active session is busy
+                except Exception as error:  # the park directory failed under us
+                    log.exception(
+                        "restore failed",
+                        extra={
+                            "event": "restore_failed",
+                            "model": self.name,
+                            "session": session.id,
+                        },
+                    )
+                    failure = (
+                        error
+                        if isinstance(error, ServingError)
+                        else ServingError(f"session {session.id} could not be restored: {error}")
+                    )
+                    self._fail_pending(session, failure)
+                    continue
             batch.append(work)
         return batch
 
@@ -452,7 +470,11 @@ class ModelEngine:
         # Out of the store before another session is parked into it: parking first could
         # push this very state from host memory to disk just before reading it back.
         state, source = self.store.unpark(session.id)
-        slot = self._free_a_slot()
+        try:
+            slot = self._free_a_slot()
+        except ServingError:
+            self.store.park(session.id, state)  # parking the other session failed: put back
+            raise
         assert slot is not None
         self.pool.write(slot, {n: t.to(self.pool.device) for n, t in state.items()})
         session.slot = slot
@@ -513,6 +535,7 @@ class ModelEngine:
 
     def _register_gauges(self) -> None:
         m, name = self.metrics, self.name
+        m.add_model(name)
         m.slots_capacity.labels(name).set(self.settings.slots)
         m.slots_used.labels(name).set_function(lambda: len(self.active))
         m.queue_length.labels(name).set_function(lambda: self.queued_calls)

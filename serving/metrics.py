@@ -9,12 +9,31 @@ from __future__ import annotations
 import platform
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 
 from memserve import __version__
 
-# 25 us doubling to ~13 s: a CPU step of one session up to a long multi-step call.
-LATENCY_BUCKETS = tuple(25e-6 * 2**k for k in range(20))
+# 25 us doubling to ~52 s: a CPU step of one session up to a long multi-step call.
+LATENCY_BUCKETS = tuple(25e-6 * 2**k for k in range(22))
+EVICTION_REASONS = ("expired", "parked_host", "parked_disk")
+RESTORE_SOURCES = ("host", "disk")
+REJECTION_REASONS = (
+    "invalid_argument", "not_found", "failed_precondition", "resource_exhausted",
+    "unavailable", "cancelled", "internal",
+)  # fmt: skip
+
+# `*_created` series double the series count and nothing here uses them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 BATCH_BUCKETS = tuple(float(2**k) for k in range(11))  # 1 .. 1024 sessions
 
 
@@ -24,6 +43,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)  # memory, CPU, file descriptors, GC of this process
         self.request_duration = Histogram(
             "memserve_request_duration_seconds",
             "Time from receiving a request to answering it (StepStream: per message)",
@@ -82,7 +103,7 @@ class Metrics:
         )
         self.rejected = Counter(
             "memserve_requests_rejected",
-            "Requests refused before doing anything, by reason",
+            "Requests refused without doing anything, by reason (the status code, lowercase)",
             ["reason"],
             registry=r,
         )
@@ -94,3 +115,12 @@ class Metrics:
                 "torch": torch.__version__,
             }
         )
+        for reason in REJECTION_REASONS:  # present at 0 from the start, for rate() and alerts
+            self.rejected.labels(reason)
+
+    def add_model(self, model: str) -> None:
+        """Create a model's labelled counters at 0, so they exist before the first event."""
+        for reason in EVICTION_REASONS:
+            self.evictions.labels(model, reason)
+        for source in RESTORE_SOURCES:
+            self.restores.labels(model, source)

@@ -49,8 +49,15 @@ def unary(method: str) -> Callable[[Handler[Request, Response]], Handler[Request
                 self.reject(error)
                 await context.abort(code, str(error))
                 raise  # abort raised already; this line is for the type checker
-            except BaseException as error:
-                code = _code_of(error)
+            except Exception as error:  # a bug: say so, as INTERNAL, and log it
+                code = grpc.StatusCode.INTERNAL
+                log.exception(
+                    "unexpected error", extra={"event": "handler_error", "method": method}
+                )
+                await context.abort(code, f"internal error: {error}")
+                raise
+            except BaseException:  # cancelled: the client went away or the server stops
+                code = grpc.StatusCode.CANCELLED
                 raise
             finally:
                 self.in_flight -= 1
@@ -61,17 +68,6 @@ def unary(method: str) -> Callable[[Handler[Request, Response]], Handler[Request
         return wrapped
 
     return decorate
-
-
-def _code_of(error: BaseException) -> grpc.StatusCode:
-    if isinstance(error, ServingError):
-        return error.code
-    if isinstance(error, grpc.aio.AbortError):
-        return grpc.StatusCode.UNKNOWN
-    if type(error).__name__ == "CancelledError":
-        return grpc.StatusCode.CANCELLED
-    log.exception("unexpected error in a handler", extra={"event": "handler_error"})
-    return grpc.StatusCode.INTERNAL
 
 
 class MemServeService(memserve_pb2_grpc.MemServeServicer):
@@ -192,8 +188,14 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
                 code = error.code
                 self.reject(error)
                 await context.abort(code, str(error))
-            except BaseException as error:
-                code = _code_of(error)
+            except Exception as error:
+                code = grpc.StatusCode.INTERNAL
+                log.exception(
+                    "unexpected error", extra={"event": "handler_error", "method": "StepStream"}
+                )
+                await context.abort(code, f"internal error: {error}")
+            except BaseException:
+                code = grpc.StatusCode.CANCELLED
                 raise
             finally:
                 self.in_flight -= 1

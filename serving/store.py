@@ -7,11 +7,13 @@ while host memory holds more than its budget the least recently parked move to d
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -98,8 +100,9 @@ class DirectoryStore(StateStore):
         try:
             save_file({name: t.contiguous() for name, t in state.items()}, temporary)
             os.replace(temporary, self.path(key))
-        except OSError as error:
-            temporary.unlink(missing_ok=True)
+        except (OSError, SafetensorError) as error:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
             raise ResourceExhausted(
                 f"cannot park a session to {self.directory}: {error}"
             ) from error

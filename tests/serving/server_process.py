@@ -68,10 +68,14 @@ class ServerProcess:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def stub(self) -> memserve_pb2_grpc.MemServeStub:
-        channel = grpc.insecure_channel(self.target)
+    def channel(self) -> grpc.Channel:
+        """A channel to the server (straight to loopback, whatever http_proxy says)."""
+        channel = grpc.insecure_channel(self.target, options=[("grpc.enable_http_proxy", 0)])
         self.channels.append(channel)
-        return memserve_pb2_grpc.MemServeStub(channel)  # type: ignore[no-untyped-call]
+        return channel
+
+    def stub(self) -> memserve_pb2_grpc.MemServeStub:
+        return memserve_pb2_grpc.MemServeStub(self.channel())  # type: ignore[no-untyped-call]
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -243,3 +243,36 @@ def _unwire(tensor: memserve_pb2.Tensor) -> np.ndarray:
     from serving import wire
 
     return wire.decode(tensor, "outputs")
+
+
+def test_resource_exhausted_only_when_nothing_can_be_parked(
+    tmp_path: Path, models: dict[str, MemoryModel], reference_backend: None
+) -> None:
+    """One slot, no host budget, and a park directory that stops being one: a second
+    session cannot be made room for; the first is untouched and keeps stepping."""
+    park_dir = tmp_path / "parked"
+    with ServerProcess(
+        tmp_path, "--models", "ntm-copy", "--slots", "1", "--park-host-bytes", "0",
+        "--park-dir", str(park_dir),
+    ) as full:  # fmt: skip
+        stub = full.stub()
+        rng = np.random.default_rng()
+        first = create(stub)
+        reference = Reference(models["ntm-copy"])
+        inputs = random_inputs(rng, 4, 9)
+        step(stub, first, inputs)
+        reference.step(inputs)
+        park_dir.rmdir()
+        park_dir.write_text("not a directory any more")
+        with pytest.raises(grpc.RpcError) as refused:
+            create(stub)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert str(park_dir) in refused.value.details()
+        assert info(stub, first).residence == "active"
+        inputs = random_inputs(rng, 4, 9)
+        outputs, count = step(stub, first, inputs)
+        assert np.abs(outputs - reference.step(inputs)).max() <= TOLERANCE and count == 8
+        samples = scrape(full.metrics_url)
+        assert metric(samples, "memserve_sessions", state="active") == 1
+        assert metric(samples, "memserve_requests_rejected_total",
+                      reason="resource_exhausted") == 1  # fmt: skip

@@ -30,7 +30,7 @@ def test_signal_drains_in_flight_work_and_exits_zero(tmp_path: Path, number: int
     with ServerProcess(
         tmp_path, "--models", "ntm-copy", "--max-steps-per-call", "4000", "--grace", "60"
     ) as server:
-        channel = grpc.insecure_channel(server.target)
+        channel = server.channel()
         health = health_pb2_grpc.HealthStub(channel)
         stub = server.stub()
         request = health_pb2.HealthCheckRequest(service="memserve.v1.MemServe")
@@ -42,9 +42,9 @@ def test_signal_drains_in_flight_work_and_exits_zero(tmp_path: Path, number: int
         long_call: dict[str, tuple[np.ndarray, int]] = {}
         failures: list[grpc.RpcError] = []
 
-        def run_long_call() -> None:  # 3000 steps: seconds of work in flight
+        def run_long_call() -> None:  # 1500 steps: seconds of work in flight
             try:
-                long_call["result"] = step(stub, session_id, np.zeros((3000, 9), np.float32))
+                long_call["result"] = step(stub, session_id, np.zeros((1500, 9), np.float32))
             except grpc.RpcError as error:
                 failures.append(error)
 
@@ -61,11 +61,10 @@ def test_signal_drains_in_flight_work_and_exits_zero(tmp_path: Path, number: int
         caller.join(60)
         assert not failures, failures
         outputs, count = long_call["result"]
-        assert count == 3000 and outputs.shape == (3000, 8)
+        assert count == 1500 and outputs.shape == (1500, 8)
         assert server.wait(30) == 0
         stopped = server.event("stopped")
         assert stopped is not None and stopped["calls_cut_short"] == 0
-        channel.close()
 
 
 def test_grace_period_bounds_the_drain(tmp_path: Path) -> None:
@@ -100,21 +99,19 @@ def test_grace_period_bounds_the_drain(tmp_path: Path) -> None:
 
 
 def test_reflection_lists_the_services(server: ServerProcess) -> None:
-    channel = grpc.insecure_channel(server.target)
+    channel = server.channel()
     database = ProtoReflectionDescriptorDatabase(channel)
     services = set(database.get_services())
     assert {"memserve.v1.MemServe", "grpc.health.v1.Health"} <= services
     step_method = database.FindFileContainingSymbol("memserve.v1.MemServe")
     assert step_method.name == "protos/memserve.proto"
-    channel.close()
 
 
 def test_health_check_names_unknown_services(server: ServerProcess) -> None:
-    channel = grpc.insecure_channel(server.target)
+    channel = server.channel()
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest()).status == SERVING
     with pytest.raises(grpc.RpcError) as unknown:
         health.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     assert server.stub().ListModels(memserve_pb2.ListModelsRequest()).models
-    channel.close()
