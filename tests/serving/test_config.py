@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,19 @@ def test_unknown_model_exits_2_naming_it() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "ntm-nope" in result.stderr
+
+
+def test_help_names_every_setting_with_its_variable_and_default() -> None:
+    text = subprocess.run(
+        [sys.executable, "-m", "memserve", "serve", "--help"],
+        capture_output=True, text=True, check=True, env={"COLUMNS": "200", **os.environ},
+    ).stdout  # fmt: skip
+    entries = [" ".join(entry.split()) for entry in text.split("\n  --")[1:]]
+    defaults = ServerConfig()
+    for name in config.FIELDS:
+        flag = f"{name.replace('_', '-')} "
+        entry = next(entry for entry in entries if entry.startswith(flag))
+        assert f"MEMSERVE_{name.upper()}" in entry
+        default = getattr(defaults, name)
+        if default not in ("", ()):
+            assert f"default: {default};" in entry
