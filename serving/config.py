@@ -106,8 +106,12 @@ class ServerConfig:
             )
         if self.park_host_bytes < 0:
             raise ValueError(f"park_host_bytes must be >= 0, got {self.park_host_bytes}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_queue_delay > 1.0:
+            raise ValueError(
+                f"max_queue_delay is in seconds and at most 1, got {self.max_queue_delay}"
+            )
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ValueError(
                 f"log_level must be debug, info, warning or error, got {self.log_level!r}"

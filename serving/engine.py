@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -264,37 +265,47 @@ class ModelEngine:
                 self.wake.clear()
                 batch = self._assemble()
                 if not batch:
+                    if self.ready:  # every head was dropped (cancelled, out of order): go on
+                        self.wake.set()
                     continue
-                slots = torch.tensor([work.session.slot for work in batch], dtype=torch.int64)
+                slots = np.fromiter((w.session.slot for w in batch), np.int64, len(batch))
                 rows = np.stack([work.inputs[work.done] for work in batch])
                 try:
                     outputs, seconds = await loop.run_in_executor(
                         self.executor, self._launch, slots, rows
                     )
-                except Exception as error:  # a bug, not a request's fault: fail the batch loudly
-                    log.exception(
-                        "batched step failed", extra={"event": "step_failed", "model": self.name}
-                    )
-                    for work in batch:
-                        self._finish(work, error=ServingError(f"the step failed: {error}"))
+                except Exception as error:  # a bug, not a request's fault: fail loudly
+                    self._lose(batch, error)
                     continue
-                self.metrics.batch_size.labels(self.name).observe(len(batch))
-                self.metrics.step_duration.labels(self.name, self.backend).observe(seconds)
+                self.observe_batch(len(batch))
+                self.observe_step(seconds)
                 self._deliver(batch, outputs)
                 if self.ready:
                     self.wake.set()
 
-    def _launch(self, slots: torch.Tensor, rows: np.ndarray) -> tuple[np.ndarray, float]:
+    def _launch(self, slots: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, float]:
         """One batched step on the worker thread; returns outputs and its duration."""
         start = time.perf_counter()
         device = self.pool.device
-        outputs = self.model.step(self.pool, slots.to(device), torch.from_numpy(rows).to(device))
+        outputs = self.model.step(
+            self.pool, torch.from_numpy(slots).to(device), torch.from_numpy(rows).to(device)
+        )
         result = outputs.cpu().numpy()  # waits for the device
         return result, time.perf_counter() - start
+
+    def _lose(self, batch: list[StepWork], error: Exception) -> None:
+        """A launch raised: its slots may be half-written, so their sessions are ended
+        rather than left with a state that no longer matches their step count."""
+        log.exception("batched step failed", extra={"event": "step_failed", "model": self.name})
+        for work in batch:
+            if self.table.sessions.get(work.session.id) is work.session:
+                self._end(work.session, f"was lost: a step failed on the server ({error})")
 
     def _assemble(self) -> list[StepWork]:
         """The head call of up to max_batch ready sessions, each with a slot."""
         batch: list[StepWork] = []
+        in_batch: set[str] = set()
+        slots_left = True  # False once no slot can be freed for the rest of this pass
         for session in list(self.ready.values()):
             if len(batch) >= self.settings.max_batch:
                 break
@@ -302,9 +313,12 @@ class ModelEngine:
             if work is None:
                 continue
             if session.slot is None:
+                if not slots_left:
+                    continue
                 try:
-                    if not self._restore(session):
-                        continue  # no slot this iteration: every active session is busy
+                    if not self._restore(session, in_batch):
+                        slots_left = False  # every slot is stepping in this launch
+                        continue
                 except Exception as error:  # the park directory failed under us
                     log.exception(
                         "restore failed",
@@ -322,6 +336,7 @@ class ModelEngine:
                     self._fail_pending(session, failure)
                     continue
             batch.append(work)
+            in_batch.add(session.id)
         return batch
 
     def _head(self, session: Session) -> StepWork | None:
@@ -342,9 +357,7 @@ class ModelEngine:
                     )
                     continue
                 work.started = True
-                self.metrics.queue_wait.labels(self.name).observe(
-                    time.perf_counter() - work.enqueued
-                )
+                self.observe_queue_wait(time.perf_counter() - work.enqueued)
             return work
         self.ready.pop(session.id, None)
         return None
@@ -427,14 +440,24 @@ class ModelEngine:
             self.active[session.id] = session
         self.table.add(session)
 
-    def _free_a_slot(self) -> int | None:
-        """A free slot, parking the least recently used idle session if there is none."""
-        if self.free_slots:
-            return self.free_slots.pop()
+    def _victim(self, exclude: Collection[str] = ()) -> Session | None:
+        """Whom to park for a slot: the least recently used idle session, else the least
+        recently used busy one outside `exclude` (preempted between launches; its queued
+        calls wait while it is parked and bring it back)."""
+        busy = None
         for session in self.active.values():
             if not session.pending:
-                return self._park(session)
-        return None
+                return session
+            if busy is None and session.id not in exclude:
+                busy = session
+        return busy
+
+    def _free_a_slot(self, exclude: Collection[str] = ()) -> int | None:
+        """A free slot, parking a session (see `_victim`) if there is none."""
+        if self.free_slots:
+            return self.free_slots.pop()
+        victim = self._victim(exclude)
+        return None if victim is None else self._park(victim)
 
     def _park(self, session: Session) -> int:
         """Move an idle active session's state to the parking store; returns its slot."""
@@ -458,25 +481,30 @@ class ModelEngine:
         return slot
 
     def _park_state(self, session: Session, state: dict[str, torch.Tensor]) -> None:
+        state = {name: tensor.cpu() for name, tensor in state.items()}  # host memory, not GPU
         for demoted in self.store.park(session.id, state):
             owner = self.table.sessions.get(demoted)
             model = owner.model if owner is not None else self.name
             self.metrics.evictions.labels(model, "parked_disk").inc()
 
-    def _restore(self, session: Session) -> bool:
-        """Bring a parked session back into a slot; False if no slot can be freed now."""
-        if not self.free_slots and all(s.pending for s in self.active.values()):
+    def _restore(self, session: Session, exclude: Collection[str]) -> bool:
+        """Bring a parked session back into a slot; False if no slot can be freed now
+        (every active session is in `exclude`, the launch being assembled)."""
+        if not self.free_slots and self._victim(exclude) is None:
             return False
         # Out of the store before another session is parked into it: parking first could
         # push this very state from host memory to disk just before reading it back.
         state, source = self.store.unpark(session.id)
+        slot = None
         try:
-            slot = self._free_a_slot()
-        except ServingError:
-            self.store.park(session.id, state)  # parking the other session failed: put back
+            slot = self._free_a_slot(exclude)
+            assert slot is not None
+            self.pool.write(slot, {n: t.to(self.pool.device) for n, t in state.items()})
+        except BaseException:
+            if slot is not None:
+                self.free_slots.append(slot)
+            self.store.park(session.id, state)  # back where it was (host memory first)
             raise
-        assert slot is not None
-        self.pool.write(slot, {n: t.to(self.pool.device) for n, t in state.items()})
         session.slot = slot
         del self.parked[session.id]
         self.active[session.id] = session
@@ -494,13 +522,20 @@ class ModelEngine:
 
     def _end(self, session: Session, why: str) -> None:
         """Remove a session and free its slot or parked state."""
+        if session.slot is None:
+            try:
+                self.store.delete(session.id)
+            except OSError:  # the file stays behind; the session ends regardless
+                log.exception(
+                    "could not delete a parked state",
+                    extra={"event": "store_error", "model": self.name, "session": session.id},
+                )
         self._fail_pending(session, NotFound(f"session {session.id} {why}"))
         if session.slot is not None:
             self.free_slots.append(session.slot)
             session.slot = None
             self.active.pop(session.id, None)
         else:
-            self.store.delete(session.id)
             self.parked.pop(session.id, None)
         self.table.remove(session, why)
 
@@ -508,34 +543,43 @@ class ModelEngine:
         period = min(1.0, max(0.05, self.settings.session_ttl / 4))
         while True:
             await asyncio.sleep(period)
-            now = time.monotonic()
-            expired = [
-                s
-                for s in (*self.active.values(), *self.parked.values())
-                if not s.pending and now - s.last_used > s.ttl
-            ]
-            if not expired:
-                continue
-            async with self.lock:
-                for session in expired:
-                    if session.pending or self.table.sessions.get(session.id) is not session:
-                        continue
-                    self._end(session, f"expired after {session.ttl:g} s idle")
-                    self.metrics.evictions.labels(self.name, "expired").inc()
-                    log.info(
-                        "session expired",
-                        extra={
-                            "event": "session_expired",
-                            "model": self.name,
-                            "session": session.id,
-                        },
-                    )
+            try:
+                await self._expire()
+            except Exception:  # keep sweeping: one bad session must not stop expiry
+                log.exception(
+                    "expiry sweep failed", extra={"event": "expiry_error", "model": self.name}
+                )
+
+    async def _expire(self) -> None:
+        """End the sessions idle for longer than their TTL (none with calls queued)."""
+        now = time.monotonic()
+        expired = [
+            s
+            for s in (*self.active.values(), *self.parked.values())
+            if not s.pending and now - s.last_used > s.ttl
+        ]
+        if not expired:
+            return
+        async with self.lock:
+            for session in expired:
+                if session.pending or self.table.sessions.get(session.id) is not session:
+                    continue
+                self._end(session, f"expired after {session.ttl:g} s idle")
+                self.metrics.evictions.labels(self.name, "expired").inc()
+                log.info(
+                    "session expired",
+                    extra={"event": "session_expired", "model": self.name, "session": session.id},
+                )
 
     # ----------------------------------------------------------------- metrics
 
     def _register_gauges(self) -> None:
         m, name = self.metrics, self.name
         m.add_model(name)
+        # Label lookups once, not per step.
+        self.observe_batch = m.batch_size.labels(name).observe
+        self.observe_step = m.step_duration.labels(name, self.backend).observe
+        self.observe_queue_wait = m.queue_wait.labels(name).observe
         m.slots_capacity.labels(name).set(self.settings.slots)
         m.slots_used.labels(name).set_function(lambda: len(self.active))
         m.queue_length.labels(name).set_function(lambda: self.queued_calls)

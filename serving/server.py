@@ -106,9 +106,21 @@ class Server:
                 raise ValueError(f"two models would be served as {name!r}; rename a directory")
             directory = checkpoint.resolve(spec)
             model = checkpoint.load(directory, device)
-            engine = ModelEngine(
-                name, model, weights_digest(directory), settings, self.table, store, self.metrics
-            )
+            try:
+                engine = ModelEngine(
+                    name,
+                    model,
+                    weights_digest(directory),
+                    settings,
+                    self.table,
+                    store,
+                    self.metrics,
+                )
+            except (RuntimeError, MemoryError) as error:  # e.g. the pool does not fit
+                raise ValueError(
+                    f"cannot allocate {settings.slots} slots of {model.state_bytes} bytes for "
+                    f"{name} on {device}: {error}"
+                ) from error
             self.engines[name] = engine
             log.info(
                 "model loaded",
@@ -182,10 +194,10 @@ class Server:
         while self.service.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         left = self.service.in_flight
+        for engine in self.engines.values():  # what is still queued is answered CANCELLED
+            await engine.stop()
         if self.grpc_server is not None:
             await self.grpc_server.stop(0.5)
-        for engine in self.engines.values():
-            await engine.stop()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()

@@ -119,13 +119,15 @@ def import_state(data: bytes) -> ImportedState:
                 f"this server reads version {EXPORT_VERSION}"
             )
         step = int(metadata["step"])
-        if step < 0:
-            raise ValueError("negative step")
+        if not 0 <= step < 2**63:
+            raise ValueError(f"step {step} is out of range")
+        if not metadata.get("model_digest"):
+            raise ValueError("it names no model_digest (the weights it was made with)")
         tensors = load_safetensors(data)
         return ImportedState(
             tensors=tensors,
             model=str(metadata["model"]),
-            model_digest=str(metadata.get("model_digest", "")),
+            model_digest=str(metadata["model_digest"]),
             step=step,
         )
     except InvalidArgument:

@@ -119,8 +119,8 @@ class DirectoryStore(StateStore):
 
     def delete(self, key: str) -> None:
         if key in self.keys:
-            self.path(key).unlink(missing_ok=True)
             self.keys.discard(key)
+            self.path(key).unlink(missing_ok=True)
 
     def __contains__(self, key: object) -> bool:
         return key in self.keys
@@ -161,11 +161,15 @@ class ParkingStore:
             return []
         self.host.put(key, state)
         demoted = []
-        while self.host.bytes > self.host_budget and self.disk is not None:
-            oldest = self.host.oldest()
-            self.disk.put(oldest, self.host.states[oldest])
-            self.host.pop(oldest)
-            demoted.append(oldest)
+        try:
+            while self.host.bytes > self.host_budget and self.disk is not None:
+                oldest = self.host.oldest()
+                self.disk.put(oldest, self.host.states[oldest])
+                self.host.pop(oldest)
+                demoted.append(oldest)
+        except ResourceExhausted:
+            self.host.delete(key)  # the caller keeps the state; nothing stays counted here
+            raise
         return demoted
 
     def peek(self, key: str) -> dict[str, Tensor]:

@@ -11,6 +11,8 @@ import numpy as np
 from protos import memserve_pb2
 from serving.errors import InvalidArgument
 
+MAX_DIMENSIONS = 32  # numpy's limit is 64; no memserve tensor has more than 3
+
 # The dtypes the wire format names, as little-endian numpy dtypes.
 DTYPES: dict[str, np.dtype[np.generic]] = {
     "float16": np.dtype("<f2"),
@@ -38,6 +40,10 @@ def decode(tensor: memserve_pb2.Tensor, field: str) -> np.ndarray:
             f"{field}.dtype {tensor.dtype!r} is not a wire dtype (one of {', '.join(DTYPES)})"
         )
     shape = tuple(tensor.shape)
+    if len(shape) > MAX_DIMENSIONS:
+        raise InvalidArgument(
+            f"{field}.shape has {len(shape)} dimensions (at most {MAX_DIMENSIONS})"
+        )
     if any(size < 0 for size in shape):
         raise InvalidArgument(f"{field}.shape {list(shape)} has a negative size")
     count = 1
@@ -48,13 +54,23 @@ def decode(tensor: memserve_pb2.Tensor, field: str) -> np.ndarray:
             f"{field}.data has {len(tensor.data)} bytes; shape {list(shape)} of "
             f"{tensor.dtype} needs {count * dtype.itemsize}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    except ValueError as error:  # e.g. a zero-size shape whose other sizes overflow numpy
+        raise InvalidArgument(
+            f"{field}.shape {list(shape)} is not a valid shape: {error}"
+        ) from error
 
 
 def decode_steps(tensor: memserve_pb2.Tensor, field: str, width: int, max_steps: int) -> np.ndarray:
     """Step inputs `[T, width]` as native float32, 1 <= T <= max_steps, finite."""
     if tensor.dtype != "float32":
         raise InvalidArgument(f"{field}.dtype must be 'float32', got {tensor.dtype!r}")
+    if len(tensor.shape) != 2:
+        raise InvalidArgument(
+            f"{field}.shape must be [T, {width}] (T steps of this model's input), "
+            f"got {list(tensor.shape)}"
+        )
     array = decode(tensor, field)
     if array.ndim != 2 or array.shape[1] != width:
         raise InvalidArgument(

@@ -162,11 +162,23 @@ def test_import_of_another_models_state_is_refused(server: ServerProcess) -> Non
     from serving.sessions import export_state, import_state
 
     state = import_state(exported)
-    forged = export_state(state.tensors, "dnc-recall", "", state.step)
+    dnc = create(stub, "dnc-recall")
+    dnc_export = stub.ExportSession(memserve_pb2.ExportSessionRequest(session_id=dnc)).state
+    dnc_digest = import_state(dnc_export).model_digest
+    forged = export_state(state.tensors, "dnc-recall", dnc_digest, state.step)
     sessions_before = metric(scrape(server.metrics_url), "memserve_sessions")
     with pytest.raises(grpc.RpcError) as refused:
         stub.ImportSession(memserve_pb2.ImportSessionRequest(state=forged))
     assert refused.value.code() == INVALID and "dnc-recall" in refused.value.details()
+    for step_count in (2**64, -1):
+        forged = export_state(state.tensors, "ntm-copy", state.model_digest, step_count)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ImportSession(memserve_pb2.ImportSessionRequest(state=forged))
+        assert refused.value.code() == INVALID and "out of range" in refused.value.details()
+    no_digest = export_state(state.tensors, "ntm-copy", "", state.step)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ImportSession(memserve_pb2.ImportSessionRequest(state=no_digest))
+    assert refused.value.code() == INVALID and "model_digest" in refused.value.details()
     other_weights = export_state(state.tensors, "ntm-copy", "0" * 64, state.step)
     with pytest.raises(grpc.RpcError) as refused:
         stub.ImportSession(memserve_pb2.ImportSessionRequest(state=other_weights))

@@ -4,6 +4,7 @@ expected_step and TTL expiry."""
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -276,3 +277,34 @@ def test_resource_exhausted_only_when_nothing_can_be_parked(
         assert metric(samples, "memserve_sessions", state="active") == 1
         assert metric(samples, "memserve_requests_rejected_total",
                       reason="resource_exhausted") == 1  # fmt: skip
+
+
+def test_a_parked_session_gets_a_slot_while_every_active_one_is_busy(
+    tmp_path: Path, models: dict[str, MemoryModel], reference_backend: None
+) -> None:
+    """One slot held by a session that always has calls queued: another session's call is
+    still served (the busy one is parked between launches), and no step is lost."""
+    with ServerProcess(tmp_path, "--models", "ntm-copy", "--slots", "1") as one_slot:
+        stub = one_slot.stub()
+        rng = np.random.default_rng()
+        waiting = create(stub)
+        busy = create(stub)
+        stop = threading.Event()
+        busy_steps: list[int] = []
+
+        def keep_busy() -> None:
+            while not stop.is_set():
+                busy_steps.append(len(step(stub, busy, random_inputs(rng, 5, 9))[0]))
+
+        with ThreadPoolExecutor(3) as pool:
+            workers = [pool.submit(keep_busy) for _ in range(3)]  # 3 calls always queued
+            while len(busy_steps) < 3:
+                time.sleep(0.01)
+            reference = Reference(models["ntm-copy"])
+            inputs = random_inputs(rng, 4, 9)
+            outputs, count = step(stub, waiting, inputs)
+            stop.set()
+            for worker in workers:
+                worker.result(timeout=60)
+        assert np.abs(outputs - reference.step(inputs)).max() <= TOLERANCE and count == 4
+        assert info(stub, busy).step == sum(busy_steps)
