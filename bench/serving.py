@@ -1,0 +1,922 @@
+"""Benchmark of the gRPC server over loopback: session-steps/s and latency against the ceiling.
+
+In one run, with the bundled model `ntm-copy` and the PyTorch reference kernels:
+
+1. in-process: `model.step(pool, slots, inputs)` over a pool of 256 slots for each batch
+   size B, median seconds per step after a warm-up, as session-steps/s = B / seconds;
+2. server: a real `memserve serve` in a child process, driven by C concurrent client
+   sessions (CreateSession, calls for the warm-up and the measuring window, DeleteSession)
+   in three call shapes: unary Step with T=1, StepStream (one stream per session, one
+   step per message) with T=1, and unary Step with T=20 (a whole copy sequence per call);
+3. echo: a do-nothing grpc.aio server (this file, `--echo-server PORT`, another child)
+   that answers Step and StepStream at once with a precomputed response of the real size
+   ([T, 8] float32): the ceiling Python gRPC sets on this machine for the same call shape.
+
+The load client is this process (grpc.aio, C tasks over `--channels` channels). It prints
+a table and the issue's targets as ratios measured in the same run, and writes everything
+as JSON (default bench/results/serving-cpu.json). Latency percentiles come from
+HdrHistogram; errors are counted by status code, and a level with errors says so.
+
+    python bench/serving.py                          # the full run (about 5 minutes)
+    python bench/serving.py --levels 1 16 256 --seconds 5 --batches 1 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from hdrh.histogram import HdrHistogram
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # ahead of bench/, whose serving.py is this file
+
+from protos import memserve_pb2, memserve_pb2_grpc  # noqa: E402
+from serving import wire  # noqa: E402
+
+MODEL = "ntm-copy"
+POOL_SLOTS = 256  # the server's default `slots`, and the in-process pool
+POWERS_OF_TWO = [2**k for k in range(9)]  # 1 .. 256
+STARTUP_SECONDS = 120.0
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # as serving.server
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One way of calling the server: the RPC and the steps T each call carries."""
+
+    name: str
+    method: str  # "Step" (unary) or "StepStream" (one bidi stream per session)
+    steps: int
+
+
+SHAPES = (
+    Shape("unary_t1", "Step", 1),
+    Shape("stream_t1", "StepStream", 1),
+    Shape("unary_t20", "Step", 20),
+)
+# The issue's targets.
+ECHO_FRACTION = 0.7  # T=1: server session-steps/s over the echo's, same call shape
+IN_PROCESS_FRACTION = 0.5  # T=20 at the top C: server over in-process at the top B
+SCALING = 10.0  # each shape: server at the top C over the server at the lowest C
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class InProcessRow:
+    """The model's batched step timed in this process."""
+
+    batch: int
+    samples: int
+    seconds_per_step: float  # median
+    session_steps_per_s: float  # batch / seconds_per_step
+
+
+@dataclass
+class LevelRow:
+    """One (target, shape, concurrency): what the client measured in the window."""
+
+    target: str  # "server" or "echo"
+    shape: str
+    method: str
+    steps_per_call: int
+    concurrency: int
+    channels: int
+    seconds: float  # the measuring window, as timed
+    calls: int  # calls that completed OK inside the window
+    session_steps: int  # calls * steps_per_call
+    calls_per_s: float
+    session_steps_per_s: float  # session_steps / seconds
+    latency_us: dict[str, int]  # per call: p50, p90, p99, max (HdrHistogram, 3 digits)
+    latency_mean_us: float
+    errors: dict[str, int]  # status code name -> calls that failed inside the window
+    client_cpu_seconds: float  # this process, over the window
+    server_cpu_seconds: float  # the child server, over the window (user + system)
+    other_cpu_seconds: float  # every other process on the machine, over the window
+    batching: dict[str, float] | None = None  # the real server's own metrics over the window
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.calls > 0
+
+
+@dataclass
+class Settings:
+    seconds: float
+    warmup: float
+    levels: list[int]
+    batches: list[int]
+    channels: int
+    step_seconds: float
+    server_env: dict[str, str] = field(default_factory=dict)
+    shapes: list[str] = field(default_factory=lambda: [s.name for s in SHAPES])
+
+
+# ---------------------------------------------------------------------------- in-process
+
+
+@contextlib.contextmanager
+def torch_backend() -> Iterator[None]:
+    """Force the PyTorch reference kernels (what the server runs on CPU) for a while."""
+    saved = os.environ.get("MEMSERVE_KERNEL_BACKEND")
+    os.environ["MEMSERVE_KERNEL_BACKEND"] = "torch"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["MEMSERVE_KERNEL_BACKEND"]
+        else:
+            os.environ["MEMSERVE_KERNEL_BACKEND"] = saved
+
+
+def measure_in_process(batches: list[int], budget_s: float) -> list[InProcessRow]:
+    """Median seconds of `model.step` at each batch size over a full pool of 256 slots."""
+    import torch
+
+    from models import checkpoint
+
+    model = checkpoint.load(MODEL)
+    pool = model.new_pool(POOL_SLOTS)
+    model.reset(pool, range(POOL_SLOTS))
+    generator = torch.Generator().manual_seed(0)
+    rows: list[InProcessRow] = []
+    with torch_backend():
+        for batch in batches:
+            slots = torch.randperm(POOL_SLOTS, generator=generator)[:batch].to(torch.int64)
+            bits = torch.rand(batch, model.input_size, generator=generator) > 0.5
+            inputs = bits.float()
+            inputs[:, -1] = 0.0  # the delimiter channel, as in the copy task's input phase
+            for _ in range(3):
+                model.step(pool, slots, inputs)
+            samples: list[float] = []
+            deadline = time.perf_counter() + budget_s
+            while len(samples) < 5 or (time.perf_counter() < deadline and len(samples) < 1000):
+                start = time.perf_counter()
+                model.step(pool, slots, inputs)
+                samples.append(time.perf_counter() - start)
+            seconds = statistics.median(samples)
+            rows.append(InProcessRow(batch, len(samples), seconds, batch / seconds))
+    return rows
+
+
+# ---------------------------------------------------------------------------- child servers
+
+
+class ChildServer:
+    """A server in a child process that logs a JSON line with "event": "serving" and its
+    "port" (and "metrics_port") to stderr; stopped with SIGTERM."""
+
+    def __init__(
+        self, name: str, command: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
+        self.name = name
+        self.command = command
+        self.extra_env = env or {}
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.metrics_port = -1
+
+    def start(self) -> ChildServer:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["MEMSERVE_KERNEL_BACKEND"] = "torch"
+        env.update(self.extra_env)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            serving = self.serving_line()
+            if serving is not None:
+                self.port = int(serving["port"])
+                self.metrics_port = int(serving.get("metrics_port", -1))
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start:\n{self.log_text()}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start in {STARTUP_SECONDS} s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def serving_line(self) -> dict[str, Any] | None:
+        for line in self.log_text().splitlines():
+            if line.startswith("{") and '"serving"' in line:
+                with contextlib.suppress(json.JSONDecodeError):
+                    event: dict[str, Any] = json.loads(line)
+                    if event.get("event") == "serving":
+                        return event
+        return None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the child has used so far (from /proc)."""
+        assert self.process is not None
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds every process on the machine has used since boot (from /proc/stat)."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def server_command(metrics: bool) -> list[str]:
+    return [
+        sys.executable, "-m", "memserve", "serve", "--models", MODEL, "--port", "0",
+        "--metrics-port", "0" if metrics else "-1",
+    ]  # fmt: skip
+
+
+def echo_command() -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--echo-server", "0"]
+
+
+# ---------------------------------------------------------------------------- echo server
+
+
+class EchoService(memserve_pb2_grpc.MemServeServicer):
+    """Answers Step and StepStream at once with a precomputed response of the real size."""
+
+    def __init__(self, output_size: int) -> None:
+        self.output_size = output_size
+        self.responses: dict[int, memserve_pb2.StepResponse] = {}
+        self.sessions = 0
+
+    def response(self, request: memserve_pb2.StepRequest) -> memserve_pb2.StepResponse:
+        steps = request.inputs.shape[0] if request.inputs.shape else 1
+        response = self.responses.get(steps)
+        if response is None:
+            outputs = np.random.default_rng(steps).random((steps, self.output_size))
+            response = memserve_pb2.StepResponse(
+                outputs=wire.encode(outputs.astype(np.float32)), step=steps
+            )
+            self.responses[steps] = response
+        return response
+
+    async def CreateSession(  # noqa: N802
+        self, request: memserve_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.SessionInfo:
+        self.sessions += 1
+        return memserve_pb2.SessionInfo(session_id=f"echo-{self.sessions}", model=request.model)
+
+    async def DeleteSession(  # noqa: N802
+        self, request: memserve_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.DeleteSessionResponse:
+        return memserve_pb2.DeleteSessionResponse()
+
+    async def Step(  # noqa: N802
+        self, request: memserve_pb2.StepRequest, context: grpc.aio.ServicerContext
+    ) -> memserve_pb2.StepResponse:
+        return self.response(request)
+
+    async def StepStream(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[memserve_pb2.StepRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[memserve_pb2.StepResponse]:
+        async for request in request_iterator:
+            yield self.response(request)
+
+
+async def serve_echo(port: int, output_size: int) -> None:
+    """Run the echo server on 127.0.0.1:`port` (0: any free port) until SIGTERM or SIGINT."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    memserve_pb2_grpc.add_MemServeServicer_to_server(EchoService(output_size), server)  # type: ignore[no-untyped-call]
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, stop.set)
+    print(json.dumps({"event": "serving", "port": bound}), file=sys.stderr, flush=True)
+    await stop.wait()
+    await server.stop(0.5)
+
+
+# ---------------------------------------------------------------------------- load client
+
+
+@dataclass
+class Window:
+    """The measuring window in time.perf_counter() seconds; calls completing in it count."""
+
+    start: float
+    end: float
+
+
+class Recorder:
+    """Calls, latencies and errors of one level that complete inside its window."""
+
+    def __init__(self, window: Window) -> None:
+        self.window = window
+        self.histogram = HdrHistogram(1, 600_000_000, 3)  # microseconds
+        self.calls = 0
+        self.errors: dict[str, int] = {}
+
+    def inside(self, when: float) -> bool:
+        return self.window.start <= when <= self.window.end
+
+    def call(self, start: float, done: float) -> None:
+        if self.inside(done):
+            self.calls += 1
+            self.histogram.record_value(max(1, round((done - start) * 1e6)))
+
+    def error(self, when: float, code: str) -> None:
+        if self.inside(when):
+            self.errors[code] = self.errors.get(code, 0) + 1
+
+
+def step_request(
+    session_id: str, steps: int, input_size: int, seed: int
+) -> memserve_pb2.StepRequest:
+    """A copy-task-like input: random bits, the delimiter channel (the last) zero."""
+    bits = np.random.default_rng(seed).random((steps, input_size)) > 0.5
+    inputs = bits.astype(np.float32)
+    inputs[:, -1] = 0.0
+    return memserve_pb2.StepRequest(session_id=session_id, inputs=wire.encode(inputs))
+
+
+async def unary_session(
+    stub: memserve_pb2_grpc.MemServeStub,
+    request: memserve_pb2.StepRequest,
+    expected_bytes: int,
+    recorder: Recorder,
+) -> None:
+    """Step calls one after another until the window ends."""
+    while True:
+        start = time.perf_counter()
+        if start >= recorder.window.end:
+            return
+        try:
+            response = await stub.Step(request)
+        except grpc.aio.AioRpcError as error:
+            recorder.error(time.perf_counter(), error.code().name)
+            await asyncio.sleep(0.01)  # no hot loop against a failing server
+            continue
+        done = time.perf_counter()
+        if len(response.outputs.data) != expected_bytes:
+            recorder.error(done, "BAD_RESPONSE")
+            continue
+        recorder.call(start, done)
+
+
+async def stream_session(
+    stub: memserve_pb2_grpc.MemServeStub,
+    request: memserve_pb2.StepRequest,
+    expected_bytes: int,
+    recorder: Recorder,
+) -> None:
+    """One StepStream for the session, a request then its response, until the window ends;
+    a stream that fails is counted and replaced."""
+    while time.perf_counter() < recorder.window.end:
+        call = stub.StepStream()
+        try:
+            while True:
+                start = time.perf_counter()
+                if start >= recorder.window.end:
+                    break
+                await call.write(request)
+                response = await call.read()
+                done = time.perf_counter()
+                if response is grpc.aio.EOF:
+                    recorder.error(done, "EOF")
+                    break
+                if len(response.outputs.data) != expected_bytes:
+                    recorder.error(done, "BAD_RESPONSE")
+                    continue
+                recorder.call(start, done)
+            await call.done_writing()
+            await call.code()
+        except grpc.aio.AioRpcError as error:
+            recorder.error(time.perf_counter(), error.code().name)
+            await asyncio.sleep(0.01)
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    """The server's batch, step-time and queue-wait histogram sums and counts right now."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    wanted = {
+        "memserve_batch_size": "batch",
+        "memserve_step_duration_seconds": "step",
+        "memserve_queue_wait_seconds": "queue_wait",
+    }
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        short = wanted.get(family.name)
+        if short is None:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                values[f"{short}_sum"] = values.get(f"{short}_sum", 0.0) + sample.value
+            elif sample.name.endswith("_count"):
+                values[f"{short}_count"] = values.get(f"{short}_count", 0.0) + sample.value
+            elif short == "batch" and sample.name.endswith("_bucket"):
+                key = f"batch_le_{sample.labels['le']}"
+                values[key] = values.get(key, 0.0) + sample.value
+    return values
+
+
+def batching_over(
+    before: dict[str, float], after: dict[str, float], seconds: float
+) -> dict[str, float]:
+    """What the server's own metrics say about a window: launches, batch sizes, step time."""
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    launches = delta.get("batch_count", 0.0)
+    result = {
+        "launches": launches,
+        "launches_per_s": launches / seconds,
+        "mean_batch_size": delta.get("batch_sum", 0.0) / launches if launches else 0.0,
+        "mean_step_seconds": delta.get("step_sum", 0.0) / launches if launches else 0.0,
+        "step_busy_fraction": delta.get("step_sum", 0.0) / seconds,
+        "mean_queue_wait_seconds": (
+            delta.get("queue_wait_sum", 0.0) / delta["queue_wait_count"]
+            if delta.get("queue_wait_count")
+            else 0.0
+        ),
+    }
+    # Launches per batch-size bucket (cumulative counts turned into per-bucket counts).
+    previous = 0.0
+    for key in sorted(
+        (k for k in delta if k.startswith("batch_le_")), key=lambda k: float(k[len("batch_le_") :])
+    ):
+        result[key.replace("batch_le_", "launches_batch_le_")] = delta[key] - previous
+        previous = delta[key]
+    return result
+
+
+async def measure_level(
+    child: ChildServer,
+    target_name: str,
+    shape: Shape,
+    concurrency: int,
+    settings: Settings,
+    input_size: int,
+    output_size: int,
+) -> LevelRow:
+    """C sessions calling in `shape` for the warm-up and the window; what completed in it."""
+    channels = [grpc.aio.insecure_channel(child.target) for _ in range(settings.channels)]
+    stubs = [memserve_pb2_grpc.MemServeStub(channel) for channel in channels]  # type: ignore[no-untyped-call]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+        infos = await asyncio.gather(
+            *(
+                stubs[i % len(stubs)].CreateSession(memserve_pb2.CreateSessionRequest(model=MODEL))
+                for i in range(concurrency)
+            )
+        )
+        session_ids = [info.session_id for info in infos]
+        expected_bytes = shape.steps * output_size * 4
+        now = time.perf_counter()
+        window = Window(now + settings.warmup, now + settings.warmup + settings.seconds)
+        recorder = Recorder(window)
+        run = stream_session if shape.method == "StepStream" else unary_session
+        tasks = [
+            asyncio.create_task(
+                run(
+                    stubs[i % len(stubs)],
+                    step_request(session_ids[i], shape.steps, input_size, seed=i),
+                    expected_bytes,
+                    recorder,
+                )
+            )
+            for i in range(concurrency)
+        ]
+        scraping = child.metrics_port >= 0
+        await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
+        metrics_before = await asyncio.to_thread(scrape, child.metrics_port) if scraping else {}
+        client_cpu, server_cpu, machine_cpu = (
+            time.process_time(),
+            child.cpu_seconds(),
+            machine_cpu_seconds(),
+        )
+        opened = time.perf_counter()
+        await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
+        closed = time.perf_counter()
+        client_cpu = time.process_time() - client_cpu
+        server_cpu = child.cpu_seconds() - server_cpu
+        machine_cpu = machine_cpu_seconds() - machine_cpu
+        metrics_after = await asyncio.to_thread(scrape, child.metrics_port) if scraping else {}
+        await asyncio.gather(*tasks)
+        await asyncio.gather(
+            *(
+                stubs[i % len(stubs)].DeleteSession(
+                    memserve_pb2.DeleteSessionRequest(session_id=session_id)
+                )
+                for i, session_id in enumerate(session_ids)
+            )
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+    seconds = window.end - window.start
+    batching = batching_over(metrics_before, metrics_after, closed - opened) if scraping else None
+    histogram = recorder.histogram
+    calls = recorder.calls
+    return LevelRow(
+        target=target_name,
+        shape=shape.name,
+        method=shape.method,
+        steps_per_call=shape.steps,
+        concurrency=concurrency,
+        channels=settings.channels,
+        seconds=seconds,
+        calls=calls,
+        session_steps=calls * shape.steps,
+        calls_per_s=calls / seconds,
+        session_steps_per_s=calls * shape.steps / seconds,
+        latency_us={
+            "p50": int(histogram.get_value_at_percentile(50)),
+            "p90": int(histogram.get_value_at_percentile(90)),
+            "p99": int(histogram.get_value_at_percentile(99)),
+            "max": int(histogram.get_max_value()),
+        },
+        latency_mean_us=float(histogram.get_mean_value()),
+        errors=dict(sorted(recorder.errors.items())),
+        client_cpu_seconds=client_cpu * seconds / (closed - opened),
+        server_cpu_seconds=server_cpu * seconds / (closed - opened),
+        other_cpu_seconds=(machine_cpu - client_cpu - server_cpu) * seconds / (closed - opened),
+        batching=batching,
+    )
+
+
+async def measure_target(
+    child: ChildServer, target_name: str, settings: Settings, input_size: int, output_size: int
+) -> list[LevelRow]:
+    rows: list[LevelRow] = []
+    for shape in SHAPES:
+        for concurrency in settings.levels:
+            row = await measure_level(
+                child, target_name, shape, concurrency, settings, input_size, output_size
+            )
+            rows.append(row)
+            print_level(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+def find(rows: list[LevelRow], target: str, shape: str, concurrency: int) -> LevelRow:
+    return next(
+        r for r in rows if (r.target, r.shape, r.concurrency) == (target, shape, concurrency)
+    )
+
+
+def compute_targets(
+    rows: list[LevelRow], in_process: list[InProcessRow], settings: Settings
+) -> dict[str, Any]:
+    """The issue's three targets as ratios of numbers measured in this run, pass or fail.
+
+    A comparison that involves a level with errors fails, whatever its ratio."""
+    top, bottom = max(settings.levels), min(settings.levels)
+    targets: dict[str, Any] = {}
+
+    echo: dict[str, Any] = {}
+    for shape in ("unary_t1", "stream_t1"):
+        per_level: list[dict[str, Any]] = []
+        for concurrency in settings.levels:
+            server = find(rows, "server", shape, concurrency)
+            ceiling = find(rows, "echo", shape, concurrency)
+            ratio = server.session_steps_per_s / ceiling.session_steps_per_s
+            per_level.append(
+                {
+                    "concurrency": concurrency,
+                    "server_session_steps_per_s": server.session_steps_per_s,
+                    "echo_session_steps_per_s": ceiling.session_steps_per_s,
+                    "ratio": ratio,
+                    "pass": ratio >= ECHO_FRACTION and server.ok and ceiling.ok,
+                }
+            )
+        best = max(per_level, key=lambda level: level["server_session_steps_per_s"])
+        echo_best = max(per_level, key=lambda level: level["echo_session_steps_per_s"])
+        peak_ratio = best["server_session_steps_per_s"] / echo_best["echo_session_steps_per_s"]
+        echo[shape] = {
+            "threshold": ECHO_FRACTION,
+            "per_level": per_level,
+            "levels_passing": sum(level["pass"] for level in per_level),
+            "server_best_concurrency": best["concurrency"],
+            "ratio_at_server_best_concurrency": best["ratio"],
+            "echo_best_concurrency": echo_best["concurrency"],
+            "server_best_over_echo_best": peak_ratio,
+            "pass": peak_ratio >= ECHO_FRACTION and all(r.ok for r in rows if r.shape == shape),
+        }
+    targets["t1_vs_echo"] = echo
+
+    long_calls = find(rows, "server", "unary_t20", top)
+    biggest = max(in_process, key=lambda row: row.batch)
+    ratio = long_calls.session_steps_per_s / biggest.session_steps_per_s
+    targets["t20_vs_in_process"] = {
+        "threshold": IN_PROCESS_FRACTION,
+        "concurrency": top,
+        "batch": biggest.batch,
+        "server_session_steps_per_s": long_calls.session_steps_per_s,
+        "in_process_session_steps_per_s": biggest.session_steps_per_s,
+        "ratio": ratio,
+        "pass": ratio >= IN_PROCESS_FRACTION and long_calls.ok,
+    }
+
+    scaling: dict[str, Any] = {}
+    for name in (shape.name for shape in SHAPES):
+        high, low = find(rows, "server", name, top), find(rows, "server", name, bottom)
+        echo_high, echo_low = find(rows, "echo", name, top), find(rows, "echo", name, bottom)
+        ratio = high.session_steps_per_s / low.session_steps_per_s
+        scaling[name] = {
+            "threshold": SCALING,
+            "concurrency_high": top,
+            "concurrency_low": bottom,
+            "server_high_session_steps_per_s": high.session_steps_per_s,
+            "server_low_session_steps_per_s": low.session_steps_per_s,
+            "ratio": ratio,
+            "pass": ratio >= SCALING and high.ok and low.ok,
+            "echo_ratio": echo_high.session_steps_per_s / echo_low.session_steps_per_s,
+        }
+    targets["scaling"] = scaling
+    return targets
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def print_level(row: LevelRow) -> None:
+    batching = row.batching or {}
+    cpu_per_call = row.server_cpu_seconds / row.calls * 1e6 if row.calls else float("nan")
+    extra = f" server cpu/call {cpu_per_call:7.1f} us"
+    if batching:
+        extra += f" batch {batching['mean_batch_size']:6.1f}"
+        extra += f" step {batching['mean_step_seconds'] * 1e3:6.2f} ms"
+    errors = "" if row.ok else f"  ERRORS {row.errors or 'no calls'}"
+    print(
+        f"{row.target:>6} {row.shape:>9} C={row.concurrency:<4} "
+        f"{row.session_steps_per_s:>10.1f} steps/s {row.calls_per_s:>9.1f} calls/s  "
+        f"p50 {row.latency_us['p50'] / 1e3:8.2f} ms  p99 {row.latency_us['p99'] / 1e3:8.2f} ms  "
+        f"cpu client {row.client_cpu_seconds / row.seconds:4.2f} "
+        f"server {row.server_cpu_seconds / row.seconds:4.2f} "
+        f"other {row.other_cpu_seconds / row.seconds:4.2f}{extra}{errors}",
+        flush=True,
+    )
+
+
+def print_table(
+    rows: list[LevelRow], in_process: list[InProcessRow], targets: dict[str, Any]
+) -> None:
+    print("\nin-process model.step (torch reference, pool of 256 slots)")
+    print(f"{'B':>5} {'us/step':>10} {'session-steps/s':>16}")
+    for step in in_process:
+        microseconds = step.seconds_per_step * 1e6
+        print(f"{step.batch:>5} {microseconds:>10.1f} {step.session_steps_per_s:>16.1f}")
+    print("\nserver vs echo over loopback (session-steps/s; latency per call p50 / p99 in ms)")
+    print(
+        f"{'shape':>9} {'C':>4} | {'server':>9} {'p50':>7} {'p99':>7} | "
+        f"{'echo':>9} {'p50':>7} {'p99':>7} | {'ratio':>5} {'batch':>5}"
+    )
+    for row in (r for r in rows if r.target == "server"):
+        echo = find(rows, "echo", row.shape, row.concurrency)
+        flag = "" if row.ok and echo.ok else "  ERRORS"
+        batch = (row.batching or {}).get("mean_batch_size", float("nan"))
+        print(
+            f"{row.shape:>9} {row.concurrency:>4} | {row.session_steps_per_s:>9.1f} "
+            f"{row.latency_us['p50'] / 1e3:>7.2f} {row.latency_us['p99'] / 1e3:>7.2f} | "
+            f"{echo.session_steps_per_s:>9.1f} {echo.latency_us['p50'] / 1e3:>7.2f} "
+            f"{echo.latency_us['p99'] / 1e3:>7.2f} | "
+            f"{row.session_steps_per_s / echo.session_steps_per_s:>5.2f} {batch:>5.1f}{flag}"
+        )
+    print("\ntargets")
+    for shape, result in targets["t1_vs_echo"].items():
+        print(
+            f"  {shape}: server best (C={result['server_best_concurrency']}) / echo best "
+            f"(C={result['echo_best_concurrency']}) = {result['server_best_over_echo_best']:.3f} "
+            f"(>= {ECHO_FRACTION}: {verdict(result['pass'])}); at the server's best C "
+            f"{result['ratio_at_server_best_concurrency']:.3f}; levels passing "
+            f"{result['levels_passing']}/{len(result['per_level'])}"
+        )
+    t20 = targets["t20_vs_in_process"]
+    print(
+        f"  unary_t20 at C={t20['concurrency']} / in-process B={t20['batch']}: "
+        f"{t20['ratio']:.3f} (>= {IN_PROCESS_FRACTION}: {verdict(t20['pass'])})"
+    )
+    for shape, result in targets["scaling"].items():
+        print(
+            f"  {shape}: server C={result['concurrency_high']} / C={result['concurrency_low']}: "
+            f"{result['ratio']:.2f}x (>= {SCALING:g}x: {verdict(result['pass'])}; "
+            f"echo {result['echo_ratio']:.2f}x)"
+        )
+
+
+def verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and the paths that differed from it (the server runs this tree)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    return {"commit": git("rev-parse", "HEAD"), "changed": changed}
+
+
+def versions() -> dict[str, str]:
+    import torch
+    from google.protobuf import __version__ as protobuf_version
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "protobuf": protobuf_version,
+        "numpy": np.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring window per level")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per level")
+    parser.add_argument(
+        "--levels", type=int, nargs="+", default=POWERS_OF_TWO, help="concurrent sessions C"
+    )
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=POWERS_OF_TWO, help="in-process batch sizes B"
+    )
+    parser.add_argument("--channels", type=int, default=1, help="client channels (round robin)")
+    parser.add_argument(
+        "--step-seconds", type=float, default=1.0, help="timing budget per in-process B"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="JSON path (default: bench/results/serving-cpu.json)"
+    )
+    parser.add_argument(
+        "--server-env",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="extra environment for the memserve child (repeatable), e.g. OMP_NUM_THREADS=1",
+    )
+    parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if any(c < 1 or c > POOL_SLOTS for c in args.levels):
+        parser.error(f"--levels must be between 1 and {POOL_SLOTS} (the server's slots)")
+    if any(b < 1 or b > POOL_SLOTS for b in args.batches):
+        parser.error(f"--batches must be between 1 and {POOL_SLOTS} (the pool's slots)")
+    if args.seconds <= 0 or args.warmup < 0 or args.channels < 1:
+        parser.error("--seconds must be > 0, --warmup >= 0 and --channels >= 1")
+    if any("=" not in item for item in args.server_env):
+        parser.error("--server-env takes NAME=VALUE")
+    args.server_env = dict(item.split("=", 1) for item in args.server_env)
+    args.levels = sorted(set(args.levels))
+    args.batches = sorted(set(args.batches))
+    return args
+
+
+async def measure_servers(settings: Settings, input_size: int, output_size: int) -> list[LevelRow]:
+    """The echo server's levels, then the real server's, one child server at a time."""
+    rows: list[LevelRow] = []
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as logs:
+        children = (
+            ChildServer("echo", echo_command(), Path(logs)),
+            ChildServer("server", server_command(True), Path(logs), settings.server_env),
+        )
+        for child in children:
+            await asyncio.to_thread(child.start)
+            try:
+                rows += await measure_target(child, child.name, settings, input_size, output_size)
+            finally:
+                child.stop()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    args = parse_args(argv)
+    if args.echo_server is not None:
+        asyncio.run(serve_echo(args.echo_server, output_size=8))
+        return 0
+    settings = Settings(
+        seconds=args.seconds,
+        warmup=args.warmup,
+        levels=args.levels,
+        batches=args.batches,
+        channels=args.channels,
+        step_seconds=args.step_seconds,
+        server_env=args.server_env,
+    )
+    from models import checkpoint
+
+    model = checkpoint.load(MODEL)
+    input_size, output_size = model.input_size, model.output_size
+    print(f"device: {cpu_name()}, {os.cpu_count()} cores; model {MODEL}, torch reference kernels")
+    in_process = measure_in_process(settings.batches, settings.step_seconds)
+    for row in in_process:
+        print(f"in-process B={row.batch:<4} {row.session_steps_per_s:>10.1f} session-steps/s")
+    rows = asyncio.run(measure_servers(settings, input_size, output_size))
+    targets = compute_targets(rows, in_process, settings)
+    print_table(rows, in_process, targets)
+
+    result = {
+        "benchmark": "serving",
+        "command": " ".join(["python", "bench/serving.py", *argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": cpu_name(),
+        "cores": os.cpu_count(),
+        "versions": versions(),
+        "git": git_state(),
+        "model": {
+            "name": MODEL,
+            "input_size": input_size,
+            "output_size": output_size,
+            "memory_shape": list(model.memory_shape),
+            "state_bytes": model.state_bytes,
+        },
+        "settings": {
+            **asdict(settings),
+            "kernel_backend": "torch",
+            "pool_slots": POOL_SLOTS,
+            "server_command": server_command(True)[1:],
+            "echo_command": echo_command()[1:],
+            "client": "this process: grpc.aio, one task per session, channels round robin",
+        },
+        "in_process": [asdict(row) for row in in_process],
+        "levels": [{**asdict(row), "ok": row.ok} for row in rows],
+        "targets": targets,
+    }
+    out = args.out or ROOT / "bench" / "results" / "serving-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""bench/serving.py stays runnable: a tiny run against a real server and the echo server
+writes a consistent JSON record. Speed is not asserted (GUIDE: timing targets live in
+benchmarks, never in timed tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import serving as bench
+
+SHAPES = {"unary_t1": ("Step", 1), "stream_t1": ("StepStream", 1), "unary_t20": ("Step", 20)}
+
+
+@pytest.mark.timeout(120)
+def test_tiny_run_writes_a_consistent_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "serving.json"
+    argv = ["--levels", "1", "2", "--batches", "1", "2", "--seconds", "0.3", "--warmup",
+            "0.2", "--step-seconds", "0.05", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "targets" in printed and "unary_t20 at C=2 / in-process B=2" in printed
+    record = json.loads(out.read_text())
+    assert record["command"] == "python bench/serving.py " + " ".join(argv)
+    assert record["cores"] >= 1 and record["device"]
+    assert set(record["versions"]) >= {"python", "torch", "grpcio"}
+    assert record["model"]["input_size"] == 9 and record["model"]["output_size"] == 8
+    assert record["settings"]["levels"] == [1, 2] and record["settings"]["seconds"] == 0.3
+
+    in_process = {row["batch"]: row for row in record["in_process"]}
+    assert sorted(in_process) == [1, 2]
+    for batch, row in in_process.items():
+        assert row["samples"] >= 5 and row["seconds_per_step"] > 0
+        assert row["session_steps_per_s"] == pytest.approx(batch / row["seconds_per_step"])
+
+    levels = {(r["target"], r["shape"], r["concurrency"]): r for r in record["levels"]}
+    assert sorted(levels) == sorted(
+        (target, shape, c) for target in ("echo", "server") for shape in SHAPES for c in (1, 2)
+    )
+    for (target, shape, _), row in levels.items():
+        assert (row["method"], row["steps_per_call"]) == SHAPES[shape]
+        assert row["errors"] == {} and row["ok"], row
+        assert row["calls"] > 0
+        assert row["seconds"] == pytest.approx(0.3)
+        steps = row["steps_per_call"]
+        assert row["session_steps"] == row["calls"] * steps
+        assert row["calls_per_s"] == pytest.approx(row["calls"] / row["seconds"])
+        assert row["session_steps_per_s"] == pytest.approx(row["calls"] * steps / row["seconds"])
+        latency = row["latency_us"]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+        assert row["server_cpu_seconds"] > 0
+        if target == "server":  # its own metrics: every launch steps 1 or 2 sessions
+            batching = row["batching"]
+            assert batching["launches"] > 0
+            assert 1 <= batching["mean_batch_size"] <= 2
+        else:
+            assert row["batching"] is None
+
+    targets = record["targets"]
+
+    def rate(target: str, shape: str, concurrency: int) -> float:
+        return float(levels[(target, shape, concurrency)]["session_steps_per_s"])
+
+    for shape in ("unary_t1", "stream_t1"):
+        echo = targets["t1_vs_echo"][shape]
+        for level in echo["per_level"]:
+            c = level["concurrency"]
+            assert level["ratio"] == pytest.approx(
+                rate("server", shape, c) / rate("echo", shape, c)
+            )
+            assert level["pass"] == (level["ratio"] >= 0.7)
+        best, echo_best = echo["server_best_concurrency"], echo["echo_best_concurrency"]
+        assert rate("server", shape, best) == max(rate("server", shape, c) for c in (1, 2))
+        assert echo["server_best_over_echo_best"] == pytest.approx(
+            rate("server", shape, best) / rate("echo", shape, echo_best)
+        )
+        assert echo["pass"] == (echo["server_best_over_echo_best"] >= 0.7)
+
+    t20 = targets["t20_vs_in_process"]
+    assert (t20["concurrency"], t20["batch"]) == (2, 2)
+    assert t20["ratio"] == pytest.approx(
+        rate("server", "unary_t20", 2) / in_process[2]["session_steps_per_s"]
+    )
+    assert t20["pass"] == (t20["ratio"] >= 0.5)
+
+    for shape in SHAPES:
+        scaling = targets["scaling"][shape]
+        assert scaling["ratio"] == pytest.approx(
+            rate("server", shape, 2) / rate("server", shape, 1)
+        )
+        assert scaling["echo_ratio"] == pytest.approx(
+            rate("echo", shape, 2) / rate("echo", shape, 1)
+        )
+        assert scaling["pass"] == (scaling["ratio"] >= 10)
