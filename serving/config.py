@@ -82,6 +82,13 @@ class ServerConfig:
         default=10.0,
         metadata={"help": "seconds in-flight calls get to finish after SIGTERM/SIGINT"},
     )
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "CPU threads a model step may use (torch intra-op threads; "
+            "0: torch's default, one per core)"
+        },
+    )
     device: str = field(
         default="auto", metadata={"help": "where pools live: auto (cuda if present), cpu, cuda"}
     )
@@ -89,8 +96,8 @@ class ServerConfig:
 
     def validate(self) -> ServerConfig:
         """Raise ValueError naming the first setting out of range."""
-        for name in ("port", "slots", "max_batch", "max_steps_per_call"):
-            low = 0 if name == "port" else 1
+        for name in ("port", "slots", "max_batch", "max_steps_per_call", "threads"):
+            low = 0 if name in ("port", "threads") else 1
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:

@@ -88,6 +88,8 @@ class Server:
         if not specs:
             raise ValueError("no models to serve: pass --models (none are bundled)")
         device = pick_device(self.config.device)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
         park_dir = self.config.park_dir
         if not park_dir:
             park_dir = self._temporary_park_dir = tempfile.mkdtemp(prefix="memserve-park-")
