@@ -136,10 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model on a task. Run 'memserve train TASK --help' for its options.",
     )
     tasks = train.add_subparsers(dest="task", metavar="TASK", required=True)
-    from memserve.train import add_copy_parser, add_recall_parser
+    from memserve.train import add_copy_parser, add_dialogue_parser, add_recall_parser
 
     add_copy_parser(tasks)
     add_recall_parser(tasks)
+    add_dialogue_parser(tasks)
 
     evaluate = commands.add_parser(
         "eval",
@@ -148,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_tasks = evaluate.add_subparsers(dest="task", metavar="TASK", required=True)
     from memserve.evaluate import add_copy_parser as add_eval_copy_parser
+    from memserve.evaluate import add_dialogue_parser as add_eval_dialogue_parser
     from memserve.evaluate import add_recall_parser as add_eval_recall_parser
 
     add_eval_copy_parser(eval_tasks)
     add_eval_recall_parser(eval_tasks)
+    add_eval_dialogue_parser(eval_tasks)
     return parser
 
 

@@ -36,6 +36,8 @@ class MemoryModel(nn.Module, ABC):
 
     model_type: ClassVar[str]
     config: Any  # a dataclass of hyperparameters; `hyperparameters()` serialises it
+    # Files a checkpoint keeps beside config.json and the weights (a tokenizer, ...).
+    extra_file_names: ClassVar[tuple[str, ...]] = ()
     # Where a loaded checkpoint came from (its config.json "provenance"); empty otherwise.
     provenance: dict[str, Any]
 
@@ -73,6 +75,15 @@ class MemoryModel(nn.Module, ABC):
         inputs `[B, input_size]` -> outputs `[B, output_size]` (zeros for padding rows); the
         pool's slots are updated in place and no other slot is touched.
         """
+
+    def extra_files(self) -> dict[str, bytes]:
+        """The contents of each of `extra_file_names`, for a checkpoint to write."""
+        return {}
+
+    def load_extra_file(self, name: str, data: bytes) -> None:
+        """Take back one of `extra_file_names` from a checkpoint; raise ValueError, saying
+        what is wrong, for contents this model cannot use."""
+        raise ValueError(f"{self.model_type} models keep no file {name!r}")
 
     def hyperparameters(self) -> dict[str, Any]:
         """The config as plain JSON values (what `config.json` stores)."""

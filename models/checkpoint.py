@@ -1,10 +1,11 @@
 """Checkpoints: a directory with `config.json` and `model.safetensors`, never a pickle.
 
 `config.json` holds the model type, the format version, every hyperparameter and the
-provenance (task, steps, seed, final loss, the command that trained it). `load` accepts a
-directory or the name of a checkpoint bundled in this package (`models/checkpoints/NAME`),
-validates everything before building the model, and raises `CheckpointError` with a message
-that says what is wrong and where.
+provenance (task, steps, seed, final loss, the command that trained it). A model may keep
+more files beside them (`MemoryModel.extra_file_names`: the VMED's `tokenizer.json`), written
+and read back with the weights. `load` accepts a directory or the name of a checkpoint bundled
+in this package (`models/checkpoints/NAME`), validates everything before building the model,
+and raises `CheckpointError` with a message that says what is wrong and where.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from models.base import MemoryModel
 from models.dnc import DNC, DNCConfig
 from models.ntm import NTM, NTMConfig
+from models.vmed import VMED, VMEDConfig
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -32,6 +34,7 @@ WEIGHTS_FILE = "model.safetensors"
 MODEL_TYPES: dict[str, tuple[Callable[[Any], MemoryModel], type[Any]]] = {
     "ntm": (NTM, NTMConfig),
     "dnc": (DNC, DNCConfig),
+    "vmed": (VMED, VMEDConfig),
 }
 
 
@@ -163,6 +166,14 @@ def load(path_or_name: str | os.PathLike[str], device: torch.device | str = "cpu
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{weights_path}: tensor {name!r} holds NaN or Inf")
     model.load_state_dict(tensors)
+    for name in model.extra_file_names:
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory} has no {name}")
+        try:
+            model.load_extra_file(name, path.read_bytes())
+        except (ValueError, OSError) as error:
+            raise CheckpointError(f"{path} is not a usable {name}: {error}") from error
     provenance = config.get("provenance")
     model.provenance = dict(provenance) if isinstance(provenance, dict) else {}
     return model.to(device).eval()
@@ -183,8 +194,18 @@ def save(
     tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     weights_tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, weights_tmp, metadata={"format": "pt", "model_type": model.model_type})
+    extra = model.extra_files()
+    if sorted(extra) != sorted(model.extra_file_names):
+        raise ValueError(
+            f"a {model.model_type} checkpoint keeps the files {list(model.extra_file_names)}, "
+            f"the model gave {sorted(extra)}"
+        )
+    for name, data in extra.items():
+        (directory / (name + ".tmp")).write_bytes(data)
     config_tmp = directory / (CONFIG_FILE + ".tmp")
     config_tmp.write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
     os.replace(weights_tmp, directory / WEIGHTS_FILE)
+    for name in extra:
+        os.replace(directory / (name + ".tmp"), directory / name)
     os.replace(config_tmp, directory / CONFIG_FILE)
     return directory

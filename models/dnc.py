@@ -60,6 +60,100 @@ def oneplus(x: Tensor) -> Tensor:
     return 1 + F.softplus(x)
 
 
+# The DNC memory as functions of its sizes, shared by the DNC and the VMED's encoder.
+
+
+def interface_split_sizes(read_heads: int, word_size: int, use_links: bool) -> list[int]:
+    """Widths of the interface vector's parts, in `split_interface`'s order."""
+    R, W = read_heads, word_size
+    # read keys and strengths, write key and strength, erase, write vector, free gates,
+    # allocation and write gates, and with links the read modes
+    return [R * W, R, W, 1, W, W, R, 1, 1] + ([3 * R] if use_links else [])
+
+
+def split_interface(
+    interface: Tensor, read_heads: int, word_size: int, use_links: bool
+) -> DNCInterface:
+    """Split the interface vector `[B, size]` and activate each part."""
+    batch, R, W = interface.shape[0], read_heads, word_size
+    parts = torch.split(interface, interface_split_sizes(R, W, use_links), dim=-1)
+    read_keys, read_strengths, write_key, write_strength, erase, write_vector = parts[:6]
+    free_gates, allocation_gate, write_gate = parts[6:9]
+    read_modes = torch.softmax(parts[9].view(batch, R, 3), dim=-1) if use_links else None
+    return DNCInterface(
+        read_keys=read_keys.reshape(batch, R, W),
+        read_strengths=oneplus(read_strengths),
+        write_key=write_key,
+        write_strength=oneplus(write_strength.squeeze(-1)),
+        erase=torch.sigmoid(erase),
+        write_vector=write_vector,
+        free_gates=torch.sigmoid(free_gates),
+        allocation_gate=torch.sigmoid(allocation_gate.squeeze(-1)),
+        write_gate=torch.sigmoid(write_gate.squeeze(-1)),
+        read_modes=read_modes,
+    )
+
+
+def dnc_memory_specs(
+    memory_rows: int, word_size: int, read_heads: int, use_links: bool
+) -> tuple[StateSpec, ...]:
+    """The DNC memory's per-session state (the names `dnc_pool_step` reads the pool by)."""
+    N, W, R = memory_rows, word_size, read_heads
+    links = (StateSpec("precedence", (N,)), StateSpec("link", (N, N)))
+    return (
+        StateSpec("memory", (N, W)),
+        StateSpec("usage", (N,)),
+        *(links if use_links else ()),
+        StateSpec("write_weights", (N,)),
+        StateSpec("read_weights", (R, N)),
+    )
+
+
+def dnc_state_step(
+    state: dict[str, Tensor], parameters: DNCInterface
+) -> tuple[dict[str, Tensor], Tensor]:
+    """One differentiable memory step on a batch's state (named as in `dnc_memory_specs`)."""
+    memory_state = DNCState(
+        state["memory"],
+        state["usage"],
+        state.get("precedence"),
+        state.get("link"),
+        state["write_weights"],
+        state["read_weights"],
+    )
+    new_state, reads = step(memory_state, parameters)
+    new = {name: value for name, value in new_state._asdict().items() if value is not None}
+    return new, reads
+
+
+def dnc_pool_step(
+    pool: StatePool, slots: Tensor, parameters: DNCInterface, use_links: bool
+) -> Tensor:
+    """One memory step in place at `slots` of `pool` (checked by the caller); returns reads."""
+    p = parameters
+    return dnc_memory_step(
+        pool["memory"],
+        pool["usage"],
+        pool["precedence"] if use_links else None,
+        pool["link"] if use_links else None,
+        pool["write_weights"],
+        pool["read_weights"],
+        slots,
+        # the split views are strided; the kernel takes contiguous rows
+        p.read_keys.contiguous(),
+        p.read_strengths.contiguous(),
+        p.write_key.contiguous(),
+        p.write_strength.contiguous(),
+        p.erase.contiguous(),
+        p.write_vector.contiguous(),
+        p.free_gates.contiguous(),
+        p.allocation_gate.contiguous(),
+        p.write_gate.contiguous(),
+        None if p.read_modes is None else p.read_modes.contiguous(),
+        check_slots=False,
+    )
+
+
 class DNC(ControllerMemoryModel):
     """A DNC whose `forward` trains with autograd and whose `step` serves from a state pool."""
 
@@ -69,9 +163,7 @@ class DNC(ControllerMemoryModel):
 
     def __init__(self, config: DNCConfig) -> None:
         R, W = config.read_heads, config.word_size
-        # read keys and strengths, write key and strength, erase, write vector, free gates,
-        # allocation and write gates, and with links the read modes
-        self.split_sizes = [R * W, R, W, 1, W, W, R, 1, 1] + ([3 * R] if config.use_links else [])
+        self.split_sizes = interface_split_sizes(R, W, config.use_links)
         super().__init__(
             input_size=config.input_size,
             output_size=config.output_size,
@@ -88,15 +180,8 @@ class DNC(ControllerMemoryModel):
         )
 
     def memory_specs(self) -> tuple[StateSpec, ...]:
-        N, W, R = self.config.memory_rows, self.config.word_size, self.config.read_heads
-        links = (StateSpec("precedence", (N,)), StateSpec("link", (N, N)))
-        return (
-            StateSpec("memory", (N, W)),
-            StateSpec("usage", (N,)),
-            *(links if self.config.use_links else ()),
-            StateSpec("write_weights", (N,)),
-            StateSpec("read_weights", (R, N)),
-        )
+        c = self.config
+        return dnc_memory_specs(c.memory_rows, c.word_size, c.read_heads, c.use_links)
 
     def initial_memory_state(self) -> dict[str, Tensor]:
         state = {"memory": self.initial_memory}
@@ -106,62 +191,16 @@ class DNC(ControllerMemoryModel):
 
     def interface_parameters(self, interface: Tensor) -> DNCInterface:
         """Split the interface vector `[B, size]` and activate each part."""
-        batch, R, W = interface.shape[0], self.config.read_heads, self.config.word_size
-        parts = torch.split(interface, self.split_sizes, dim=-1)
-        read_keys, read_strengths, write_key, write_strength, erase, write_vector = parts[:6]
-        free_gates, allocation_gate, write_gate = parts[6:9]
-        read_modes = (
-            torch.softmax(parts[9].view(batch, R, 3), dim=-1) if self.config.use_links else None
-        )
-        return DNCInterface(
-            read_keys=read_keys.reshape(batch, R, W),
-            read_strengths=oneplus(read_strengths),
-            write_key=write_key,
-            write_strength=oneplus(write_strength.squeeze(-1)),
-            erase=torch.sigmoid(erase),
-            write_vector=write_vector,
-            free_gates=torch.sigmoid(free_gates),
-            allocation_gate=torch.sigmoid(allocation_gate.squeeze(-1)),
-            write_gate=torch.sigmoid(write_gate.squeeze(-1)),
-            read_modes=read_modes,
-        )
+        c = self.config
+        return split_interface(interface, c.read_heads, c.word_size, c.use_links)
 
     def memory_forward(
         self, state: dict[str, Tensor], interface: Tensor
     ) -> tuple[dict[str, Tensor], Tensor]:
-        memory_state = DNCState(
-            state["memory"],
-            state["usage"],
-            state.get("precedence"),
-            state.get("link"),
-            state["write_weights"],
-            state["read_weights"],
-        )
-        new_state, reads = step(memory_state, self.interface_parameters(interface))
-        new = {name: value for name, value in new_state._asdict().items() if value is not None}
-        return new, reads
+        return dnc_state_step(state, self.interface_parameters(interface))
 
     def memory_step(self, pool: StatePool, slots: Tensor, interface: Tensor) -> Tensor:
-        p = self.interface_parameters(interface)
-        links = self.config.use_links
-        return dnc_memory_step(
-            pool["memory"],
-            pool["usage"],
-            pool["precedence"] if links else None,
-            pool["link"] if links else None,
-            pool["write_weights"],
-            pool["read_weights"],
-            slots,
-            # the split views are strided; the kernel takes contiguous rows
-            p.read_keys.contiguous(),
-            p.read_strengths.contiguous(),
-            p.write_key.contiguous(),
-            p.write_strength.contiguous(),
-            p.erase.contiguous(),
-            p.write_vector.contiguous(),
-            p.free_gates.contiguous(),
-            p.allocation_gate.contiguous(),
-            p.write_gate.contiguous(),
-            None if p.read_modes is None else p.read_modes.contiguous(),
-            check_slots=False,  # checked by `step`
+        # slots are checked by `step`
+        return dnc_pool_step(
+            pool, slots, self.interface_parameters(interface), self.config.use_links
         )

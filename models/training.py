@@ -51,9 +51,12 @@ class Task(Protocol):
         ...
 
     def loss(
-        self, model: MemoryModel, generator: torch.Generator, device: torch.device
+        self, model: MemoryModel, generator: torch.Generator, device: torch.device, step: int = 0
     ) -> tuple[Tensor, dict[str, float]]:
-        """Draw one batch from `generator`, run the model, return the loss and metrics."""
+        """Draw one batch from `generator`, run the model, return the loss and metrics.
+
+        `step` is the optimizer step being taken (from 1), for schedules such as the KL
+        annealing of the dialogue task; a resumed run passes the same steps again."""
         ...
 
     def validate(self, model: MemoryModel, device: torch.device) -> dict[str, float]:
@@ -305,7 +308,7 @@ def train(
     for step in range(start + 1, settings.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate_at(step)
-        loss, metrics = task.loss(model, batch_generator(settings.seed, step), device)
+        loss, metrics = task.loss(model, batch_generator(settings.seed, step), device, step)
         value = float(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)

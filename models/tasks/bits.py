@@ -86,7 +86,11 @@ class BitTask(ABC):
         """`count` sequences of one size."""
 
     def loss(
-        self, model: torch.nn.Module, generator: torch.Generator, device: torch.device
+        self,
+        model: torch.nn.Module,
+        generator: torch.Generator,
+        device: torch.device,
+        step: int = 0,  # unused: bit tasks have no schedule
     ) -> tuple[Tensor, dict[str, float]]:
         low, high = self.size_range()
         size = int(torch.randint(low, high + 1, (1,), generator=generator))

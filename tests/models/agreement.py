@@ -27,7 +27,7 @@ def fill_random(pool: StatePool, generator: torch.Generator) -> None:
 
 
 def assert_forward_and_step_agree(
-    model: ControllerMemoryModel, steps: int, generator: torch.Generator
+    model: MemoryModel, steps: int, generator: torch.Generator
 ) -> None:
     """On the model's device (the compiled kernels on CUDA), with the same weights and
     inputs: the sequence forward (reference pieces, autograd graph) and `steps` serving
