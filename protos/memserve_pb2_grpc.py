@@ -79,6 +79,11 @@ class MemServeStub:
                 request_serializer=protos_dot_memserve__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=protos_dot_memserve__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/memserve.v1.MemServe/Generate',
+                request_serializer=protos_dot_memserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protos_dot_memserve__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class MemServeServicer:
@@ -139,6 +144,14 @@ class MemServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Dialogue models: write the user's text into the session's memory, stream the reply
+        token by token, then write the reply into memory too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +199,11 @@ def add_MemServeServicer_to_server(servicer, server):
                     servicer.DeleteSession,
                     request_deserializer=protos_dot_memserve__pb2.DeleteSessionRequest.FromString,
                     response_serializer=protos_dot_memserve__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=protos_dot_memserve__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_memserve__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +449,33 @@ class MemServe:
             '/memserve.v1.MemServe/DeleteSession',
             protos_dot_memserve__pb2.DeleteSessionRequest.SerializeToString,
             protos_dot_memserve__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memserve.v1.MemServe/Generate',
+            protos_dot_memserve__pb2.GenerateRequest.SerializeToString,
+            protos_dot_memserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,9 @@ class ServerConfig:
     max_steps_per_call: int = field(
         default=1024, metadata={"help": "largest T (steps) one Step call may carry"}
     )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "largest max_tokens a Generate call may ask for"}
+    )
     park_host_bytes: int = field(
         default=1 << 30,
         metadata={
@@ -96,7 +99,14 @@ class ServerConfig:
 
     def validate(self) -> ServerConfig:
         """Raise ValueError naming the first setting out of range."""
-        for name in ("port", "slots", "max_batch", "max_steps_per_call", "threads"):
+        for name in (
+            "port",
+            "slots",
+            "max_batch",
+            "max_steps_per_call",
+            "max_new_tokens",
+            "threads",
+        ):
             low = 0 if name in ("port", "threads") else 1
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,9 +43,11 @@ from serving.errors import (
     NotFound,
     ServingError,
 )
+from serving.generation import GenerateWork, Sampling, prompt_tokens, text_model
 from serving.metrics import Metrics
 from serving.sessions import ImportedState, Session, SessionTable, export_state, new_session_id
 from serving.store import ParkingStore
+from serving.work import OPERATIONS, StepWork, Work
 
 log = logging.getLogger("memserve.engine")
 
@@ -58,21 +61,8 @@ class EngineSettings:
     max_queue_delay: float  # seconds to wait for more sessions before a launch
     session_ttl: float
     max_session_ttl: float
-    max_steps_per_call: int
-
-
-@dataclass(eq=False)
-class StepWork:
-    """One Step call: its inputs, the outputs filled in as its steps run, and its caller."""
-
-    session: Session
-    inputs: np.ndarray  # [T, input_size] float32
-    outputs: np.ndarray  # [T, output_size] float32, row t written by the t-th iteration
-    expected_step: int | None
-    future: asyncio.Future[int]  # the session's step count once all T steps ran
-    enqueued: float  # time.perf_counter() at arrival
-    done: int = 0
-    started: bool = False
+    max_steps_per_call: int  # also the most tokens of a Generate call's text
+    max_new_tokens: int  # the most tokens a Generate call may ask for
 
 
 class ModelEngine:
@@ -237,7 +227,6 @@ class ModelEngine:
         Returns the outputs `[T, output_size]` and the step count after them. Cancelling the
         caller stops the call at the next iteration; the steps already taken stay.
         """
-        self._check_live(session)
         work = StepWork(
             session=session,
             inputs=inputs,
@@ -246,13 +235,44 @@ class ModelEngine:
             future=asyncio.get_running_loop().create_future(),
             enqueued=time.perf_counter(),
         )
-        session.pending.append(work)
-        self.queued_calls += 1
-        if session.id not in self.ready:
-            self.ready[session.id] = session
-        self.wake.set()
+        self._enqueue(work)
         step = await work.future
+        assert work.outputs is not None
         return work.outputs, step
+
+    def generate(
+        self, session: Session, text: str, sampling: Sampling, seed: int | None
+    ) -> GenerateWork:
+        """Queue a Generate call on the session; iterate `work.stream()` for the reply.
+
+        Cancelling the caller stops the call at the next launch: what was written to memory
+        by then stays (part of the user's text, or all of it), the reply is not written.
+        """
+        model = text_model(self.model, self.name)
+        assert model.tokenizer is not None
+        prompt = prompt_tokens(model.tokenizer, text, self.settings.max_steps_per_call)
+        if seed is None:
+            seed = session.seed
+        work = GenerateWork(
+            session=session,
+            future=asyncio.get_running_loop().create_future(),
+            enqueued=time.perf_counter(),
+            prompt=prompt,
+            sampling=sampling,
+            rng=np.random.default_rng(seed),
+            tokenizer=model.tokenizer,
+            latent_size=self.pool["z"].shape[1],
+        )
+        self._enqueue(work)
+        return work
+
+    def _enqueue(self, work: Work) -> None:
+        self._check_live(work.session)
+        work.session.pending.append(work)
+        self.queued_calls += 1
+        if work.session.id not in self.ready:
+            self.ready[work.session.id] = work.session
+        self.wake.set()
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -268,32 +288,67 @@ class ModelEngine:
                     if self.ready:  # every head was dropped (cancelled, out of order): go on
                         self.wake.set()
                     continue
-                slots = np.fromiter((w.session.slot for w in batch), np.int64, len(batch))
-                rows = np.stack([work.inputs[work.done] for work in batch])
+                ops = [work.next_op() for work in batch]
+                groups = {
+                    kind: [row for row, (k, _) in enumerate(ops) if k == kind]
+                    for kind in OPERATIONS
+                }
+                launches = {
+                    kind: self._launch_arguments(kind, [batch[r] for r in rows],
+                                                 [ops[r][1] for r in rows])
+                    for kind, rows in groups.items()
+                    if rows
+                }  # fmt: skip
                 try:
-                    outputs, seconds = await loop.run_in_executor(
-                        self.executor, self._launch, slots, rows
+                    results, seconds = await loop.run_in_executor(
+                        self.executor, self._launch, launches
                     )
                 except Exception as error:  # a bug, not a request's fault: fail loudly
                     self._lose(batch, error)
                     continue
                 self.observe_batch(len(batch))
                 self.observe_step(seconds)
+                outputs: list[Any] = [None] * len(batch)
+                for kind, rows in groups.items():
+                    result = results.get(kind)
+                    for index, row in enumerate(rows):
+                        outputs[row] = None if result is None else result[index]
                 self._deliver(batch, outputs)
                 if self.ready:
                     self.wake.set()
 
-    def _launch(self, slots: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, float]:
-        """One batched step on the worker thread; returns outputs and its duration."""
+    @staticmethod
+    def _launch_arguments(kind: str, works: list[Work], arguments: list[Any]) -> tuple[Any, ...]:
+        """The host arrays of one operation's launch: slots, then its inputs."""
+        slots = np.fromiter((work.session.slot for work in works), np.int64, len(works))
+        if kind == "step":
+            return slots, np.stack(arguments)
+        if kind == "begin":
+            noise = np.stack([noise for noise, _ in arguments]).astype(np.float32)
+            return slots, noise, np.array([u for _, u in arguments], np.float32)
+        return slots, np.array(arguments, np.int64)  # encode, decode: one token each
+
+    def _launch(self, launches: dict[str, tuple[Any, ...]]) -> tuple[dict[str, Any], float]:
+        """One iteration's launches on the worker thread (one per kind of operation that
+        some session needs); returns their host outputs and the time they took."""
         start = time.perf_counter()
         device = self.pool.device
-        outputs = self.model.step(
-            self.pool, torch.from_numpy(slots).to(device), torch.from_numpy(rows).to(device)
-        )
-        result = outputs.cpu().numpy()  # waits for the device
-        return result, time.perf_counter() - start
+        results: dict[str, Any] = {}
+        for kind, arrays in launches.items():
+            slots, *inputs = (torch.from_numpy(a).to(device) for a in arrays)
+            if kind == "step":
+                results[kind] = self.model.step(self.pool, slots, inputs[0]).cpu().numpy()
+            else:
+                model = text_model(self.model, self.name)
+                if kind == "encode":
+                    model.encode(self.pool, slots, inputs[0])
+                elif kind == "begin":
+                    model.begin_reply(self.pool, slots, inputs[0], inputs[1])
+                else:
+                    results[kind] = model.decode(self.pool, slots, inputs[0]).cpu().numpy()
+        return results, time.perf_counter() - start
 
-    def _lose(self, batch: list[StepWork], error: Exception) -> None:
+    def _lose(self, batch: list[Work], error: Exception) -> None:
         """A launch raised: its slots may be half-written, so their sessions are ended
         rather than left with a state that no longer matches their step count."""
         log.exception("batched step failed", extra={"event": "step_failed", "model": self.name})
@@ -301,9 +356,9 @@ class ModelEngine:
             if self.table.sessions.get(work.session.id) is work.session:
                 self._end(work.session, f"was lost: a step failed on the server ({error})")
 
-    def _assemble(self) -> list[StepWork]:
+    def _assemble(self) -> list[Work]:
         """The head call of up to max_batch ready sessions, each with a slot."""
-        batch: list[StepWork] = []
+        batch: list[Work] = []
         in_batch: set[str] = set()
         slots_left = True  # False once no slot can be freed for the rest of this pass
         for session in list(self.ready.values()):
@@ -339,7 +394,7 @@ class ModelEngine:
             in_batch.add(session.id)
         return batch
 
-    def _head(self, session: Session) -> StepWork | None:
+    def _head(self, session: Session) -> Work | None:
         """The session's next call to step, dropping cancelled and out-of-order ones."""
         while session.pending:
             work = session.pending[0]
@@ -362,13 +417,11 @@ class ModelEngine:
         self.ready.pop(session.id, None)
         return None
 
-    def _deliver(self, batch: list[StepWork], outputs: np.ndarray) -> None:
-        for row, work in enumerate(batch):
+    def _deliver(self, batch: list[Work], outputs: list[Any]) -> None:
+        for work, output in zip(batch, outputs, strict=True):
             session = work.session
             session.step += 1
-            work.outputs[work.done] = outputs[row]
-            work.done += 1
-            if work.done == len(work.inputs) or work.future.done():
+            if work.take(output) or work.future.done():
                 self._finish(work, result=session.step)
             if session.pending:
                 self.ready.move_to_end(session.id)
@@ -376,7 +429,7 @@ class ModelEngine:
                 self.ready.pop(session.id, None)
 
     def _finish(
-        self, work: StepWork, result: int | None = None, error: Exception | None = None
+        self, work: Work, result: int | None = None, error: Exception | None = None
     ) -> None:
         """Take a call off its session's queue and answer it (unless its caller left)."""
         session = work.session

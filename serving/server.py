@@ -27,11 +27,11 @@ from prometheus_client import start_http_server
 from kernels import backend
 from memserve import __version__
 from models import checkpoint
-from protos import memserve_pb2, memserve_pb2_grpc
+from protos import memserve_pb2
 from serving.config import ServerConfig
 from serving.engine import EngineSettings, ModelEngine
 from serving.metrics import Metrics
-from serving.service import MemServeService
+from serving.service import MemServeService, add_to_server
 from serving.sessions import SessionTable
 from serving.store import DirectoryStore, ParkingStore
 
@@ -101,6 +101,7 @@ class Server:
             session_ttl=self.config.session_ttl,
             max_session_ttl=self.config.max_session_ttl,
             max_steps_per_call=self.config.max_steps_per_call,
+            max_new_tokens=self.config.max_new_tokens,
         )
         for spec in specs:
             name = model_name(spec)
@@ -148,7 +149,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        memserve_pb2_grpc.add_MemServeServicer_to_server(self.service, server)  # type: ignore[no-untyped-call]
+        add_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos import memserve_pb2, memserve_pb2_grpc
 from serving import wire
 from serving.engine import ModelEngine
 from serving.errors import InvalidArgument, NotFound, ServingError, Unavailable
+from serving.generation import GenerateWork, Sampling
 from serving.metrics import Metrics
 from serving.sessions import Session, SessionTable, import_state
 
@@ -41,6 +44,7 @@ def unary(method: str) -> Callable[[Handler[Request, Response]], Handler[Request
             self.in_flight += 1
             try:
                 self.check_open()
+                check_parsed(request)
                 response = await handler(self, request, context)
                 code = grpc.StatusCode.OK
                 return response
@@ -68,6 +72,53 @@ def unary(method: str) -> Callable[[Handler[Request, Response]], Handler[Request
         return wrapped
 
     return decorate
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request that did not parse (e.g. a string field that is not UTF-8): the handler
+    answers INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing request"."""
+
+    type_name: str
+    error: str
+
+
+def lenient(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            return Malformed(message_class.DESCRIPTOR.full_name, str(error))
+
+    return parse
+
+
+def check_parsed(request: object) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"request is not a valid {request.type_name}: {request.error}")
+
+
+def add_to_server(service: MemServeService, server: grpc.aio.Server) -> None:
+    """Register every MemServe method, with requests parsed by `lenient`."""
+    descriptor = memserve_pb2.DESCRIPTOR.services_by_name["MemServe"]
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: factories[method.client_streaming, method.server_streaming](
+            getattr(service, method.name),
+            request_deserializer=lenient(getattr(memserve_pb2, method.input_type.name)),
+            response_serializer=getattr(memserve_pb2, method.output_type.name).SerializeToString,
+        )
+        for method in descriptor.methods
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
 
 
 class MemServeService(memserve_pb2_grpc.MemServeServicer):
@@ -175,6 +226,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
             self.in_flight += 1
             try:
                 self.check_open()
+                check_parsed(request)
                 if bound and request.session_id not in ("", bound):
                     raise InvalidArgument(
                         f"session_id {request.session_id!r} differs from the stream's "
@@ -237,6 +289,71 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
         session = await engine.import_(imported, ttl)
         return self.session_info(session, engine)
+
+    async def Generate(
+        self, request: memserve_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[memserve_pb2.GenerateResponse]:
+        """Stream a dialogue model's reply to `text`, piece by piece, then a summary."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN
+        self.in_flight += 1
+        self.metrics.generations_in_flight.inc()
+        work: GenerateWork | None = None
+        try:
+            self.check_open()
+            check_parsed(request)
+            session, engine = self.session(request.session_id)
+            sampling = Sampling.checked(
+                request.max_tokens,
+                engine.settings.max_new_tokens,
+                request.temperature if request.HasField("temperature") else None,
+                request.top_k,
+                request.top_p if request.HasField("top_p") else None,
+                list(request.stop),
+            )
+            seed = request.seed if request.HasField("seed") else None
+            work = engine.generate(session, request.text, sampling, seed)
+            last = None
+            async for piece in work.stream():
+                now = time.perf_counter()
+                if last is None:
+                    self.metrics.time_to_first_token.labels(session.model).observe(now - start)
+                else:
+                    self.metrics.inter_token_latency.labels(session.model).observe(now - last)
+                last = now
+                yield memserve_pb2.GenerateResponse(text=piece)
+            done = memserve_pb2.GenerateDone(
+                finish_reason=work.finish_reason,
+                prompt_tokens=len(work.prompt),
+                completion_tokens=len(work.generated),
+                text=work.text,
+                step=work.future.result(),
+            )
+            code = grpc.StatusCode.OK
+            yield memserve_pb2.GenerateResponse(done=done)
+        except ServingError as error:
+            code = error.code
+            self.reject(error)
+            await context.abort(code, str(error))
+        except Exception as error:
+            code = grpc.StatusCode.INTERNAL
+            log.exception(
+                "unexpected error", extra={"event": "handler_error", "method": "Generate"}
+            )
+            await context.abort(code, f"internal error: {error}")
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.generations_in_flight.dec()
+            if work is not None:
+                self.metrics.generated_tokens.labels(work.session.model).inc(len(work.generated))
+                if not work.future.done():
+                    work.future.cancel()  # the caller left: stop at the next launch
+            self.metrics.request_duration.labels("Generate", code.name).observe(
+                time.perf_counter() - start
+            )
 
     @unary("DeleteSession")
     async def DeleteSession(

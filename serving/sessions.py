@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors
 from serving.errors import InvalidArgument, NotFound
 
 if TYPE_CHECKING:
-    from serving.engine import StepWork
+    from serving.work import Work
 
 EXPORT_FORMAT = "memserve-session"
 EXPORT_VERSION = 1
@@ -45,7 +45,7 @@ class Session:
     step: int = 0  # steps its state has taken
     slot: int | None = None  # its slot in the pool; None while parked
     seed: int | None = None
-    pending: deque[StepWork] = field(default_factory=deque)  # Step calls in arrival order
+    pending: deque[Work] = field(default_factory=deque)  # Step calls in arrival order
 
 
 class SessionTable:

@@ -1,0 +1,231 @@
+"""Text generation on a dialogue model (VMED): one Generate call as a sequence of one-token
+operations that the engine's batch loop interleaves with every other session's work.
+
+A call goes through four phases, one operation per launch:
+1. `prompt`: each token of the user's text, then <eos>, is written into memory (`encode`);
+2. `begin`: the decoder starts and z is drawn from the prior (`begin_reply`);
+3. `decode`: one token per launch (`decode` -> logits -> sampled here, on the host), until
+   <eos>, a stop string or max_tokens; each new piece of text goes to the caller at once;
+4. `reply`: the reply's tokens, then <eos>, are written into memory (`encode`), so the next
+   turn remembers what the model said.
+
+Randomness comes from one numpy generator per call, seeded by the request's seed (else the
+session's, else fresh entropy): the same seed with the same history gives the same reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from models.base import MemoryModel
+from models.state import StatePool
+from models.tokenizer import BOS, EOS
+from models.tokenizer import decode as decode_tokens
+from models.tokenizer import encode as encode_tokens
+from serving.errors import FailedPrecondition, InvalidArgument
+from serving.work import Work
+
+DEFAULT_MAX_TOKENS = 64
+MAX_PROMPT_CHARACTERS = 4096
+MAX_STOP_STRINGS = 8
+
+
+class TextModel(Protocol):
+    """What a model needs to generate text (models/vmed.py has it)."""
+
+    tokenizer: Tokenizer | None
+
+    def encode(self, pool: StatePool, slots: torch.Tensor, tokens: torch.Tensor) -> None: ...
+
+    def begin_reply(
+        self, pool: StatePool, slots: torch.Tensor, noise: torch.Tensor, uniform: torch.Tensor
+    ) -> None: ...
+
+    def decode(
+        self, pool: StatePool, slots: torch.Tensor, previous_tokens: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+def text_model(model: MemoryModel, name: str) -> TextModel:
+    """The model as a `TextModel`, or FAILED_PRECONDITION saying it does not generate text."""
+    if not all(hasattr(model, m) for m in ("encode", "begin_reply", "decode")) or (
+        getattr(model, "tokenizer", None) is None
+    ):
+        raise FailedPrecondition(
+            f"model {name!r} ({model.model_type}) does not generate text; Generate needs a "
+            "dialogue model such as vmed-chat"
+        )
+    return model  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from the logits."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def checked(
+        cls,
+        max_tokens: int,
+        limit: int,
+        temperature: float | None,
+        top_k: int,
+        top_p: float | None,
+        stop: list[str],
+    ) -> Sampling:
+        """From request fields; INVALID_ARGUMENT naming the first one out of range."""
+        if not 0 <= max_tokens <= limit:
+            raise InvalidArgument(f"max_tokens must be between 1 and {limit} (0: default)")
+        temperature = 1.0 if temperature is None else temperature
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise InvalidArgument(f"temperature must be >= 0, got {temperature}")
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0 (0: no limit), got {top_k}")
+        top_p = 1.0 if top_p is None else top_p
+        if not (math.isfinite(top_p) and 0 < top_p <= 1):
+            raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+        if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+            raise InvalidArgument(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+        return cls(
+            max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, limit),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop=tuple(stop),
+        )
+
+
+def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """A token id from one row of logits: greedy at temperature 0, else softmax(logits / T)
+    cut to the top_k most likely and the smallest top_p mass, renormalised."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / sampling.temperature
+    order = np.argsort(-scaled, kind="stable")
+    if sampling.top_k:
+        order = order[: sampling.top_k]
+    probabilities = np.exp(scaled[order] - scaled[order[0]])
+    probabilities /= probabilities.sum()
+    if sampling.top_p < 1:
+        keep = int(np.searchsorted(np.cumsum(probabilities), sampling.top_p)) + 1
+        probabilities = probabilities[:keep] / probabilities[:keep].sum()
+        order = order[:keep]
+    return int(order[rng.choice(len(order), p=probabilities)])
+
+
+def prompt_tokens(tokenizer: Tokenizer, text: str, limit: int) -> list[int]:
+    """The user's text as tokens, then <eos>; INVALID_ARGUMENT if empty or too long."""
+    if not text.strip():
+        raise InvalidArgument("text is empty")
+    if len(text) > MAX_PROMPT_CHARACTERS:
+        raise InvalidArgument(f"text has {len(text)} characters; at most {MAX_PROMPT_CHARACTERS}")
+    tokens = encode_tokens(tokenizer, text)
+    if len(tokens) + 1 > limit:
+        raise InvalidArgument(f"text is {len(tokens)} tokens; at most {limit - 1}")
+    return [*tokens, EOS]
+
+
+@dataclass(eq=False)
+class GenerateWork(Work):
+    """One Generate call, advanced one operation per launch (see the module docstring)."""
+
+    prompt: list[int] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=1))
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    tokenizer: Tokenizer | None = None
+    latent_size: int = 0
+    pieces: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    phase: str = "prompt"
+    position: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: str = ""  # the reply so far (all of it once finished)
+    sent: int = 0  # characters of `text` already sent to the caller
+    reply: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+
+    def next_op(self) -> tuple[str, Any]:
+        if self.phase == "prompt":
+            return "encode", self.prompt[self.position]
+        if self.phase == "begin":
+            return "begin", (self.rng.standard_normal(self.latent_size), self.rng.random())
+        if self.phase == "decode":
+            return "decode", self.generated[-1] if self.generated else BOS
+        return "encode", self.reply[self.position]
+
+    def take(self, result: Any) -> bool:
+        if self.phase == "prompt":
+            self.position += 1
+            if self.position == len(self.prompt):
+                self.phase = "begin"
+        elif self.phase == "begin":
+            self.phase = "decode"
+        elif self.phase == "decode":
+            self._next_token(sample(result, self.sampling, self.rng))
+        else:
+            self.position += 1
+            return self.position == len(self.reply)
+        return False
+
+    def _next_token(self, token: int) -> None:
+        assert self.tokenizer is not None
+        if token == EOS:
+            self._finish("eos")
+            return
+        self.generated.append(token)
+        self.text = decode_tokens(self.tokenizer, self.generated)
+        cut = min((i for i in (self.text.find(s) for s in self.sampling.stop) if i >= 0),
+                  default=-1)  # fmt: skip
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self._finish("stop")
+        elif len(self.generated) >= self.sampling.max_tokens:
+            self._finish("length")
+        else:  # hold back what could still become the start of a stop string
+            hold = max((len(s) - 1 for s in self.sampling.stop), default=0)
+            self._send(len(self.text) - hold)
+
+    def _send(self, upto: int) -> None:
+        if upto > self.sent:
+            self.pieces.put_nowait(self.text[self.sent : upto])
+            self.sent = upto
+
+    def _finish(self, reason: str) -> None:
+        assert self.tokenizer is not None
+        self.finish_reason = reason
+        self._send(len(self.text))
+        self.text = self.text.strip()
+        # What memory remembers: the reply as sent (after a stop string is cut), then <eos>.
+        self.reply = [*encode_tokens(self.tokenizer, self.text), EOS]
+        self.phase, self.position = "reply", 0
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The reply's pieces as they are decoded; returns when the call is done (after its
+        reply is written to memory) and raises what the call failed with."""
+        while True:
+            get = asyncio.ensure_future(self.pieces.get())
+            waiting: set[asyncio.Future[Any]] = {get, self.future}
+            try:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not get.done():
+                    get.cancel()
+            if get.done() and not get.cancelled():
+                yield get.result()
+                continue
+            while not self.pieces.empty():
+                yield self.pieces.get_nowait()
+            self.future.result()  # raises if the call failed
+            return
