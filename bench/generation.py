@@ -1,0 +1,572 @@
+"""Benchmark of Generate over loopback: C concurrent chats against a real server.
+
+A real `memserve serve --models MODEL` runs in a child process on the PyTorch reference
+kernels (MEMSERVE_KERNEL_BACKEND=torch, TRITON_INTERPRET removed), with its Prometheus
+metrics on. For each level C (default 1, 8, 64) this process opens C chats, one grpc.aio
+task each: a session (CreateSession with the chat's seed), then Generate calls back to back,
+one turn after another, whose user texts are the first utterances of the Persona-Chat
+exchange lines (/work/shared/data/personachat-dialogues.txt), each chat cycling through them
+from its own offset. Every call asks for the same max_tokens (default 32) at temperature
+1.0, top_p 0.9, with the chat's seed. After a warm-up, a fixed window is measured:
+
+- tokens/s: the completion_tokens of the calls that completed inside the window, over it;
+- calls/s, and the whole call's latency;
+- TTFT: request sent -> its first text piece; inter-token latency: between successive text
+  pieces of one call (HdrHistogram, microseconds, 3 digits; a value counts if it ends
+  inside the window);
+- errors by status code; the CPU of this client, of the server and of everything else;
+- the server's own batch size (its /metrics `memserve_batch_size`) over the window.
+
+The target, a ratio measured in the same run: C=64 chats give at least 10x the tokens/s of
+one chat (the highest level over the lowest). It prints a table and writes everything as
+JSON (default bench/results/generation-cpu.json).
+
+    python bench/generation.py                                 # vmed-chat, levels 1 8 64
+    python bench/generation.py --model PATH --levels 1 8 --seconds 5 --warmup 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+from hdrh.histogram import HdrHistogram
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # ahead of bench/, so that `serving` is the package
+
+from bench.serving import (  # noqa: E402
+    ChildServer,
+    Window,
+    batching_over,
+    cpu_name,
+    git_state,
+    machine_cpu_seconds,
+    scrape,
+    verdict,
+    versions,
+)
+from protos import memserve_pb2, memserve_pb2_grpc  # noqa: E402
+
+MODEL = "vmed-chat"
+CORPUS = ROOT.parent / "shared" / "data" / "personachat-dialogues.txt"
+LEVELS = [1, 8, 64]
+SLOTS = 256  # the server's default pool: every chat stays active
+SCALING = 10.0  # the target: tokens/s at the highest C over the lowest
+SEED = 1000  # chat i's seed is SEED + i
+OFFSET_STRIDE = 97  # chat i starts at utterance i * OFFSET_STRIDE (mod their number)
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class LevelRow:
+    """One concurrency level: what the client measured in the window."""
+
+    concurrency: int
+    channels: int
+    seconds: float  # the measuring window
+    calls: int  # Generate calls that completed OK inside the window
+    completion_tokens: int  # the sum of their completion_tokens
+    prompt_tokens: int  # the sum of their prompt_tokens
+    tokens_per_s: float  # completion_tokens / seconds
+    calls_per_s: float  # calls / seconds
+    ttft_us: dict[str, int]  # request sent -> first text piece: p50, p90, p99, max
+    ttft_mean_us: float
+    ttft_samples: int
+    itl_us: dict[str, int]  # between successive text pieces of one call: p50, p90, p99, max
+    itl_mean_us: float
+    itl_samples: int
+    call_us: dict[str, int]  # request sent -> the final message: p50, p90, p99, max
+    call_mean_us: float
+    finish_reasons: dict[str, int]  # of the calls counted
+    errors: dict[str, int]  # status code name -> calls that failed inside the window
+    client_cpu_seconds: float  # this process, over the window
+    server_cpu_seconds: float  # the child server, over the window (user + system)
+    other_cpu_seconds: float  # every other process on the machine, over the window
+    batching: dict[str, float] | None = None  # the server's own metrics over the window
+    server_generated_tokens: float | None = None  # its memserve_generated_tokens_total, delta
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.calls > 0
+
+
+@dataclass
+class Settings:
+    model: str
+    seconds: float
+    warmup: float
+    levels: list[int]
+    channels: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int  # the server's limit
+    corpus: str
+    server_env: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def user_texts(corpus: Path) -> list[str]:
+    """The first utterance of every exchange line ("N first<TAB>second"), in file order."""
+    texts = []
+    for line in corpus.read_text().splitlines():
+        if "\t" in line:
+            first = line.split(" ", 1)[1].split("\t", 1)[0].strip()
+            if first:
+                texts.append(first)
+    if not texts:
+        raise ValueError(f"no exchange lines in {corpus}")
+    return texts
+
+
+def server_command(model: str, max_new_tokens: int) -> list[str]:
+    return [
+        sys.executable, "-m", "memserve", "serve", "--models", model, "--port", "0",
+        "--metrics-port", "0", "--max-new-tokens", str(max_new_tokens),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- load client
+
+
+def histogram() -> HdrHistogram:
+    return HdrHistogram(1, 600_000_000, 3)  # microseconds
+
+
+def summary(values: HdrHistogram) -> dict[str, int]:
+    return {
+        "p50": int(values.get_value_at_percentile(50)),
+        "p90": int(values.get_value_at_percentile(90)),
+        "p99": int(values.get_value_at_percentile(99)),
+        "max": int(values.get_max_value()),
+    }
+
+
+def microseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1e6))
+
+
+class Recorder:
+    """Calls, tokens, latencies and errors of one level that fall inside its window."""
+
+    def __init__(self, window: Window) -> None:
+        self.window = window
+        self.ttft = histogram()
+        self.itl = histogram()
+        self.call_latency = histogram()
+        self.calls = 0
+        self.completion_tokens = 0
+        self.prompt_tokens = 0
+        self.finish_reasons: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+
+    def inside(self, when: float) -> bool:
+        return self.window.start <= when <= self.window.end
+
+    def piece(self, previous: float, when: float, first: bool) -> None:
+        if self.inside(when):
+            (self.ttft if first else self.itl).record_value(microseconds(when - previous))
+
+    def call(self, start: float, done: float, final: memserve_pb2.GenerateDone) -> None:
+        if self.inside(done):
+            self.calls += 1
+            self.completion_tokens += final.completion_tokens
+            self.prompt_tokens += final.prompt_tokens
+            reason = final.finish_reason or "?"
+            self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
+            self.call_latency.record_value(microseconds(done - start))
+
+    def error(self, when: float, code: str) -> None:
+        if self.inside(when):
+            self.errors[code] = self.errors.get(code, 0) + 1
+
+
+async def chat(
+    stub: memserve_pb2_grpc.MemServeStub,
+    session_id: str,
+    texts: list[str],
+    offset: int,
+    seed: int,
+    settings: Settings,
+    recorder: Recorder,
+) -> None:
+    """One chat: Generate calls back to back, turn after turn, until the window ends."""
+    turn = 0
+    while True:
+        start = time.perf_counter()
+        if start >= recorder.window.end:
+            return
+        request = memserve_pb2.GenerateRequest(
+            session_id=session_id,
+            text=texts[(offset + turn) % len(texts)],
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            seed=seed,
+        )
+        turn += 1
+        final: memserve_pb2.GenerateDone | None = None
+        previous, first, bad = start, True, False
+        try:
+            async for message in stub.Generate(request):
+                now = time.perf_counter()
+                if message.HasField("done"):
+                    final = message.done
+                elif final is not None:
+                    bad = True  # a piece after the final message
+                else:
+                    recorder.piece(previous, now, first)
+                    previous, first = now, False
+        except grpc.aio.AioRpcError as error:
+            recorder.error(time.perf_counter(), error.code().name)
+            await asyncio.sleep(0.01)  # no hot loop against a failing server
+            continue
+        done = time.perf_counter()
+        if final is None or bad:
+            recorder.error(done, "BAD_RESPONSE")
+            continue
+        recorder.call(start, done, final)
+
+
+def generated_tokens(metrics_port: int) -> float:
+    """The server's memserve_generated_tokens_total right now, summed over models."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "memserve_generated_tokens"
+        for sample in family.samples
+        if sample.name == "memserve_generated_tokens_total"
+    )
+
+
+def server_metrics(metrics_port: int) -> dict[str, float]:
+    return {**scrape(metrics_port), "generated_tokens": generated_tokens(metrics_port)}
+
+
+async def measure_level(
+    child: ChildServer, model: str, concurrency: int, texts: list[str], settings: Settings
+) -> LevelRow:
+    """C chats for the warm-up and the window; what completed in the window."""
+    channels = [grpc.aio.insecure_channel(child.target) for _ in range(settings.channels)]
+    stubs = [memserve_pb2_grpc.MemServeStub(channel) for channel in channels]  # type: ignore[no-untyped-call]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+        infos = await asyncio.gather(
+            *(
+                stubs[i % len(stubs)].CreateSession(
+                    memserve_pb2.CreateSessionRequest(model=model, seed=SEED + i)
+                )
+                for i in range(concurrency)
+            )
+        )
+        session_ids = [info.session_id for info in infos]
+        now = time.perf_counter()
+        window = Window(now + settings.warmup, now + settings.warmup + settings.seconds)
+        recorder = Recorder(window)
+        tasks = [
+            asyncio.create_task(
+                chat(
+                    stubs[i % len(stubs)],
+                    session_ids[i],
+                    texts,
+                    offset=i * OFFSET_STRIDE,
+                    seed=SEED + i,
+                    settings=settings,
+                    recorder=recorder,
+                )
+            )
+            for i in range(concurrency)
+        ]
+        await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
+        metrics_before = await asyncio.to_thread(server_metrics, child.metrics_port)
+        client_cpu, server_cpu, machine_cpu = (
+            time.process_time(),
+            child.cpu_seconds(),
+            machine_cpu_seconds(),
+        )
+        opened = time.perf_counter()
+        await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
+        closed = time.perf_counter()
+        client_cpu = time.process_time() - client_cpu
+        server_cpu = child.cpu_seconds() - server_cpu
+        machine_cpu = machine_cpu_seconds() - machine_cpu
+        metrics_after = await asyncio.to_thread(server_metrics, child.metrics_port)
+        await asyncio.gather(*tasks)  # each finishes the call it is in
+        await asyncio.gather(
+            *(
+                stubs[i % len(stubs)].DeleteSession(
+                    memserve_pb2.DeleteSessionRequest(session_id=session_id)
+                )
+                for i, session_id in enumerate(session_ids)
+            )
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+    seconds = window.end - window.start
+    measured = closed - opened  # the CPU counters' own interval, scaled to the window
+    return LevelRow(
+        concurrency=concurrency,
+        channels=settings.channels,
+        seconds=seconds,
+        calls=recorder.calls,
+        completion_tokens=recorder.completion_tokens,
+        prompt_tokens=recorder.prompt_tokens,
+        tokens_per_s=recorder.completion_tokens / seconds,
+        calls_per_s=recorder.calls / seconds,
+        ttft_us=summary(recorder.ttft),
+        ttft_mean_us=float(recorder.ttft.get_mean_value()),
+        ttft_samples=int(recorder.ttft.get_total_count()),
+        itl_us=summary(recorder.itl),
+        itl_mean_us=float(recorder.itl.get_mean_value()),
+        itl_samples=int(recorder.itl.get_total_count()),
+        call_us=summary(recorder.call_latency),
+        call_mean_us=float(recorder.call_latency.get_mean_value()),
+        finish_reasons=dict(sorted(recorder.finish_reasons.items())),
+        errors=dict(sorted(recorder.errors.items())),
+        client_cpu_seconds=client_cpu * seconds / measured,
+        server_cpu_seconds=server_cpu * seconds / measured,
+        other_cpu_seconds=(machine_cpu - client_cpu - server_cpu) * seconds / measured,
+        batching=batching_over(metrics_before, metrics_after, measured),
+        server_generated_tokens=(
+            metrics_after["generated_tokens"] - metrics_before["generated_tokens"]
+        ),
+    )
+
+
+async def model_info(child: ChildServer) -> memserve_pb2.ModelInfo:
+    """The one model the server serves, as its ListModels says."""
+    async with grpc.aio.insecure_channel(child.target) as channel:
+        stub = memserve_pb2_grpc.MemServeStub(channel)  # type: ignore[no-untyped-call]
+        listed = await stub.ListModels(memserve_pb2.ListModelsRequest())
+    if len(listed.models) != 1:
+        raise RuntimeError(f"expected one served model, got {[m.name for m in listed.models]}")
+    info: memserve_pb2.ModelInfo = listed.models[0]
+    return info
+
+
+async def measure_server(
+    settings: Settings, texts: list[str]
+) -> tuple[dict[str, Any], list[LevelRow]]:
+    """Start the server, run every level against it, stop it."""
+    rows: list[LevelRow] = []
+    with tempfile.TemporaryDirectory(prefix="bench-generation-") as logs:
+        command = server_command(settings.model, settings.max_new_tokens)
+        child = ChildServer("server", command, Path(logs), settings.server_env)
+        await asyncio.to_thread(child.start)
+        try:
+            info = await model_info(child)
+            for concurrency in settings.levels:
+                row = await measure_level(child, info.name, concurrency, texts, settings)
+                rows.append(row)
+                print_level(row)
+        finally:
+            child.stop()
+    model = {
+        "spec": settings.model,
+        "name": info.name,
+        "type": info.type,
+        "memory_shape": list(info.memory_shape),
+        "state_bytes": info.state_bytes,
+    }
+    return model, rows
+
+
+# ---------------------------------------------------------------------------- target
+
+
+def compute_targets(rows: list[LevelRow]) -> dict[str, Any]:
+    """Tokens/s at the highest C over the lowest, measured in this run; a level with errors
+    fails the target whatever the ratio."""
+    high = max(rows, key=lambda row: row.concurrency)
+    low = min(rows, key=lambda row: row.concurrency)
+    ratio = high.tokens_per_s / low.tokens_per_s if low.tokens_per_s else float("nan")
+    return {
+        "scaling": {
+            "threshold": SCALING,
+            "concurrency_high": high.concurrency,
+            "concurrency_low": low.concurrency,
+            "tokens_per_s_high": high.tokens_per_s,
+            "tokens_per_s_low": low.tokens_per_s,
+            "ratio": ratio,
+            "pass": ratio >= SCALING and high.ok and low.ok,
+        }
+    }
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def milliseconds(value: int) -> float:
+    return value / 1e3
+
+
+def print_level(row: LevelRow) -> None:
+    batch = (row.batching or {}).get("mean_batch_size", float("nan"))
+    errors = "" if row.ok else f"  ERRORS {row.errors or 'no calls'}"
+    print(
+        f"C={row.concurrency:<4} {row.tokens_per_s:>9.1f} tokens/s {row.calls_per_s:>7.2f} calls/s"
+        f"  ttft p50 {milliseconds(row.ttft_us['p50']):8.2f} ms"
+        f" p99 {milliseconds(row.ttft_us['p99']):8.2f} ms"
+        f"  itl p50 {milliseconds(row.itl_us['p50']):7.2f} ms"
+        f" p99 {milliseconds(row.itl_us['p99']):7.2f} ms"
+        f"  batch {batch:6.1f}  cpu client {row.client_cpu_seconds / row.seconds:4.2f}"
+        f" server {row.server_cpu_seconds / row.seconds:4.2f}"
+        f" other {row.other_cpu_seconds / row.seconds:4.2f}{errors}",
+        flush=True,
+    )
+
+
+def print_table(rows: list[LevelRow], targets: dict[str, Any]) -> None:
+    print("\nGenerate over loopback (latencies in ms)")
+    print(
+        f"{'C':>4} | {'tokens/s':>9} {'calls/s':>8} | {'ttft p50':>8} {'p99':>8} | "
+        f"{'itl p50':>7} {'p99':>7} | {'batch':>6} | {'cpu cli':>7} {'srv':>5} {'oth':>5}"
+    )
+    for row in rows:
+        batch = (row.batching or {}).get("mean_batch_size", float("nan"))
+        flag = "" if row.ok else f"  ERRORS {row.errors or 'no calls'}"
+        print(
+            f"{row.concurrency:>4} | {row.tokens_per_s:>9.1f} {row.calls_per_s:>8.2f} | "
+            f"{milliseconds(row.ttft_us['p50']):>8.2f} {milliseconds(row.ttft_us['p99']):>8.2f} | "
+            f"{milliseconds(row.itl_us['p50']):>7.2f} {milliseconds(row.itl_us['p99']):>7.2f} | "
+            f"{batch:>6.1f} | {row.client_cpu_seconds / row.seconds:>7.2f} "
+            f"{row.server_cpu_seconds / row.seconds:>5.2f} "
+            f"{row.other_cpu_seconds / row.seconds:>5.2f}{flag}"
+        )
+    scaling = targets["scaling"]
+    print("\ntarget")
+    print(
+        f"  tokens/s C={scaling['concurrency_high']} / C={scaling['concurrency_low']}: "
+        f"{scaling['ratio']:.2f}x (>= {SCALING:g}x: {verdict(scaling['pass'])})"
+    )
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=MODEL, help="bundled model name or checkpoint directory (a VMED)"
+    )
+    parser.add_argument("--levels", type=int, nargs="+", default=LEVELS, help="concurrent chats C")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measuring window per level")
+    parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per level")
+    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every call")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    parser.add_argument("--channels", type=int, default=1, help="client channels (round robin)")
+    parser.add_argument("--corpus", type=Path, default=CORPUS, help="the Persona-Chat text file")
+    parser.add_argument(
+        "--out", type=Path, help="JSON path (default: bench/results/generation-cpu.json)"
+    )
+    parser.add_argument(
+        "--server-env",
+        metavar="NAME=VALUE",
+        action="append",
+        default=[],
+        help="extra environment for the memserve child (repeatable), e.g. OMP_NUM_THREADS=1",
+    )
+    args = parser.parse_args(argv)
+    if any(c < 1 or c > SLOTS for c in args.levels):
+        parser.error(f"--levels must be between 1 and {SLOTS} (the server's slots)")
+    if args.seconds <= 0 or args.warmup < 0 or args.channels < 1:
+        parser.error("--seconds must be > 0, --warmup >= 0 and --channels >= 1")
+    if args.max_tokens < 1:
+        parser.error("--max-tokens must be >= 1")
+    if any("=" not in item for item in args.server_env):
+        parser.error("--server-env takes NAME=VALUE")
+    args.server_env = dict(item.split("=", 1) for item in args.server_env)
+    args.levels = sorted(set(args.levels))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    args = parse_args(argv)
+    from models import checkpoint
+
+    try:
+        checkpoint.resolve(args.model)
+    except checkpoint.CheckpointError as error:
+        print(f"bench/generation.py: --model: {error}", file=sys.stderr)
+        return 2
+    settings = Settings(
+        model=str(args.model),
+        seconds=args.seconds,
+        warmup=args.warmup,
+        levels=args.levels,
+        channels=args.channels,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=max(256, args.max_tokens),
+        corpus=str(args.corpus),
+        server_env=args.server_env,
+    )
+    texts = user_texts(args.corpus)
+    print(
+        f"device: {cpu_name()}, {os.cpu_count()} cores; model {settings.model}, torch "
+        f"reference kernels; {len(texts)} user texts; max_tokens {settings.max_tokens}"
+    )
+    model, rows = asyncio.run(measure_server(settings, texts))
+    targets = compute_targets(rows)
+    print_table(rows, targets)
+
+    result = {
+        "benchmark": "generation",
+        "command": " ".join(["python", "bench/generation.py", *argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": cpu_name(),
+        "cores": os.cpu_count(),
+        "versions": versions(),
+        "git": git_state(),
+        "model": model,
+        "settings": {
+            **asdict(settings),
+            "kernel_backend": "torch",
+            "slots": SLOTS,
+            "user_texts": len(texts),
+            "seeds": f"chat i: CreateSession and every GenerateRequest seed = {SEED} + i",
+            "offsets": f"chat i starts at user text i * {OFFSET_STRIDE} and cycles",
+            "server_command": server_command(settings.model, settings.max_new_tokens)[1:],
+            "client": "this process: grpc.aio, one task per chat, channels round robin",
+        },
+        "levels": [{**asdict(row), "ok": row.ok} for row in rows],
+        "targets": targets,
+    }
+    out = args.out or ROOT / "bench" / "results" / "generation-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

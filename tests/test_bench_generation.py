@@ -1,0 +1,98 @@
+"""bench/generation.py stays runnable: a tiny run of chats against a real server with a small
+random VMED writes a consistent JSON record. Speed is not asserted (GUIDE: timing targets
+live in benchmarks, never in timed tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import generation as bench
+from models import checkpoint
+from models.tokenizer import EOS, train_tokenizer
+from models.vmed import VMED, VMEDConfig
+
+MAX_TOKENS = 6
+
+
+def tiny_vmed(directory: Path) -> Path:
+    """A small VMED with random weights that never says <eos> (so every reply is full)."""
+    tokenizer = train_tokenizer(bench.user_texts(bench.CORPUS)[:400], 300)
+    torch.manual_seed(7)
+    config = VMEDConfig(vocab_size=tokenizer.get_vocab_size(), embedding_size=16,
+                        controller_size=16, memory_rows=8, word_size=8, read_heads=1,
+                        mixture_components=2, latent_size=4, mlp_size=8)  # fmt: skip
+    model = VMED(config, tokenizer)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") and parameter.shape == (config.vocab_size,):
+                parameter[EOS] = -1e4  # the output layer's bias
+    return checkpoint.save(model, directory / "vmed-bench-tiny", {"task": "test"})
+
+
+def test_user_texts_are_the_first_utterance_of_each_exchange(tmp_path: Path) -> None:
+    corpus = tmp_path / "dialogues.txt"
+    corpus.write_text(
+        "1 your persona: i like cats.\n2 hi there !\thello .\n3 how are you ?\tfine .\n"
+    )
+    assert bench.user_texts(corpus) == ["hi there !", "how are you ?"]
+
+
+@pytest.mark.timeout(120)
+def test_tiny_run_writes_a_consistent_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tiny_vmed(tmp_path)
+    out = tmp_path / "generation.json"
+    argv = ["--model", str(model), "--levels", "2", "1", "--seconds", "0.5", "--warmup", "0.3",
+            "--max-tokens", str(MAX_TOKENS), "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tokens/s C=2 / C=1" in printed
+
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "generation"
+    assert record["command"] == "python bench/generation.py " + " ".join(argv)
+    assert record["cores"] >= 1 and record["device"]
+    assert set(record["versions"]) >= {"python", "torch", "grpcio", "protobuf"}
+    assert record["model"]["name"] == "vmed-bench-tiny" and record["model"]["type"] == "vmed"
+    settings = record["settings"]
+    assert settings["levels"] == [1, 2] and settings["seconds"] == 0.5
+    assert (settings["max_tokens"], settings["temperature"], settings["top_p"]) == (
+        MAX_TOKENS, 1.0, 0.9,
+    )  # fmt: skip
+    assert settings["server_command"][-2:] == ["--max-new-tokens", "256"]
+
+    levels = {row["concurrency"]: row for row in record["levels"]}
+    assert sorted(levels) == [1, 2]
+    for concurrency, row in levels.items():
+        assert row["errors"] == {} and row["ok"], row
+        assert row["seconds"] == pytest.approx(0.5)
+        assert row["calls"] > 0
+        assert row["finish_reasons"] == {"length": row["calls"]}  # <eos> is never sampled
+        assert row["completion_tokens"] == row["calls"] * MAX_TOKENS
+        assert row["prompt_tokens"] >= 2 * row["calls"]  # at least a word and <eos>
+        assert row["tokens_per_s"] == pytest.approx(row["completion_tokens"] / row["seconds"])
+        assert row["calls_per_s"] == pytest.approx(row["calls"] / row["seconds"])
+        for name in ("ttft_us", "itl_us", "call_us"):
+            latency = row[name]
+            assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+        assert row["ttft_samples"] > 0 and row["itl_samples"] > 0
+        assert row["ttft_mean_us"] > 0 and row["itl_mean_us"] > 0
+        assert row["call_us"]["p50"] >= row["ttft_us"]["p50"]
+        assert row["server_cpu_seconds"] > 0 and row["client_cpu_seconds"] > 0
+        batching = row["batching"]
+        assert batching["launches"] > 0
+        assert 1 <= batching["mean_batch_size"] <= concurrency
+        assert row["server_generated_tokens"] > 0
+
+    scaling = record["targets"]["scaling"]
+    assert (scaling["concurrency_high"], scaling["concurrency_low"]) == (2, 1)
+    assert scaling["tokens_per_s_high"] == levels[2]["tokens_per_s"]
+    assert scaling["tokens_per_s_low"] == levels[1]["tokens_per_s"]
+    assert scaling["ratio"] == pytest.approx(levels[2]["tokens_per_s"] / levels[1]["tokens_per_s"])
+    assert scaling["threshold"] == 10.0
+    assert scaling["pass"] == (scaling["ratio"] >= 10)
