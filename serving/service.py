@@ -6,6 +6,7 @@ as their status code with their message; every call is timed into
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,35 +40,9 @@ def unary(method: str) -> Callable[[Handler[Request, Response]], Handler[Request
         async def wrapped(
             self: MemServeService, request: Request, context: grpc.aio.ServicerContext
         ) -> Response:
-            start = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            self.in_flight += 1
-            try:
-                self.check_open()
-                check_parsed(request)
-                response = await handler(self, request, context)
-                code = grpc.StatusCode.OK
-                return response
-            except ServingError as error:
-                code = error.code
-                self.reject(error)
-                await context.abort(code, str(error))
-                raise  # abort raised already; this line is for the type checker
-            except Exception as error:  # a bug: say so, as INTERNAL, and log it
-                code = grpc.StatusCode.INTERNAL
-                log.exception(
-                    "unexpected error", extra={"event": "handler_error", "method": method}
-                )
-                await context.abort(code, f"internal error: {error}")
-                raise
-            except BaseException:  # cancelled: the client went away or the server stops
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                self.in_flight -= 1
-                self.metrics.request_duration.labels(method, code.name).observe(
-                    time.perf_counter() - start
-                )
+            async with self.answering(method, request, context):
+                return await handler(self, request, context)
+            raise AssertionError("unreachable: answering() re-raises or aborts")
 
         return wrapped
 
@@ -132,6 +107,38 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         self.metrics = metrics
         self.draining = False
         self.in_flight = 0  # calls (and streams) being handled; the drain waits for them
+
+    @contextlib.asynccontextmanager
+    async def answering(
+        self, method: str, request: object, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """Around one request: refuse it while draining or malformed, count it in flight,
+        answer `ServingError`s with their status (and unexpected errors with INTERNAL,
+        logged), and time it into memserve_request_duration_seconds{method,code}."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN
+        self.in_flight += 1
+        try:
+            self.check_open()
+            check_parsed(request)
+            yield
+            code = grpc.StatusCode.OK
+        except ServingError as error:
+            code = error.code
+            self.reject(error)
+            await context.abort(code, str(error))
+        except Exception as error:  # a bug: say so, as INTERNAL, and log it
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unexpected error", extra={"event": "handler_error", "method": method})
+            await context.abort(code, f"internal error: {error}")
+        except BaseException:  # cancelled: the client went away or the server stops
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.request_duration.labels(method, code.name).observe(
+                time.perf_counter() - start
+            )
 
     def check_open(self) -> None:
         if self.draining:
@@ -221,12 +228,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         """One session's Step calls in order on one stream; the first message names it."""
         bound = ""
         async for request in request_iterator:
-            start = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            self.in_flight += 1
-            try:
-                self.check_open()
-                check_parsed(request)
+            async with self.answering("StepStream", request, context):
                 if bound and request.session_id not in ("", bound):
                     raise InvalidArgument(
                         f"session_id {request.session_id!r} differs from the stream's "
@@ -235,25 +237,6 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
                 bound = bound or request.session_id
                 request.session_id = bound
                 response = await self._step(request)
-                code = grpc.StatusCode.OK
-            except ServingError as error:
-                code = error.code
-                self.reject(error)
-                await context.abort(code, str(error))
-            except Exception as error:
-                code = grpc.StatusCode.INTERNAL
-                log.exception(
-                    "unexpected error", extra={"event": "handler_error", "method": "StepStream"}
-                )
-                await context.abort(code, f"internal error: {error}")
-            except BaseException:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                self.in_flight -= 1
-                self.metrics.request_duration.labels("StepStream", code.name).observe(
-                    time.perf_counter() - start
-                )
             yield response
 
     @unary("GetSession")
@@ -295,65 +278,46 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
     ) -> AsyncIterator[memserve_pb2.GenerateResponse]:
         """Stream a dialogue model's reply to `text`, piece by piece, then a summary."""
         start = time.perf_counter()
-        code = grpc.StatusCode.UNKNOWN
-        self.in_flight += 1
-        self.metrics.generations_in_flight.inc()
         work: GenerateWork | None = None
+        self.metrics.generations_in_flight.inc()
         try:
-            self.check_open()
-            check_parsed(request)
-            session, engine = self.session(request.session_id)
-            sampling = Sampling.checked(
-                request.max_tokens,
-                engine.settings.max_new_tokens,
-                request.temperature if request.HasField("temperature") else None,
-                request.top_k,
-                request.top_p if request.HasField("top_p") else None,
-                list(request.stop),
-            )
-            seed = request.seed if request.HasField("seed") else None
-            work = engine.generate(session, request.text, sampling, seed)
-            last = None
-            async for piece in work.stream():
-                now = time.perf_counter()
-                if last is None:
-                    self.metrics.time_to_first_token.labels(session.model).observe(now - start)
-                else:
-                    self.metrics.inter_token_latency.labels(session.model).observe(now - last)
-                last = now
-                yield memserve_pb2.GenerateResponse(text=piece)
-            done = memserve_pb2.GenerateDone(
-                finish_reason=work.finish_reason,
-                prompt_tokens=len(work.prompt),
-                completion_tokens=len(work.generated),
-                text=work.text,
-                step=work.future.result(),
-            )
-            code = grpc.StatusCode.OK
-            yield memserve_pb2.GenerateResponse(done=done)
-        except ServingError as error:
-            code = error.code
-            self.reject(error)
-            await context.abort(code, str(error))
-        except Exception as error:
-            code = grpc.StatusCode.INTERNAL
-            log.exception(
-                "unexpected error", extra={"event": "handler_error", "method": "Generate"}
-            )
-            await context.abort(code, f"internal error: {error}")
-        except BaseException:
-            code = grpc.StatusCode.CANCELLED
-            raise
+            async with self.answering("Generate", request, context):
+                session, engine = self.session(request.session_id)
+                sampling = Sampling.checked(
+                    request.max_tokens,
+                    engine.settings.max_new_tokens,
+                    request.temperature if request.HasField("temperature") else None,
+                    request.top_k,
+                    request.top_p if request.HasField("top_p") else None,
+                    list(request.stop),
+                )
+                seed = request.seed if request.HasField("seed") else None
+                work = engine.generate(session, request.text, sampling, seed)
+                last = None
+                async for piece in work.stream():
+                    now = time.perf_counter()
+                    latency = (
+                        self.metrics.inter_token_latency
+                        if last
+                        else (self.metrics.time_to_first_token)
+                    )
+                    latency.labels(session.model).observe(now - (last or start))
+                    last = now
+                    yield memserve_pb2.GenerateResponse(text=piece)
+                done = memserve_pb2.GenerateDone(
+                    finish_reason=work.finish_reason,
+                    prompt_tokens=len(work.prompt),
+                    completion_tokens=len(work.generated),
+                    text=work.text,
+                    step=work.future.result(),
+                )
+                yield memserve_pb2.GenerateResponse(done=done)
         finally:
-            self.in_flight -= 1
             self.metrics.generations_in_flight.dec()
             if work is not None:
                 self.metrics.generated_tokens.labels(work.session.model).inc(len(work.generated))
                 if not work.future.done():
                     work.future.cancel()  # the caller left: stop at the next launch
-            self.metrics.request_duration.labels("Generate", code.name).observe(
-                time.perf_counter() - start
-            )
 
     @unary("DeleteSession")
     async def DeleteSession(
