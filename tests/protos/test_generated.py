@@ -33,9 +33,11 @@ def test_the_service_offers_every_rpc_of_the_api() -> None:
     assert sorted(methods) == sorted(
         [
             "ListModels", "CreateSession", "Step", "StepStream", "GetSession", "ForkSession",
-            "ExportSession", "ImportSession", "DeleteSession",
+            "ExportSession", "ImportSession", "DeleteSession", "Generate",
         ]
     )  # fmt: skip
     stream = methods["StepStream"]
     assert stream.client_streaming and stream.server_streaming
     assert not methods["Step"].client_streaming and not methods["Step"].server_streaming
+    generate = methods["Generate"]
+    assert generate.server_streaming and not generate.client_streaming
