@@ -232,3 +232,37 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
             assert torch.equal(tensor, split[key]), (name, key)
     model = load(tmp_path / "split")
     assert isinstance(model, VMED) and not model.config.memory_reads
+
+
+def corpus_slice(path: Path, dialogues: int) -> Path:
+    """The first `dialogues` dialogues of the shared Persona-Chat file."""
+    source = Path(__file__).resolve().parents[3] / "shared" / "data" / "personachat-dialogues.txt"
+    kept, count = [], 0
+    for line in source.read_text().splitlines():
+        if line.startswith("1 "):
+            count += 1
+            if count > dialogues:
+                break
+        kept.append(line)
+    path.write_text("\n".join(kept) + "\n")
+    return path
+
+
+def test_a_short_run_on_a_slice_of_the_corpus_lowers_the_validation_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")
+    corpus = corpus_slice(tmp_path / "slice.txt", 40)
+    out = tmp_path / "run"
+    small = [*SMALL]
+    small[small.index("--vocab-size") + 1] = "200"
+    code = main(["train", "dialogue", "--corpus", str(corpus), "--out", str(out), *small,
+                 "--steps", "90", "--checkpoint-every", "30", "--log-every", "30"])  # fmt: skip
+    assert code == 0
+    validations = [r["ce"] for r in json.loads((out / "training.json").read_text())["validations"]]
+    assert len(validations) == 3
+    uniform = math.log(
+        json.loads((out / "config.json").read_text())["hyperparameters"]["vocab_size"]
+    )
+    assert validations[0] < uniform  # below guessing after 30 steps...
+    assert validations[-1] < validations[0] - 0.05  # ...and still falling
