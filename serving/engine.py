@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from serving.errors import (
     NotFound,
     ServingError,
 )
-from serving.generation import GenerateWork, Sampling, prompt_tokens, text_model
+from serving.generation import GenerateWork, Sampling, TextModel, prompt_tokens, text_model
 from serving.metrics import Metrics
 from serving.sessions import ImportedState, Session, SessionTable, export_state, new_session_id
 from serving.store import ParkingStore
@@ -237,7 +237,6 @@ class ModelEngine:
         )
         self._enqueue(work)
         step = await work.future
-        assert work.outputs is not None
         return work.outputs, step
 
     def generate(
@@ -338,8 +337,8 @@ class ModelEngine:
             slots, *inputs = (torch.from_numpy(a).to(device) for a in arrays)
             if kind == "step":
                 results[kind] = self.model.step(self.pool, slots, inputs[0]).cpu().numpy()
-            else:
-                model = text_model(self.model, self.name)
+            else:  # only generate() queues these, after checking the model with text_model()
+                model = cast(TextModel, self.model)
                 if kind == "encode":
                     model.encode(self.pool, slots, inputs[0])
                 elif kind == "begin":
@@ -513,7 +512,7 @@ class ModelEngine:
         return None if victim is None else self._park(victim)
 
     def _park(self, session: Session) -> int:
-        """Move an idle active session's state to the parking store; returns its slot."""
+        """Move an active session's state to the parking store; returns its slot."""
         slot = session.slot
         assert slot is not None
         self._park_state(session, self.pool.read(slot))
@@ -543,15 +542,15 @@ class ModelEngine:
     def _restore(self, session: Session, exclude: Collection[str]) -> bool:
         """Bring a parked session back into a slot; False if no slot can be freed now
         (every active session is in `exclude`, the launch being assembled)."""
-        if not self.free_slots and self._victim(exclude) is None:
+        victim = None if self.free_slots else self._victim(exclude)
+        if victim is None and not self.free_slots:
             return False
         # Out of the store before another session is parked into it: parking first could
         # push this very state from host memory to disk just before reading it back.
         state, source = self.store.unpark(session.id)
         slot = None
         try:
-            slot = self._free_a_slot(exclude)
-            assert slot is not None
+            slot = self._park(victim) if victim is not None else self.free_slots.pop()
             self.pool.write(slot, {n: t.to(self.pool.device) for n, t in state.items()})
         except BaseException:
             if slot is not None:
