@@ -138,15 +138,15 @@ def prompt_tokens(tokenizer: Tokenizer, text: str, limit: int) -> list[int]:
     return [*tokens, EOS]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class GenerateWork(Work):
     """One Generate call, advanced one operation per launch (see the module docstring)."""
 
-    prompt: list[int] = field(default_factory=list)
-    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=1))
-    rng: np.random.Generator = field(default_factory=np.random.default_rng)
-    tokenizer: Tokenizer | None = None
-    latent_size: int = 0
+    prompt: list[int]  # the user's tokens, then <eos>
+    sampling: Sampling
+    rng: np.random.Generator
+    tokenizer: Tokenizer
+    latent_size: int
     pieces: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     phase: str = "prompt"
     position: int = 0
@@ -180,7 +180,6 @@ class GenerateWork(Work):
         return False
 
     def _next_token(self, token: int) -> None:
-        assert self.tokenizer is not None
         if token == EOS:
             self._finish("eos")
             return
@@ -203,7 +202,6 @@ class GenerateWork(Work):
             self.sent = upto
 
     def _finish(self, reason: str) -> None:
-        assert self.tokenizer is not None
         self.finish_reason = reason
         self._send(len(self.text))
         self.text = self.text.strip()

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 OPERATIONS = ("step", "encode", "begin", "decode")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Work:
     """One call on one session, queued behind the session's earlier calls."""
 
@@ -38,20 +38,18 @@ class Work:
         raise NotImplementedError
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class StepWork(Work):
     """A Step call: T rows of inputs, one per launch; outputs filled in as they run."""
 
-    inputs: np.ndarray | None = None  # [T, input_size] float32
-    outputs: np.ndarray | None = None  # [T, output_size] float32
+    inputs: np.ndarray  # [T, input_size] float32
+    outputs: np.ndarray  # [T, output_size] float32
     done: int = 0
 
     def next_op(self) -> tuple[str, Any]:
-        assert self.inputs is not None
         return "step", self.inputs[self.done]
 
     def take(self, result: Any) -> bool:
-        assert self.inputs is not None and self.outputs is not None
         self.outputs[self.done] = result
         self.done += 1
         return self.done == len(self.inputs)
