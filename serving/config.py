@@ -14,7 +14,6 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 if sys.version_info >= (3, 11):
@@ -225,11 +224,6 @@ def load(
     return replace(config, **given).validate()
 
 
-def source_of(name: str) -> str:
-    """How to set `name`, for help texts: flag, variable and TOML key."""
-    return f"--{name.replace('_', '-')}, ${ENV_PREFIX}{name.upper()}, {name} in TOML"
-
-
 def example_toml(config: ServerConfig | None = None) -> str:
     """A TOML file with every setting at its value in `config` (default: the defaults)."""
     config = config or ServerConfig()
@@ -244,7 +238,3 @@ def example_toml(config: ServerConfig | None = None) -> str:
             rendered = repr(value)
         lines.append(f"# {FIELDS[name].metadata['help']}\n{name} = {rendered}")
     return "\n".join(lines) + "\n"
-
-
-def resolve_path(path: str) -> Path:
-    return Path(path).expanduser()
