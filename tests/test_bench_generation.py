@@ -8,29 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench import generation as bench
-from models import checkpoint
-from models.tokenizer import EOS, train_tokenizer
-from models.vmed import VMED, VMEDConfig
+from tests.tiny_vmed import tiny_vmed as make_tiny_vmed
 
 MAX_TOKENS = 6
 
 
 def tiny_vmed(directory: Path) -> Path:
-    """A small VMED with random weights that never says <eos> (so every reply is full)."""
-    tokenizer = train_tokenizer(bench.user_texts(bench.CORPUS)[:400], 300)
-    torch.manual_seed(7)
-    config = VMEDConfig(vocab_size=tokenizer.get_vocab_size(), embedding_size=16,
-                        controller_size=16, memory_rows=8, word_size=8, read_heads=1,
-                        mixture_components=2, latent_size=4, mlp_size=8)  # fmt: skip
-    model = VMED(config, tokenizer)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias") and parameter.shape == (config.vocab_size,):
-                parameter[EOS] = -1e4  # the output layer's bias
-    return checkpoint.save(model, directory / "vmed-bench-tiny", {"task": "test"})
+    """The small VMED of tests/tiny_vmed.py (it never says <eos>: every reply is full)."""
+    return make_tiny_vmed(directory / "vmed-bench-tiny")[0]
 
 
 def test_user_texts_are_the_first_utterance_of_each_exchange(tmp_path: Path) -> None:

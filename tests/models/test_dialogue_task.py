@@ -28,6 +28,7 @@ from models.tasks.dialogue import (
 )
 from models.tokenizer import BOS, EOS, PAD, train_tokenizer
 from models.vmed import VMED
+from tests.tiny_vmed import CORPUS as PERSONA_CHAT
 
 CORPUS = (
     "1 your persona: i like dogs.\n"
@@ -236,9 +237,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
 
 def corpus_slice(path: Path, dialogues: int) -> Path:
     """The first `dialogues` dialogues of the shared Persona-Chat file."""
-    source = Path(__file__).resolve().parents[3] / "shared" / "data" / "personachat-dialogues.txt"
     kept, count = [], 0
-    for line in source.read_text().splitlines():
+    for line in PERSONA_CHAT.read_text().splitlines():
         if line.startswith("1 "):
             count += 1
             if count > dialogues:

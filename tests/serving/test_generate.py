@@ -15,47 +15,25 @@ import numpy as np
 import pytest
 import torch
 
-from models import checkpoint
-from models.tokenizer import EOS, train_tokenizer
+from models.tokenizer import EOS
 from models.tokenizer import decode as decode_tokens
 from models.tokenizer import encode as encode_tokens
-from models.vmed import VMED, VMEDConfig
+from models.vmed import VMED
 from protos import memserve_pb2
 from protos.memserve_pb2_grpc import MemServeStub
 from serving.sessions import import_state
 from tests.serving.client import create, info, metric, scrape
 from tests.serving.server_process import ServerProcess
+from tests.tiny_vmed import tiny_vmed as make_tiny_vmed
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "personachat-dialogues.txt"
 MODEL = "vmed-tiny"
 LIMIT = 24  # --max-new-tokens of the test server
 
 
-def utterances(count: int) -> list[str]:
-    lines = []
-    for line in CORPUS.read_text().splitlines():
-        if "\t" in line:
-            lines.extend(line.split(" ", 1)[1].split("\t"))
-        if len(lines) >= count:
-            break
-    return lines[:count]
-
-
 @pytest.fixture(scope="module")
 def tiny_vmed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, VMED]:
-    """A small VMED with random weights that never says <eos> (so lengths are known)."""
-    tokenizer = train_tokenizer(utterances(400), 300)
-    torch.manual_seed(7)
-    config = VMEDConfig(vocab_size=tokenizer.get_vocab_size(), embedding_size=16,
-                        controller_size=16, memory_rows=8, word_size=8, read_heads=1,
-                        mixture_components=2, latent_size=4, mlp_size=8)  # fmt: skip
-    model = VMED(config, tokenizer)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias") and parameter.shape == (config.vocab_size,):
-                parameter[EOS] = -1e4  # the output layer's bias
-    directory = checkpoint.save(model, tmp_path_factory.mktemp("model") / MODEL, {"task": "test"})
-    return directory, model.eval()
+    """The small VMED of tests/tiny_vmed.py, saved as a checkpoint named MODEL."""
+    return make_tiny_vmed(tmp_path_factory.mktemp("model") / MODEL)
 
 
 @pytest.fixture(scope="module")
