@@ -51,11 +51,12 @@ from bench.serving import (  # noqa: E402
     Window,
     batching_over,
     cpu_name,
+    delete_sessions,
     git_state,
-    machine_cpu_seconds,
     scrape,
     verdict,
     versions,
+    watch_window,
 )
 from protos import memserve_pb2, memserve_pb2_grpc  # noqa: E402
 
@@ -299,34 +300,15 @@ async def measure_level(
             )
             for i in range(concurrency)
         ]
-        await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
-        metrics_before = await asyncio.to_thread(server_metrics, child.metrics_port)
-        client_cpu, server_cpu, machine_cpu = (
-            time.process_time(),
-            child.cpu_seconds(),
-            machine_cpu_seconds(),
-        )
-        opened = time.perf_counter()
-        await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
-        closed = time.perf_counter()
-        client_cpu = time.process_time() - client_cpu
-        server_cpu = child.cpu_seconds() - server_cpu
-        machine_cpu = machine_cpu_seconds() - machine_cpu
-        metrics_after = await asyncio.to_thread(server_metrics, child.metrics_port)
+        usage = await watch_window(child, window, server_metrics)
         await asyncio.gather(*tasks)  # each finishes the call it is in
-        await asyncio.gather(
-            *(
-                stubs[i % len(stubs)].DeleteSession(
-                    memserve_pb2.DeleteSessionRequest(session_id=session_id)
-                )
-                for i, session_id in enumerate(session_ids)
-            )
-        )
+        await delete_sessions(stubs, session_ids)
     finally:
         for channel in channels:
             await channel.close()
     seconds = window.end - window.start
-    measured = closed - opened  # the CPU counters' own interval, scaled to the window
+    measured = usage.measured  # the CPU counters' own interval, scaled to the window
+    metrics_before, metrics_after = usage.metrics_before, usage.metrics_after
     return LevelRow(
         concurrency=concurrency,
         channels=settings.channels,
@@ -346,9 +328,9 @@ async def measure_level(
         call_mean_us=float(recorder.call_latency.get_mean_value()),
         finish_reasons=dict(sorted(recorder.finish_reasons.items())),
         errors=dict(sorted(recorder.errors.items())),
-        client_cpu_seconds=client_cpu * seconds / measured,
-        server_cpu_seconds=server_cpu * seconds / measured,
-        other_cpu_seconds=(machine_cpu - client_cpu - server_cpu) * seconds / measured,
+        client_cpu_seconds=usage.client_cpu * seconds / measured,
+        server_cpu_seconds=usage.server_cpu * seconds / measured,
+        other_cpu_seconds=usage.other_cpu * seconds / measured,
         batching=batching_over(metrics_before, metrics_after, measured),
         server_generated_tokens=(
             metrics_after["generated_tokens"] - metrics_before["generated_tokens"]

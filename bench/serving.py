@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -263,6 +263,53 @@ def machine_cpu_seconds() -> float:
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
     busy = user + nice + system + irq + softirq + steal
     return busy / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class WindowUsage:
+    """CPU seconds and the server's metrics over a measuring window."""
+
+    measured: float  # seconds between the two CPU readings (scale to the window with it)
+    client_cpu: float  # this process
+    server_cpu: float  # the server child
+    other_cpu: float  # everything else on the machine
+    metrics_before: dict[str, float]
+    metrics_after: dict[str, float]
+
+
+async def watch_window(
+    child: Any, window: Window, scrape_metrics: Callable[[int], dict[str, float]] | None
+) -> WindowUsage:
+    """Sleep through `window`, reading CPU counters (and the server's metrics, if
+    `scrape_metrics`) at its start and end."""
+    empty: dict[str, float] = {}
+
+    async def metrics() -> dict[str, float]:
+        if scrape_metrics is None:
+            return empty
+        return await asyncio.to_thread(scrape_metrics, child.metrics_port)
+
+    await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
+    before = await metrics()
+    client, server, machine = time.process_time(), child.cpu_seconds(), machine_cpu_seconds()
+    opened = time.perf_counter()
+    await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
+    closed = time.perf_counter()
+    client = time.process_time() - client
+    server = child.cpu_seconds() - server
+    machine = machine_cpu_seconds() - machine
+    return WindowUsage(closed - opened, client, server, machine - client - server, before,
+                       await metrics())  # fmt: skip
+
+
+async def delete_sessions(stubs: Sequence[Any], session_ids: Sequence[str]) -> None:
+    """DeleteSession for every id, spread over the stubs as the sessions were."""
+    await asyncio.gather(
+        *(
+            stubs[i % len(stubs)].DeleteSession(memserve_pb2.DeleteSessionRequest(session_id=sid))
+            for i, sid in enumerate(session_ids)
+        )
+    )
 
 
 def server_command(metrics: bool) -> list[str]:
@@ -538,34 +585,18 @@ async def measure_level(
             for i in range(concurrency)
         ]
         scraping = child.metrics_port >= 0
-        await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
-        metrics_before = await asyncio.to_thread(scrape, child.metrics_port) if scraping else {}
-        client_cpu, server_cpu, machine_cpu = (
-            time.process_time(),
-            child.cpu_seconds(),
-            machine_cpu_seconds(),
-        )
-        opened = time.perf_counter()
-        await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
-        closed = time.perf_counter()
-        client_cpu = time.process_time() - client_cpu
-        server_cpu = child.cpu_seconds() - server_cpu
-        machine_cpu = machine_cpu_seconds() - machine_cpu
-        metrics_after = await asyncio.to_thread(scrape, child.metrics_port) if scraping else {}
+        usage = await watch_window(child, window, scrape if scraping else None)
         await asyncio.gather(*tasks)
-        await asyncio.gather(
-            *(
-                stubs[i % len(stubs)].DeleteSession(
-                    memserve_pb2.DeleteSessionRequest(session_id=session_id)
-                )
-                for i, session_id in enumerate(session_ids)
-            )
-        )
+        await delete_sessions(stubs, session_ids)
     finally:
         for channel in channels:
             await channel.close()
     seconds = window.end - window.start
-    batching = batching_over(metrics_before, metrics_after, closed - opened) if scraping else None
+    batching = (
+        batching_over(usage.metrics_before, usage.metrics_after, usage.measured)
+        if scraping
+        else None
+    )
     histogram = recorder.histogram
     calls = recorder.calls
     return LevelRow(
@@ -588,9 +619,9 @@ async def measure_level(
         },
         latency_mean_us=float(histogram.get_mean_value()),
         errors=dict(sorted(recorder.errors.items())),
-        client_cpu_seconds=client_cpu * seconds / (closed - opened),
-        server_cpu_seconds=server_cpu * seconds / (closed - opened),
-        other_cpu_seconds=(machine_cpu - client_cpu - server_cpu) * seconds / (closed - opened),
+        client_cpu_seconds=usage.client_cpu * seconds / usage.measured,
+        server_cpu_seconds=usage.server_cpu * seconds / usage.measured,
+        other_cpu_seconds=usage.other_cpu * seconds / usage.measured,
         batching=batching,
     )
 
