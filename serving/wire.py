@@ -1,65 +1,25 @@
-"""Tensors on the wire: `memserve.v1.Tensor` (dtype, shape, little-endian bytes) <-> numpy.
-
-Decoding checks everything a client can get wrong and names the field in the error, so a
-bad request is refused before it reaches a session.
+"""A request's tensors, decoded with the checks the server needs (`protos/tensors.py` is the
+codec itself): every error is INVALID_ARGUMENT naming the field, so a bad request is
+refused before it reaches a session.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from protos import memserve_pb2
+from protos import memserve_pb2, tensors
+from protos.tensors import encode
 from serving.errors import InvalidArgument
 
-MAX_DIMENSIONS = 32  # numpy's limit is 64; no memserve tensor has more than 3
-
-# The dtypes the wire format names, as little-endian numpy dtypes.
-DTYPES: dict[str, np.dtype[np.generic]] = {
-    "float16": np.dtype("<f2"),
-    "float32": np.dtype("<f4"),
-    "float64": np.dtype("<f8"),
-    "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"),
-}
-
-
-def encode(array: np.ndarray) -> memserve_pb2.Tensor:
-    """A wire tensor holding `array` (any of the wire dtypes; sent little-endian)."""
-    name = next((n for n, d in DTYPES.items() if d == array.dtype.newbyteorder("<")), None)
-    if name is None:
-        raise ValueError(f"no wire dtype for {array.dtype}")
-    data = np.ascontiguousarray(array, dtype=DTYPES[name]).tobytes()
-    return memserve_pb2.Tensor(dtype=name, shape=list(array.shape), data=data)
+__all__ = ["decode", "decode_steps", "encode"]
 
 
 def decode(tensor: memserve_pb2.Tensor, field: str) -> np.ndarray:
     """The array a wire tensor holds (read-only view of its bytes); InvalidArgument otherwise."""
-    dtype = DTYPES.get(tensor.dtype)
-    if dtype is None:
-        raise InvalidArgument(
-            f"{field}.dtype {tensor.dtype!r} is not a wire dtype (one of {', '.join(DTYPES)})"
-        )
-    shape = tuple(tensor.shape)
-    if len(shape) > MAX_DIMENSIONS:
-        raise InvalidArgument(
-            f"{field}.shape has {len(shape)} dimensions (at most {MAX_DIMENSIONS})"
-        )
-    if any(size < 0 for size in shape):
-        raise InvalidArgument(f"{field}.shape {list(shape)} has a negative size")
-    count = 1
-    for size in shape:
-        count *= size
-    if len(tensor.data) != count * dtype.itemsize:
-        raise InvalidArgument(
-            f"{field}.data has {len(tensor.data)} bytes; shape {list(shape)} of "
-            f"{tensor.dtype} needs {count * dtype.itemsize}"
-        )
     try:
-        return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
-    except ValueError as error:  # e.g. a zero-size shape whose other sizes overflow numpy
-        raise InvalidArgument(
-            f"{field}.shape {list(shape)} is not a valid shape: {error}"
-        ) from error
+        return tensors.decode(tensor, field)
+    except ValueError as error:
+        raise InvalidArgument(str(error)) from error
 
 
 def decode_steps(tensor: memserve_pb2.Tensor, field: str, width: int, max_steps: int) -> np.ndarray:
