@@ -1,0 +1,218 @@
+"""A stand-in MemServe for what a real server cannot be made to do on cue: fail the first
+attempts of a call with UNAVAILABLE (optionally after doing the work, as when a reply is
+lost on the way back), record every call's metadata, and listen with TLS.
+
+It is a real gRPC server on a loopback port with a small in-memory session table: steps
+double their inputs, Generate echoes the text.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from protos import memserve_pb2, memserve_pb2_grpc, tensors
+
+Context = Any  # grpc.ServicerContext; grpc has no type hints
+
+
+class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
+    """Attempts of `method` up to number `failures[method]` fail with UNAVAILABLE; for the
+    methods in `lose_replies` those attempts do their work first (see `fail_next`)."""
+
+    def __init__(self) -> None:
+        self.failures: Counter[str] = Counter()
+        self.lose_replies: set[str] = set()
+        self.attempts: Counter[str] = Counter()
+        self.metadata: list[tuple[str, dict[str, str]]] = []
+        self.steps: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def fail_next(self, method: str, count: int, lose_replies: bool = False) -> None:
+        """Fail the next `count` attempts of `method` with UNAVAILABLE; with `lose_replies`,
+        after doing their work."""
+        with self.lock:
+            self.failures[method] = self.attempts[method] + count
+            if lose_replies:
+                self.lose_replies.add(method)
+
+    def _attempt(self, method: str, context: Context) -> bool:
+        """Count and record an attempt; whether it is to fail with UNAVAILABLE."""
+        with self.lock:
+            self.attempts[method] += 1
+            self.metadata.append((method, dict(context.invocation_metadata())))
+            failing = self.attempts[method] <= self.failures[method]
+        if failing and method not in self.lose_replies:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "fake: draining")
+        return failing
+
+    def _lose_reply(self, context: Context) -> None:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "fake: the connection broke")
+
+    def _session(self, session_id: str, context: Context) -> int:
+        if session_id not in self.steps:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"fake: no session {session_id}")
+        return self.steps[session_id]
+
+    def _new(self, model: str, step: int = 0) -> memserve_pb2.SessionInfo:
+        with self.lock:
+            session_id = f"fake-{len(self.steps)}"
+            self.steps[session_id] = step
+        return memserve_pb2.SessionInfo(session_id=session_id, model=model, step=step)
+
+    def _step(
+        self, request: memserve_pb2.StepRequest, context: Context
+    ) -> memserve_pb2.StepResponse:
+        step = self._session(request.session_id, context)
+        if request.HasField("expected_step") and request.expected_step != step:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"fake: expected_step is {request.expected_step} but the session is at {step}",
+            )
+        inputs = tensors.decode(request.inputs, "inputs")
+        self.steps[request.session_id] = step + len(inputs)
+        return memserve_pb2.StepResponse(
+            outputs=tensors.encode(inputs * 2), step=self.steps[request.session_id]
+        )
+
+    def ListModels(self, request: Any, context: Context) -> memserve_pb2.ListModelsResponse:  # noqa: N802
+        failing = self._attempt("ListModels", context)
+        if failing:
+            self._lose_reply(context)
+        model = memserve_pb2.ModelInfo(name="fake", type="fake", input_size=2, output_size=2)
+        return memserve_pb2.ListModelsResponse(models=[model])
+
+    def CreateSession(self, request: Any, context: Context) -> memserve_pb2.SessionInfo:  # noqa: N802
+        failing = self._attempt("CreateSession", context)
+        info = self._new(request.model)
+        if failing:
+            self._lose_reply(context)
+        return info
+
+    def Step(self, request: Any, context: Context) -> memserve_pb2.StepResponse:  # noqa: N802
+        failing = self._attempt("Step", context)
+        response = self._step(request, context)
+        if failing:
+            self._lose_reply(context)
+        return response
+
+    def StepStream(self, request_iterator: Any, context: Context) -> Iterator[Any]:  # noqa: N802
+        self._attempt("StepStream", context)
+        for request in request_iterator:
+            yield self._step(request, context)
+
+    def GetSession(self, request: Any, context: Context) -> memserve_pb2.SessionInfo:  # noqa: N802
+        self._attempt("GetSession", context)
+        step = self._session(request.session_id, context)
+        return memserve_pb2.SessionInfo(session_id=request.session_id, model="fake", step=step)
+
+    def ForkSession(self, request: Any, context: Context) -> memserve_pb2.SessionInfo:  # noqa: N802
+        self._attempt("ForkSession", context)
+        return self._new("fake", self._session(request.session_id, context))
+
+    def ExportSession(self, request: Any, context: Context) -> memserve_pb2.SessionState:  # noqa: N802
+        self._attempt("ExportSession", context)
+        step = self._session(request.session_id, context)
+        return memserve_pb2.SessionState(state=str(step).encode(), model="fake", step=step)
+
+    def ImportSession(self, request: Any, context: Context) -> memserve_pb2.SessionInfo:  # noqa: N802
+        self._attempt("ImportSession", context)
+        return self._new("fake", int(request.state.decode()))
+
+    def DeleteSession(self, request: Any, context: Context) -> memserve_pb2.DeleteSessionResponse:  # noqa: N802
+        failing = self._attempt("DeleteSession", context)
+        self._session(request.session_id, context)
+        del self.steps[request.session_id]
+        if failing:
+            self._lose_reply(context)
+        return memserve_pb2.DeleteSessionResponse()
+
+    def Generate(self, request: Any, context: Context) -> Iterator[memserve_pb2.GenerateResponse]:  # noqa: N802
+        self._attempt("Generate", context)
+        step = self._session(request.session_id, context)
+        pieces = ["you", " said", ": ", request.text]
+        for piece in pieces:
+            yield memserve_pb2.GenerateResponse(text=piece)
+        self.steps[request.session_id] = step + len(pieces)
+        done = memserve_pb2.GenerateDone(
+            finish_reason="eos", completion_tokens=len(pieces), text="".join(pieces),
+            step=self.steps[request.session_id],
+        )  # fmt: skip
+        yield memserve_pb2.GenerateResponse(done=done)
+
+    def calls_with(self, key: str) -> list[str]:
+        """The methods of the calls whose metadata held `key`."""
+        return [method for method, metadata in self.metadata if key in metadata]
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files: a server certificate for the name `memserve.test` only (not 127.0.0.1),
+    and a client certificate; each self-signed, so each is its own root."""
+
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> Certificates:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise FileNotFoundError("openssl")
+        for name, subject in (("server", "memserve.test"), ("client", "memserve-client")):
+            subprocess.run(
+                [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+                 "-keyout", str(directory / f"{name}.key"),
+                 "-out", str(directory / f"{name}.pem"),
+                 "-subj", f"/CN={subject}", "-addext", f"subjectAltName=DNS:{subject}"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        return cls(
+            directory / "server.pem",
+            directory / "server.key",
+            directory / "client.pem",
+            directory / "client.key",
+        )
+
+
+class FakeServer:
+    """A `FakeMemServe` on loopback: `port` plaintext, `tls_port` TLS, `mtls_port` TLS that
+    requires the client certificate (when started with certificates)."""
+
+    def __init__(self, certificates: Certificates | None = None) -> None:
+        self.service = FakeMemServe()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        memserve_pb2_grpc.add_MemServeServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.tls_port = self.mtls_port = 0
+        if certificates is not None:
+            pair = [(certificates.server_key.read_bytes(), certificates.server_cert.read_bytes())]
+            self.tls_port = self.server.add_secure_port(
+                "127.0.0.1:0", grpc.ssl_server_credentials(pair)
+            )
+            self.mtls_port = self.server.add_secure_port(
+                "127.0.0.1:0",
+                grpc.ssl_server_credentials(
+                    pair,
+                    root_certificates=certificates.client_cert.read_bytes(),
+                    require_client_auth=True,
+                ),
+            )
+        self.server.start()
+
+    def target(self, port: int | None = None) -> str:
+        return f"127.0.0.1:{port or self.port}"
+
+    def stop(self) -> None:
+        self.server.stop(None)
