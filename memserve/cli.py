@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands)
 
+    from clients.chat import add_chat_parser
+
+    add_chat_parser(commands)
+
+    from clients.loadgen import add_loadgen_parser
+
+    add_loadgen_parser(commands)
+
     train = commands.add_parser(
         "train",
         help="train a model on a task into a checkpoint directory",

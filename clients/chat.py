@@ -1,0 +1,384 @@
+"""`memserve chat`: talk to a dialogue model (vmed-chat) on a server, in the terminal.
+
+Each line is one utterance; the reply streams back as it is decoded. The conversation
+lives in a session on the server (its memory), so slash commands can start over, fork,
+save and load it. Replies go to stdout, notices and errors to stderr; with stdin piped
+there is no prompt, one utterance per line, one reply per line.
+
+Only argparse is imported here at `memserve --help` time; the client library (grpc, numpy)
+loads when the chat starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from clients.channel import TLS
+    from clients.client import Client, Session
+    from clients.errors import MemserveError
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MODEL = "vmed-chat"
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_K = 0
+DEFAULT_TOP_P = 0.9
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_TIMEOUT = 60.0
+TOKEN_ENV = "MEMSERVE_TOKEN"
+
+COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "start a new conversation (a new session; the old one is deleted)",
+    "/fork": "continue in a fork of this conversation (the original stays until the end)",
+    "/save FILE": "write the conversation's state to FILE (ExportSession)",
+    "/load FILE": "continue the conversation saved in FILE (ImportSession)",
+    "/quit": "end the chat (so do Ctrl-D and Ctrl-C at the prompt)",
+}
+
+EXIT_OK = 0
+EXIT_CANNOT_START = 1
+EXIT_INTERRUPTED = 130  # the shell's code for "ended by SIGINT"
+
+
+def add_chat_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `memserve chat`."""
+    chat = commands.add_parser(
+        "chat",
+        help="talk to a dialogue model on a server, in the terminal",
+        description=textwrap.fill(
+            "Talk to a dialogue model served by 'memserve serve': each line you type is sent "
+            "with Generate and the reply streams back; the conversation is a session on the "
+            "server. Ctrl-C during a reply stops that reply; Ctrl-C or Ctrl-D at the prompt "
+            "ends the chat. With stdin piped: one utterance per line, one reply per line on "
+            "stdout, no prompt. Exit status: 0 at the end of the input or /quit, 1 if the "
+            "chat cannot start (server unreachable, unknown model), 2 for bad options, 130 "
+            "after Ctrl-C at the prompt.",
+            width=79,
+        ),
+        epilog="commands during the chat:\n"
+        + "\n".join(f"  {name:<12}{what}" for name, what in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default=DEFAULT_TARGET,
+        help=f"the server (default: {DEFAULT_TARGET})",
+    )
+    chat.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"a dialogue model (default: {DEFAULT_MODEL})"
+    )
+    sampling = chat.add_argument_group("sampling")
+    sampling.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        metavar="T",
+        help=f"0 is greedy (default: {DEFAULT_TEMPERATURE})",
+    )
+    sampling.add_argument(
+        "--top-k",
+        type=int,
+        default=DEFAULT_TOP_K,
+        metavar="K",
+        help=f"sample from the k most likely tokens; 0: all (default: {DEFAULT_TOP_K})",
+    )
+    sampling.add_argument(
+        "--top-p",
+        type=float,
+        default=DEFAULT_TOP_P,
+        metavar="P",
+        help=f"sample from the smallest set of tokens with this much mass (default: "
+        f"{DEFAULT_TOP_P})",
+    )
+    sampling.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help=f"most tokens in a reply; 0: the server's limit (default: {DEFAULT_MAX_TOKENS})",
+    )
+    sampling.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sampling seed sent with every line: the same seed and the same lines give the "
+        "same replies (default: a random one)",
+    )
+    connection = chat.add_argument_group("connection")
+    connection.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"deadline of each call, a whole reply included (default: {DEFAULT_TIMEOUT})",
+    )
+    connection.add_argument(
+        "--tls", action="store_true", help="connect with TLS (implied by --ca, --cert, --key)"
+    )
+    connection.add_argument(
+        "--ca", metavar="FILE", help="PEM root certificates (default: gRPC's default roots)"
+    )
+    connection.add_argument("--cert", metavar="FILE", help="PEM client certificate (mutual TLS)")
+    connection.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
+    connection.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the name the server's certificate carries, if not the target's host",
+    )
+    connection.add_argument(
+        "--token",
+        help=f"bearer token sent with every call (default: ${TOKEN_ENV} if set)",
+    )
+    chat.set_defaults(handler=run_chat)
+
+
+def tls_settings(args: argparse.Namespace) -> TLS | None:
+    """The TLS options as the library's settings (OSError if a file cannot be read)."""
+    from clients.channel import TLS
+
+    if not (args.tls or args.ca or args.cert or args.key or args.server_name):
+        return None
+    if (args.cert is None) != (args.key is None):
+        raise ValueError("--cert and --key go together")
+    return TLS.from_files(args.ca, args.cert, args.key, args.server_name)
+
+
+def describe(error: MemserveError, target: str) -> str:
+    """A failed call in a sentence, for a person."""
+    import grpc
+
+    if error.code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach the server at {target} ({error.message})"
+    if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "the server did not answer in time (see --timeout)"
+    return f"{error.message} ({error.code.name})"
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """The chat, until the input ends, /quit or Ctrl-C at the prompt; the exit status."""
+    from clients.client import Client
+    from clients.errors import MemserveError
+
+    if args.max_tokens < 0 or args.top_k < 0 or args.timeout <= 0:
+        raise ValueError("--max-tokens and --top-k must be >= 0, --timeout > 0")
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+    client = Client(args.target, timeout=args.timeout, tls=tls_settings(args), token=token)
+    with client:
+        try:
+            session = client.session(args.model)
+        except MemserveError as error:
+            print(f"memserve chat: error: {describe(error, args.target)}", file=sys.stderr)
+            return EXIT_CANNOT_START
+        chat = Chat(client, session, args, sys.stdin, sys.stdout, sys.stderr)
+        try:
+            return chat.run()
+        finally:
+            chat.close()
+
+
+class Chat:
+    """One terminal conversation: reads lines, answers commands, streams replies."""
+
+    def __init__(
+        self,
+        client: Client,
+        session: Session,
+        args: argparse.Namespace,
+        stdin: TextIO,
+        stdout: TextIO,
+        stderr: TextIO,
+    ) -> None:
+        self.client = client
+        self.session = session
+        self.kept: list[Session] = []  # forked-from sessions, deleted at the end
+        self.args = args
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.interactive = stdin.isatty()
+
+    # ------------------------------------------------------------------ input and output
+
+    def notice(self, text: str) -> None:
+        print(text, file=self.stderr, flush=True)
+
+    def error(self, text: str) -> None:
+        print(f"error: {text}", file=self.stderr, flush=True)
+
+    def read_line(self) -> str | None:
+        """The next line typed or piped; None at the end of the input."""
+        if not self.interactive:
+            line = self.stdin.readline()
+            return line if line else None
+        try:
+            return input("> ")
+        except EOFError:
+            print(file=self.stdout)
+            return None
+
+    def run(self) -> int:
+        if self.interactive:
+            import readline  # noqa: F401  (line editing and history for input())
+
+            self.notice(
+                f"chatting with {self.session.model} on {self.args.target} (session "
+                f"{self.session.id}); /help lists the commands, Ctrl-D ends the chat"
+            )
+        try:
+            while True:
+                line = self.read_line()
+                if line is None:
+                    return EXIT_OK
+                line = line.strip()
+                if not line:
+                    continue
+                if line.startswith("/"):
+                    if self.command(line) == "quit":
+                        return EXIT_OK
+                else:
+                    self.reply(line)
+        except KeyboardInterrupt:  # at the prompt (during a reply, Ctrl-C stops the reply)
+            print(file=self.stdout, flush=True)
+            return EXIT_INTERRUPTED
+
+    # ------------------------------------------------------------------ replies
+
+    def reply(self, text: str) -> None:
+        """Send `text`; print the reply as it streams. Ctrl-C stops the reply only."""
+        from clients.errors import MemserveError
+
+        started = self.interactive  # a line of output begun, to end before an error
+        if started:
+            self.stdout.write(f"{self.session.model}: ")
+        generation = self.session.generate(
+            text,
+            max_tokens=self.args.max_tokens,
+            temperature=self.args.temperature,
+            top_k=self.args.top_k,
+            top_p=self.args.top_p,
+            seed=self.args.seed,
+        )
+        printed = False
+        previous = signal.signal(signal.SIGINT, lambda number, frame: generation.cancel())
+        try:
+            for piece in generation:
+                self.stdout.write(piece if printed else piece.lstrip())
+                self.stdout.flush()
+                printed = True
+        except MemserveError as error:
+            if started or printed:
+                print(file=self.stdout, flush=True)
+            self.error(describe(error, self.args.target) + self.hint(error))
+            return
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        print(file=self.stdout, flush=True)
+        if generation.cancelled:
+            self.notice("(reply stopped)")
+
+    def hint(self, error: MemserveError) -> str:
+        import grpc
+
+        if error.code == grpc.StatusCode.NOT_FOUND:
+            return "; /reset starts a new conversation"
+        return ""
+
+    # ------------------------------------------------------------------ commands
+
+    def command(self, line: str) -> str | None:
+        """Run one slash command; "quit" when the chat should end."""
+        from clients.errors import MemserveError
+
+        name, _, argument = line.partition(" ")
+        argument = argument.strip()
+        handlers = {
+            "/help": self.help,
+            "/reset": self.reset,
+            "/fork": self.fork,
+            "/save": self.save,
+            "/load": self.load,
+        }
+        if name == "/quit":
+            return "quit"
+        handler = handlers.get(name)
+        if handler is None:
+            self.error(f"unknown command {name} (/help lists the commands)")
+            return None
+        needs_file = name in ("/save", "/load")
+        if needs_file != bool(argument):
+            self.error(f"usage: {name} FILE" if needs_file else f"{name} takes no argument")
+            return None
+        try:
+            handler(argument)
+        except MemserveError as error:
+            self.error(f"{name}: {describe(error, self.args.target)}")
+        except OSError as error:
+            self.error(f"{name}: {error.strerror or error}: {argument}")
+        return None
+
+    def help(self, _: str) -> None:
+        for name, what in COMMANDS.items():
+            print(f"{name:<12}{what}", file=self.stdout)
+        self.stdout.flush()
+
+    def switch(self, session: Session, keep_old: bool = False) -> Session:
+        """Continue in `session`; the old one is deleted (or kept until the end)."""
+        old, self.session = self.session, session
+        if keep_old:
+            self.kept.append(old)
+        else:
+            self.delete(old)
+        return old
+
+    def reset(self, _: str) -> None:
+        old = self.switch(self.client.session(self.session.model))
+        self.notice(f"new conversation: session {self.session.id} (deleted {old.id})")
+
+    def fork(self, _: str) -> None:
+        old = self.switch(self.session.fork(), keep_old=True)
+        self.notice(
+            f"now in session {self.session.id}, a fork of {old.id} at step "
+            f"{self.session.step_count} (kept until the chat ends)"
+        )
+
+    def save(self, path: str) -> None:
+        state = self.session.export()
+        Path(path).write_bytes(state)
+        self.notice(
+            f"saved session {self.session.id} (step {self.session.step_count}, "
+            f"{len(state)} bytes) to {path}"
+        )
+
+    def load(self, path: str) -> None:
+        from clients.client import Session
+
+        state = Path(path).read_bytes()
+        old = self.switch(Session(self.client, self.client.import_session(state)))
+        self.notice(
+            f"loaded {path}: session {self.session.id} ({self.session.model}, step "
+            f"{self.session.step_count}); deleted {old.id}"
+        )
+
+    # ------------------------------------------------------------------ the end
+
+    def delete(self, session: Session) -> None:
+        from clients.errors import MemserveError
+
+        try:
+            session.delete()
+        except MemserveError as error:
+            self.notice(
+                f"could not delete session {session.id}: {describe(error, self.args.target)}"
+            )
+
+    def close(self) -> None:
+        """Delete every session this chat made."""
+        for session in [*self.kept, self.session]:
+            self.delete(session)

@@ -1,0 +1,318 @@
+"""The workloads over gRPC: `step` (K Step calls of T random inputs per session) and `chat`
+(K streamed Generate turns per session), the connection they share, and `GrpcTarget`, which
+the schedules drive and which counts every call by method and status code.
+
+Stubs of `grpc.aio` straight from `protos/`, tensors through `protos/tensors.py`: nothing of
+the server is imported, and a request costs the client as little as it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+
+from clients.loadgen.cli import Settings
+from clients.loadgen.recording import INVALID_RESPONSE, OK, CallCounts, Outcome, Recorder
+from clients.loadgen.schedule import Session, SessionRefused, now
+from protos import memserve_pb2, memserve_pb2_grpc, tensors
+
+DIALOGUE_TYPES = ("vmed",)  # model types whose sessions answer Generate
+INPUT_VARIANTS = 64  # step: distinct input tensors, drawn once, cycled through
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# Short everyday utterances in the style of Persona-Chat (what vmed-chat was trained on):
+# lower case, punctuation apart.
+PROMPTS = (
+    "hi ! how are you doing today ?",
+    "i just got back from a long walk with my dog .",
+    "what do you do for a living ?",
+    "i love to cook italian food on the weekends .",
+    "do you have any pets ?",
+    "my favorite color is blue . what is yours ?",
+    "i work as a nurse at the hospital downtown .",
+    "have you ever been to europe ?",
+    "i am a student , i study computer science .",
+    "what kind of music do you like ?",
+    "i play the guitar in a small band with my friends .",
+    "that sounds like a lot of fun !",
+    "i have two kids and a cat named max .",
+    "do you like to read ?",
+    "i am training for a marathon this spring .",
+    "where did you grow up ?",
+    "i grew up on a farm in the country , we had horses .",
+    "what is your favorite food ?",
+    "i enjoy hiking in the mountains when the weather is nice .",
+    "i do not like cold weather much .",
+    "are you married ?",
+    "i just moved to a new city for my job .",
+    "what do you like to do for fun ?",
+    "tell me about your family .",
+    "hello",
+    "my parents own a small bakery and i help them on sundays .",
+    "i watch a lot of movies , mostly comedies .",
+    "how old are you ?",
+)
+
+
+class LoadgenError(Exception):
+    """The run cannot start (the server is unreachable, the model unknown, ...)."""
+
+
+def code_name(error: grpc.aio.AioRpcError) -> str:
+    return str(error.code().name)
+
+
+# ---------------------------------------------------------------------------- connection
+
+
+class Client:
+    """The run's channels to the server (sessions use them round robin) and the sequence
+    numbers of its sessions."""
+
+    def __init__(self, target: str, channels: int) -> None:
+        self.target = target
+        options = [
+            ("grpc.enable_http_proxy", 0),  # measure the server, not a proxy
+            ("grpc.use_local_subchannel_pool", 1),  # one connection per channel
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.channels = [grpc.aio.insecure_channel(target, options=options) for _ in
+                         range(channels)]  # fmt: skip
+        self.stubs: list[Any] = [
+            memserve_pb2_grpc.MemServeStub(channel)  # type: ignore[no-untyped-call]
+            for channel in self.channels
+        ]
+        self.sessions = 0
+
+    def next_session(self) -> tuple[int, Any]:
+        """The next session's sequence number and the stub it talks over."""
+        sequence = self.sessions
+        self.sessions += 1
+        return sequence, self.stubs[sequence % len(self.stubs)]
+
+    async def connect(self, timeout: float) -> None:
+        """Wait for every channel to be ready; LoadgenError after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(channel.channel_ready() for channel in self.channels)), timeout
+            )
+        except asyncio.TimeoutError:
+            raise LoadgenError(
+                f"cannot reach a server at {self.target} within {timeout:g} s (is "
+                "`memserve serve` running there? see --target and --connect-timeout)"
+            ) from None
+
+    async def model_info(self, settings: Settings, calls: CallCounts) -> memserve_pb2.ModelInfo:
+        """The workload's model as ListModels describes it; LoadgenError if it is not there
+        or cannot do the workload."""
+        try:
+            answer = await self.stubs[0].ListModels(
+                memserve_pb2.ListModelsRequest(), timeout=settings.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            calls.add("ListModels", code_name(error), error.details() or "")
+            raise LoadgenError(
+                f"ListModels at {self.target} failed: {code_name(error)}: {error.details()}"
+            ) from None
+        calls.add("ListModels", OK)
+        models: dict[str, memserve_pb2.ModelInfo] = {m.name: m for m in answer.models}
+        info = models.get(settings.model)
+        if info is None:
+            raise LoadgenError(
+                f"no model {settings.model!r} on the server at {self.target} (it serves: "
+                f"{', '.join(models) or 'nothing'}); see --model"
+            )
+        if settings.workload == "chat" and info.type not in DIALOGUE_TYPES:
+            raise LoadgenError(
+                f"model {settings.model!r} ({info.type}) does not generate text; the chat "
+                f"workload needs a dialogue model ({', '.join(DIALOGUE_TYPES)}), e.g. vmed-chat"
+            )
+        return info
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self.channels))
+
+
+# ---------------------------------------------------------------------------- workloads
+
+
+class Workload(Protocol):
+    method: str  # the RPC of one request
+
+    def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest: ...
+
+    async def call(self, session: Session, timeout: float) -> Outcome:
+        """One request; raises grpc.aio.AioRpcError when the server refuses it."""
+        ...
+
+
+class StepWorkload:
+    """K Step calls of T inputs [T, input_size], uniform in [0, 1) from the seeded
+    generator: INPUT_VARIANTS tensors drawn once and cycled through."""
+
+    method = "Step"
+
+    def __init__(self, settings: Settings, info: memserve_pb2.ModelInfo) -> None:
+        self.settings = settings
+        rng = np.random.default_rng(settings.seed)
+        shape = (settings.steps_per_call, int(info.input_size))
+        self.inputs = [tensors.encode(rng.random(shape, dtype=np.float32)) for _ in
+                       range(INPUT_VARIANTS)]  # fmt: skip
+        self.expected_bytes = settings.steps_per_call * int(info.output_size) * 4
+
+    def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest:
+        return memserve_pb2.CreateSessionRequest(
+            model=self.settings.model, ttl_seconds=self.settings.session_ttl
+        )
+
+    async def call(self, session: Session, timeout: float) -> Outcome:
+        index = (session.sequence * self.settings.steps + session.used) % len(self.inputs)
+        request = memserve_pb2.StepRequest(session_id=session.session_id, inputs=self.inputs[index])
+        response = await session.stub.Step(request, timeout=timeout)
+        done = now()
+        if len(response.outputs.data) != self.expected_bytes:
+            return Outcome(
+                INVALID_RESPONSE,
+                done,
+                f"outputs of {len(response.outputs.data)} bytes, expected {self.expected_bytes}",
+            )
+        return Outcome(OK, done, steps=self.settings.steps_per_call)
+
+
+class ChatWorkload:
+    """K turns of Generate: utterances in an order the seed shuffles, each session starting
+    elsewhere in it; each session's sampler is seeded (--seed + its sequence number)."""
+
+    method = "Generate"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        order = np.random.default_rng(settings.seed).permutation(len(settings.prompts))
+        self.prompts = [settings.prompts[i] for i in order]
+
+    def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest:
+        return memserve_pb2.CreateSessionRequest(
+            model=self.settings.model,
+            ttl_seconds=self.settings.session_ttl,
+            seed=self.settings.seed + sequence,
+        )
+
+    def generate_request(self, session: Session) -> memserve_pb2.GenerateRequest:
+        settings = self.settings
+        text = self.prompts[(session.sequence * settings.turns + session.used) % len(self.prompts)]
+        request = memserve_pb2.GenerateRequest(
+            session_id=session.session_id,
+            text=text,
+            max_tokens=settings.max_tokens,
+            top_k=settings.top_k,
+            stop=list(settings.stop),
+        )
+        if settings.temperature is not None:
+            request.temperature = settings.temperature
+        if settings.top_p is not None:
+            request.top_p = settings.top_p
+        return request
+
+    async def call(self, session: Session, timeout: float) -> Outcome:
+        stream = session.stub.Generate(self.generate_request(session), timeout=timeout)
+        first: float | None = None
+        last = 0.0
+        gaps: list[float] = []
+        done: memserve_pb2.GenerateDone | None = None
+        finished = 0.0
+        async for message in stream:
+            moment = now()
+            if message.HasField("done"):
+                done, finished = message.done, moment
+                continue
+            if first is None:
+                first = moment
+            else:
+                gaps.append(moment - last)
+            last = moment
+        if done is None:
+            return Outcome(INVALID_RESPONSE, now(), "the stream ended without its final message")
+        return Outcome(
+            OK,
+            finished,
+            first_piece=first,
+            gaps=gaps,
+            completion_tokens=done.completion_tokens,
+            prompt_tokens=done.prompt_tokens,
+        )
+
+
+def make_workload(settings: Settings, info: memserve_pb2.ModelInfo) -> Workload:
+    if settings.workload == "step":
+        return StepWorkload(settings, info)
+    return ChatWorkload(settings)
+
+
+# ---------------------------------------------------------------------------- target
+
+
+class GrpcTarget:
+    """The schedules' `Target` over gRPC for one level: every call counted into the level's
+    recorder by method and status code (a call we cancel counts as CANCELLED)."""
+
+    def __init__(
+        self, client: Client, workload: Workload, recorder: Recorder, timeout: float
+    ) -> None:
+        self.client = client
+        self.workload = workload
+        self.recorder = recorder
+        self.calls = recorder.calls
+        self.timeout = timeout
+
+    async def open_session(self) -> Session:
+        sequence, stub = self.client.next_session()
+        start = now()
+        try:
+            info = await stub.CreateSession(
+                self.workload.session_request(sequence), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            self.calls.add("CreateSession", code_name(error), error.details() or "")
+            raise SessionRefused(code_name(error), error.details() or "") from None
+        except asyncio.CancelledError:
+            self.calls.add("CreateSession", "CANCELLED")
+            raise
+        self.calls.add("CreateSession", OK)
+        self.recorder.session_calls["CreateSession"].record(now() - start)
+        return Session(info.session_id, sequence, stub)
+
+    async def close_session(self, session: Session) -> None:
+        if session.gone:  # the server no longer has it
+            return
+        start = now()
+        request = memserve_pb2.DeleteSessionRequest(session_id=session.session_id)
+        try:
+            await session.stub.DeleteSession(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as error:
+            self.calls.add("DeleteSession", code_name(error), error.details() or "")
+            return
+        except asyncio.CancelledError:
+            self.calls.add("DeleteSession", "CANCELLED")
+            raise
+        self.calls.add("DeleteSession", OK)
+        self.recorder.session_calls["DeleteSession"].record(now() - start)
+
+    async def request(self, session: Session, intended: float) -> Outcome:
+        method = self.workload.method
+        try:
+            outcome = await self.workload.call(session, self.timeout)
+        except grpc.aio.AioRpcError as error:
+            code, detail = code_name(error), error.details() or ""
+            self.calls.add(method, code, detail)
+            if code == "NOT_FOUND":
+                session.gone = True
+            return Outcome(code, now(), detail)
+        except asyncio.CancelledError:
+            self.calls.add(method, "CANCELLED")
+            raise
+        self.calls.add(method, OK)  # the server answered OK, whatever the answer held
+        return outcome

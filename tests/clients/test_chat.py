@@ -1,0 +1,235 @@
+"""`memserve chat` as a user runs it, stdin piped, against a real server with the small
+VMED: replies stream, every slash command works, Ctrl-C stops a reply and the chat goes
+on, Ctrl-C at the prompt ends it, errors are one clear line, and --help tells the truth."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from clients import Client, MemserveError
+from clients.chat import add_chat_parser, run_chat
+from memserve.cli import build_parser
+from tests.clients.servers import DIRECT, LIMIT, ROOT, TINY, served, subprocess_env
+from tests.serving.server_process import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    # Launches wait 10 ms for company, so a long reply streams for seconds: time to Ctrl-C.
+    with served(tmp_path_factory, args=("--max-queue-delay", "0.01")) as process:
+        yield process
+
+
+def chat_command(server: ServerProcess, *args: str) -> list[str]:
+    return [sys.executable, "-m", "memserve", "chat", "--target", server.target,
+            "--model", TINY, *args]  # fmt: skip
+
+
+def chat(server: ServerProcess, lines: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the chat with `lines` piped to it, to the end."""
+    return subprocess.run(
+        chat_command(server, "--max-tokens", "6", *args), input="".join(f"{x}\n" for x in lines),
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def assert_gone(server: ServerProcess, session_ids: set[str]) -> None:
+    with Client(server.target, options=DIRECT) as client:
+        for session_id in session_ids:
+            with pytest.raises(MemserveError) as gone:
+                client.get_session(session_id)
+            assert gone.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_every_command_through_a_pipe(server: ServerProcess, tmp_path: Path) -> None:
+    saved = tmp_path / "conversation.safetensors"
+    result = chat(server, [
+        "hi ! how are you ?", "/help", "/fork", "do you have pets ?", f"/save {saved}",
+        "/reset", "what do you do ?", f"/load {saved}", "i like cars .", "/frob", "/save",
+        f"/load {tmp_path / 'missing'}", "", "/quit", "not read",
+    ], "--seed", "3")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "\x1b" not in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    help_lines = [line for line in lines if line.startswith("/")]
+    assert [line.split()[0] for line in help_lines] == [
+        "/help",
+        "/reset",
+        "/fork",
+        "/save",
+        "/load",
+        "/quit",
+    ]
+    replies = [line for line in lines if not line.startswith("/")]
+    assert len(replies) == 4 and all(replies)  # "not read" came after /quit
+
+    fork = re.search(r"now in session (\w+), a fork of (\w+)", result.stderr)
+    reset = re.search(r"new conversation: session (\w+) \(deleted (\w+)\)", result.stderr)
+    save = re.search(r"saved session (\w+) \(step (\d+), \d+ bytes\)", result.stderr)
+    load = re.search(rf"loaded .*: session (\w+) \({TINY}, step (\d+)\); deleted (\w+)",
+                     result.stderr)  # fmt: skip
+    assert fork and reset and save and load, result.stderr
+    forked, original = fork.groups()
+    assert forked != original and reset.group(2) == forked == save.group(1)
+    assert load.group(3) == reset.group(1) and load.group(2) == save.group(2)
+    assert saved.stat().st_size > 0
+    assert "unknown command /frob (/help lists the commands)" in result.stderr
+    assert "usage: /save FILE" in result.stderr
+    assert "/load: No such file or directory" in result.stderr
+    # The chat deleted every session it made: the original kept after /fork too.
+    assert_gone(server, {original, forked, reset.group(1), load.group(1)})
+
+
+def test_load_continues_the_saved_conversation(server: ServerProcess, tmp_path: Path) -> None:
+    saved = tmp_path / "state"
+    first = chat(server, ["hi ! how are you ?", f"/save {saved}", "i like cars ."], "--seed", "5")
+    resumed = chat(server, [f"/load {saved}", "i like cars ."], "--seed", "5")
+    fresh = chat(server, ["i like cars ."], "--seed", "5")
+    assert first.returncode == resumed.returncode == fresh.returncode == 0
+    # Same seed, same history: the same reply; without the history, another one.
+    assert resumed.stdout.splitlines() == first.stdout.splitlines()[1:]
+    assert fresh.stdout != resumed.stdout
+
+
+class ChatProcess:
+    """A chat subprocess whose stdin stays open; its output is collected as it arrives."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=subprocess_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self.output = {"stdout": bytearray(), "stderr": bytearray()}
+        self.lock = threading.Lock()
+        for name in self.output:
+            threading.Thread(target=self._collect, args=(name,), daemon=True).start()
+
+    def _collect(self, name: str) -> None:
+        stream = getattr(self.process, name)
+        while chunk := os.read(stream.fileno(), 4096):
+            with self.lock:
+                self.output[name] += chunk
+
+    def text(self, name: str = "stdout") -> str:
+        with self.lock:
+            return self.output[name].decode(errors="replace")
+
+    def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{line}\n".encode())
+        self.process.stdin.flush()
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise AssertionError(f"waited in vain: {self.text()!r} {self.text('stderr')!r}")
+            time.sleep(0.01)
+
+    def finish(self, timeout: float = 60) -> int:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        return self.process.wait(timeout)
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(server: ServerProcess) -> None:
+    chat = ChatProcess(chat_command(server, "--max-tokens", str(LIMIT)))
+    try:
+        chat.send("tell me everything about your day")
+        chat.wait_for(lambda: chat.text() != "")  # the reply has begun to stream
+        chat.process.send_signal(signal.SIGINT)
+        chat.wait_for(lambda: "(reply stopped)" in chat.text("stderr"))
+        assert chat.text().count("\n") == 1  # the cut reply, ended by a newline
+        chat.send("and now ?")
+        chat.wait_for(lambda: chat.text().count("\n") == 2)
+        cut, whole = chat.text().splitlines()
+        assert len(cut) < len(whole)  # the whole reply has LIMIT tokens
+        assert chat.finish() == 0
+        assert "Traceback" not in chat.text("stderr")
+    finally:
+        chat.process.kill()
+
+
+def test_ctrl_c_at_the_prompt_ends_the_chat(server: ServerProcess) -> None:
+    chat = ChatProcess(chat_command(server, "--max-tokens", "4"))
+    try:
+        chat.send("hello")
+        chat.wait_for(lambda: chat.text().endswith("\n"))  # answered; waiting for a line
+        time.sleep(0.2)
+        chat.process.send_signal(signal.SIGINT)
+        assert chat.process.wait(30) == 130
+        assert "Traceback" not in chat.text("stderr")
+    finally:
+        chat.process.kill()
+
+
+def test_start_errors_are_one_clear_line(server: ServerProcess) -> None:
+    unknown = subprocess.run(
+        [*chat_command(server)[:-2], "--model", "no-such-model"], input="hi\n", cwd=ROOT,
+        env=subprocess_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("memserve chat: error: no model 'no-such-model'")
+    assert unknown.stderr.count("\n") == 1
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "memserve", "chat", "--target", "127.0.0.1:1"], input="hi\n",
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert unreachable.returncode == 1
+    assert "cannot reach the server at 127.0.0.1:1" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+    not_text = chat(server, ["hello", "/quit"], "--model", "ntm-copy")
+    assert not_text.returncode == 0 and not_text.stdout == ""
+    assert "does not generate text" in not_text.stderr
+    bad = chat(server, [], "--cert", "only.pem")
+    assert bad.returncode == 2 and "--cert and --key go together" in bad.stderr
+
+
+def chat_parser() -> argparse.ArgumentParser:
+    commands = argparse.ArgumentParser(prog="memserve").add_subparsers()
+    add_chat_parser(commands)
+    parser: argparse.ArgumentParser = commands.choices["chat"]
+    return parser
+
+
+def test_help_names_every_option_with_its_true_default() -> None:
+    parser = chat_parser()
+    help_text = " ".join(parser.format_help().split())
+    options = [action for action in parser._actions if action.option_strings]
+    for action in options:
+        assert all(option in help_text for option in action.option_strings)
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in " ".join(str(action.help).split())
+    # The table in docs/clients.md says the same.
+    docs = (ROOT / "docs" / "clients.md").read_text()
+    table = dict(re.findall(r"^  \| `(--[\w-]+)[^|]*\| ([^|]+?) \|", docs, flags=re.MULTILINE))
+    for action in options:
+        name = action.option_strings[-1]
+        if name == "--help":
+            continue
+        assert name in table or name == "--key", f"{name} is not in docs/clients.md"
+        if action.default not in (None, False) and name in table:
+            assert table[name] == str(action.default), name
+
+
+def test_chat_is_a_memserve_command() -> None:
+    args = build_parser().parse_args(["chat", "--top-k", "5"])
+    assert args.handler is run_chat and args.top_k == 5 and args.model == "vmed-chat"
+    # Building the parser (every `memserve` run) loads neither grpc nor numpy.
+    code = "import sys; from memserve.cli import build_parser; build_parser(); "
+    code += "print(sorted({'grpc', 'numpy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0 and result.stdout == "[]\n", result.stderr

@@ -1,0 +1,637 @@
+"""`memserve loadgen` against a real server (ntm-copy and the small VMED): its counts agree
+with the server's own, its files are what they claim, the open loop keeps its schedule and
+measures from intended times, errors are counted by status code, and --help tells the
+truth. The schedules are also driven alone, by a fake target whose calls are slow.
+
+Speed is not asserted (GUIDE: timing targets live in benchmarks): only counts, and latency
+lower bounds that follow from the fake's sleeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.loadgen import cli as loadgen_cli
+from clients.loadgen import schedule, server_metrics
+from clients.loadgen.progress import Progress
+from clients.loadgen.recording import OK, Outcome, Recorder
+from clients.loadgen.schedule import (
+    Level,
+    Plan,
+    Session,
+    SessionRefused,
+    closed_loop,
+    now,
+    open_loop,
+)
+from memserve.cli import build_parser, main
+from tests.serving.client import metric, scrape
+from tests.serving.server_process import ServerProcess
+from tests.tiny_vmed import tiny_vmed
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "vmed-tiny"  # replies always run to max_tokens (tests/tiny_vmed.py)
+STEP_LIMIT = 64  # --max-steps-per-call of the test server
+REQUESTS = "memserve_request_duration_seconds_count"
+METHODS = ("ListModels", "CreateSession", "Step", "Generate", "DeleteSession")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    directory, _ = tiny_vmed(tmp_path_factory.mktemp("model") / TINY)
+    with ServerProcess(
+        tmp_path_factory.mktemp("server"), "--models", f"ntm-copy,{directory}",
+        "--max-new-tokens", "24", "--max-steps-per-call", str(STEP_LIMIT),
+    ) as process:  # fmt: skip
+        yield process
+
+
+def loadgen(server: ServerProcess, workload: str, *args: str) -> int:
+    """`memserve loadgen WORKLOAD` in this process, pointed at `server`."""
+    return main(["loadgen", workload, "--target", server.target, "--metrics-url",
+                 server.metrics_url, "--no-progress", *args])  # fmt: skip
+
+
+def server_counts(server: ServerProcess) -> dict[tuple[str, str], float]:
+    """The server's answered calls so far by (method, code)."""
+    return {
+        (dict(labels)["method"], dict(labels)["code"]): value
+        for (name, labels), value in scrape(server.metrics_url).items()
+        if name == REQUESTS
+    }
+
+
+def settled_counts(
+    server: ServerProcess, before: dict[tuple[str, str], float], sent: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """What the server counted since `before`, read again for a moment while it differs from
+    `sent` (a streamed call is counted just after its last message leaves)."""
+    deadline = time.monotonic() + 5
+    while True:
+        after = server_counts(server)
+        counted: dict[str, dict[str, int]] = {}
+        for (method, code), value in after.items():
+            delta = round(value - before.get((method, code), 0.0))
+            if delta:
+                counted.setdefault(method, {})[code] = delta
+        if counted == sent or time.monotonic() > deadline:
+            return counted
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+# ---------------------------------------------------------------------------- real server
+
+
+def test_closed_loop_sweep_agrees_with_the_server_and_writes_its_files(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = server_counts(server)
+    files = {kind: tmp_path / f"run.{kind}" for kind in ("json", "csv", "png")}
+    code = loadgen(server, "step", "--concurrency", "1,4", "--duration", "1", "--warmup", "0.3",
+                   "--steps", "5", "--steps-per-call", "2", "--json", str(files["json"]),
+                   "--csv", str(files["csv"]), "--plot", str(files["png"]))  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "C=1" in printed and "C=4" in printed
+    assert "the server counted the same calls over the run" in printed
+
+    record = json.loads(files["json"].read_text())
+    sent = record["requests_sent"]
+    assert settled_counts(server, before, sent) == sent  # every call, warm-up and teardown too
+    assert set(sent) == {"ListModels", "CreateSession", "Step", "DeleteSession"}
+    assert sent["CreateSession"] == sent["DeleteSession"]  # no session left behind
+    assert record["command"].startswith("memserve loadgen step --target")
+    assert record["settings"]["concurrency"] == [1, 4] and record["mode"] == "closed"
+    assert record["model"]["name"] == "ntm-copy" and record["model"]["input_size"] == 9
+    assert record["date"] and record["server_requests_during_run"] == sent
+
+    levels = record["levels"]
+    assert [level["level"] for level in levels] == ["C=1", "C=4"]
+    for level in levels:
+        requests = level["requests"]
+        assert requests["errors"] == {} and requests["ok"] == requests["issued"] > 0
+        assert level["session_steps"] == 2 * requests["ok"]
+        assert level["throughput"]["requests_per_s"] == pytest.approx(
+            requests["ok"] / level["span_s"]
+        )
+        assert level["span_s"] >= level["window_s"] == pytest.approx(1.0)
+        latency = level["latency_ms"]
+        assert latency["count"] == requests["ok"]
+        assert 0 < latency["min"] <= latency["p50"] <= latency["p90"] <= latency["p95"]
+        assert latency["p95"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
+        assert latency["min"] <= latency["mean"] <= latency["max"]
+        # The level's calls include its warm-up and teardown: more than it measured.
+        assert level["calls"]["Step"]["OK"] >= requests["ok"]
+        server_view = level["server"]
+        assert server_view["launches"] > 0
+        assert 1 <= server_view["batch_size"]["mean"] <= level["concurrency"]
+        assert server_view["queue_wait_ms"]["count"] > 0
+    for method in ("CreateSession", "Step", "DeleteSession"):
+        assert sum(level["calls"][method]["OK"] for level in levels) == sent[method]["OK"]
+
+    with open(files["csv"], newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["level"] for row in rows] == ["C=1", "C=4"]
+    assert [int(row["requests_ok"]) for row in rows] == [
+        level["requests"]["ok"] for level in levels
+    ]
+    assert float(rows[1]["latency_p99_ms"]) == pytest.approx(levels[1]["latency_ms"]["p99"])
+
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.pyplot as plt
+
+    image = plt.imread(files["png"])
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_open_loop_issues_rate_times_duration(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = server_counts(server)
+    out = tmp_path / "open.json"
+    code = loadgen(server, "step", "--rate", "40", "--duration", "1", "--warmup", "0.25",
+                   "--steps", "4", "--json", str(out))  # fmt: skip
+    assert code == 0
+    assert "R=40" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    (level,) = record["levels"]
+    assert level["mode"] == "open" and level["rate"] == 40
+    assert abs(level["requests"]["issued"] - 40) <= 1
+    assert level["requests"]["ok"] == level["requests"]["issued"]
+    assert level["open_loop"]["unsent"] == 0
+    assert level["open_loop"]["send_lag_ms"]["count"] == level["requests"]["issued"]
+    # 10 warm-up requests and 40 measured, in sessions of 4 Step calls.
+    assert abs(record["requests_sent"]["Step"]["OK"] - 50) <= 2
+    sent = record["requests_sent"]
+    assert settled_counts(server, before, sent) == sent
+
+
+def test_chat_reports_time_to_first_piece_between_pieces_and_tokens(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = server_counts(server)
+    out = tmp_path / "chat.json"
+    code = loadgen(server, "chat", "--model", TINY, "--concurrency", "2", "--duration", "1",
+                   "--warmup", "0.2", "--turns", "2", "--max-tokens", "6", "--temperature",
+                   "0", "--json", str(out), "--csv", str(tmp_path / "chat.csv"), "--plot",
+                   str(tmp_path / "chat.png"))  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ttft p50" in printed and "tok/s" in printed
+    record = json.loads(out.read_text())
+    (level,) = record["levels"]
+    ok = level["requests"]["ok"]
+    assert ok > 0 and level["requests"]["errors"] == {}
+    assert level["tokens"]["completion"] == 6 * ok  # the tiny VMED never stops early
+    assert level["tokens"]["prompt"] > ok
+    assert level["throughput"]["tokens_per_s"] == pytest.approx(6 * ok / level["span_s"])
+    ttft, itl, latency = level["ttft_ms"], level["itl_ms"], level["latency_ms"]
+    assert ttft["count"] == ok and 0 < ttft["p50"] <= latency["max"]
+    assert ttft["min"] <= latency["min"]  # the first piece comes before the final message
+    assert 0 < itl["count"] <= 5 * ok  # at most 6 pieces a turn: 5 gaps
+    assert level["server"]["ttft_ms"]["count"] > 0
+    sent = record["requests_sent"]
+    assert set(sent) == {"ListModels", "CreateSession", "Generate", "DeleteSession"}
+    assert settled_counts(server, before, sent) == sent
+    assert (tmp_path / "chat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_refused_requests_are_counted_by_status_code(
+    server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = server_counts(server)
+    out = tmp_path / "errors.json"
+    too_long = str(STEP_LIMIT + 1)  # over the server's --max-steps-per-call
+    code = loadgen(server, "step", "--concurrency", "2", "--duration", "0.5", "--warmup", "0",
+                   "--steps-per-call", too_long, "--json", str(out))  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "INVALID_ARGUMENT" in printed
+    record = json.loads(out.read_text())
+    (level,) = record["levels"]
+    requests = level["requests"]
+    assert requests["ok"] == 0 and requests["issued"] > 0
+    assert requests["errors"] == {"INVALID_ARGUMENT": requests["issued"]}
+    assert STEP_LIMIT == 64 and "64" in requests["error_details"]["INVALID_ARGUMENT"]
+    assert level["latency_ms"] is None and level["throughput"]["requests_per_s"] == 0
+    sent = record["requests_sent"]
+    assert "OK" not in sent["Step"]
+    assert settled_counts(server, before, sent) == sent
+
+
+def test_unknown_model_fails_early_with_the_served_models(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = server_counts(server)
+    assert loadgen(server, "step", "--model", "nope", "--concurrency", "1") == 1
+    error = capsys.readouterr().err
+    assert "no model 'nope' on the server" in error and "ntm-copy" in error
+    assert settled_counts(server, before, {"ListModels": {"OK": 1}}) == {"ListModels": {"OK": 1}}
+
+
+def test_chat_on_a_model_without_text_fails_early(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert loadgen(server, "chat", "--model", "ntm-copy") == 1
+    assert "does not generate text" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    code = main(["loadgen", "step", "--target", f"127.0.0.1:{port}", "--connect-timeout",
+                 "0.5", "--no-progress"])  # fmt: skip
+    assert code == 1
+    error = capsys.readouterr().err
+    assert f"cannot reach a server at 127.0.0.1:{port}" in error
+    assert "server metrics: cannot read" in error  # said so, and carried on to the check
+
+
+def test_ctrl_c_ends_the_level_reports_it_and_deletes_its_sessions(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    out = tmp_path / "interrupted.json"
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memserve", "loadgen", "step", "--target", server.target,
+         "--metrics-url", server.metrics_url, "--concurrency", "4,8", "--duration", "60",
+         "--warmup", "0.2", "--steps", "50", "--json", str(out), "--no-progress"],
+        cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:  # the table's header: the first level is under way
+        lines.append(line)
+        if line.startswith("---"):
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    printed = "".join(lines) + stdout
+    assert "C=4" in printed and "C=8" not in printed and "(interrupted)" in printed
+    record = json.loads(out.read_text())
+    assert record["interrupted"] is True
+    (level,) = record["levels"]
+    assert level["interrupted"] and level["requests"]["ok"] > 0
+    assert 0.5 < level["window_s"] < 30
+    sent = record["requests_sent"]
+    assert sent["CreateSession"]["OK"] == sent["DeleteSession"]["OK"], (sent, stderr)
+    samples = scrape(server.metrics_url)
+    assert metric(samples, "memserve_sessions", model="ntm-copy") == 0
+
+
+# ---------------------------------------------------------------------------- --help
+
+
+def subparser(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+    for name in names:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """Each option's help entry (its lines joined), by its first option string."""
+    entries: dict[str, str] = {}
+    key: str | None = None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            key = line.split()[0].rstrip(",")
+            entries[key] = line.strip()
+        elif key is not None and line.startswith("      ") and line.strip():
+            entries[key] += " " + line.strip()
+        else:
+            key = None
+    return entries
+
+
+@pytest.mark.parametrize("workload", ["step", "chat"])
+def test_help_lists_every_option_with_the_parser_defaults(workload: str) -> None:
+    parser = subparser(build_parser(), "loadgen", workload)
+    text = parser.format_help()
+    entries = help_entries(text)
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in text, option
+        if not action.option_strings:
+            continue
+        entry = entries[action.option_strings[0]]
+        default = action.default
+        if default is None or isinstance(default, bool) or default == argparse.SUPPRESS:
+            assert "(default: None)" not in entry and "(default: False)" not in entry
+        else:
+            assert f"(default: {default})" in entry, (action.option_strings, entry)
+    assert "examples:" in text and f"memserve loadgen {workload}" in text
+    # The defaults that the help shows are the ones a run gets.
+    args = build_parser().parse_args(["loadgen", workload])
+    assert args.concurrency == (1, 2, 4, 8, 16, 32, 64, 128, 256) and args.rate is None
+    assert (args.warmup, args.duration, args.max_outstanding) == (1.0, 5.0, 256)
+    assert args.model == ("ntm-copy" if workload == "step" else "vmed-chat")
+    settings = loadgen_cli.settings_from(args)
+    assert settings.metrics_url == "http://127.0.0.1:9464/metrics"
+    assert settings.mode == "closed" and settings.duration == 5.0
+
+
+def test_loadgen_help_names_both_workloads() -> None:
+    text = subparser(build_parser(), "loadgen").format_help()
+    for words in ("step", "chat", "--concurrency", "--rate", "coordinated omission"):
+        assert words in text
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        (["step", "--concurrency", "0"], "integers >= 1"),
+        (["step", "--concurrency", "1,,2"], "integers >= 1"),
+        (["step", "--rate", "-5"], "rates > 0"),
+        (["step", "--rate", "5", "--concurrency", "2"], "not allowed with argument"),
+        (["step", "--duration", "2", "--requests", "10"], "not allowed with argument"),
+        (["step", "--steps", "0"], "integer >= 1"),
+        (["step", "--target", "localhost"], "HOST:PORT"),
+        (["chat", "--top-p", "1.5"], "(0, 1]"),
+        (["chat", "--stop", ""], "non-empty"),
+        ([], "required: WORKLOAD"),
+    ],
+)
+def test_bad_flag_values_are_argparse_errors(
+    arguments: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["loadgen", *arguments])
+    assert exited.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_empty_prompts_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    assert main(["loadgen", "chat", "--prompts", str(empty)]) == 2
+    assert "no utterances" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- schedules alone
+
+
+class SlowTarget:
+    """A fake server whose every request takes `seconds`; it remembers what it saw."""
+
+    def __init__(self, seconds: float, close_seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.close_seconds = close_seconds
+        self.closed = 0
+        self.intended: list[float] = []
+        self.sent: list[float] = []
+        self.opened = 0
+        self.live: set[str] = set()
+        self.uses: dict[str, int] = {}
+
+    async def open_session(self) -> Session:
+        self.opened += 1
+        session = Session(f"s{self.opened}", self.opened)
+        self.live.add(session.session_id)
+        return session
+
+    async def close_session(self, session: Session) -> None:
+        await asyncio.sleep(self.close_seconds)
+        self.live.remove(session.session_id)
+        self.closed += 1
+
+    async def request(self, session: Session, intended: float) -> Outcome:
+        assert session.session_id in self.live
+        self.uses[session.session_id] = self.uses.get(session.session_id, 0) + 1
+        self.intended.append(intended)
+        self.sent.append(now())
+        await asyncio.sleep(self.seconds)
+        return Outcome(OK, now(), steps=1)
+
+
+def run_open(target: SlowTarget, plan: Plan, rate: float) -> Recorder:
+    async def go() -> Recorder:
+        recorder = Recorder("Step")
+        await open_loop(target, plan, Level(f"R={rate:g}", recorder, asyncio.Event()), rate)
+        return recorder
+
+    return asyncio.run(go())
+
+
+def test_open_loop_latency_counts_from_the_intended_time() -> None:
+    # 20 requests due every 10 ms, each taking 50 ms, one at a time: request i goes out at
+    # about 50 i ms, so its latency from its intended time is about 50 + 40 i ms.
+    target = SlowTarget(0.05)
+    plan = Plan(warmup=0, duration=0.2, requests=None, requests_per_session=3,
+                max_outstanding=1, drain_timeout=5)  # fmt: skip
+    recorder = run_open(target, plan, rate=100)
+    assert recorder.issued == recorder.ok == 20 and recorder.unsent == 0
+    gaps = [b - a for a, b in zip(target.intended, target.intended[1:], strict=False)]
+    assert gaps == pytest.approx([0.01] * 19)  # the schedule, not the answers, sets them
+    waits = [sent - intended for sent, intended in zip(target.sent, target.intended,
+                                                      strict=True)]  # fmt: skip
+    assert all(wait >= 0.04 * i - 0.002 for i, wait in enumerate(waits))
+    assert recorder.capped == 19 and recorder.late >= 18
+    latency = recorder.latency.summary()
+    assert latency is not None
+    assert latency["max"] >= 50 + 40 * 19 - 2  # ms: the last one waited 760 ms to go out
+    assert latency["p50"] >= 50 + 40 * 9 - 2
+    assert recorder.latency.percentile_ms(0) >= 49  # none is faster than the call itself
+    assert not target.live and max(target.uses.values()) <= 3  # K per session, all deleted
+
+
+def test_open_loop_counts_what_it_could_not_send_before_the_drain_timeout() -> None:
+    target = SlowTarget(0.05)
+    plan = Plan(warmup=0, duration=0.2, requests=None, requests_per_session=5,
+                max_outstanding=1, drain_timeout=0.1)  # fmt: skip
+    recorder = run_open(target, plan, rate=100)
+    assert recorder.unsent > 0 and recorder.issued + recorder.unsent == 20
+    assert recorder.ok == recorder.issued and not target.live
+
+
+def test_open_loop_within_its_capacity_sends_on_time() -> None:
+    target = SlowTarget(0.005)
+    plan = Plan(warmup=0.05, duration=None, requests=30, requests_per_session=4)
+    recorder = run_open(target, plan, rate=200)
+    assert recorder.issued == recorder.ok == 30 and recorder.capped == 0
+    assert len(target.intended) == 30 + 10  # and 10 in the warm-up
+    latency = recorder.latency.summary()
+    assert latency is not None and latency["min"] >= 5 - 0.1
+    assert not target.live
+
+
+def test_closed_loop_measures_exactly_its_requests_and_closes_every_session() -> None:
+    target = SlowTarget(0.01)
+
+    async def go() -> Recorder:
+        recorder = Recorder("Step")
+        plan = Plan(warmup=0.05, duration=None, requests=15, requests_per_session=4)
+        await closed_loop(target, plan, Level("C=3", recorder, asyncio.Event()), 3)
+        return recorder
+
+    recorder = asyncio.run(go())
+    assert recorder.issued == recorder.ok == 15
+    assert recorder.end is not None and recorder.span() > 0
+    latency = recorder.latency.summary()
+    assert latency is not None and latency["min"] >= 10 - 0.1
+    assert not target.live and max(target.uses.values()) <= 4
+    assert target.opened >= len(target.intended) / 4
+
+
+@pytest.mark.parametrize(("request_seconds", "close_seconds"), [(5.0, 0.0), (0.01, 0.4)])
+def test_ctrl_c_cancels_requests_in_flight_but_never_a_deletion(
+    monkeypatch: pytest.MonkeyPatch, request_seconds: float, close_seconds: float
+) -> None:
+    """Interrupted in the middle of requests (cancelled after the grace) or of deletions
+    (left to finish): either way no session is left open."""
+    monkeypatch.setattr(schedule, "INTERRUPT_GRACE", 0.05)
+    target = SlowTarget(request_seconds, close_seconds)
+
+    async def go() -> Recorder:
+        interrupted = asyncio.Event()
+        recorder = Recorder("Step")
+        asyncio.get_running_loop().call_later(0.2, interrupted.set)
+        plan = Plan(warmup=0, duration=30, requests=None, requests_per_session=1)
+        await closed_loop(target, plan, Level("C=2", recorder, interrupted), 2)
+        return recorder
+
+    started = now()
+    recorder = asyncio.run(go())
+    assert now() - started < 5
+    assert recorder.interrupted and recorder.end is not None
+    assert recorder.end - recorder.start == pytest.approx(0.2, abs=0.1)
+    assert not target.live and target.closed == target.opened >= 2
+    if request_seconds > 1:
+        assert recorder.cancelled == recorder.issued == 2 and recorder.errors == {}
+
+
+@pytest.mark.parametrize("loop", ["closed", "open"])
+def test_ctrl_c_in_the_warm_up_leaves_an_empty_window(loop: str) -> None:
+    target = SlowTarget(0.01)
+
+    async def go() -> Recorder:
+        interrupted = asyncio.Event()
+        recorder = Recorder("Step")
+        level = Level("L", recorder, interrupted)
+        asyncio.get_running_loop().call_later(0.15, interrupted.set)
+        plan = Plan(warmup=2, duration=2, requests=None, requests_per_session=3)
+        if loop == "closed":
+            await closed_loop(target, plan, level, 2)
+        else:
+            await open_loop(target, plan, level, 50)
+        assert level.closed.is_set() and not level.opened.is_set()
+        return recorder
+
+    recorder = asyncio.run(go())
+    assert recorder.interrupted and recorder.issued == 0 and recorder.unsent == 0
+    assert recorder.span() == 0 and recorder.summary()["throughput"]["requests_per_s"] == 0
+    assert len(target.intended) > 0 and not target.live  # the warm-up ran, then was cleared
+
+
+class FullTarget(SlowTarget):
+    """A fake server that refuses every new session."""
+
+    async def open_session(self) -> Session:
+        raise SessionRefused("RESOURCE_EXHAUSTED", "no slot")
+
+
+@pytest.mark.parametrize("loop", ["closed", "open"])
+def test_a_request_without_a_session_fails_with_the_create_code(loop: str) -> None:
+    target = FullTarget(0.01)
+
+    async def go() -> Recorder:
+        recorder = Recorder("Step")
+        level = Level("L", recorder, asyncio.Event())
+        plan = Plan(warmup=0, duration=None, requests=5, requests_per_session=3)
+        if loop == "closed":
+            await closed_loop(target, plan, level, 2)
+        else:
+            await open_loop(target, plan, level, 100)
+        return recorder
+
+    recorder = asyncio.run(go())  # ends: a refused session uses up a measured request
+    assert recorder.issued == 5 and recorder.ok == 0
+    assert recorder.errors == {"RESOURCE_EXHAUSTED": 5}
+    assert recorder.error_details == {"RESOURCE_EXHAUSTED": "no slot"}
+
+
+def test_progress_line_follows_the_level() -> None:
+    stream = io.StringIO()
+
+    async def go() -> None:
+        recorder = Recorder("Step")
+        level = Level("C=2", recorder, asyncio.Event())
+        progress = Progress(True, stream)
+        progress.start(level, 0.3, 0.6, None)
+        await closed_loop(SlowTarget(0.01), Plan(0.3, 0.6, None, 3), level, 2)
+        await progress.stop()
+
+    asyncio.run(go())
+    lines = stream.getvalue().split("\r\033[K")
+    assert any("C=2 warm-up" in line and "/0.3 s" in line for line in lines)
+    assert any("measuring" in line and " ok " in line and "0 errors" in line for line in lines)
+    assert lines[-1] == ""  # the line is erased at the end
+
+
+def test_server_metrics_over_a_window_from_the_text_format() -> None:
+    def page(launches: int, sessions: int, wait: float, slow: int, steps: int) -> str:
+        return "\n".join([
+            "# HELP memserve_batch_size Sessions stepped by one launch",
+            "# TYPE memserve_batch_size histogram",
+            f'memserve_batch_size_bucket{{le="1.0",model="ntm-copy"}} {launches // 2}',
+            f'memserve_batch_size_bucket{{le="+Inf",model="ntm-copy"}} {launches}',
+            f'memserve_batch_size_count{{model="ntm-copy"}} {launches}',
+            f'memserve_batch_size_sum{{model="ntm-copy"}} {sessions}',
+            f'memserve_batch_size_count{{model="other"}} {launches * 7}',
+            f'memserve_queue_wait_seconds_bucket{{le="0.0001",model="ntm-copy"}} {steps - slow}',
+            f'memserve_queue_wait_seconds_bucket{{le="0.0002",model="ntm-copy"}} {steps}',
+            f'memserve_queue_wait_seconds_bucket{{le="+Inf",model="ntm-copy"}} {steps}',
+            f'memserve_queue_wait_seconds_count{{model="ntm-copy"}} {steps}',
+            f'memserve_queue_wait_seconds_sum{{model="ntm-copy"}} {wait}',
+            f'memserve_request_duration_seconds_count{{code="OK",method="Step"}} {steps}',
+            'memserve_build_info{python="3.11",version="0.1 \\"x\\", y"} 1.0',
+        ])  # fmt: skip
+
+    before = server_metrics.parse(page(100, 150, 0.01, 0, 1000))
+    after = server_metrics.parse(page(300, 550, 0.03, 50, 1400))
+    assert ("memserve_build_info", (("python", "3.11"), ("version", '0.1 "x", y'))) in before
+    summary = server_metrics.summarize(before, after, "ntm-copy", 2.0, "step")
+    assert summary["launches"] == 200 and summary["batch_size"]["mean"] == pytest.approx(2.0)
+    assert summary["batch_size"]["p99_upper_bound"] is None  # in the +Inf bucket
+    wait = summary["queue_wait_ms"]
+    assert wait["count"] == 400 and wait["mean"] == pytest.approx(0.05)  # 0.02 s / 400
+    assert wait["p99_upper_bound"] == pytest.approx(0.2)  # 50 of 400 over 0.1 ms
+    assert summary["requests"] == {"Step": {"OK": 400}}
+    assert summary["step_duration_ms"] is None and "ttft_ms" not in summary
+
+
+def test_help_examples_parse() -> None:
+    """Every example in the help is a command line the parser accepts."""
+    parser = build_parser()
+    texts = [subparser(parser, "loadgen", *names).format_help() for names in
+             ((), ("step",), ("chat",))]  # fmt: skip
+    examples = [line.split("#")[0].split() for text in texts for line in text.splitlines()
+                if line.strip().startswith("memserve loadgen")]  # fmt: skip
+    assert len(examples) >= 10
+    for words in examples:
+        parsed: Any = parser.parse_args(words[1:])
+        assert parsed.handler is not None
