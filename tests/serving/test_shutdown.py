@@ -126,7 +126,8 @@ def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(tmp_path:
         stub = server.stub()
         session_id = create(stub)
         loaded = server.event("model_loaded")
-        assert loaded is not None and loaded["pid"] != server.process.pid
+        assert loaded is not None and server.process is not None
+        assert loaded["pid"] != server.process.pid
         errors: list[grpc.RpcError] = []
 
         def run_long_call() -> None:
