@@ -334,7 +334,16 @@ class ModelEngine:
         if kind == "begin":
             noise = np.stack([noise for noise, _ in arguments]).astype(np.float32)
             return slots, noise, np.array([u for _, u in arguments], np.float32)
-        return slots, np.array(arguments, np.int64)  # encode, decode: one token each
+        if kind == "decode":  # the previous token, then what samples the next one
+            return (
+                slots,
+                np.array([previous for previous, _, _ in arguments], np.int64),
+                np.array([s.temperature for _, s, _ in arguments], np.float64),
+                np.array([s.top_k for _, s, _ in arguments], np.int64),
+                np.array([s.top_p for _, s, _ in arguments], np.float64),
+                np.array([uniform for _, _, uniform in arguments], np.float64),
+            )
+        return slots, np.array(arguments, np.int64)  # encode: one token each
 
     def _lose(self, batch: list[Work], error: Exception) -> None:
         """A launch raised: its slots may be half-written, so their sessions are ended

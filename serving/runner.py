@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from serving.errors import Unavailable
+from serving.generation import sample_tokens
 
 START_SECONDS = 120.0  # loading a checkpoint and importing torch in the child
 STOP_SECONDS = 10.0
@@ -128,7 +129,8 @@ def run_launches(
     model: Any, pool: Any, launches: dict[str, tuple[np.ndarray, ...]]
 ) -> tuple[dict[str, Any], float]:
     """One iteration's launches, one per kind of operation that some session needs: `step`
-    (any model), `encode`, `begin` and `decode` (text models); host outputs and seconds."""
+    (any model), `encode`, `begin` and `decode` (text models; the next tokens, sampled here
+    from the logits, so that only B token ids cross the pipe); host outputs and seconds."""
     start = time.perf_counter()
     device = pool.device
     results: dict[str, Any] = {}
@@ -141,7 +143,8 @@ def run_launches(
         elif kind == "begin":
             model.begin_reply(pool, slots, inputs[0], inputs[1])
         elif kind == "decode":
-            results[kind] = model.decode(pool, slots, inputs[0]).cpu().numpy()
+            logits = model.decode(pool, slots, inputs[0])
+            results[kind] = sample_tokens(logits, *inputs[1:]).cpu().numpy()
         else:
             raise ValueError(f"unknown operation {kind!r}")
     return results, time.perf_counter() - start
