@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -104,6 +105,9 @@ class Server:
             max_steps_per_call=self.config.max_steps_per_call,
             max_new_tokens=self.config.max_new_tokens,
         )
+        # Intra-op threads per model process. OpenMP threads spin between operations, so
+        # more threads than free cores stall every step: one core stays with this process.
+        threads = self.config.threads or max(1, ((os.cpu_count() or 1) - 1) // len(specs))
         runners: dict[str, tuple[Path, PoolRunner]] = {}
         try:
             for spec in specs:  # every child loads its model at once
@@ -113,7 +117,7 @@ class Server:
                 directory = checkpoint.resolve(spec)
                 runners[name] = (
                     directory,
-                    PoolRunner(directory, str(device), settings.slots, self.config.threads),
+                    PoolRunner(directory, str(device), settings.slots, threads),
                 )
             for name, (directory, runner) in runners.items():
                 model = checkpoint.load(directory)  # a host copy: sizes, specs, tokenizer
