@@ -95,7 +95,7 @@ class LevelRow:
     finish_reasons: dict[str, int]  # of the calls counted
     errors: dict[str, int]  # status code name -> calls that failed inside the window
     client_cpu_seconds: float  # this process, over the window
-    server_cpu_seconds: float  # the child server, over the window (user + system)
+    server_cpu_seconds: float  # the server and its model processes, over the window
     other_cpu_seconds: float  # every other process on the machine, over the window
     batching: dict[str, float] | None = None  # the server's own metrics over the window
     server_generated_tokens: float | None = None  # its memserve_generated_tokens_total, delta

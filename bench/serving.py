@@ -111,7 +111,7 @@ class LevelRow:
     latency_mean_us: float
     errors: dict[str, int]  # status code name -> calls that failed inside the window
     client_cpu_seconds: float  # this process, over the window
-    server_cpu_seconds: float  # the child server, over the window (user + system)
+    server_cpu_seconds: float  # the server and its model processes, over the window
     other_cpu_seconds: float  # every other process on the machine, over the window
     batching: dict[str, float] | None = None  # the real server's own metrics over the window
 
@@ -235,13 +235,19 @@ class ChildServer:
         return f"127.0.0.1:{self.port}"
 
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds the child has used so far (from /proc)."""
+        """User + system CPU seconds the child and its own children (the memserve model
+        processes) have used so far (from /proc)."""
         assert self.process is not None
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, rest = stat.read_text().split(" (", 1)
+            except OSError:  # gone meanwhile
+                continue
+            fields = rest.rsplit(")", 1)[1].split()  # fields[1] is the parent's pid
+            if int(pid) == self.process.pid or int(fields[1]) == self.process.pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

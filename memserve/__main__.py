@@ -2,4 +2,5 @@
 
 from memserve.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when a model process (spawn) imports it
+    raise SystemExit(main())

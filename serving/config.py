@@ -87,8 +87,8 @@ class ServerConfig:
     threads: int = field(
         default=0,
         metadata={
-            "help": "CPU threads a model step may use (torch intra-op threads; "
-            "0: torch's default, one per core)"
+            "help": "CPU threads each model's process may use (torch intra-op threads; "
+            "0: the cores but one, which the server process keeps, shared among the models)"
         },
     )
     device: str = field(

@@ -4,8 +4,9 @@ Continuous batching: Step calls queue per session (one in flight per session, ar
 kept). Each iteration the loop takes the head call of up to `max_batch` ready sessions in
 round-robin order, advances each by ONE step in a single `model.step` launch, and delivers
 the outputs; a call of T steps therefore takes T iterations and other sessions interleave
-with it, and calls that arrive while a launch runs join the next one. The launch runs on a
-worker thread so the event loop keeps taking RPCs meanwhile.
+with it, and calls that arrive while a launch runs join the next one. The model and its
+state pool live in a process of their own (`serving.runner`); a worker thread sends each
+launch there and waits, so the event loop keeps taking RPCs meanwhile.
 
 Everything that touches the pool or the session bookkeeping (create, fork, import, export,
 delete, park, restore, expire, and the batch itself) holds `self.lock`, an asyncio lock on
@@ -25,15 +26,14 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 
-from kernels.backend import select_backend
 from models.base import MemoryModel
 from models.state import validate_state
 from serving.errors import (
@@ -43,8 +43,9 @@ from serving.errors import (
     NotFound,
     ServingError,
 )
-from serving.generation import GenerateWork, Sampling, TextModel, prompt_tokens, text_model
+from serving.generation import GenerateWork, Sampling, prompt_tokens, text_model
 from serving.metrics import Metrics
+from serving.runner import PoolRunner, RunnerError
 from serving.sessions import ImportedState, Session, SessionTable, export_state, new_session_id
 from serving.store import ParkingStore
 from serving.work import OPERATIONS, StepWork, Work
@@ -66,12 +67,17 @@ class EngineSettings:
 
 
 class ModelEngine:
-    """The sessions of one model and the batch loop that steps them."""
+    """The sessions of one model and the batch loop that steps them.
+
+    `model` is the server's host copy of the model, for what it says of itself (sizes, state
+    specs, tokenizer); `runner` holds the model that runs and the slots of its state pool.
+    """
 
     def __init__(
         self,
         name: str,
         model: MemoryModel,
+        runner: PoolRunner,
         model_digest: str,
         settings: EngineSettings,
         table: SessionTable,
@@ -85,8 +91,9 @@ class ModelEngine:
         self.table = table
         self.store = store
         self.metrics = metrics
-        self.pool = model.new_pool(settings.slots)
-        self.backend = select_backend(self.pool.device)
+        self.runner = runner
+        self.backend = runner.backend
+        self.specs = {spec.name: spec for spec in model.state_specs()}
         self.free_slots = list(range(settings.slots - 1, -1, -1))  # pop() gives slot 0 first
         self.active: OrderedDict[str, Session] = OrderedDict()  # in slots, least recent first
         self.parked: dict[str, Session] = {}
@@ -96,6 +103,8 @@ class ModelEngine:
         self.wake = asyncio.Event()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"step-{name}")
         self.tasks: list[asyncio.Task[None]] = []
+        # Called when the model's process is gone; the server drains and exits non-zero.
+        self.on_failure: Callable[[RunnerError], None] = lambda error: None
         self._register_gauges()
 
     # ----------------------------------------------------------------- lifecycle
@@ -117,6 +126,7 @@ class ModelEngine:
         for session in list(self.ready.values()):
             self._fail_pending(session, Cancelled("the server shut down before this step ran"))
         self.executor.shutdown(wait=True)
+        self.runner.close()
 
     # ----------------------------------------------------------------- sessions
 
@@ -139,10 +149,7 @@ class ModelEngine:
         """A new session at step 0 in the model's initial state."""
         session = self._new_session(self.check_ttl(ttl), step=0, seed=seed)
         async with self.lock:
-            initial = {
-                name: t.to(self.pool.device) for name, t in self.model.initial_state().items()
-            }
-            self._place(session, initial)
+            self._place(session, self.model.initial_state())
         log.info(
             "session created",
             extra={
@@ -190,12 +197,12 @@ class ModelEngine:
                 f"(digest {imported.model_digest[:12]}, this server has {self.model_digest[:12]})"
             )
         try:
-            validate_state(self.pool.specs, imported.tensors)
+            validate_state(self.model.state_specs(), imported.tensors)
         except ValueError as error:
             raise InvalidArgument(f"state does not fit model {self.name!r}: {error}") from error
         session = self._new_session(ttl, step=imported.step, seed=None)
         async with self.lock:
-            self._place(session, {n: t.to(self.pool.device) for n, t in imported.tensors.items()})
+            self._place(session, imported.tensors)
         log.info(
             "session imported",
             extra={
@@ -260,7 +267,7 @@ class ModelEngine:
             sampling=sampling,
             rng=np.random.default_rng(seed),
             tokenizer=model.tokenizer,
-            latent_size=self.pool["z"].shape[1],
+            latent_size=self.specs["z"].shape[0],
         )
         self._enqueue(work)
         return work
@@ -300,10 +307,12 @@ class ModelEngine:
                 }  # fmt: skip
                 try:
                     results, seconds = await loop.run_in_executor(
-                        self.executor, self._launch, launches
+                        self.executor, self.runner.launch, launches
                     )
                 except Exception as error:  # a bug, not a request's fault: fail loudly
                     self._lose(batch, error)
+                    if isinstance(error, RunnerError):
+                        self.on_failure(error)
                     continue
                 self.observe_batch(len(batch))
                 self.observe_step(seconds)
@@ -325,27 +334,16 @@ class ModelEngine:
         if kind == "begin":
             noise = np.stack([noise for noise, _ in arguments]).astype(np.float32)
             return slots, noise, np.array([u for _, u in arguments], np.float32)
-        return slots, np.array(arguments, np.int64)  # encode, decode: one token each
-
-    def _launch(self, launches: dict[str, tuple[Any, ...]]) -> tuple[dict[str, Any], float]:
-        """One iteration's launches on the worker thread (one per kind of operation that
-        some session needs); returns their host outputs and the time they took."""
-        start = time.perf_counter()
-        device = self.pool.device
-        results: dict[str, Any] = {}
-        for kind, arrays in launches.items():
-            slots, *inputs = (torch.from_numpy(a).to(device) for a in arrays)
-            if kind == "step":
-                results[kind] = self.model.step(self.pool, slots, inputs[0]).cpu().numpy()
-            else:  # only generate() queues these, after checking the model with text_model()
-                model = cast(TextModel, self.model)
-                if kind == "encode":
-                    model.encode(self.pool, slots, inputs[0])
-                elif kind == "begin":
-                    model.begin_reply(self.pool, slots, inputs[0], inputs[1])
-                else:
-                    results[kind] = model.decode(self.pool, slots, inputs[0]).cpu().numpy()
-        return results, time.perf_counter() - start
+        if kind == "decode":  # the previous token, then what samples the next one
+            return (
+                slots,
+                np.array([previous for previous, _, _ in arguments], np.int64),
+                np.array([s.temperature for _, s, _ in arguments], np.float64),
+                np.array([s.top_k for _, s, _ in arguments], np.int64),
+                np.array([s.top_p for _, s, _ in arguments], np.float64),
+                np.array([uniform for _, _, uniform in arguments], np.float64),
+            )
+        return slots, np.array(arguments, np.int64)  # encode: one token each
 
     def _lose(self, batch: list[Work], error: Exception) -> None:
         """A launch raised: its slots may be half-written, so their sessions are ended
@@ -473,7 +471,7 @@ class ModelEngine:
 
     def _read_state(self, session: Session) -> dict[str, torch.Tensor]:
         if session.slot is not None:
-            return self.pool.read(session.slot)
+            return self.runner.read(session.slot)
         return self.store.peek(session.id)
 
     def _place(self, session: Session, state: dict[str, torch.Tensor]) -> None:
@@ -484,7 +482,7 @@ class ModelEngine:
             self.parked[session.id] = session
         else:
             try:
-                self.pool.write(slot, state)
+                self.runner.write(slot, state)
             except ValueError:
                 self.free_slots.append(slot)
                 raise
@@ -515,7 +513,7 @@ class ModelEngine:
         """Move an active session's state to the parking store; returns its slot."""
         slot = session.slot
         assert slot is not None
-        self._park_state(session, self.pool.read(slot))
+        self._park_state(session, self.runner.read(slot))
         session.slot = None
         del self.active[session.id]
         self.parked[session.id] = session
@@ -533,7 +531,6 @@ class ModelEngine:
         return slot
 
     def _park_state(self, session: Session, state: dict[str, torch.Tensor]) -> None:
-        state = {name: tensor.cpu() for name, tensor in state.items()}  # host memory, not GPU
         for demoted in self.store.park(session.id, state):
             owner = self.table.sessions.get(demoted)
             model = owner.model if owner is not None else self.name
@@ -551,7 +548,7 @@ class ModelEngine:
         slot = None
         try:
             slot = self._park(victim) if victim is not None else self.free_slots.pop()
-            self.pool.write(slot, {n: t.to(self.pool.device) for n, t in state.items()})
+            self.runner.write(slot, state)
         except BaseException:
             if slot is not None:
                 self.free_slots.append(slot)
@@ -595,6 +592,8 @@ class ModelEngine:
         period = min(1.0, max(0.05, self.settings.session_ttl / 4))
         while True:
             await asyncio.sleep(period)
+            if not self.runner.alive:  # noticed while idle, not only at the next launch
+                self.on_failure(RunnerError(f"the model process of {self.name} exited"))
             try:
                 await self._expire()
             except Exception:  # keep sweeping: one bad session must not stop expiry

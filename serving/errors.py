@@ -41,7 +41,7 @@ class ResourceExhausted(ServingError):
 
 
 class Unavailable(ServingError):
-    """The server is draining and takes no new work."""
+    """The server is draining and takes no new work, or a model's process is gone."""
 
     code = grpc.StatusCode.UNAVAILABLE
 

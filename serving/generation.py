@@ -4,13 +4,15 @@ operations that the engine's batch loop interleaves with every other session's w
 A call goes through four phases, one operation per launch:
 1. `prompt`: each token of the user's text, then <eos>, is written into memory (`encode`);
 2. `begin`: the decoder starts and z is drawn from the prior (`begin_reply`);
-3. `decode`: one token per launch (`decode` -> logits -> sampled here, on the host), until
-   <eos>, a stop string or max_tokens; each new piece of text goes to the caller at once;
+3. `decode`: one token per launch (`decode`: the logits, sampled at once in the model's
+   process by `sample_tokens` for every row of the launch), until <eos>, a stop string or
+   max_tokens; each new piece of text goes to the caller at once;
 4. `reply`: the reply's tokens, then <eos>, are written into memory (`encode`), so the next
    turn remembers what the model said.
 
 Randomness comes from one numpy generator per call, seeded by the request's seed (else the
-session's, else fresh entropy): the same seed with the same history gives the same reply.
+session's, else fresh entropy), which draws z's noise and one uniform number per token that
+`sample_tokens` turns into a token: the same seed with the same history gives the same reply.
 """
 
 from __future__ import annotations
@@ -108,22 +110,37 @@ class Sampling:
         )
 
 
-def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """A token id from one row of logits: greedy at temperature 0, else softmax(logits / T)
-    cut to the top_k most likely and the smallest top_p mass, renormalised."""
-    if sampling.temperature == 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / sampling.temperature
-    order = np.argsort(-scaled, kind="stable")
-    if sampling.top_k:
-        order = order[: sampling.top_k]
-    probabilities = np.exp(scaled[order] - scaled[order[0]])
-    probabilities /= probabilities.sum()
-    if sampling.top_p < 1:
-        keep = int(np.searchsorted(np.cumsum(probabilities), sampling.top_p)) + 1
-        probabilities = probabilities[:keep] / probabilities[:keep].sum()
-        order = order[:keep]
-    return int(order[rng.choice(len(order), p=probabilities)])
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    uniform: torch.Tensor,
+) -> torch.Tensor:
+    """One token id per row of `logits` `[B, vocab]`, each row with its own settings `[B]`.
+
+    Temperature 0 is greedy (the first most likely token). Otherwise softmax(logits / T) is
+    cut to the `top_k` most likely tokens (0: all), renormalised, cut again to the smallest
+    set whose mass reaches `top_p`, and the token is where `uniform` in [0, 1) falls in the
+    cumulative mass of what is left (inverse CDF). Rows are independent, so a session's
+    token does not depend on who shares its launch. Tokens of exactly equal logits keep an
+    order that is deterministic but unspecified: a stable sort costs 3x on a CPU, where the
+    sort of a [64, 2000] launch already rivals the model's step.
+    """
+    vocab = logits.shape[1]
+    scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0).float()[:, None]
+    ordered, order = scaled.sort(dim=1, descending=True)
+    mass = torch.softmax(ordered.double(), dim=1)
+    rank = torch.arange(vocab, device=logits.device)
+    limit = torch.where(top_k > 0, top_k, vocab)
+    mass = mass * (rank[None] < limit[:, None])
+    mass = mass / mass.sum(dim=1, keepdim=True)
+    mass = mass * (mass.cumsum(dim=1) - mass < top_p.double()[:, None])
+    cumulative = mass.cumsum(dim=1)
+    point = (uniform.double() * cumulative[:, -1])[:, None]
+    index = torch.searchsorted(cumulative, point, right=True).clamp(max=vocab - 1)
+    sampled = order.gather(1, index).squeeze(1)
+    return torch.where(temperature > 0, sampled, logits.argmax(dim=1))
 
 
 def prompt_tokens(tokenizer: Tokenizer, text: str, limit: int) -> list[int]:
@@ -147,7 +164,7 @@ class GenerateWork(Work):
     rng: np.random.Generator
     tokenizer: Tokenizer
     latent_size: int
-    pieces: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    pieces: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)  # None: done
     phase: str = "prompt"
     position: int = 0
     generated: list[int] = field(default_factory=list)
@@ -156,13 +173,17 @@ class GenerateWork(Work):
     reply: list[int] = field(default_factory=list)
     finish_reason: str = ""
 
+    def __post_init__(self) -> None:
+        self.future.add_done_callback(lambda _: self.pieces.put_nowait(None))
+
     def next_op(self) -> tuple[str, Any]:
         if self.phase == "prompt":
             return "encode", self.prompt[self.position]
         if self.phase == "begin":
             return "begin", (self.rng.standard_normal(self.latent_size), self.rng.random())
         if self.phase == "decode":
-            return "decode", self.generated[-1] if self.generated else BOS
+            previous = self.generated[-1] if self.generated else BOS
+            return "decode", (previous, self.sampling, self.rng.random())
         return "encode", self.reply[self.position]
 
     def take(self, result: Any) -> bool:
@@ -173,7 +194,7 @@ class GenerateWork(Work):
         elif self.phase == "begin":
             self.phase = "decode"
         elif self.phase == "decode":
-            self._next_token(sample(result, self.sampling, self.rng))
+            self._next_token(int(result))
         else:
             self.position += 1
             return self.position == len(self.reply)
@@ -212,18 +233,6 @@ class GenerateWork(Work):
     async def stream(self) -> AsyncIterator[str]:
         """The reply's pieces as they are decoded; returns when the call is done (after its
         reply is written to memory) and raises what the call failed with."""
-        while True:
-            get = asyncio.ensure_future(self.pieces.get())
-            waiting: set[asyncio.Future[Any]] = {get, self.future}
-            try:
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not get.done():
-                    get.cancel()
-            if get.done() and not get.cancelled():
-                yield get.result()
-                continue
-            while not self.pieces.empty():
-                yield self.pieces.get_nowait()
-            self.future.result()  # raises if the call failed
-            return
+        while (piece := await self.pieces.get()) is not None:
+            yield piece
+        self.future.result()  # raises if the call failed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import shutil
 import signal
 import tempfile
@@ -31,6 +32,7 @@ from protos import memserve_pb2
 from serving.config import ServerConfig
 from serving.engine import EngineSettings, ModelEngine
 from serving.metrics import Metrics
+from serving.runner import PoolRunner
 from serving.service import MemServeService, add_to_server
 from serving.sessions import SessionTable
 from serving.store import DirectoryStore, ParkingStore
@@ -81,6 +83,8 @@ class Server:
         self.metrics_port = -1
         self.stopped = asyncio.Event()
         self._temporary_park_dir: str | None = None
+        self.exit_code = 0
+        self._drain_task: asyncio.Future[None] | None = None
 
     def load_models(self) -> None:
         """Load every configured model (default: all bundled ones) into an engine."""
@@ -88,8 +92,6 @@ class Server:
         if not specs:
             raise ValueError("no models to serve: pass --models (none are bundled)")
         device = pick_device(self.config.device)
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
         park_dir = self.config.park_dir
         if not park_dir:
             park_dir = self._temporary_park_dir = tempfile.mkdtemp(prefix="memserve-park-")
@@ -103,41 +105,59 @@ class Server:
             max_steps_per_call=self.config.max_steps_per_call,
             max_new_tokens=self.config.max_new_tokens,
         )
-        for spec in specs:
-            name = model_name(spec)
-            if name in self.engines:
-                raise ValueError(f"two models would be served as {name!r}; rename a directory")
-            directory = checkpoint.resolve(spec)
-            model = checkpoint.load(directory, device)
-            try:
+        # Intra-op threads per model process. OpenMP threads spin between operations, so
+        # more threads than free cores stall every step: one core stays with this process.
+        threads = self.config.threads or max(1, ((os.cpu_count() or 1) - 1) // len(specs))
+        runners: dict[str, tuple[Path, PoolRunner]] = {}
+        try:
+            for spec in specs:  # every child loads its model at once
+                name = model_name(spec)
+                if name in runners:
+                    raise ValueError(f"two models would be served as {name!r}; rename a directory")
+                directory = checkpoint.resolve(spec)
+                runners[name] = (
+                    directory,
+                    PoolRunner(directory, str(device), settings.slots, threads),
+                )
+            for name, (directory, runner) in runners.items():
+                model = checkpoint.load(directory)  # a host copy: sizes, specs, tokenizer
+                try:
+                    runner.wait_ready()
+                except (RuntimeError, MemoryError) as error:  # e.g. the pool does not fit
+                    raise ValueError(
+                        f"cannot serve {name} with {settings.slots} slots of "
+                        f"{model.state_bytes} bytes on {device}: {error}"
+                    ) from error
                 engine = ModelEngine(
                     name,
                     model,
+                    runner,
                     weights_digest(directory),
                     settings,
                     self.table,
                     store,
                     self.metrics,
                 )
-            except (RuntimeError, MemoryError) as error:  # e.g. the pool does not fit
-                raise ValueError(
-                    f"cannot allocate {settings.slots} slots of {model.state_bytes} bytes for "
-                    f"{name} on {device}: {error}"
-                ) from error
-            self.engines[name] = engine
-            log.info(
-                "model loaded",
-                extra={
-                    "event": "model_loaded",
-                    "model": name,
-                    "type": model.model_type,
-                    "path": str(directory),
-                    "device": str(device),
-                    "backend": engine.backend,
-                    "slots": settings.slots,
-                    "state_bytes": model.state_bytes,
-                },
-            )
+                engine.on_failure = self.fail
+                self.engines[name] = engine
+                log.info(
+                    "model loaded",
+                    extra={
+                        "event": "model_loaded",
+                        "model": name,
+                        "type": model.model_type,
+                        "path": str(directory),
+                        "device": str(device),
+                        "backend": engine.backend,
+                        "slots": settings.slots,
+                        "state_bytes": model.state_bytes,
+                        "pid": runner.pid,
+                    },
+                )
+        except BaseException:
+            for _, runner in runners.values():
+                runner.close()
+            raise
 
     async def start(self) -> None:
         """Load the models, bind the ports and start serving."""
@@ -216,22 +236,32 @@ class Server:
         )
         self.stopped.set()
 
+    def fail(self, error: Exception) -> None:
+        """A model can no longer be served (its process is gone): drain and exit 1, so that
+        whatever supervises this server starts a new one."""
+        if self.exit_code == 0:
+            log.error(str(error), extra={"event": "model_process_exited"})
+        self.exit_code = 1
+        self._start_drain()
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self.drain())
+
     async def run(self) -> int:
-        """Serve until SIGTERM or SIGINT, then drain; returns the exit code (0)."""
+        """Serve until SIGTERM or SIGINT, then drain; returns the exit code (0, or 1 when
+        a model's process died)."""
         await self.start()
         loop = asyncio.get_running_loop()
-        drain: asyncio.Task[None] | None = None
 
         def on_signal(number: int) -> None:
-            nonlocal drain
             log.info("signal", extra={"event": "signal", "signal": signal.Signals(number).name})
-            if drain is None:
-                drain = asyncio.ensure_future(self.drain())
+            self._start_drain()
 
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(number, on_signal, number)
         await self.stopped.wait()
-        return 0
+        return self.exit_code
 
 
 def serve(config: ServerConfig) -> int:

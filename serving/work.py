@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 # The operations a launch can run, each batched over the sessions that need it:
 # "step" (model.step, a row of inputs), "encode" (a token into memory), "begin" (start a
-# reply: noise, uniform), "decode" (previous token -> logits).
+# reply: noise, uniform), "decode" (previous token and sampling settings -> next token).
 OPERATIONS = ("step", "encode", "begin", "decode")
 
 

@@ -69,7 +69,6 @@ def test_tiny_run_writes_a_consistent_record(
             assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
         assert row["ttft_samples"] > 0 and row["itl_samples"] > 0
         assert row["ttft_mean_us"] > 0 and row["itl_mean_us"] > 0
-        assert row["call_us"]["p50"] >= row["ttft_us"]["p50"]
         assert row["server_cpu_seconds"] > 0 and row["client_cpu_seconds"] > 0
         batching = row["batching"]
         assert batching["launches"] > 0

@@ -112,3 +112,38 @@ def test_health_check_names_unknown_services(server: ServerProcess) -> None:
         health.Check(health_pb2.HealthCheckRequest(service="nope.v1.Nope"))
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     assert server.stub().ListModels(memserve_pb2.ListModelsRequest()).models
+
+
+def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(tmp_path: Path) -> None:
+    """The model runs in a child process (serving/runner.py). If that process dies, the
+    call in flight is answered with an error (not left hanging), health goes NOT_SERVING,
+    and the server exits 1 so that a supervisor starts a fresh one."""
+    import os
+
+    with ServerProcess(
+        tmp_path, "--models", "ntm-copy", "--max-steps-per-call", "100000", "--grace", "5"
+    ) as server:
+        stub = server.stub()
+        session_id = create(stub)
+        loaded = server.event("model_loaded")
+        assert loaded is not None and server.process is not None
+        assert loaded["pid"] != server.process.pid
+        errors: list[grpc.RpcError] = []
+
+        def run_long_call() -> None:
+            try:
+                step(stub, session_id, np.zeros((50000, 9), np.float32))
+            except grpc.RpcError as error:
+                errors.append(error)
+
+        caller = threading.Thread(target=run_long_call)
+        caller.start()
+        time.sleep(0.5)  # stepping
+        os.kill(loaded["pid"], signal.SIGKILL)
+        caller.join(30)
+        assert not caller.is_alive()
+        assert len(errors) == 1
+        assert errors[0].code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED)
+        assert server.wait(30) == 1
+        exited = server.event("model_process_exited")
+        assert exited is not None and "exit code -9" in exited["message"], exited
