@@ -4,8 +4,8 @@ operations that the engine's batch loop interleaves with every other session's w
 A call goes through four phases, one operation per launch:
 1. `prompt`: each token of the user's text, then <eos>, is written into memory (`encode`);
 2. `begin`: the decoder starts and z is drawn from the prior (`begin_reply`);
-3. `decode`: one token per launch (`decode`: the logits, sampled at once in the model's
-   process by `sample_tokens` for every row of the launch), until <eos>, a stop string or
+3. `decode`: one token per launch (`decode`: the logits, sampled in the model's process by
+   `sample_tokens` for every row of the launch at once), until <eos>, a stop string or
    max_tokens; each new piece of text goes to the caller at once;
 4. `reply`: the reply's tokens, then <eos>, are written into memory (`encode`), so the next
    turn remembers what the model said.
@@ -111,36 +111,40 @@ class Sampling:
 
 
 def sample_tokens(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    uniform: torch.Tensor,
-) -> torch.Tensor:
+    logits: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    uniform: np.ndarray,
+) -> np.ndarray:
     """One token id per row of `logits` `[B, vocab]`, each row with its own settings `[B]`.
 
-    Temperature 0 is greedy (the first most likely token). Otherwise softmax(logits / T) is
-    cut to the `top_k` most likely tokens (0: all), renormalised, cut again to the smallest
-    set whose mass reaches `top_p`, and the token is where `uniform` in [0, 1) falls in the
-    cumulative mass of what is left (inverse CDF). Rows are independent, so a session's
-    token does not depend on who shares its launch. Tokens of exactly equal logits keep an
-    order that is deterministic but unspecified: a stable sort costs 3x on a CPU, where the
-    sort of a [64, 2000] launch already rivals the model's step.
+    Temperature 0 is greedy (the first most likely token). Otherwise the weights are
+    softmax(logits / T); the `top_k` most likely tokens are kept (0: all), then of those the
+    fewest most likely whose mass reaches `top_p` of theirs, and tokens exactly as likely as
+    the last one kept are kept too. The token is where `uniform` in [0, 1) falls in the
+    cumulative mass of the kept tokens in id order (inverse CDF).
+
+    Only the weights are sorted, never their indices: on this 2-core CPU numpy sorts the
+    values of a [64, 2000] launch in 0.4 ms where an argsort takes 2.5 ms and torch's sort
+    9 ms. Rows are independent, so a session's token does not depend on its launch.
     """
-    vocab = logits.shape[1]
-    scaled = logits.float() / torch.where(temperature > 0, temperature, 1.0).float()[:, None]
-    ordered, order = scaled.sort(dim=1, descending=True)
-    mass = torch.softmax(ordered.double(), dim=1)
-    rank = torch.arange(vocab, device=logits.device)
-    limit = torch.where(top_k > 0, top_k, vocab)
-    mass = mass * (rank[None] < limit[:, None])
-    mass = mass / mass.sum(dim=1, keepdim=True)
-    mass = mass * (mass.cumsum(dim=1) - mass < top_p.double()[:, None])
-    cumulative = mass.cumsum(dim=1)
-    point = (uniform.double() * cumulative[:, -1])[:, None]
-    index = torch.searchsorted(cumulative, point, right=True).clamp(max=vocab - 1)
-    sampled = order.gather(1, index).squeeze(1)
-    return torch.where(temperature > 0, sampled, logits.argmax(dim=1))
+    rows, vocab = logits.shape
+    scaled = logits.astype(np.float32) / np.where(temperature > 0, temperature, 1)[:, None]
+    weights = np.exp((scaled - scaled.max(axis=1, keepdims=True)).astype(np.float64))
+    ordered = np.sort(weights, axis=1)[:, ::-1]  # most likely first
+    cumulative = np.cumsum(ordered, axis=1)
+    limit = np.where(top_k > 0, np.minimum(top_k, vocab), vocab)
+    within = cumulative[np.arange(rows), limit - 1]  # the mass of the top_k
+    rank = np.arange(vocab)
+    keep = (rank < limit[:, None]) & (cumulative - ordered < top_p[:, None] * within[:, None])
+    threshold = ordered[np.arange(rows), keep.sum(axis=1) - 1]
+    kept = np.where(weights >= threshold[:, None], weights, 0.0)
+    mass = np.cumsum(kept, axis=1)
+    point = uniform * mass[:, -1]
+    sampled = np.minimum((mass <= point[:, None]).sum(axis=1), vocab - 1)
+    tokens: np.ndarray = np.where(temperature > 0, sampled, logits.argmax(axis=1))
+    return tokens.astype(np.int64)
 
 
 def prompt_tokens(tokenizer: Tokenizer, text: str, limit: int) -> list[int]:

@@ -143,8 +143,8 @@ def run_launches(
         elif kind == "begin":
             model.begin_reply(pool, slots, inputs[0], inputs[1])
         elif kind == "decode":
-            logits = model.decode(pool, slots, inputs[0])
-            results[kind] = sample_tokens(logits, *inputs[1:]).cpu().numpy()
+            logits = model.decode(pool, slots, inputs[0]).cpu().numpy()
+            results[kind] = sample_tokens(logits, *arrays[2:])
         else:
             raise ValueError(f"unknown operation {kind!r}")
     return results, time.perf_counter() - start

@@ -3,40 +3,34 @@ out in plain Python from the rules it documents."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-import torch
 
 from serving.generation import sample_tokens
 
 
-def reference(logits: list[float], temperature: float, top_k: int, top_p: float, u: float) -> int:
-    """One row, the slow and obvious way."""
+def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
+    """One row, the slow and obvious way (numpy only for the same float32 scaling and exp)."""
+    values = [float(x) for x in logits]
     if temperature == 0:
-        return max(range(len(logits)), key=lambda i: (logits[i], -i))
-    scaled = [float(np.float32(x) / np.float32(temperature)) for x in logits]
-    ranked = sorted(range(len(scaled)), key=lambda i: (-scaled[i], i))
+        return max(range(len(values)), key=lambda i: (values[i], -i))
+    scaled = logits.astype(np.float32) / np.float32(temperature)
+    weights = [float(w) for w in np.exp((scaled - scaled.max()).astype(np.float64))]
+    ranked = sorted(weights, reverse=True)
     if top_k:
         ranked = ranked[:top_k]
-    top = scaled[ranked[0]]
-    weights = [math.exp(scaled[i] - top) for i in ranked]
-    total = sum(weights)
-    probabilities = [w / total for w in weights]
-    kept, mass = [], 0.0
-    for token, probability in zip(ranked, probabilities, strict=True):
-        if mass >= top_p:  # the smallest set whose mass reaches top_p
+    within, mass, last = sum(ranked), 0.0, ranked[0]
+    for weight in ranked:  # the fewest most likely tokens whose mass reaches top_p
+        if mass >= top_p * within:
             break
-        kept.append((token, probability))
-        mass += probability
-    point = u * sum(p for _, p in kept)
-    running = 0.0
-    for token, probability in kept:
-        running += probability
+        mass, last = mass + weight, weight
+    kept = [w if w >= last else 0.0 for w in weights]  # ties with the last one kept too
+    point, running = u * sum(kept), 0.0
+    for token, weight in enumerate(kept):
+        running += weight
         if running > point:
             return token
-    return kept[-1][0]
+    return len(kept) - 1
 
 
 @pytest.mark.parametrize("vocab", [7, 300])
@@ -50,16 +44,10 @@ def test_every_row_samples_as_the_reference_does(vocab: int) -> None:
     top_k = rng.choice([0, 1, 2, 5, vocab, vocab + 3], rows)
     top_p = rng.choice([1.0, 0.95, 0.5, 0.1, 1e-9], rows)
     uniform = rng.random(rows)
-    got = sample_tokens(
-        torch.tensor(logits, dtype=torch.float32),
-        torch.tensor(temperature),
-        torch.tensor(top_k),
-        torch.tensor(top_p),
-        torch.tensor(uniform),
-    )
-    logits32 = logits.astype(np.float32).astype(np.float64)  # what the sampler saw
+    logits = logits.astype(np.float32)
+    got = sample_tokens(logits, temperature, top_k, top_p, uniform)
     expected = [
-        reference(list(logits32[r]), temperature[r], int(top_k[r]), top_p[r], uniform[r])
+        reference(logits[r], temperature[r], int(top_k[r]), top_p[r], uniform[r])
         for r in range(rows)
     ]
     assert got.tolist() == expected
@@ -67,26 +55,29 @@ def test_every_row_samples_as_the_reference_does(vocab: int) -> None:
 
 def test_a_row_does_not_depend_on_its_batch() -> None:
     rng = np.random.default_rng(0)
-    logits = torch.tensor(rng.standard_normal((64, 500)), dtype=torch.float32)
-    settings = (torch.full((64,), 0.8), torch.full((64,), 40), torch.full((64,), 0.9))
-    uniform = torch.tensor(rng.random(64))
-    together = sample_tokens(logits, *settings, uniform)
-    temperature, top_k, top_p = settings
+    logits = rng.standard_normal((64, 500)).astype(np.float32)
+    temperature, top_k, top_p = np.full(64, 0.8), np.full(64, 40), np.full(64, 0.9)
+    uniform = rng.random(64)
+    together = sample_tokens(logits, temperature, top_k, top_p, uniform)
     alone = [
-        int(sample_tokens(logits[r], temperature[r], top_k[r], top_p[r], uniform[r]))
+        int(sample_tokens(logits[r], temperature[r], top_k[r], top_p[r], uniform[r])[0])
         for r in (slice(i, i + 1) for i in range(64))
     ]
     assert together.tolist() == alone
 
 
 def test_draws_follow_the_distribution() -> None:
-    """Uniform points give each kept token its renormalised probability."""
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20000, 1)
-    uniform = torch.tensor(np.random.default_rng(1).random(20000))
-    ones = torch.ones(20000)
-    counts = np.bincount(
-        sample_tokens(logits, ones, torch.zeros(20000, dtype=torch.long), 0.75 * ones, uniform),
-        minlength=4,
-    )
-    assert counts[3] == 0 and counts[2] == 0  # 0.5 + 0.3 reach 0.75: the rest is cut
-    assert abs(counts[0] / 20000 - 0.5 / 0.8) < 0.02
+    """Uniform points give each kept token its renormalised probability; ties with the
+    last token kept are kept too."""
+    draws = 20000
+    probabilities = np.array([0.5, 0.3, 0.1, 0.1])
+    logits = np.log(np.tile(probabilities, (draws, 1))).astype(np.float32)
+    uniform = np.random.default_rng(1).random(draws)
+    ones, no_limit = np.ones(draws), np.zeros(draws, np.int64)
+    counts = np.bincount(sample_tokens(logits, ones, no_limit, 0.75 * ones, uniform), minlength=4)
+    assert counts[2] == counts[3] == 0  # 0.5 + 0.3 reach 0.75: the rest is cut
+    assert abs(counts[0] / draws - 0.5 / 0.8) < 0.02
+    counts = np.bincount(sample_tokens(logits, ones, no_limit, 0.85 * ones, uniform), minlength=4)
+    assert abs(counts[3] / draws - 0.1) < 0.02  # tied with token 2, the last one needed
+    counts = np.bincount(sample_tokens(logits, 0 * ones, no_limit, ones, uniform), minlength=4)
+    assert counts[0] == draws  # greedy
