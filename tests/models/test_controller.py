@@ -1,0 +1,34 @@
+"""`rowwise_product`: each row's result is the same bit for bit whatever rows share its
+launch, and equals the plain matrix product to float32 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.controller import ROW_TILE, rowwise_product
+
+
+@pytest.mark.parametrize(("width", "outputs"), [(137, 2000), (129, 400), (9, 7)])
+def test_a_row_does_not_depend_on_the_others(width: int, outputs: int) -> None:
+    generator = torch.Generator().manual_seed(width)
+    weight = torch.randn(outputs, width, generator=generator)
+    rows = torch.randn(3 * ROW_TILE + 5, width, generator=generator)
+    together = rowwise_product(rows, weight)
+    for index in range(rows.shape[0]):
+        alone = rowwise_product(rows[index : index + 1], weight)[0]
+        assert torch.equal(alone, together[index]), index
+        others = torch.randn(7, width, generator=generator)
+        mixed = torch.cat([others[:3], rows[index : index + 1], others[3:]])
+        assert torch.equal(rowwise_product(mixed, weight)[3], together[index]), index
+    torch.testing.assert_close(together, rows @ weight.t(), rtol=1e-5, atol=1e-4)
+
+
+def test_strided_inputs_give_the_same_rows() -> None:
+    """The controller passes h[:, layer], a strided view."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 12, generator=generator)
+    state = torch.randn(20, 3, 12, generator=generator)
+    assert torch.equal(
+        rowwise_product(state[:, 1], weight), rowwise_product(state[:, 1].contiguous(), weight)
+    )
