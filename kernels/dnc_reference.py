@@ -63,7 +63,8 @@ def allocation(usage: Tensor) -> Tensor:
 
     "k less used than j" means u[k] < u[j], or u[k] == u[j] and k < j: exactly the rows that
     precede j in the stable ascending sort of the paper, so this equals `allocation_sorted`
-    (the product of the same factors, taken in another order) without a sort. O(N^2) memory.
+    (the product of the same factors, taken in another order) without a sort. O(N^2) work:
+    the Triton kernel's formulation, tested here against the sorted one.
     """
     rows = usage.shape[-1]
     index = torch.arange(rows, device=usage.device)
@@ -75,7 +76,9 @@ def allocation(usage: Tensor) -> Tensor:
 
 def allocation_sorted(usage: Tensor) -> Tensor:
     """The paper's literal definition: phi = rows by ascending usage (stable, ties by index),
-    a[phi_j] = (1 - u[phi_j]) * prod_{i<j} u[phi_i]. For tests of `allocation`."""
+    a[phi_j] = (1 - u[phi_j]) * prod_{i<j} u[phi_i]. The reference step uses it: on a CPU a
+    stable sort of N and a cumulative product beat N^2 comparisons (164 us against 1676 us
+    for 64 sessions of N = 64, one thread)."""
     ordered, phi = torch.sort(usage, dim=-1, stable=True)
     exclusive = torch.cumprod(
         torch.cat([torch.ones_like(ordered[..., :1]), ordered[..., :-1]], dim=-1), dim=-1
@@ -150,7 +153,7 @@ def step(state: DNCState, interface: DNCInterface) -> tuple[DNCState, Tensor]:
         interface.write_key.unsqueeze(-2), state.memory, interface.write_strength.unsqueeze(-1)
     ).squeeze(-2)
     write_weights = write_weighting(
-        allocation(usage), write_content, interface.allocation_gate, interface.write_gate
+        allocation_sorted(usage), write_content, interface.allocation_gate, interface.write_gate
     )
     memory = write_memory(state.memory, write_weights, interface.erase, interface.write_vector)
     link, precedence = state.link, state.precedence
