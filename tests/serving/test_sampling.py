@@ -15,22 +15,23 @@ def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float, 
     if temperature == 0:
         return max(range(len(values)), key=lambda i: (values[i], -i))
     scaled = logits.astype(np.float32) / np.float32(temperature)
-    weights = [float(w) for w in np.exp((scaled - scaled.max()).astype(np.float64))]
-    ranked = sorted(weights, reverse=True)
-    if top_k:
-        ranked = ranked[:top_k]
-    within, mass, last = sum(ranked), 0.0, ranked[0]
-    for weight in ranked:  # the fewest most likely tokens whose mass reaches top_p
+    weights = [float(w) for w in np.exp(scaled - scaled.max())]
+    ranked = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+    candidates = ranked[:top_k] if top_k else ranked
+    within = sum(weights[i] for i in candidates)
+    kept, mass = [], 0.0
+    for token in candidates:  # the fewest most likely tokens whose mass reaches top_p
         if mass >= top_p * within:
             break
-        mass, last = mass + weight, weight
-    kept = [w if w >= last else 0.0 for w in weights]  # ties with the last one kept too
-    point, running = u * sum(kept), 0.0
-    for token, weight in enumerate(kept):
-        running += weight
+        kept.append(token)
+        mass += weights[token]
+    kept += [t for t in ranked[len(kept) :] if weights[t] == weights[kept[-1]]]  # ties
+    point, running = u * sum(weights[t] for t in kept), 0.0
+    for token in kept:
+        running += weights[token]
         if running > point:
             return token
-    return len(kept) - 1
+    return kept[-1]
 
 
 @pytest.mark.parametrize("vocab", [7, 300])
@@ -41,6 +42,7 @@ def test_every_row_samples_as_the_reference_does(vocab: int) -> None:
     temperature = rng.choice([0.0, 0.3, 1.0, 2.5], rows)
     temperature[:40] = 0
     logits[:40, :3] = logits[:40, 2:3] + 100  # greedy takes the first of tied maxima
+    logits[40:80, 1:vocab:2] = logits[40:80, :1]  # ties: ranked by token id
     top_k = rng.choice([0, 1, 2, 5, vocab, vocab + 3], rows)
     top_p = rng.choice([1.0, 0.95, 0.5, 0.1, 1e-9], rows)
     uniform = rng.random(rows)
