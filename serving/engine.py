@@ -150,15 +150,7 @@ class ModelEngine:
         session = self._new_session(self.check_ttl(ttl), step=0, seed=seed)
         async with self.lock:
             self._place(session, self.model.initial_state())
-        log.info(
-            "session created",
-            extra={
-                "event": "session_created",
-                "model": self.name,
-                "session": session.id,
-                "residence": self.info(session),
-            },
-        )
+        self._log_session("created", session, residence=self.info(session))
         return session
 
     async def fork(self, parent: Session, ttl: float | None) -> Session:
@@ -170,15 +162,7 @@ class ModelEngine:
             if parent.slot is not None:
                 self._mark_used(parent)  # keep the parent out of the parking choice
             self._place(child, self._read_state(parent))
-        log.info(
-            "session forked",
-            extra={
-                "event": "session_forked",
-                "model": self.name,
-                "session": child.id,
-                "parent": parent.id,
-            },
-        )
+        self._log_session("forked", child, parent=parent.id)
         return child
 
     async def export(self, session: Session) -> tuple[bytes, int]:
@@ -203,15 +187,7 @@ class ModelEngine:
         session = self._new_session(ttl, step=imported.step, seed=None)
         async with self.lock:
             self._place(session, imported.tensors)
-        log.info(
-            "session imported",
-            extra={
-                "event": "session_imported",
-                "model": self.name,
-                "session": session.id,
-                "step": session.step,
-            },
-        )
+        self._log_session("imported", session, step=session.step)
         return session
 
     async def delete(self, session: Session) -> None:
@@ -219,10 +195,7 @@ class ModelEngine:
         async with self.lock:
             self._check_live(session)
             self._end(session, "was deleted")
-        log.info(
-            "session deleted",
-            extra={"event": "session_deleted", "model": self.name, "session": session.id},
-        )
+        self._log_session("deleted", session)
 
     # ----------------------------------------------------------------- stepping
 
@@ -519,15 +492,7 @@ class ModelEngine:
         self.parked[session.id] = session
         residence = self.store.residence(session.id) or "parked_host"
         self.metrics.evictions.labels(self.name, residence).inc()
-        log.info(
-            "session parked",
-            extra={
-                "event": "session_parked",
-                "model": self.name,
-                "session": session.id,
-                "residence": residence,
-            },
-        )
+        self._log_session("parked", session, residence=residence)
         return slot
 
     def _park_state(self, session: Session, state: dict[str, torch.Tensor]) -> None:
@@ -558,15 +523,7 @@ class ModelEngine:
         del self.parked[session.id]
         self.active[session.id] = session
         self.metrics.restores.labels(self.name, source).inc()
-        log.info(
-            "session restored",
-            extra={
-                "event": "session_restored",
-                "model": self.name,
-                "session": session.id,
-                "source": source,
-            },
-        )
+        self._log_session("restored", session, source=source)
         return True
 
     def _end(self, session: Session, why: str) -> None:
@@ -617,10 +574,19 @@ class ModelEngine:
                     continue
                 self._end(session, f"expired after {session.ttl:g} s idle")
                 self.metrics.evictions.labels(self.name, "expired").inc()
-                log.info(
-                    "session expired",
-                    extra={"event": "session_expired", "model": self.name, "session": session.id},
-                )
+                self._log_session("expired", session)
+
+    def _log_session(self, event: str, session: Session, **fields: Any) -> None:
+        """One log line about a session: "session EVENT", event name "session_EVENT"."""
+        log.info(
+            f"session {event}",
+            extra={
+                "event": f"session_{event}",
+                "model": self.name,
+                "session": session.id,
+                **fields,
+            },
+        )
 
     # ----------------------------------------------------------------- metrics
 

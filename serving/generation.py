@@ -134,7 +134,7 @@ def sample_tokens(
     scaled = logits / np.where(temperature > 0, temperature, 1).astype(np.float32)[:, None]
     ordered = np.sort(scaled, axis=1)[:, ::-1]  # most likely first
     mass = np.cumsum(np.exp(ordered - ordered[:, :1]), axis=1)  # unnormalised, cumulative
-    tokens = logits.argmax(axis=1)
+    tokens: np.ndarray = logits.argmax(axis=1)
     for row in np.flatnonzero(temperature > 0):
         values, cumulative = ordered[row], mass[row]
         limit = min(int(top_k[row]), vocab) if top_k[row] > 0 else vocab
