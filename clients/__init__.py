@@ -13,6 +13,7 @@
 | `retry.py` | `RetryPolicy`: which calls are repeated after UNAVAILABLE, and when |
 | `channel.py` | `TLS`, channel options, the bearer token's metadata |
 | `messages.py` | requests, replies as dataclasses, numpy/torch <-> wire tensors |
+| `options.py` | the default target; command-line checks and connection options (no grpc) |
 | `chat.py` | `memserve chat` |
 | `loadgen/` | `memserve loadgen` |
 

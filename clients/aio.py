@@ -18,9 +18,10 @@ import grpc
 
 from clients import messages
 from clients.channel import TLS, ChannelOption, call_metadata, channel_options, resolve_tls
-from clients.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, SessionBase
+from clients.client import DEFAULT_TIMEOUT, SessionBase
 from clients.errors import MemserveError
 from clients.messages import Array, GenerateDone, ModelInfo, SessionInfo, SessionState, Stepped
+from clients.options import DEFAULT_TARGET
 from clients.retry import Deadline, RetryPolicy
 from protos import memserve_pb2, memserve_pb2_grpc
 
@@ -254,12 +255,18 @@ class AsyncStepStream:
             raise MemserveError(grpc.StatusCode.FAILED_PRECONDITION, "the stream is closed")
         if self._session is not None and expected_step is None:
             expected_step = await self._session.synced_step()
+        if self._call.done():  # ended between steps: its deadline passed, or it was cancelled
+            self._fail()
+            raise MemserveError(await self._call.code(), await self._call.details())
         try:
             await self._call.write(messages.step_request(self.session_id, inputs, expected_step))
             response = await self._call.read()
         except grpc.RpcError as rpc_error:
             self._fail()
             raise MemserveError.from_rpc(rpc_error) from None
+        except BaseException:  # the task was cancelled: its reply would answer the next step
+            self._fail()
+            raise
         if response is grpc.aio.EOF:
             self._fail()
             raise MemserveError(grpc.StatusCode.INTERNAL, "the stream ended early")
@@ -269,7 +276,9 @@ class AsyncStepStream:
         return result
 
     def _fail(self) -> None:
+        """The stream is over (cancelled if it was not yet), the session's count unknown."""
         self.closed = True
+        self._call.cancel()
         if self._session is not None:
             self._session.stale = True
 
@@ -277,6 +286,8 @@ class AsyncStepStream:
         if self.closed:
             return
         self.closed = True
+        if self._call.done():
+            return  # it ended already (its deadline, a cancel): nothing to finish
         try:
             await self._call.done_writing()
             while await self._call.read() is not grpc.aio.EOF:
@@ -319,7 +330,7 @@ class AsyncSession(SessionBase):
             result = await self.client.step(
                 self.id, inputs, expected_step=expected, timeout=timeout
             )
-        except MemserveError:
+        except BaseException:  # failed, or cancelled: the steps may have run
             self.stale = True
             raise
         self.step_count = result.step

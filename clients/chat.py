@@ -12,26 +12,32 @@ loads when the chat starts.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from clients import options
+from clients.options import (
+    DEFAULT_TARGET,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    probability,
+)
+
 if TYPE_CHECKING:
-    from clients.channel import TLS
     from clients.client import Client, Session
     from clients.errors import MemserveError
 
-DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MODEL = "vmed-chat"
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_K = 0
 DEFAULT_TOP_P = 0.9
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_TIMEOUT = 60.0
-TOKEN_ENV = "MEMSERVE_TOKEN"
+CLEANUP_TIMEOUT = 10.0  # the most each deletion at the end may take (Ctrl-C cannot cut it)
 
 COMMANDS = {
     "/help": "list these commands",
@@ -58,8 +64,8 @@ def add_chat_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
             "server. Ctrl-C during a reply stops that reply; Ctrl-C or Ctrl-D at the prompt "
             "ends the chat. With stdin piped: one utterance per line, one reply per line on "
             "stdout, no prompt. Exit status: 0 at the end of the input or /quit, 1 if the "
-            "chat cannot start (server unreachable, unknown model), 2 for bad options, 130 "
-            "after Ctrl-C at the prompt.",
+            "chat cannot start (server unreachable, unknown model or one that does not "
+            "generate text), 2 for bad options, 130 after Ctrl-C at the prompt.",
             width=79,
         ),
         epilog="commands during the chat:\n"
@@ -78,21 +84,21 @@ def add_chat_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     sampling = chat.add_argument_group("sampling")
     sampling.add_argument(
         "--temperature",
-        type=float,
+        type=nonnegative_float,
         default=DEFAULT_TEMPERATURE,
         metavar="T",
         help=f"0 is greedy (default: {DEFAULT_TEMPERATURE})",
     )
     sampling.add_argument(
         "--top-k",
-        type=int,
+        type=nonnegative_int,
         default=DEFAULT_TOP_K,
         metavar="K",
         help=f"sample from the k most likely tokens; 0: all (default: {DEFAULT_TOP_K})",
     )
     sampling.add_argument(
         "--top-p",
-        type=float,
+        type=probability,
         default=DEFAULT_TOP_P,
         metavar="P",
         help=f"sample from the smallest set of tokens with this much mass (default: "
@@ -100,7 +106,7 @@ def add_chat_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     )
     sampling.add_argument(
         "--max-tokens",
-        type=int,
+        type=nonnegative_int,
         default=DEFAULT_MAX_TOKENS,
         metavar="N",
         help=f"most tokens in a reply; 0: the server's limit (default: {DEFAULT_MAX_TOKENS})",
@@ -116,40 +122,13 @@ def add_chat_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     connection = chat.add_argument_group("connection")
     connection.add_argument(
         "--timeout",
-        type=float,
+        type=positive_float,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"deadline of each call, a whole reply included (default: {DEFAULT_TIMEOUT})",
     )
-    connection.add_argument(
-        "--tls", action="store_true", help="connect with TLS (implied by --ca, --cert, --key)"
-    )
-    connection.add_argument(
-        "--ca", metavar="FILE", help="PEM root certificates (default: gRPC's default roots)"
-    )
-    connection.add_argument("--cert", metavar="FILE", help="PEM client certificate (mutual TLS)")
-    connection.add_argument("--key", metavar="FILE", help="PEM private key of --cert")
-    connection.add_argument(
-        "--server-name",
-        metavar="NAME",
-        help="the name the server's certificate carries, if not the target's host",
-    )
-    connection.add_argument(
-        "--token",
-        help=f"bearer token sent with every call (default: ${TOKEN_ENV} if set)",
-    )
+    options.add_connection_options(connection)
     chat.set_defaults(handler=run_chat)
-
-
-def tls_settings(args: argparse.Namespace) -> TLS | None:
-    """The TLS options as the library's settings (OSError if a file cannot be read)."""
-    from clients.channel import TLS
-
-    if not (args.tls or args.ca or args.cert or args.key or args.server_name):
-        return None
-    if (args.cert is None) != (args.key is None):
-        raise ValueError("--cert and --key go together")
-    return TLS.from_files(args.ca, args.cert, args.key, args.server_name)
 
 
 def describe(error: MemserveError, target: str) -> str:
@@ -166,23 +145,50 @@ def describe(error: MemserveError, target: str) -> str:
 def run_chat(args: argparse.Namespace) -> int:
     """The chat, until the input ends, /quit or Ctrl-C at the prompt; the exit status."""
     from clients.client import Client
-    from clients.errors import MemserveError
 
-    if args.max_tokens < 0 or args.top_k < 0 or args.timeout <= 0:
-        raise ValueError("--max-tokens and --top-k must be >= 0, --timeout > 0")
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
-    client = Client(args.target, timeout=args.timeout, tls=tls_settings(args), token=token)
-    with client:
-        try:
-            session = client.session(args.model)
-        except MemserveError as error:
-            print(f"memserve chat: error: {describe(error, args.target)}", file=sys.stderr)
-            return EXIT_CANNOT_START
-        chat = Chat(client, session, args, sys.stdin, sys.stdout, sys.stderr)
-        try:
-            return chat.run()
-        finally:
-            chat.close()
+    client = Client(
+        args.target,
+        timeout=args.timeout,
+        tls=options.tls_settings(args),
+        token=options.token(args),
+    )
+    try:
+        with client:
+            session = start(client, args)
+            if isinstance(session, str):
+                print(f"memserve chat: error: {session}", file=sys.stderr)
+                return EXIT_CANNOT_START
+            chat = Chat(client, session, args, sys.stdin, sys.stdout, sys.stderr)
+            try:
+                return chat.run()
+            finally:
+                chat.close()
+    except KeyboardInterrupt:  # before the chat began
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def start(client: Client, args: argparse.Namespace) -> Session | str:
+    """The chat's session, once ListModels shows a dialogue model; else why not."""
+    from clients.errors import MemserveError
+    from clients.messages import DIALOGUE_TYPES
+
+    try:
+        models = {model.name: model for model in client.list_models()}
+        info = models.get(args.model)
+        if info is None:
+            return (
+                f"no model {args.model!r} on the server at {args.target} (it serves: "
+                f"{', '.join(models) or 'nothing'}); see --model"
+            )
+        if info.type not in DIALOGUE_TYPES:
+            return (
+                f"model {args.model!r} ({info.type}) does not generate text; the chat needs "
+                f"a dialogue model ({', '.join(DIALOGUE_TYPES)}), e.g. {DEFAULT_MODEL}"
+            )
+        return client.session(args.model)
+    except MemserveError as error:
+        return describe(error, args.target)
 
 
 class Chat:
@@ -251,11 +257,11 @@ class Chat:
     # ------------------------------------------------------------------ replies
 
     def reply(self, text: str) -> None:
-        """Send `text`; print the reply as it streams. Ctrl-C stops the reply only."""
+        """Send `text`; print the reply as it streams, then end its line (one line per turn,
+        even a failed one). Ctrl-C stops the reply only."""
         from clients.errors import MemserveError
 
-        started = self.interactive  # a line of output begun, to end before an error
-        if started:
+        if self.interactive:
             self.stdout.write(f"{self.session.model}: ")
         generation = self.session.generate(
             text,
@@ -266,6 +272,7 @@ class Chat:
             seed=self.args.seed,
         )
         printed = False
+        failure: MemserveError | None = None
         previous = signal.signal(signal.SIGINT, lambda number, frame: generation.cancel())
         try:
             for piece in generation:
@@ -273,14 +280,13 @@ class Chat:
                 self.stdout.flush()
                 printed = True
         except MemserveError as error:
-            if started or printed:
-                print(file=self.stdout, flush=True)
-            self.error(describe(error, self.args.target) + self.hint(error))
-            return
+            failure = error
         finally:
             signal.signal(signal.SIGINT, previous)
         print(file=self.stdout, flush=True)
-        if generation.cancelled:
+        if failure is not None:
+            self.error(describe(failure, self.args.target) + self.hint(failure))
+        elif generation.cancelled:
             self.notice("(reply stopped)")
 
     def hint(self, error: MemserveError) -> str:
@@ -368,17 +374,22 @@ class Chat:
 
     # ------------------------------------------------------------------ the end
 
-    def delete(self, session: Session) -> None:
+    def delete(self, session: Session, timeout: float | None = None) -> None:
         from clients.errors import MemserveError
 
         try:
-            session.delete()
+            session.delete(timeout=timeout)
         except MemserveError as error:
             self.notice(
                 f"could not delete session {session.id}: {describe(error, self.args.target)}"
             )
 
     def close(self) -> None:
-        """Delete every session this chat made."""
-        for session in [*self.kept, self.session]:
-            self.delete(session)
+        """Delete every session this chat made, Ctrl-C or not."""
+        timeout = min(self.args.timeout, CLEANUP_TIMEOUT)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for session in [*self.kept, self.session]:
+                self.delete(session, timeout)
+        finally:
+            signal.signal(signal.SIGINT, previous)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -20,10 +21,10 @@ from clients import messages
 from clients.channel import TLS, ChannelOption, call_metadata, channel_options, resolve_tls
 from clients.errors import MemserveError
 from clients.messages import Array, GenerateDone, ModelInfo, SessionInfo, SessionState, Stepped
+from clients.options import DEFAULT_TARGET
 from clients.retry import Deadline, RetryPolicy
 from protos import memserve_pb2, memserve_pb2_grpc
 
-DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -58,6 +59,7 @@ class Client:
         else:
             self.channel = grpc.secure_channel(target, settings.credentials(), all_options)
         self.stub: Any = memserve_pb2_grpc.MemServeStub(self.channel)  # type: ignore[no-untyped-call]
+        self.streams: weakref.WeakSet[StepStream] = weakref.WeakSet()  # open, for close()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -181,6 +183,9 @@ class Client:
         return self.stub.Generate(request, timeout=self._timeout(timeout), metadata=self.metadata)
 
     def close(self) -> None:
+        """Cancel the step streams still open, then close the channel."""
+        for stream in list(self.streams):
+            stream.cancel()
         self.channel.close()
 
     def __enter__(self) -> Client:
@@ -259,9 +264,11 @@ class Generation:
 class StepStream:
     """Steps of one session over one long-lived StepStream call, answered in order.
 
-    A stream that met an error is over (the server ends the call): open a new one. Opened
-    from a `Session`, each step carries the session's step count as `expected_step` and
-    updates it.
+    A stream that met an error or an interrupt is over (the server ends the call, or it is
+    cancelled): open a new one. Opened from a `Session`, each step carries the session's
+    step count as `expected_step` and updates it. Close it, or use `with` (a block that
+    raises cancels it); one left open ends with its `Session`'s block, or is cancelled when
+    its client closes.
     """
 
     def __init__(
@@ -278,6 +285,12 @@ class StepStream:
             iter(self._requests.get, None), timeout=timeout, metadata=client.metadata
         )
         self.closed = False
+        # gRPC reads the requests in a thread of its own until the None that ends them:
+        # put it there even if the stream is dropped without being closed.
+        weakref.finalize(self, self._requests.put, None)
+        client.streams.add(self)
+        if session is not None:
+            session.streams.add(self)
 
     def step(self, inputs: Array, *, expected_step: int | None = None) -> Stepped[Array]:
         """Send `inputs` `[T, input_size]` and wait for their outputs."""
@@ -294,16 +307,26 @@ class StepStream:
         except StopIteration:
             self._fail()
             raise MemserveError(grpc.StatusCode.INTERNAL, "the stream ended early") from None
+        except BaseException:  # Ctrl-C: its reply would answer the next step
+            self._fail()
+            raise
         result = messages.stepped(response, inputs)
         if self._session is not None:
             self._session.step_count = result.step
         return result
 
     def _fail(self) -> None:
-        self.closed = True
-        self._requests.put(None)
+        """The stream is over, and the session's step count unknown."""
+        self.cancel()
         if self._session is not None:
             self._session.stale = True
+
+    def cancel(self) -> None:
+        """End the stream at once, without waiting for the server (it sees CANCELLED)."""
+        if not self.closed:
+            self.closed = True
+            self._requests.put(None)
+        self._call.cancel()
 
     def close(self) -> None:
         """End the stream (the server finishes it normally)."""
@@ -326,7 +349,10 @@ class StepStream:
         value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close()
+        if kind is None:
+            self.close()
+        else:  # whatever went wrong, do not wait on the server
+            self.cancel()
 
 
 class SessionBase:
@@ -363,6 +389,7 @@ class Session(SessionBase):
     def __init__(self, client: Client, info: SessionInfo) -> None:
         super().__init__(info)
         self.client = client
+        self.streams: weakref.WeakSet[StepStream] = weakref.WeakSet()  # open, for __exit__
 
     def synced_step(self, timeout: float | None = None) -> int:
         """The step count, re-read from the server if a call may have changed it unseen."""
@@ -381,7 +408,7 @@ class Session(SessionBase):
         expected = self.synced_step(timeout)
         try:
             result = self.client.step(self.id, inputs, expected_step=expected, timeout=timeout)
-        except MemserveError:
+        except BaseException:  # failed, or interrupted: the steps may have run
             self.stale = True
             raise
         self.step_count = result.step
@@ -443,6 +470,11 @@ class Session(SessionBase):
         value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        for stream in list(self.streams):  # left open: end them, as their own `with` would
+            if kind is None:
+                stream.close()
+            else:
+                stream.cancel()
         try:
             self.delete()
         except MemserveError:

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 Array = TypeVar("Array", np.ndarray, "torch.Tensor")
 
 
+DIALOGUE_TYPES = ("vmed",)  # model types whose sessions answer Generate
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """A model the server serves (ListModels)."""

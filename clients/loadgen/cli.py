@@ -11,12 +11,25 @@ import argparse
 import shlex
 import sys
 import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+from clients import options
+from clients.options import (
+    DEFAULT_TARGET,
+    nonempty,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+
+if TYPE_CHECKING:
+    from clients.channel import TLS
+
 METRICS_PORT = 9464  # `memserve serve`'s default --metrics-port
 DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64,128,256"
 STEP_MODEL = "ntm-copy"
@@ -47,6 +60,8 @@ class Settings:
     json_path: Path | None = None
     csv_path: Path | None = None
     plot_path: Path | None = None
+    tls: TLS | None = None  # None: plaintext
+    token: str | None = field(default=None, repr=False)
     # step
     steps: int = 0
     steps_per_call: int = 0
@@ -94,6 +109,8 @@ class Settings:
             "seed": self.seed,
             "session_ttl_s": self.session_ttl,
             "metrics_url": self.metrics_url,
+            "tls": self.tls is not None,
+            "token_sent": self.token is not None,  # never the token itself
         }
         if self.workload == "step":
             record.update(steps=self.steps, steps_per_call=self.steps_per_call)
@@ -112,32 +129,6 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------- value checks
-
-
-def _number(
-    kind: Callable[[str], Any], what: str, check: Callable[[Any], bool]
-) -> Callable[[str], Any]:
-    """An argparse `type`: `kind(text)` if `check` holds, else an argparse error naming `what`."""
-
-    def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    convert.__name__ = what  # argparse names the type in some messages
-    return convert
-
-
-positive_int = _number(int, "an integer >= 1", lambda v: v >= 1)
-nonnegative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
-positive_float = _number(float, "a number > 0", lambda v: v > 0 and v != float("inf"))
-nonnegative_float = _number(float, "a number >= 0", lambda v: 0 <= v < float("inf"))
-probability = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
-nonempty = _number(str, "a non-empty text", lambda v: v != "")
 
 
 def _list_of(item: Callable[[str], Any], what: str) -> Callable[[str], tuple[Any, ...]]:
@@ -267,6 +258,7 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=positive_float, default=60.0, metavar="SECONDS",
         help="deadline of every call; a call past it counts as DEADLINE_EXCEEDED",
     )  # fmt: skip
+    options.add_connection_options(where)
 
     shape = parser.add_argument_group("load shape (one of)")
     loops = shape.add_mutually_exclusive_group()
@@ -457,6 +449,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         json_path=args.json,
         csv_path=args.csv,
         plot_path=args.plot,
+        tls=options.tls_settings(args),
+        token=options.token(args),
         steps=0 if chat else args.steps,
         steps_per_call=0 if chat else args.steps_per_call,
         turns=args.turns if chat else 0,
@@ -470,10 +464,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
+def without_token(argv: Sequence[str]) -> list[str]:
+    """The command line with the value of --token hidden (it goes into the JSON)."""
+    words = list(argv)
+    for index, word in enumerate(words):
+        if word.startswith("--token="):
+            words[index] = "--token=***"
+        elif word == "--token" and index + 1 < len(words):
+            words[index + 1] = "***"
+    return words
+
+
 def _run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     argv = getattr(args, "argv", None)
-    command = "memserve " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "memserve " + shlex.join(without_token(argv if argv is not None else sys.argv[1:]))
     from clients.loadgen.run import run
 
     return run(settings, command)

@@ -65,7 +65,7 @@ class Progress:
         filled = round(done * BAR_WIDTH)
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
         window = max(1e-9, min(now(), recorder.end or now()) - recorder.start)
-        rate = recorder.ok / window if level.opened.is_set() else 0.0
+        rate = recorder.answered / window if level.opened.is_set() else 0.0
         errors = sum(recorder.errors.values())
         return (
             f"{level.label:>10} {level.phase:<11} [{bar}] {detail}  {recorder.ok} ok "

@@ -2,10 +2,14 @@
 digits), requests by outcome, every call by method and status code, and the summary the
 report and the JSON take.
 
-Two kinds of counts, kept apart on purpose:
+Three kinds of counts, kept apart on purpose:
 
 - measured requests: the requests (Step calls or Generate turns) whose intended start lies
   in the level's measuring window; their latencies and errors are the level's result;
+- answers in the window: the OK answers that arrived inside the window, whenever their
+  request started (warm-up ones too): the throughput, which they divide by the window's
+  length, so that neither a slow or failed request after it nor the requests still in
+  flight at its end bias it;
 - calls: every RPC the level made, warm-up and teardown included, by method and status
   code: what the server's `memserve_request_duration_seconds_count` must agree with.
 """
@@ -130,6 +134,9 @@ class Recorder:
         self.session_steps = 0
         self.completion_tokens = 0
         self.prompt_tokens = 0
+        self.answered = 0  # OK answers that arrived in the window (of any request)
+        self.answered_steps = 0  # their session-steps (Step)
+        self.answered_tokens = 0  # their completion tokens (Generate)
         self.start = 0.0
         self.end: float | None = None
         self.last_done: float | None = None
@@ -142,6 +149,16 @@ class Recorder:
             self.send_lag.record(max(0.0, lag))
             self.late += lag > LATE_SECONDS
             self.capped += capped
+
+    def finished(self, outcome: Outcome) -> None:
+        """Any request ended, measured or not: an OK answer that arrived inside the window
+        counts towards the throughput. (While a count-bounded window is open, `end` is None:
+        its end comes later than any answer already here.)"""
+        inside = self.start <= outcome.done and (self.end is None or outcome.done <= self.end)
+        if outcome.code == OK and inside:
+            self.answered += 1
+            self.answered_steps += outcome.steps
+            self.answered_tokens += outcome.completion_tokens
 
     def record(self, outcome: Outcome, intended: float) -> None:
         """A measured request ended; its latency counts from its intended start."""
@@ -163,28 +180,33 @@ class Recorder:
         for gap in outcome.gaps:
             self.itl.record(gap)
 
+    def window(self) -> float:
+        """The measuring window's length in seconds (0 while it has no end)."""
+        return 0.0 if self.end is None else max(0.0, self.end - self.start)
+
     def span(self) -> float:
-        """Seconds that the throughput divides by: the window's start to the later of its
-        end and the last measured answer."""
+        """Seconds from the window's start to the later of its end and the last measured
+        answer (information: how long the measured requests took to come back)."""
         ends = [t for t in (self.end, self.last_done) if t is not None]
         return max(ends) - self.start if ends else 0.0
 
     def summary(self) -> dict[str, Any]:
         """The level's measured results (not its label or server metrics)."""
-        span = self.span()
-        per_s = (lambda n: n / span) if span > 0 else (lambda n: 0.0)
+        window = self.window()
+        per_s = (lambda n: n / window) if window > 0 else (lambda n: 0.0)
         requests: dict[str, Any] = {
             "issued": self.issued,
             "completed": self.completed,
             "cancelled": self.cancelled,
             "ok": self.ok,
+            "answered_in_window": self.answered,
             "errors": dict(sorted(self.errors.items())),
             "error_details": dict(sorted(self.error_details.items())),
         }
-        throughput: dict[str, float] = {"requests_per_s": per_s(self.ok)}
+        throughput: dict[str, float] = {"requests_per_s": per_s(self.answered)}
         summary: dict[str, Any] = {
-            "window_s": None if self.end is None else self.end - self.start,
-            "span_s": span,
+            "window_s": None if self.end is None else window,
+            "span_s": self.span(),
             "interrupted": self.interrupted,
             "requests": requests,
             "throughput": throughput,
@@ -192,13 +214,13 @@ class Recorder:
         }
         if self.method == "Step":
             summary["session_steps"] = self.session_steps
-            throughput["session_steps_per_s"] = per_s(self.session_steps)
+            throughput["session_steps_per_s"] = per_s(self.answered_steps)
         else:
             summary["tokens"] = {
                 "completion": self.completion_tokens,
                 "prompt": self.prompt_tokens,
             }
-            throughput["tokens_per_s"] = per_s(self.completion_tokens)
+            throughput["tokens_per_s"] = per_s(self.answered_tokens)
             summary["ttft_ms"] = self.ttft.summary()
             summary["itl_ms"] = self.itl.summary()
         summary["session_calls_ms"] = {

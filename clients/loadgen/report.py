@@ -153,7 +153,7 @@ def notes(rows: list[Row], document: dict[str, Any]) -> list[str]:
     lines.append(f"calls sent (warm-up and teardown included): {summary}")
     counted = document.get("server_requests_during_run")
     if counted is not None:
-        same = all(counted.get(m, {}) == by_code for m, by_code in sent.items())
+        same = counted == sent
         lines.append(
             "the server counted the same calls over the run"
             if same
@@ -179,7 +179,7 @@ def flat(row: Row) -> dict[str, Any]:
         "interrupted": row["interrupted"],
     }
     requests = row["requests"]
-    for key in ("issued", "completed", "ok"):
+    for key in ("issued", "completed", "ok", "answered_in_window"):
         fields[f"requests_{key}"] = requests[key]
     fields["errors"] = ";".join(f"{code}:{n}" for code, n in requests["errors"].items())
     for key, value in row["throughput"].items():

@@ -3,13 +3,15 @@ level of the sweep (a table row as each ends), then the notes and the files.
 
 Ctrl-C ends the level under way: no new request starts, those in flight get a second to
 finish (then they are cancelled), its sessions are deleted, and the run reports what it
-measured, with exit code 130. A second Ctrl-C quits at once.
+measured, with exit code 130. A second Ctrl-C quits at once, exit code 130, without the
+report; the sessions still open are left to expire on the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import platform
 import signal
 import sys
@@ -44,9 +46,17 @@ def run(settings: Settings, command: str) -> int:
     except LoadgenError as error:
         print(f"memserve loadgen: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # the second Ctrl-C
+    except KeyboardInterrupt:  # Ctrl-C before the handler is in place
         print("memserve loadgen: stopped", file=sys.stderr)
         return INTERRUPTED_EXIT
+
+
+def quit_now() -> None:
+    """The second Ctrl-C: flush what was printed and exit, leaving the rest undone."""
+    print("\nmemserve loadgen: stopped", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED_EXIT)
 
 
 def level_label(settings: Settings, value: float) -> str:
@@ -166,8 +176,9 @@ async def _run(settings: Settings, command: str) -> int:
     loop = asyncio.get_running_loop()
 
     def on_interrupt() -> None:
+        if interrupted.is_set():
+            quit_now()
         interrupted.set()
-        loop.remove_signal_handler(signal.SIGINT)  # the next Ctrl-C quits at once
         print(
             "\ninterrupted: ending this level, deleting its sessions (Ctrl-C again to quit)",
             file=sys.stderr,
@@ -178,12 +189,12 @@ async def _run(settings: Settings, command: str) -> int:
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.add_signal_handler(signal.SIGINT, on_interrupt)  # main thread only
         handling = True
-    client = Client(settings.target, settings.channels)
+    client = Client(settings)
     try:
         return await _sweep(settings, command, client, interrupted)
     finally:
         await client.close()
-        if handling and not interrupted.is_set():
+        if handling:
             loop.remove_signal_handler(signal.SIGINT)
 
 

@@ -231,6 +231,7 @@ async def closed_loop(target: Target, plan: Plan, level: Level, concurrency: int
             if counted:
                 recorder.cancelled += 1
             raise
+        recorder.finished(outcome)
         if counted:
             record(outcome, start)
         return outcome
@@ -376,6 +377,7 @@ async def open_loop(target: Target, plan: Plan, level: Level, rate: float) -> No
             raise
         finally:
             places.release()
+        recorder.finished(outcome)
         if counted:
             recorder.record(outcome, intended)
         pool.release(session, outcome)
@@ -406,6 +408,7 @@ async def open_loop(target: Target, plan: Plan, level: Level, rate: float) -> No
     timer = asyncio.create_task(_window_timer(level, recorder.start, recorder.end))
     try:
         await run_until_interrupted(level, [asyncio.create_task(issue())])
+        pool.replenish = False  # no request will need a fresh session now
         level.phase = "draining"
         await run_until_interrupted(level, list(in_flight))
         await pool.settle()

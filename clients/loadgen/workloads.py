@@ -14,14 +14,14 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 
+from clients.channel import Metadata, call_metadata, channel_options
 from clients.loadgen.cli import Settings
 from clients.loadgen.recording import INVALID_RESPONSE, OK, CallCounts, Outcome, Recorder
 from clients.loadgen.schedule import Session, SessionRefused, now
+from clients.messages import DIALOGUE_TYPES
 from protos import memserve_pb2, memserve_pb2_grpc, tensors
 
-DIALOGUE_TYPES = ("vmed",)  # model types whose sessions answer Generate
 INPUT_VARIANTS = 64  # step: distinct input tensors, drawn once, cycled through
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Short everyday utterances in the style of Persona-Chat (what vmed-chat was trained on):
 # lower case, punctuation apart.
@@ -69,19 +69,23 @@ def code_name(error: grpc.aio.AioRpcError) -> str:
 
 
 class Client:
-    """The run's channels to the server (sessions use them round robin) and the sequence
-    numbers of its sessions."""
+    """The run's channels to the server (sessions use them round robin), the metadata of
+    every call (the bearer token) and the sequence numbers of its sessions."""
 
-    def __init__(self, target: str, channels: int) -> None:
-        self.target = target
-        options = [
+    def __init__(self, settings: Settings) -> None:
+        self.target = settings.target
+        self.metadata: Metadata = call_metadata(settings.token)
+        options = channel_options(settings.tls, [
             ("grpc.enable_http_proxy", 0),  # measure the server, not a proxy
             ("grpc.use_local_subchannel_pool", 1),  # one connection per channel
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
-        self.channels = [grpc.aio.insecure_channel(target, options=options) for _ in
-                         range(channels)]  # fmt: skip
+        ])  # fmt: skip
+        if settings.tls is None:
+            self.channels = [grpc.aio.insecure_channel(self.target, options=options) for _ in
+                             range(settings.channels)]  # fmt: skip
+        else:
+            credentials = settings.tls.credentials()
+            self.channels = [grpc.aio.secure_channel(self.target, credentials, options) for _ in
+                             range(settings.channels)]  # fmt: skip
         self.stubs: list[Any] = [
             memserve_pb2_grpc.MemServeStub(channel)  # type: ignore[no-untyped-call]
             for channel in self.channels
@@ -111,7 +115,7 @@ class Client:
         or cannot do the workload."""
         try:
             answer = await self.stubs[0].ListModels(
-                memserve_pb2.ListModelsRequest(), timeout=settings.timeout
+                memserve_pb2.ListModelsRequest(), timeout=settings.timeout, metadata=self.metadata
             )
         except grpc.aio.AioRpcError as error:
             calls.add("ListModels", code_name(error), error.details() or "")
@@ -145,7 +149,7 @@ class Workload(Protocol):
 
     def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest: ...
 
-    async def call(self, session: Session, timeout: float) -> Outcome:
+    async def call(self, session: Session, timeout: float, metadata: Metadata) -> Outcome:
         """One request; raises grpc.aio.AioRpcError when the server refuses it."""
         ...
 
@@ -169,10 +173,10 @@ class StepWorkload:
             model=self.settings.model, ttl_seconds=self.settings.session_ttl
         )
 
-    async def call(self, session: Session, timeout: float) -> Outcome:
+    async def call(self, session: Session, timeout: float, metadata: Metadata) -> Outcome:
         index = (session.sequence * self.settings.steps + session.used) % len(self.inputs)
         request = memserve_pb2.StepRequest(session_id=session.session_id, inputs=self.inputs[index])
-        response = await session.stub.Step(request, timeout=timeout)
+        response = await session.stub.Step(request, timeout=timeout, metadata=metadata)
         done = now()
         if len(response.outputs.data) != self.expected_bytes:
             return Outcome(
@@ -217,8 +221,9 @@ class ChatWorkload:
             request.top_p = settings.top_p
         return request
 
-    async def call(self, session: Session, timeout: float) -> Outcome:
-        stream = session.stub.Generate(self.generate_request(session), timeout=timeout)
+    async def call(self, session: Session, timeout: float, metadata: Metadata) -> Outcome:
+        request = self.generate_request(session)
+        stream = session.stub.Generate(request, timeout=timeout, metadata=metadata)
         first: float | None = None
         last = 0.0
         gaps: list[float] = []
@@ -273,8 +278,9 @@ class GrpcTarget:
         start = now()
         try:
             info = await stub.CreateSession(
-                self.workload.session_request(sequence), timeout=self.timeout
-            )
+                self.workload.session_request(sequence), timeout=self.timeout,
+                metadata=self.client.metadata,
+            )  # fmt: skip
         except grpc.aio.AioRpcError as error:
             self.calls.add("CreateSession", code_name(error), error.details() or "")
             raise SessionRefused(code_name(error), error.details() or "") from None
@@ -291,7 +297,9 @@ class GrpcTarget:
         start = now()
         request = memserve_pb2.DeleteSessionRequest(session_id=session.session_id)
         try:
-            await session.stub.DeleteSession(request, timeout=self.timeout)
+            await session.stub.DeleteSession(
+                request, timeout=self.timeout, metadata=self.client.metadata
+            )
         except grpc.aio.AioRpcError as error:
             self.calls.add("DeleteSession", code_name(error), error.details() or "")
             return
@@ -304,7 +312,7 @@ class GrpcTarget:
     async def request(self, session: Session, intended: float) -> Outcome:
         method = self.workload.method
         try:
-            outcome = await self.workload.call(session, self.timeout)
+            outcome = await self.workload.call(session, self.timeout, self.client.metadata)
         except grpc.aio.AioRpcError as error:
             code, detail = code_name(error), error.details() or ""
             self.calls.add(method, code, detail)

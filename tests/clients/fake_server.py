@@ -1,9 +1,11 @@
 """A stand-in MemServe for what a real server cannot be made to do on cue: fail the first
 attempts of a call with UNAVAILABLE (optionally after doing the work, as when a reply is
-lost on the way back), record every call's metadata, and listen with TLS.
+lost on the way back), hold a call's reply until the test lets it go (to interrupt the
+client while it waits), record every call's metadata, and listen with TLS.
 
 It is a real gRPC server on a loopback port with a small in-memory session table: steps
-double their inputs, Generate echoes the text.
+double their inputs, Generate echoes the text. Its one model, "fake", is listed as a
+dialogue model (type vmed), since it answers Generate.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,18 @@ from protos import memserve_pb2, memserve_pb2_grpc, tensors
 Context = Any  # grpc.ServicerContext; grpc has no type hints
 
 
+@dataclass
+class Hold:
+    """The next call of a method, held after its work and before its reply: `entered` is
+    set when it gets there, and it replies once `release` is set."""
+
+    entered: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def wait_entered(self, timeout: float = 30) -> None:
+        assert self.entered.wait(timeout), "the held call never came"
+
+
 class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
     """Attempts of `method` up to number `failures[method]` fail with UNAVAILABLE; for the
     methods in `lose_replies` those attempts do their work first (see `fail_next`)."""
@@ -32,6 +46,8 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
     def __init__(self) -> None:
         self.failures: Counter[str] = Counter()
         self.lose_replies: set[str] = set()
+        self.holds: dict[str, Hold] = {}  # by method, until its next call takes it
+        self.every_hold: list[Hold] = []
         self.attempts: Counter[str] = Counter()
         self.metadata: list[tuple[str, dict[str, str]]] = []
         self.steps: dict[str, int] = {}
@@ -44,6 +60,23 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
             self.failures[method] = self.attempts[method] + count
             if lose_replies:
                 self.lose_replies.add(method)
+
+    def hold(self, method: str) -> Hold:
+        """Hold the next call of `method` (ListModels, CreateSession, Step, a StepStream
+        request, DeleteSession) after its work, until released."""
+        hold = self.holds[method] = Hold()
+        self.every_hold.append(hold)
+        return hold
+
+    def _held(self, method: str) -> None:
+        hold = self.holds.pop(method, None)
+        if hold is not None:
+            hold.entered.set()
+            hold.release.wait(30)
+
+    def release_all(self) -> None:
+        for hold in self.every_hold:
+            hold.release.set()
 
     def _attempt(self, method: str, context: Context) -> bool:
         """Count and record an attempt; whether it is to fail with UNAVAILABLE."""
@@ -88,12 +121,14 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         failing = self._attempt("ListModels", context)
         if failing:
             self._lose_reply(context)
-        model = memserve_pb2.ModelInfo(name="fake", type="fake", input_size=2, output_size=2)
+        self._held("ListModels")
+        model = memserve_pb2.ModelInfo(name="fake", type="vmed", input_size=2, output_size=2)
         return memserve_pb2.ListModelsResponse(models=[model])
 
     def CreateSession(self, request: Any, context: Context) -> memserve_pb2.SessionInfo:  # noqa: N802
         failing = self._attempt("CreateSession", context)
         info = self._new(request.model)
+        self._held("CreateSession")
         if failing:
             self._lose_reply(context)
         return info
@@ -101,6 +136,7 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
     def Step(self, request: Any, context: Context) -> memserve_pb2.StepResponse:  # noqa: N802
         failing = self._attempt("Step", context)
         response = self._step(request, context)
+        self._held("Step")
         if failing:
             self._lose_reply(context)
         return response
@@ -108,7 +144,9 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
     def StepStream(self, request_iterator: Any, context: Context) -> Iterator[Any]:  # noqa: N802
         self._attempt("StepStream", context)
         for request in request_iterator:
-            yield self._step(request, context)
+            response = self._step(request, context)
+            self._held("StepStream")
+            yield response
 
     def GetSession(self, request: Any, context: Context) -> memserve_pb2.SessionInfo:  # noqa: N802
         self._attempt("GetSession", context)
@@ -132,6 +170,7 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         failing = self._attempt("DeleteSession", context)
         self._session(request.session_id, context)
         del self.steps[request.session_id]
+        self._held("DeleteSession")
         if failing:
             self._lose_reply(context)
         return memserve_pb2.DeleteSessionResponse()
@@ -215,4 +254,5 @@ class FakeServer:
         return f"127.0.0.1:{port or self.port}"
 
     def stop(self) -> None:
+        self.service.release_all()
         self.server.stop(None)

@@ -142,7 +142,6 @@ def test_deadlines_and_errors(server: ServerProcess) -> None:
             with pytest.raises(MemserveError) as late:
                 await session.step(np.zeros((256, 9), np.float32), timeout=1e-4)
             assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert not isinstance(late.value, grpc.RpcError)
             stream = client.step_stream(session.id)
             with pytest.raises(MemserveError, match="INVALID_ARGUMENT"):
                 await stream.step(np.zeros((1, 2), np.float32))

@@ -1,21 +1,25 @@
 """What the clients do on the wire, against a stand-in server (tests/clients/fake_server.py):
 retries on UNAVAILABLE for the calls that are safe to repeat and only those, what a lost
 reply turns into, backoff within the deadline, the bearer token on every call, and TLS
-(server certificate, name override, mutual TLS), from the library and from `memserve chat`."""
+(server certificate, name override, mutual TLS), from the library, `memserve chat` and
+`memserve loadgen`."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
 from clients import TLS, AsyncClient, Client, MemserveError, RetryPolicy
+from memserve.cli import main
 from tests.clients.fake_server import Certificates, FakeServer
 from tests.clients.servers import DIRECT, ROOT, subprocess_env
 
@@ -283,5 +287,26 @@ def test_chat_options_map_onto_tls_and_token(
     assert result.returncode == 0, result.stderr
     assert result.stdout == "you said: hello there\n"
     assert {m["authorization"] for _, m in tls_fake.service.metadata} == {"Bearer from-env"}
-    assert set(tls_fake.service.attempts) == {"CreateSession", "Generate", "DeleteSession"}
+    called = {"ListModels", "CreateSession", "Generate", "DeleteSession"}  # the model checked
+    assert set(tls_fake.service.attempts) == called
     assert tls_fake.service.steps == {}  # the chat deleted its session at the end
+
+
+def test_loadgen_options_map_onto_tls_and_token(
+    tls_fake: FakeServer, certificates: Certificates, tmp_path: Path
+) -> None:
+    out = tmp_path / "run.json"
+    code = main(["loadgen", "step", "--target", tls_fake.target(tls_fake.mtls_port), "--model",
+                 "fake", "--ca", str(certificates.server_cert), "--cert",
+                 str(certificates.client_cert), "--key", str(certificates.client_key),
+                 "--server-name", "memserve.test", "--token", "s3cret", "--no-metrics",
+                 "--no-progress", "--concurrency", "2", "--warmup", "0", "--requests", "6",
+                 "--steps", "3", "--json", str(out)])  # fmt: skip
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert record["levels"][0]["requests"]["ok"] == 6
+    assert record["settings"]["tls"] is True and record["settings"]["token_sent"] is True
+    assert "s3cret" not in out.read_text() and "--token '***'" in record["command"]
+    methods = {method for method, _ in tls_fake.service.metadata}
+    assert methods == {"ListModels", "CreateSession", "Step", "DeleteSession"}
+    assert {m["authorization"] for _, m in tls_fake.service.metadata} == {"Bearer s3cret"}

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from clients import Client, MemserveError
-from clients.chat import add_chat_parser, run_chat
+from clients.chat import COMMANDS, add_chat_parser, run_chat
 from memserve.cli import build_parser
 from tests.clients.servers import DIRECT, LIMIT, ROOT, TINY, served, subprocess_env
 from tests.serving.server_process import ServerProcess
@@ -191,10 +191,23 @@ def test_start_errors_are_one_clear_line(server: ServerProcess) -> None:
     assert "cannot reach the server at 127.0.0.1:1" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
     not_text = chat(server, ["hello", "/quit"], "--model", "ntm-copy")
-    assert not_text.returncode == 0 and not_text.stdout == ""
-    assert "does not generate text" in not_text.stderr
+    assert not_text.returncode == 1 and not_text.stdout == ""
+    assert not_text.stderr == (
+        "memserve chat: error: model 'ntm-copy' (ntm) does not generate text; the chat needs "
+        "a dialogue model (vmed), e.g. vmed-chat\n"
+    )
     bad = chat(server, [], "--cert", "only.pem")
     assert bad.returncode == 2 and "--cert and --key go together" in bad.stderr
+
+
+def test_a_failed_turn_still_ends_its_line(server: ServerProcess) -> None:
+    # Over the server's --max-new-tokens: every turn is refused, and each still gets its
+    # (empty) line, so line n of stdout stays the reply to line n of stdin.
+    result = chat(server, ["hello", "/help", "and again"], "--max-tokens", str(LIMIT + 1))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert lines[0] == "" and lines[-2:] == ["", ""] and len(lines) == 3 + len(COMMANDS)
+    assert result.stderr.count(f"max_tokens must be between 1 and {LIMIT}") == 2
 
 
 def chat_parser() -> argparse.ArgumentParser:
@@ -222,6 +235,29 @@ def test_help_names_every_option_with_its_true_default() -> None:
         assert name in table or name == "--key", f"{name} is not in docs/clients.md"
         if action.default not in (None, False) and name in table:
             assert table[name] == str(action.default), name
+    # And its table of commands is the chat's.
+    commands = re.findall(r"^\| `(/\w+)[^|]*\| [^|]+ \|$", docs, flags=re.MULTILINE)
+    assert sorted(commands) == sorted(name.split()[0] for name in COMMANDS)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        (["--top-p", "1.5"], "a number in (0, 1]"),
+        (["--top-p", "0"], "a number in (0, 1]"),
+        (["--temperature", "-1"], "a number >= 0"),
+        (["--top-k", "-1"], "an integer >= 0"),
+        (["--max-tokens", "many"], "an integer >= 0"),
+        (["--timeout", "0"], "a number > 0"),
+    ],
+)
+def test_bad_option_values_are_argparse_errors(
+    arguments: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["chat", *arguments])
+    assert exited.value.code == 2
+    assert words in capsys.readouterr().err
 
 
 def test_chat_is_a_memserve_command() -> None:

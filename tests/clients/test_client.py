@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -232,7 +231,6 @@ def test_deadlines_default_per_client_and_per_call(server: ServerProcess) -> Non
         with pytest.raises(MemserveError) as late:
             hasty.create_session("ntm-copy")
         assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert not isinstance(late.value, grpc.RpcError)
         with hasty.session("ntm-copy", timeout=30) as session:  # a call's own deadline wins
             with pytest.raises(MemserveError) as cut:
                 session.step(long_inputs, timeout=1e-4)
@@ -255,7 +253,7 @@ def test_errors_carry_the_code_and_the_server_message(client: Client) -> None:
         client.session("no-such-model")
     assert unknown.value.code == grpc.StatusCode.NOT_FOUND
     assert "no model 'no-such-model'" in unknown.value.message
-    assert unknown.value.attempts == 1 and not isinstance(unknown.value, grpc.RpcError)
+    assert unknown.value.attempts == 1
     with client.session("ntm-copy") as session:
         with pytest.raises(MemserveError) as bad_shape:
             session.step(np.zeros((2, 3), np.float32))
@@ -281,11 +279,3 @@ def test_readme_clients_example_runs(server: ServerProcess) -> None:
     code = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)[0]
     code = code.replace("127.0.0.1:50051", server.target)
     exec(compile(code, str(README), "exec"), {})
-
-
-def test_readme_lists_the_chat_options() -> None:
-    section = README.read_text().split("## Clients", 1)[1].split("\n## ", 1)[0]
-    assert "memserve chat" in section
-    docs = (Path(ROOT) / "docs" / "clients.md").read_text()
-    for name in ("/reset", "/fork", "/save", "/load", "/quit", "--token", "--ca"):
-        assert name in docs

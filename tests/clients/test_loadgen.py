@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from clients.loadgen import cli as loadgen_cli
-from clients.loadgen import schedule, server_metrics
+from clients.loadgen import report, schedule, server_metrics
 from clients.loadgen.progress import Progress
 from clients.loadgen.recording import OK, Outcome, Recorder
 from clients.loadgen.schedule import (
@@ -40,6 +40,8 @@ from clients.loadgen.schedule import (
     open_loop,
 )
 from memserve.cli import build_parser, main
+from tests.clients.fake_server import FakeServer
+from tests.clients.servers import subprocess_env
 from tests.serving.client import metric, scrape
 from tests.serving.server_process import ServerProcess
 from tests.tiny_vmed import tiny_vmed
@@ -133,9 +135,9 @@ def test_closed_loop_sweep_agrees_with_the_server_and_writes_its_files(
         requests = level["requests"]
         assert requests["errors"] == {} and requests["ok"] == requests["issued"] > 0
         assert level["session_steps"] == 2 * requests["ok"]
-        assert level["throughput"]["requests_per_s"] == pytest.approx(
-            requests["ok"] / level["span_s"]
-        )
+        throughput = level["throughput"]
+        assert throughput["requests_per_s"] > 0
+        assert throughput["session_steps_per_s"] == pytest.approx(2 * throughput["requests_per_s"])
         assert level["span_s"] >= level["window_s"] == pytest.approx(1.0)
         latency = level["latency_ms"]
         assert latency["count"] == requests["ok"]
@@ -206,7 +208,9 @@ def test_chat_reports_time_to_first_piece_between_pieces_and_tokens(
     assert ok > 0 and level["requests"]["errors"] == {}
     assert level["tokens"]["completion"] == 6 * ok  # the tiny VMED never stops early
     assert level["tokens"]["prompt"] > ok
-    assert level["throughput"]["tokens_per_s"] == pytest.approx(6 * ok / level["span_s"])
+    throughput = level["throughput"]
+    assert throughput["requests_per_s"] > 0
+    assert throughput["tokens_per_s"] == pytest.approx(6 * throughput["requests_per_s"])
     ttft, itl, latency = level["ttft_ms"], level["itl_ms"], level["latency_ms"]
     assert ttft["count"] == ok and 0 < ttft["p50"] <= latency["max"]
     assert ttft["min"] <= latency["min"]  # the first piece comes before the final message
@@ -301,6 +305,35 @@ def test_ctrl_c_ends_the_level_reports_it_and_deletes_its_sessions(
     assert sent["CreateSession"]["OK"] == sent["DeleteSession"]["OK"], (sent, stderr)
     samples = scrape(server.metrics_url)
     assert metric(samples, "memserve_sessions", model="ntm-copy") == 0
+
+
+def test_a_second_ctrl_c_quits_at_once(tmp_path: Path) -> None:
+    fake = FakeServer()  # a stand-in server that holds the first deletion's reply
+    hold = fake.service.hold("DeleteSession")
+    out = tmp_path / "never.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memserve", "loadgen", "step", "--target", fake.target(),
+         "--model", "fake", "--no-metrics", "--concurrency", "2", "--duration", "60",
+         "--warmup", "0", "--steps", "2", "--json", str(out), "--no-progress"],
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        hold.wait_entered(60)
+        process.send_signal(signal.SIGINT)
+        while not process.stderr.readline().startswith("interrupted"):
+            pass
+        time.sleep(1.5)  # past the grace for requests: the level waits on the deletion
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert process.wait(10) == 130 and time.monotonic() - started < 5
+        stderr = process.stderr.read()
+        assert "memserve loadgen: stopped" in stderr and "Traceback" not in stderr
+        assert not out.exists()  # it quit without the report
+    finally:
+        process.kill()
+        fake.stop()
 
 
 # ---------------------------------------------------------------------------- --help
@@ -468,6 +501,16 @@ def test_open_loop_counts_what_it_could_not_send_before_the_drain_timeout() -> N
     assert recorder.ok == recorder.issued and not target.live
 
 
+def test_open_loop_opens_no_session_once_it_stops_issuing() -> None:
+    # 10 requests 10 ms apart, each 300 ms long, one per session (K = 1): all are still in
+    # flight when the last one goes out, and the sessions they retire need no successor.
+    target = SlowTarget(0.3)
+    plan = Plan(warmup=0, duration=0.1, requests=None, requests_per_session=1)
+    recorder = run_open(target, plan, rate=100)
+    assert recorder.issued == recorder.ok == 10
+    assert target.opened == 10 and not target.live
+
+
 def test_open_loop_within_its_capacity_sends_on_time() -> None:
     target = SlowTarget(0.005)
     plan = Plan(warmup=0.05, duration=None, requests=30, requests_per_session=4)
@@ -572,6 +615,59 @@ def test_a_request_without_a_session_fails_with_the_create_code(loop: str) -> No
     assert recorder.issued == 5 and recorder.ok == 0
     assert recorder.errors == {"RESOURCE_EXHAUSTED": 5}
     assert recorder.error_details == {"RESOURCE_EXHAUSTED": "no slot"}
+
+
+def test_throughput_counts_the_answers_that_arrive_in_the_window() -> None:
+    """Throughput: the OK answers that arrive inside [start, end], whenever their request
+    started, over the window's length. Latency: the requests that started in the window."""
+    recorder = Recorder("Step")
+    recorder.start, recorder.end = 10.0, 20.0
+
+    def answer(code: str, done: float, intended: float | None = None) -> None:
+        outcome = Outcome(code, done, steps=2)
+        recorder.finished(outcome)
+        if intended is not None:  # a measured request
+            recorder.sent()
+            recorder.record(outcome, intended)
+
+    answer(OK, 9.9)  # a warm-up request answered before the window: not counted
+    answer(OK, 10.0)  # two warm-up requests answered in it: counted
+    answer(OK, 10.4)
+    for i in range(5):
+        answer(OK, 11.0 + i, intended=10.5 + i)  # measured, answered in the window
+    answer(OK, 20.5, intended=19.9)  # measured, answered after it: a latency, not throughput
+    answer("DEADLINE_EXCEEDED", 80.0, intended=19.0)  # a late error changes neither
+    summary = recorder.summary()
+    assert summary["throughput"]["requests_per_s"] == pytest.approx(7 / 10)
+    assert summary["throughput"]["session_steps_per_s"] == pytest.approx(14 / 10)
+    requests = summary["requests"]
+    assert (requests["answered_in_window"], requests["ok"], requests["issued"]) == (7, 6, 7)
+    assert requests["errors"] == {"DEADLINE_EXCEEDED": 1}
+    assert summary["latency_ms"]["count"] == 6
+    assert summary["latency_ms"]["max"] == pytest.approx(600, rel=1e-3)  # 20.5 - 19.9 s
+    assert summary["window_s"] == 10 and summary["span_s"] == 70  # span: information only
+
+    chat = Recorder("Generate")
+    chat.start, chat.end = 0.0, 2.0
+    for done in (0.5, 1.0, 2.5):
+        chat.finished(Outcome(OK, done, completion_tokens=8))
+    assert chat.summary()["throughput"] == {"requests_per_s": 1.0, "tokens_per_s": 8.0}
+
+
+def test_the_server_must_count_exactly_the_calls_sent() -> None:
+    sent = {"CreateSession": {"OK": 2}, "Step": {"OK": 6}, "DeleteSession": {"OK": 2}}
+
+    def verdict(counted: dict[str, dict[str, int]]) -> str:
+        document = {"requests_sent": sent, "server_requests_during_run": counted}
+        return report.notes([], document)[-1]
+
+    assert verdict(dict(sent)) == "the server counted the same calls over the run"
+    for other in (
+        {**sent, "GetSession": {"OK": 1}},  # a call the run never made
+        {**sent, "Step": {"OK": 6, "CANCELLED": 1}},
+        {"CreateSession": {"OK": 2}, "Step": {"OK": 6}},  # one it made, not counted
+    ):
+        assert verdict(other).startswith("the server counted other calls"), other
 
 
 def test_progress_line_follows_the_level() -> None:
