@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +50,11 @@ from bench.serving import (  # noqa: E402
     batching_over,
     cpu_name,
     delete_sessions,
-    git_state,
+    provenance,
     scrape,
     verdict,
-    versions,
     watch_window,
+    write_record,
 )
 from protos import memserve_pb2, memserve_pb2_grpc  # noqa: E402
 
@@ -522,13 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, targets)
 
     result = {
-        "benchmark": "generation",
-        "command": " ".join(["python", "bench/generation.py", *argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": cpu_name(),
-        "cores": os.cpu_count(),
-        "versions": versions(),
-        "git": git_state(),
+        **provenance("generation", "bench/generation.py", argv),
         "model": model,
         "settings": {
             **asdict(settings),
@@ -543,10 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         "levels": [{**asdict(row), "ok": row.ok} for row in rows],
         "targets": targets,
     }
-    out = args.out or ROOT / "bench" / "results" / "generation-cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_record(result, args.out or ROOT / "bench" / "results" / "generation-cpu.json")
     return 0
 
 

@@ -832,6 +832,25 @@ def versions() -> dict[str, str]:
     }
 
 
+def provenance(benchmark: str, script: str, argv: Sequence[str]) -> dict[str, Any]:
+    """What every benchmark record starts with: what ran, when, where, on which versions."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join(["python", script, *argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": cpu_name(),
+        "cores": os.cpu_count(),
+        "versions": versions(),
+        "git": git_state(),
+    }
+
+
+def write_record(record: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -923,13 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, in_process, targets)
 
     result = {
-        "benchmark": "serving",
-        "command": " ".join(["python", "bench/serving.py", *argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": cpu_name(),
-        "cores": os.cpu_count(),
-        "versions": versions(),
-        "git": git_state(),
+        **provenance("serving", "bench/serving.py", argv),
         "model": {
             "name": MODEL,
             "input_size": input_size,
@@ -949,10 +962,7 @@ def main(argv: list[str] | None = None) -> int:
         "levels": [{**asdict(row), "ok": row.ok} for row in rows],
         "targets": targets,
     }
-    out = args.out or ROOT / "bench" / "results" / "serving-cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_record(result, args.out or ROOT / "bench" / "results" / "serving-cpu.json")
     return 0
 
 
