@@ -58,3 +58,13 @@ def metric(
         for (sample, sample_labels), value in samples.items()
         if sample == name and set(labels.items()) <= set(sample_labels)
     )
+
+
+def wait_for_launches(url: str, at_least: int = 1, seconds: float = 30.0) -> None:
+    """Return once the server has run `at_least` batched launches (its batch-size count)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while metric(scrape(url), "memserve_batch_size_count") < at_least:
+        assert time.monotonic() < deadline, f"fewer than {at_least} launches in {seconds} s"
+        time.sleep(0.02)

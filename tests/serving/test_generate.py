@@ -180,7 +180,9 @@ def test_twenty_turns_leave_the_state_size_unchanged(chat_server: ServerProcess)
     assert info(stub, session_id).step > 20 * 10
 
 
-def test_cancelled_generation_leaves_the_session_usable(chat_server: ServerProcess) -> None:
+def test_cancelled_generation_leaves_the_session_usable(
+    chat_server: ServerProcess, tiny_vmed: tuple[Path, VMED]
+) -> None:
     stub = chat_server.stub()
     session_id = create(stub, MODEL)
     call = stub.Generate(memserve_pb2.GenerateRequest(session_id=session_id, text=TURNS[0],
@@ -199,7 +201,7 @@ def test_cancelled_generation_leaves_the_session_usable(chat_server: ServerProce
         settled = step
         time.sleep(0.3)
     assert info(stub, session_id).step == settled  # it stopped...
-    prompt = len(TURNS[0].split()) + 1
+    prompt = len(encode_tokens(tiny_vmed[1].tokenizer, TURNS[0])) + 1  # type: ignore[arg-type]
     assert settled < prompt + 1 + LIMIT  # ...before the reply was done, let alone written
     _, done = generate(stub, session_id, TURNS[1], max_tokens=5)
     assert done.completion_tokens == 5 and done.step > settled

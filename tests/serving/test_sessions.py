@@ -298,7 +298,12 @@ def test_a_parked_session_gets_a_slot_while_every_active_one_is_busy(
 
         with ThreadPoolExecutor(3) as pool:
             workers = [pool.submit(keep_busy) for _ in range(3)]  # 3 calls always queued
+            deadline = time.monotonic() + 60
             while len(busy_steps) < 3:
+                for worker in workers:
+                    if worker.done():
+                        worker.result()  # a worker that died says why
+                assert time.monotonic() < deadline, "the busy session never stepped"
                 time.sleep(0.01)
             reference = Reference(models["ntm-copy"])
             inputs = random_inputs(rng, 4, 9)

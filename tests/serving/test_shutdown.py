@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from protos import memserve_pb2
-from tests.serving.client import create, step
+from tests.serving.client import create, step, wait_for_launches
 from tests.serving.server_process import ServerProcess
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -50,9 +50,8 @@ def test_signal_drains_in_flight_work_and_exits_zero(tmp_path: Path, number: int
 
         caller = threading.Thread(target=run_long_call)
         caller.start()
-        while server.event("session_created") is None:
-            time.sleep(0.01)
-        time.sleep(0.3)  # the call is queued and stepping
+        wait_for_launches(server.metrics_url, at_least=10)
+        assert caller.is_alive()  # stepping, with most of its 1500 steps to go
         server.signal(number)
         assert next(watch).status == NOT_SERVING
         with pytest.raises(grpc.RpcError) as refused:
@@ -84,7 +83,7 @@ def test_grace_period_bounds_the_drain(tmp_path: Path) -> None:
 
         caller = threading.Thread(target=run_endless_call)
         caller.start()
-        time.sleep(0.5)
+        wait_for_launches(server.metrics_url, at_least=10)
         started = time.monotonic()
         server.signal(signal.SIGTERM)
         assert server.wait(30) == 0
@@ -138,12 +137,15 @@ def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(tmp_path:
 
         caller = threading.Thread(target=run_long_call)
         caller.start()
-        time.sleep(0.5)  # stepping
+        wait_for_launches(server.metrics_url, at_least=10)
+        assert caller.is_alive()
         os.kill(loaded["pid"], signal.SIGKILL)
         caller.join(30)
         assert not caller.is_alive()
         assert len(errors) == 1
-        assert errors[0].code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED)
+        # Its state lived in the dead process: the session is gone, and says why.
+        assert errors[0].code() == grpc.StatusCode.NOT_FOUND, errors[0].details()
+        assert "lost" in errors[0].details()
         assert server.wait(30) == 1
         exited = server.event("model_process_exited")
         assert exited is not None and "exit code -9" in exited["message"], exited
