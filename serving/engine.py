@@ -1,10 +1,13 @@
-"""One served model: its state pool, its sessions, and the loop that steps them in batches.
+"""One served model: its sessions, their slots and parking, and the loop that steps them in
+batches.
 
-Continuous batching: Step calls queue per session (one in flight per session, arrival order
+Continuous batching: calls queue per session (one in flight per session, arrival order
 kept). Each iteration the loop takes the head call of up to `max_batch` ready sessions in
-round-robin order, advances each by ONE step in a single `model.step` launch, and delivers
-the outputs; a call of T steps therefore takes T iterations and other sessions interleave
-with it, and calls that arrive while a launch runs join the next one. The model and its
+round-robin order and advances each by ONE operation: a step (`model.step`), or for a
+Generate call a token written, a reply begun or a token decoded; the sessions that need the
+same operation share one launch. A call of T steps therefore takes T iterations, other
+sessions interleave with it, and calls that arrive while a launch runs join the next one.
+The model and its
 state pool live in a process of their own (`serving.runner`); a worker thread sends each
 launch there and waits, so the event loop keeps taking RPCs meanwhile.
 
@@ -475,11 +478,13 @@ class ModelEngine:
                 busy = session
         return busy
 
-    def _free_a_slot(self, exclude: Collection[str] = ()) -> int | None:
-        """A free slot, parking a session (see `_victim`) if there is none."""
+    def _free_a_slot(self) -> int | None:
+        """A free slot, parking the least recently used idle session if there is none. A
+        new session never preempts a busy one: without an idle one it starts parked, and
+        its first call restores it (`_restore`, which may preempt)."""
         if self.free_slots:
             return self.free_slots.pop()
-        victim = self._victim(exclude)
+        victim = next((s for s in self.active.values() if not s.pending), None)
         return None if victim is None else self._park(victim)
 
     def _park(self, session: Session) -> int:
