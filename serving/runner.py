@@ -135,7 +135,9 @@ def run_launches(
     device = pool.device
     results: dict[str, Any] = {}
     for kind, arrays in launches.items():
-        slots, *inputs = (torch.from_numpy(a).to(device) for a in arrays)
+        # decode's last four arrays are sampling settings, used here on the host
+        on_device = arrays[:2] if kind == "decode" else arrays
+        slots, *inputs = (torch.from_numpy(a).to(device) for a in on_device)
         if kind == "step":
             results[kind] = model.step(pool, slots, inputs[0]).cpu().numpy()
         elif kind == "encode":

@@ -32,7 +32,7 @@ def decode_steps(tensor: memserve_pb2.Tensor, field: str, width: int, max_steps:
             f"got {list(tensor.shape)}"
         )
     array = decode(tensor, field)
-    if array.ndim != 2 or array.shape[1] != width:
+    if array.shape[1] != width:
         raise InvalidArgument(
             f"{field}.shape must be [T, {width}] (T steps of this model's input), "
             f"got {list(array.shape)}"
