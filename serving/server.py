@@ -3,7 +3,8 @@ reflection) and the Prometheus endpoint, for `memserve serve`.
 
 Shutdown on SIGTERM or SIGINT: health turns NOT_SERVING at once (load balancers stop
 sending), new calls get UNAVAILABLE, calls in flight get up to `grace` seconds to finish,
-then everything stops and the process exits 0.
+then everything stops and the process exits 0. If a model's process dies, the server
+drains the same way and exits 1.
 """
 
 from __future__ import annotations

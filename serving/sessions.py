@@ -45,7 +45,7 @@ class Session:
     step: int = 0  # steps its state has taken
     slot: int | None = None  # its slot in the pool; None while parked
     seed: int | None = None
-    pending: deque[Work] = field(default_factory=deque)  # Step calls in arrival order
+    pending: deque[Work] = field(default_factory=deque)  # its calls, in arrival order
 
 
 class SessionTable:
