@@ -602,6 +602,8 @@ class ModelEngine:
         self.observe_batch = m.batch_size.labels(name).observe
         self.observe_step = m.step_duration.labels(name, self.backend).observe
         self.observe_queue_wait = m.queue_wait.labels(name).observe
+        self.observe_ttft = m.time_to_first_token.labels(name).observe
+        self.observe_itl = m.inter_token_latency.labels(name).observe
         m.slots_capacity.labels(name).set(self.settings.slots)
         m.slots_used.labels(name).set_function(lambda: len(self.active))
         m.queue_length.labels(name).set_function(lambda: self.queued_calls)

@@ -296,12 +296,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
                 last = None
                 async for piece in work.stream():
                     now = time.perf_counter()
-                    latency = (
-                        self.metrics.inter_token_latency
-                        if last
-                        else (self.metrics.time_to_first_token)
-                    )
-                    latency.labels(session.model).observe(now - (last or start))
+                    (engine.observe_itl if last else engine.observe_ttft)(now - (last or start))
                     last = now
                     yield memserve_pb2.GenerateResponse(text=piece)
                 done = memserve_pb2.GenerateDone(
