@@ -1,22 +1,31 @@
 """What the client tests share: a real server with ntm-copy and the small VMED of
-tests/tiny_vmed.py, the in-process reference, and channel options that skip any proxy."""
+tests/tiny_vmed.py, the in-process reference's tolerance, channel options that skip any
+proxy, and client subprocesses whose output a test can wait for."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 
+import numpy as np
 import pytest
 
 from kernels.backend import BACKEND_ENV
 from tests.serving.server_process import ServerProcess
 from tests.tiny_vmed import tiny_vmed
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = "vmed-tiny"  # the small VMED: replies always run to max_tokens
 LIMIT = 120  # --max-new-tokens of the test servers
+MAX_STEPS = 256  # --max-steps-per-call of the test servers
 DIRECT = [("grpc.enable_http_proxy", 0)]  # straight to loopback, whatever http_proxy says
+TOLERANCE = 1e-6  # max abs difference between served and in-process outputs (as tests/serving)
 
 
 @contextmanager
@@ -28,7 +37,7 @@ def served(
     with ServerProcess(
         tmp_path_factory.mktemp("server"),
         "--models", ",".join(["ntm-copy", str(directory), *models]),
-        "--max-new-tokens", str(LIMIT), "--max-steps-per-call", "256", *args,
+        "--max-new-tokens", str(LIMIT), "--max-steps-per-call", str(MAX_STEPS), *args,
     ) as process:  # fmt: skip
         yield process
 
@@ -41,6 +50,11 @@ def torch_backend() -> Iterator[None]:
         yield
 
 
+def close_to(served: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether served outputs equal the in-process reference's, within TOLERANCE."""
+    return served.shape == expected.shape and float(np.abs(served - expected).max()) <= TOLERANCE
+
+
 def subprocess_env() -> dict[str, str]:
     """The environment of a client subprocess: no proxy for loopback, no interpreter."""
     proxies = {"http_proxy", "https_proxy", "grpc_proxy", "all_proxy"}
@@ -51,4 +65,85 @@ def subprocess_env() -> dict[str, str]:
     }
 
 
-ROOT = Path(__file__).resolve().parents[2]
+class Watched:
+    """A command run in ROOT with `subprocess_env()`, its stdout and stderr collected by
+    threads as they arrive, so that a test can wait (with a deadline) for what it prints
+    without blocking on a pipe; its stdin stays open for `send` until `finish`. Killed at
+    the end of its `with` block."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=subprocess_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self.output = {"stdout": bytearray(), "stderr": bytearray()}
+        self.lock = threading.Lock()
+        self.readers = [
+            threading.Thread(target=self._collect, args=(name,), daemon=True)
+            for name in self.output
+        ]
+        for reader in self.readers:
+            reader.start()
+
+    def _collect(self, name: str) -> None:
+        stream = getattr(self.process, name)
+        while chunk := os.read(stream.fileno(), 4096):
+            with self.lock:
+                self.output[name] += chunk
+
+    def text(self, name: str = "stdout") -> str:
+        with self.lock:
+            return self.output[name].decode(errors="replace")
+
+    def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{line}\n".encode())
+        self.process.stdin.flush()
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 60) -> None:
+        """Return once `condition()` holds; fail at the deadline, or when the process has
+        ended and all it printed has been read without the condition holding."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                self._drain()
+                if condition():
+                    return
+                raise AssertionError(f"the process ended ({self.process.returncode}) first: "
+                                     f"{self.text()!r} {self.text('stderr')!r}")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise AssertionError(f"waited {timeout} s in vain: {self.text()!r} "
+                                     f"{self.text('stderr')!r}")  # fmt: skip
+            time.sleep(0.01)
+
+    def wait(self, timeout: float = 60) -> int:
+        """The exit status, once the process has ended and its output has all been read."""
+        code = self.process.wait(timeout)
+        self._drain()
+        return code
+
+    def finish(self, timeout: float = 60) -> int:
+        """Close stdin (the end of the input), then `wait`."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        return self.wait(timeout)
+
+    def _drain(self) -> None:
+        for reader in self.readers:
+            reader.join(10)
+
+    def __enter__(self) -> Watched:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.process.kill()
+        self.process.wait(30)
+        self._drain()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()

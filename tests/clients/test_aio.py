@@ -13,25 +13,16 @@ import pytest
 import torch
 
 from clients import AsyncClient, AsyncSession, MemserveError
-from models import checkpoint
 from models.base import MemoryModel
-from tests.clients.servers import DIRECT, LIMIT, TINY, served, torch_backend
+from tests.clients.servers import DIRECT, LIMIT, MAX_STEPS, TINY, close_to, served
 from tests.serving.conftest import Reference, random_inputs
 from tests.serving.server_process import ServerProcess
-
-TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with served(tmp_path_factory) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def ntm() -> Iterator[MemoryModel]:
-    with torch_backend():
-        yield checkpoint.load("ntm-copy")
 
 
 def run(server: ServerProcess, body: Callable[[AsyncClient], Awaitable[None]]) -> None:
@@ -42,10 +33,6 @@ def run(server: ServerProcess, body: Callable[[AsyncClient], Awaitable[None]]) -
             await body(client)
 
     asyncio.run(main())
-
-
-def close_to(served: np.ndarray, expected: np.ndarray) -> bool:
-    return served.shape == expected.shape and float(np.abs(served - expected).max()) <= TOLERANCE
 
 
 def test_list_models(server: ServerProcess) -> None:
@@ -140,7 +127,7 @@ def test_deadlines_and_errors(server: ServerProcess) -> None:
         assert "no model 'no-such-model'" in unknown.value.message
         async with await client.session("ntm-copy") as session:
             with pytest.raises(MemserveError) as late:
-                await session.step(np.zeros((256, 9), np.float32), timeout=1e-4)
+                await session.step(np.zeros((MAX_STEPS, 9), np.float32), timeout=1e-4)
             assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             stream = client.step_stream(session.id)
             with pytest.raises(MemserveError, match="INVALID_ARGUMENT"):

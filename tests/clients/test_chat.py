@@ -5,14 +5,11 @@ on, Ctrl-C at the prompt ends it, errors are one clear line, and --help tells th
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,7 +18,7 @@ import pytest
 from clients import Client, MemserveError
 from clients.chat import COMMANDS, add_chat_parser, run_chat
 from memserve.cli import build_parser
-from tests.clients.servers import DIRECT, LIMIT, ROOT, TINY, served, subprocess_env
+from tests.clients.servers import DIRECT, LIMIT, ROOT, TINY, Watched, served, subprocess_env
 from tests.serving.server_process import ServerProcess
 
 
@@ -103,50 +100,8 @@ def test_load_continues_the_saved_conversation(server: ServerProcess, tmp_path: 
     assert fresh.stdout != resumed.stdout
 
 
-class ChatProcess:
-    """A chat subprocess whose stdin stays open; its output is collected as it arrives."""
-
-    def __init__(self, command: list[str]) -> None:
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env=subprocess_env(),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        self.output = {"stdout": bytearray(), "stderr": bytearray()}
-        self.lock = threading.Lock()
-        for name in self.output:
-            threading.Thread(target=self._collect, args=(name,), daemon=True).start()
-
-    def _collect(self, name: str) -> None:
-        stream = getattr(self.process, name)
-        while chunk := os.read(stream.fileno(), 4096):
-            with self.lock:
-                self.output[name] += chunk
-
-    def text(self, name: str = "stdout") -> str:
-        with self.lock:
-            return self.output[name].decode(errors="replace")
-
-    def send(self, line: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(f"{line}\n".encode())
-        self.process.stdin.flush()
-
-    def wait_for(self, condition: Callable[[], bool], timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise AssertionError(f"waited in vain: {self.text()!r} {self.text('stderr')!r}")
-            time.sleep(0.01)
-
-    def finish(self, timeout: float = 60) -> int:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        return self.process.wait(timeout)
-
-
 def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(server: ServerProcess) -> None:
-    chat = ChatProcess(chat_command(server, "--max-tokens", str(LIMIT)))
-    try:
+    with Watched(chat_command(server, "--max-tokens", str(LIMIT))) as chat:
         chat.send("tell me everything about your day")
         chat.wait_for(lambda: chat.text() != "")  # the reply has begun to stream
         chat.process.send_signal(signal.SIGINT)
@@ -158,21 +113,19 @@ def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(server: ServerProcess) -> N
         assert len(cut) < len(whole)  # the whole reply has LIMIT tokens
         assert chat.finish() == 0
         assert "Traceback" not in chat.text("stderr")
-    finally:
-        chat.process.kill()
 
 
 def test_ctrl_c_at_the_prompt_ends_the_chat(server: ServerProcess) -> None:
-    chat = ChatProcess(chat_command(server, "--max-tokens", "4"))
-    try:
+    with Watched(chat_command(server, "--max-tokens", "4")) as chat:
         chat.send("hello")
-        chat.wait_for(lambda: chat.text().endswith("\n"))  # answered; waiting for a line
-        time.sleep(0.2)
+        # Answered: the chat puts Ctrl-C back to ending the chat before it ends the reply's
+        # line, so from this newline on a Ctrl-C is one at the prompt.
+        chat.wait_for(lambda: chat.text().endswith("\n"))
         chat.process.send_signal(signal.SIGINT)
-        assert chat.process.wait(30) == 130
-        assert "Traceback" not in chat.text("stderr")
-    finally:
-        chat.process.kill()
+        assert chat.wait(30) == 130
+        assert chat.text().count("\n") == 2  # the reply's line, then the prompt's
+        stderr = chat.text("stderr")
+        assert "Traceback" not in stderr and "(reply stopped)" not in stderr
 
 
 def test_start_errors_are_one_clear_line(server: ServerProcess) -> None:
@@ -217,15 +170,14 @@ def chat_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def test_help_names_every_option_with_its_true_default() -> None:
+def test_help_and_docs_name_every_option_with_its_true_default() -> None:
     parser = chat_parser()
     help_text = " ".join(parser.format_help().split())
     options = [action for action in parser._actions if action.option_strings]
     for action in options:
         assert all(option in help_text for option in action.option_strings)
-        if action.default not in (None, False, argparse.SUPPRESS):
-            assert f"(default: {action.default})" in " ".join(str(action.help).split())
-    # The table in docs/clients.md says the same.
+    # The table in docs/clients.md has every option, with the default a run gets, and the
+    # help shows that same default.
     docs = (ROOT / "docs" / "clients.md").read_text()
     table = dict(re.findall(r"^  \| `(--[\w-]+)[^|]*\| ([^|]+?) \|", docs, flags=re.MULTILINE))
     for action in options:
@@ -235,6 +187,7 @@ def test_help_names_every_option_with_its_true_default() -> None:
         assert name in table or name == "--key", f"{name} is not in docs/clients.md"
         if action.default not in (None, False) and name in table:
             assert table[name] == str(action.default), name
+            assert f"(default: {table[name]})" in " ".join(str(action.help).split()), name
     # And its table of commands is the chat's.
     commands = re.findall(r"^\| `(/\w+)[^|]*\| [^|]+ \|$", docs, flags=re.MULTILINE)
     assert sorted(commands) == sorted(name.split()[0] for name in COMMANDS)

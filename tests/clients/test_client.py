@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -18,13 +17,21 @@ import torch
 
 import clients
 from clients import Client, MemserveError, Session
-from models import checkpoint
+from clients.messages import decode_outputs
 from models.base import MemoryModel
-from tests.clients.servers import DIRECT, LIMIT, ROOT, TINY, served, subprocess_env, torch_backend
+from protos import tensors
+from tests.clients.servers import (
+    DIRECT,
+    LIMIT,
+    MAX_STEPS,
+    ROOT,
+    TINY,
+    close_to,
+    served,
+    subprocess_env,
+)
 from tests.serving.conftest import Reference, random_inputs
 from tests.serving.server_process import ServerProcess
-
-TOLERANCE = 1e-6  # max abs difference between served and in-process outputs (as tests/serving)
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +46,20 @@ def client(server: ServerProcess) -> Iterator[Client]:
         yield connection
 
 
-@pytest.fixture(scope="module")
-def ntm() -> Iterator[MemoryModel]:
-    with torch_backend():
-        yield checkpoint.load("ntm-copy")
-
-
-def close_to(served: np.ndarray, expected: np.ndarray) -> bool:
-    return served.shape == expected.shape and float(np.abs(served - expected).max()) <= TOLERANCE
-
-
 def test_every_public_name_resolves() -> None:
-    assert all(getattr(clients, name) is not None for name in clients.__all__)
+    """`__all__` names what `from clients import *` gives: each loads from the module that
+    defines it (classes under their own name), and other names are refused."""
+    assert len(set(clients.__all__)) == len(clients.__all__)
+    namespace: dict[str, object] = {}
+    exec("from clients import *", namespace)
+    for name in clients.__all__:
+        value = namespace[name]
+        kind = value if isinstance(value, type) else type(value)
+        assert kind.__module__.startswith("clients."), (name, kind.__module__)
+        assert not isinstance(value, type) or value.__name__ == name
+    assert isinstance(clients.NO_RETRIES, clients.RetryPolicy) and clients.NO_RETRIES.attempts == 1
+    with pytest.raises(AttributeError, match="no attribute 'Sessions'"):
+        _ = clients.Sessions
 
 
 def test_list_models_describes_the_served_models(client: Client) -> None:
@@ -86,11 +95,30 @@ def test_torch_in_gives_torch_out(client: Client, ntm: MemoryModel) -> None:
         inputs = torch.rand(4, 9, dtype=torch.float64, requires_grad=True)
         outputs = session.step(inputs)
         assert isinstance(outputs, torch.Tensor) and outputs.dtype == torch.float32
-        assert outputs.device == inputs.device
         expected = reference.step(inputs.detach().float().numpy())
         assert close_to(outputs.numpy(), expected)
         result = client.step(session.id, torch.zeros(1, 9))
         assert isinstance(result.outputs, torch.Tensor) and result.step == 5
+
+
+def test_torch_outputs_go_to_the_device_of_the_inputs() -> None:
+    # Without an accelerator, the "meta" device stands in for one: the outputs are not on
+    # the CPU, where the wire's numpy array is, but where the inputs were.
+    wire = tensors.encode(np.arange(16, dtype=np.float32).reshape(2, 8))
+    like = torch.empty(2, 9, device="meta")
+    outputs = decode_outputs(wire, like)
+    assert isinstance(outputs, torch.Tensor) and outputs.device.type == "meta"
+    assert outputs.shape == (2, 8) and outputs.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_cuda_inputs_give_cuda_outputs(client: Client, ntm: MemoryModel) -> None:
+    reference = Reference(ntm)
+    with client.session("ntm-copy") as session:
+        inputs = torch.rand(3, 9, device="cuda")
+        outputs = session.step(inputs)
+        assert isinstance(outputs, torch.Tensor) and outputs.device == inputs.device
+        assert close_to(outputs.cpu().numpy(), reference.step(inputs.cpu().numpy()))
 
 
 def test_numpy_callers_never_import_torch(server: ServerProcess) -> None:
@@ -213,20 +241,8 @@ def test_cancel_ends_the_reply_and_the_session_stays_usable(client: Client) -> N
         assert done.completion_tokens == 4 and session.step_count == done.step
 
 
-def settle(session: Session) -> None:
-    """Wait until the session's step count stops changing (a cut call has stopped)."""
-    previous, deadline = -1, time.monotonic() + 10
-    while time.monotonic() < deadline:
-        step = session.client.get_session(session.id, timeout=30).step
-        if step == previous:
-            return
-        previous = step
-        time.sleep(0.2)
-    raise AssertionError("the step count did not settle")
-
-
 def test_deadlines_default_per_client_and_per_call(server: ServerProcess) -> None:
-    long_inputs = np.zeros((256, 9), np.float32)  # 256 launches: far more than 0.1 ms
+    long_inputs = np.zeros((MAX_STEPS, 9), np.float32)  # 256 launches: far more than 0.1 ms
     with Client(server.target, timeout=1e-4, options=DIRECT) as hasty:
         with pytest.raises(MemserveError) as late:
             hasty.create_session("ntm-copy")
@@ -236,10 +252,14 @@ def test_deadlines_default_per_client_and_per_call(server: ServerProcess) -> Non
                 session.step(long_inputs, timeout=1e-4)
             assert cut.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             # Some of those steps ran, and more until the server notices the cut at its next
-            # launch: once the count settles, the session (which re-reads it) steps on.
-            settle(session)
+            # launch. A step without expected_step waits behind the cut call in the session's
+            # queue: once it is answered, the cut call has stopped and the count holds still.
+            after = hasty.step(session.id, np.zeros((1, 9), np.float32), timeout=30)
+            assert 1 <= after.step <= MAX_STEPS + 1
+            # The session (which re-reads the count) steps on, with the right expected_step.
             outputs = session.step(np.zeros((1, 9), np.float32), timeout=30)
-            assert outputs.shape == (1, 8) and session.step_count == session.info(timeout=30).step
+            assert outputs.shape == (1, 8) and session.step_count == after.step + 1
+            assert session.info(timeout=30).step == after.step + 1
             session.delete(timeout=30)
         with hasty.session(TINY, timeout=30) as chat:
             generation = chat.generate("hello", max_tokens=LIMIT, timeout=1e-4)

@@ -3,8 +3,9 @@ which holds a reply until the test lets it go: Ctrl-C in a blocking step or step
 a cancelled asyncio task, a stream past its deadline. Each leaves the stream closed (never
 answering a step with an earlier step's reply) and the session's step count marked for a
 re-read, so the next step goes through. Streams left open are ended by their session or
-client, and gRPC's thread that feeds a stream its requests ends with them. `memserve chat`
-interrupted while it starts or while it deletes its sessions."""
+client, and gRPC's thread that feeds a stream its requests ends with them (against a real
+server: nothing there needs a cue). `memserve chat` interrupted while it starts or while it
+deletes its sessions."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -23,10 +25,14 @@ import pytest
 
 from clients import AsyncClient, Client, MemserveError
 from tests.clients.fake_server import FakeServer, Hold
-from tests.clients.servers import DIRECT, ROOT, subprocess_env
+from tests.clients.servers import DIRECT, ROOT, served, subprocess_env
+from tests.serving.server_process import ServerProcess
 
-FIRST = np.ones((3, 2), np.float32)
+FIRST = np.ones((3, 2), np.float32)  # the stand-in's model: 2 inputs, outputs twice them
 SECOND = np.full((2, 2), 5.0, np.float32)
+NTM_FIRST = np.ones((3, 9), np.float32)  # ntm-copy on the real server: 9 inputs, 8 outputs
+NTM_SECOND = np.zeros((2, 9), np.float32)
+STREAM_DEADLINE = 2.0  # seconds: far longer than a step on loopback takes
 
 
 @pytest.fixture
@@ -34,6 +40,12 @@ def fake() -> Iterator[FakeServer]:
     server = FakeServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with served(tmp_path_factory) as process:
+        yield process
 
 
 def interrupt_when_held(hold: Hold) -> threading.Thread:
@@ -97,36 +109,49 @@ def test_ctrl_c_in_a_step_marks_the_count_for_a_re_read(fake: FakeServer) -> Non
         assert session.step_count == fake.service.steps[session.id] == 5
 
 
-def test_streams_left_open_end_with_their_session_and_client(fake: FakeServer) -> None:
+def assert_deleted(client: Client, session_id: str) -> None:
+    with pytest.raises(MemserveError) as gone:
+        client.get_session(session_id)
+    assert gone.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_streams_left_open_end_with_their_session_and_client(server: ServerProcess) -> None:
     before = request_feeders()
-    with Client(fake.target(), options=DIRECT) as client:
-        with client.session("fake") as session:
+    with Client(server.target, options=DIRECT) as client:
+        with client.session("ntm-copy") as session:
             stream = session.step_stream()
-            stream.step(FIRST)
+            stream.step(NTM_FIRST)
             assert wait_for_feeders(before + 2) == before + 2
         assert stream.closed and wait_for_feeders(before) == before
-        assert fake.service.steps == {}  # and the session was deleted
+        assert_deleted(client, session.id)
 
-        with pytest.raises(ZeroDivisionError), client.session("fake") as failing:
+        with pytest.raises(ZeroDivisionError), client.session("ntm-copy") as failing:
             kept = failing.step_stream()
-            kept.step(FIRST)
+            kept.step(NTM_FIRST)
             _ = 1 / 0
         assert kept.closed and wait_for_feeders(before) == before
+        assert_deleted(client, failing.id)
 
-        session_id = client.create_session("fake").session_id
+        session_id = client.create_session("ntm-copy").session_id
         raw = client.step_stream(session_id)  # no session to end it: the client does
-        raw.step(FIRST)
+        raw.step(NTM_FIRST)
     assert raw.closed and wait_for_feeders(before) == before
+    with Client(server.target, options=DIRECT) as other:
+        assert other.get_session(session_id).step == 3  # the stream ended, not the session
+        other.delete_session(session_id)
 
 
-def test_a_stream_block_that_raises_cancels_the_stream(fake: FakeServer) -> None:
+def test_a_stream_block_that_raises_cancels_the_stream(server: ServerProcess) -> None:
     before = request_feeders()
-    with Client(fake.target(), options=DIRECT) as client, client.session("fake") as session:
+    with (
+        Client(server.target, options=DIRECT) as client,
+        client.session("ntm-copy") as session,
+    ):
         with pytest.raises(ZeroDivisionError), session.step_stream() as stream:
-            stream.step(FIRST)
+            stream.step(NTM_FIRST)
             _ = 1 / 0
         assert stream.closed and wait_for_feeders(before) == before
-        assert session.step(SECOND).shape == (2, 2)
+        assert session.step(NTM_SECOND).shape == (2, 8) and session.step_count == 5
 
 
 # ---------------------------------------------------------------------------- asyncio
@@ -163,16 +188,20 @@ def test_an_async_stream_past_its_deadline_says_so(fake: FakeServer) -> None:
             AsyncClient(fake.target(), options=DIRECT) as client,
             await client.session("fake") as session,
         ):
-            stream = session.step_stream(timeout=0.2)
+            stream = session.step_stream(timeout=STREAM_DEADLINE)
             assert (await stream.step(FIRST)).step == 3
-            await asyncio.sleep(0.4)  # the deadline passes between two steps
+            # The second step runs, but its reply is held until the deadline has passed.
+            hold = fake.service.hold("StepStream")
             with pytest.raises(MemserveError) as late:
                 await stream.step(SECOND)
+            assert hold.entered.is_set()
+            hold.release.set()
             assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert stream.closed and session.stale
             await stream.close()
+            # The count is re-read (the held step ran: 5), so the next step goes through.
             assert np.array_equal(await session.step(SECOND), SECOND * 2)
-            assert session.step_count == 5
+            assert session.step_count == fake.service.steps[session.id] == 7
 
     asyncio.run(main())
 
@@ -232,12 +261,23 @@ def test_ctrl_c_while_the_chat_starts_exits_130(fake: FakeServer) -> None:
     assert "Traceback" not in stderr
 
 
+def ignores_sigint(pid: int) -> bool:
+    """Whether process `pid` ignores SIGINT now (the SigIgn mask of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    raise AssertionError(f"no SigIgn line in /proc/{pid}/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
 def test_ctrl_c_while_the_chat_deletes_its_sessions_deletes_them_all(fake: FakeServer) -> None:
     # A reply, a fork (the original is kept), then the end of the input: two deletions,
     # the first of them held while Ctrl-C comes.
     process = chat_until_held(fake, "DeleteSession", "hello\n/fork\n")
+    # The chat ignores SIGINT while it deletes; an ignored signal is discarded as it is
+    # sent, so once send_signal returns there is nothing left to arrive later.
+    assert ignores_sigint(process.pid)
     process.send_signal(signal.SIGINT)
-    time.sleep(0.2)  # the signal has arrived
     fake.service.release_all()
     code, stdout, stderr = finish(process)
     assert code == 0, stderr
