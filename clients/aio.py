@@ -25,6 +25,8 @@ from clients.options import DEFAULT_TARGET
 from clients.retry import Deadline, RetryPolicy
 from protos import memserve_pb2, memserve_pb2_grpc
 
+ENDING_SECONDS = 1.0  # how long a failed stream call may take to report its status
+
 
 class AsyncClient:
     """An asyncio connection to a memserve server; the options are `Client`'s."""
@@ -262,18 +264,32 @@ class AsyncStepStream:
             await self._call.write(messages.step_request(self.session_id, inputs, expected_step))
             response = await self._call.read()
         except grpc.RpcError as rpc_error:
+            error = await self._ended() or MemserveError.from_rpc(rpc_error)
             self._fail()
-            raise MemserveError.from_rpc(rpc_error) from None
+            raise error from None
         except BaseException:  # the task was cancelled: its reply would answer the next step
             self._fail()
             raise
         if response is grpc.aio.EOF:
+            ended = await self._ended()
             self._fail()
-            raise MemserveError(grpc.StatusCode.INTERNAL, "the stream ended early")
+            raise ended or MemserveError(grpc.StatusCode.INTERNAL, "the stream ended early")
         result = messages.stepped(response, inputs)
         if self._session is not None:
             self._session.step_count = result.step
         return result
+
+    async def _ended(self) -> MemserveError | None:
+        """The call's own status, once a write or read on it failed: a write that races the
+        call's end (its deadline, the server's answer) fails with a bare INTERNAL that hides
+        it. A failed write or read means the call is ending; the wait is bounded anyway."""
+        try:
+            code = await asyncio.wait_for(self._call.code(), ENDING_SECONDS)
+        except asyncio.TimeoutError:
+            return None
+        if code == grpc.StatusCode.OK:
+            return None
+        return MemserveError(code, await self._call.details())
 
     def _fail(self) -> None:
         """The stream is over (cancelled if it was not yet), the session's count unknown."""
