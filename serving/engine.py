@@ -8,8 +8,8 @@ Generate call a token written, a reply begun or a token decoded; the sessions th
 same operation share one launch. A call of T steps therefore takes T iterations, other
 sessions interleave with it, and calls that arrive while a launch runs join the next one.
 The model and its
-state pool live in a process of their own (`serving.runner`); a worker thread sends each
-launch there and waits, so the event loop keeps taking RPCs meanwhile.
+state pool live in a process of their own (`serving.runner`); each launch is sent there and
+its answer awaited on the pipe, so the event loop keeps taking RPCs meanwhile.
 
 Everything that touches the pool or the session bookkeeping (create, fork, import, export,
 delete, park, restore, expire, and the batch itself) holds `self.lock`, an asyncio lock on
@@ -30,7 +30,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,7 +103,6 @@ class ModelEngine:
         self.queued_calls = 0
         self.lock = asyncio.Lock()
         self.wake = asyncio.Event()
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"step-{name}")
         self.tasks: list[asyncio.Task[None]] = []
         # Called when the model's process is gone; the server drains and exits non-zero.
         self.on_failure: Callable[[RunnerError], None] = lambda error: None
@@ -128,7 +126,6 @@ class ModelEngine:
                 await task
         for session in list(self.ready.values()):
             self._fail_pending(session, Cancelled("the server shut down before this step ran"))
-        self.executor.shutdown(wait=True)
         self.runner.close()
 
     # ----------------------------------------------------------------- sessions
@@ -257,7 +254,6 @@ class ModelEngine:
         self.wake.set()
 
     async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         delay = self.settings.max_queue_delay
         while True:
             await self.wake.wait()
@@ -282,9 +278,7 @@ class ModelEngine:
                     if rows
                 }  # fmt: skip
                 try:
-                    results, seconds = await loop.run_in_executor(
-                        self.executor, self.runner.launch, launches
-                    )
+                    results, seconds = await self.runner.launch(launches)
                 except Exception as error:  # a bug, not a request's fault: fail loudly
                     self._lose(batch, error)
                     if isinstance(error, RunnerError):

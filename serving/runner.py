@@ -4,14 +4,18 @@ Why a process: a launch is a few hundred small torch calls, and every one of the
 the GIL and must win it back. In the server's process the event loop, busy with gRPC, wins
 it first for up to `sys.getswitchinterval()` each time: measured on a 2-core CPU, a 0.7 ms
 step took 15-900 ms beside a busy Python thread. In its own process the step has its own
-interpreter, and the server process only sends the launch's arrays and waits for the
-answer (one blocking `recv`, which holds no GIL). This is how vLLM's engine core runs too.
+interpreter, and the server process only sends the launch's arrays and reads the answer
+when it comes. This is how vLLM's engine core runs too.
 
 The protocol is one request and one answer at a time on a `multiprocessing` pipe: an
 operation name and its arguments (numpy arrays, plain values), answered `(True, value)` or
-`(False, exception)`. The child loads the checkpoint itself on the server's device, so
-weights and pool never cross the pipe; session states cross it as numpy arrays only when a
-session is created, forked, parked, restored, exported or imported.
+`(False, exception)`. Every call is made on the server's event loop thread. A launch is
+sent and its answer awaited on the pipe's file descriptor (`loop.add_reader`), so the loop
+serves RPCs meanwhile without a thread in between (a worker thread would have to win the
+GIL back from the busy loop to hand over every answer). The other operations (read,
+write) are short and block the loop. The child loads the checkpoint itself on the server's
+device, so weights and pool never cross the pipe; session states cross it as numpy arrays
+only when a session is created, forked, parked, restored, exported or imported.
 
 The child ignores SIGINT and SIGTERM: the server drains first and then closes the pipe,
 and the child exits when the pipe closes, also when the server is killed outright.
@@ -19,10 +23,10 @@ and the child exits when the pipe closes, also when the server is killed outrigh
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import multiprocessing
 import signal
-import threading
 import time
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
@@ -57,8 +61,8 @@ class PoolRunner:
         )
         self.process.start()
         child.close()
-        self.lock = threading.Lock()  # the event loop and the launch thread share the pipe
         self.backend = ""
+        self.owed = 0  # answers of launches whose caller was cancelled, still to come
 
     @property
     def pid(self) -> int | None:
@@ -76,12 +80,18 @@ class PoolRunner:
 
     def call(self, operation: str, *arguments: Any) -> Any:
         """Run one operation in the child and return its answer (raising what it raised)."""
-        with self.lock:
-            try:
-                self.connection.send((operation, arguments))
-            except (OSError, ValueError) as error:
-                raise self._gone() from error
-            return self._answer()
+        self._send(operation, arguments)
+        return self._answer()
+
+    def _send(self, operation: str, arguments: tuple[Any, ...]) -> None:
+        try:
+            while self.owed:  # a cancelled launch's answer comes first: drop it
+                self.owed -= 1
+                with contextlib.suppress(Exception):
+                    self._answer()
+            self.connection.send((operation, arguments))
+        except (OSError, ValueError) as error:
+            raise self._gone() from error
 
     def _answer(self) -> Any:
         try:
@@ -100,9 +110,26 @@ class PoolRunner:
 
     # The operations, typed.
 
-    def launch(self, launches: dict[str, tuple[np.ndarray, ...]]) -> tuple[dict[str, Any], float]:
-        """One iteration's launches (see `run_launches`); host outputs and seconds taken."""
-        return cast(tuple[dict[str, Any], float], self.call("launch", launches))
+    async def launch(
+        self, launches: dict[str, tuple[np.ndarray, ...]]
+    ) -> tuple[dict[str, Any], float]:
+        """One iteration's launches (see `run_launches`); host outputs and seconds taken.
+
+        The event loop runs on while the child computes; the answer is read when the pipe
+        becomes readable (or at EOF, if the child died: then RunnerError)."""
+        self._send("launch", (launches,))
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        descriptor = self.connection.fileno()
+        loop.add_reader(descriptor, _resolve, readable)
+        try:
+            await readable
+        except asyncio.CancelledError:
+            self.owed += 1
+            raise
+        finally:
+            loop.remove_reader(descriptor)
+        return cast(tuple[dict[str, Any], float], self._answer())
 
     def read(self, slot: int) -> dict[str, torch.Tensor]:
         """A host copy of one slot's state."""
@@ -115,14 +142,18 @@ class PoolRunner:
 
     def close(self) -> None:
         """Stop the child: ask, then wait, then terminate."""
-        with self.lock:
-            with contextlib.suppress(OSError, ValueError):
-                self.connection.send(("close", ()))
-            self.connection.close()
+        with contextlib.suppress(OSError, ValueError):
+            self.connection.send(("close", ()))
+        self.connection.close()
         self.process.join(timeout=STOP_SECONDS)
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=STOP_SECONDS)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def run_launches(
