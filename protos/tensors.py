@@ -23,13 +23,27 @@ DTYPES: dict[str, np.dtype[np.generic]] = {
 }
 
 
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
 def encode(array: np.ndarray) -> memserve_pb2.Tensor:
     """A wire tensor holding `array` (any of the wire dtypes; sent little-endian)."""
-    name = next((n for n, d in DTYPES.items() if d == array.dtype.newbyteorder("<")), None)
-    if name is None:
-        raise ValueError(f"no wire dtype for {array.dtype} (one of {', '.join(DTYPES)})")
-    data = np.ascontiguousarray(array, dtype=DTYPES[name]).tobytes()
-    return memserve_pb2.Tensor(dtype=name, shape=list(array.shape), data=data)
+    tensor = memserve_pb2.Tensor()
+    encode_into(tensor, array)
+    return tensor
+
+
+def encode_into(tensor: memserve_pb2.Tensor, array: np.ndarray) -> None:
+    """`encode` into a message's empty Tensor field, which saves copying a new Tensor into
+    it: `encode_into(response.outputs, outputs)`."""
+    name = _NAMES.get(array.dtype)
+    if name is None:  # a big-endian array, or no wire dtype at all
+        name = next((n for n, d in DTYPES.items() if d == array.dtype.newbyteorder("<")), None)
+        if name is None:
+            raise ValueError(f"no wire dtype for {array.dtype} (one of {', '.join(DTYPES)})")
+    tensor.dtype = name
+    tensor.shape.extend(array.shape)
+    tensor.data = np.ascontiguousarray(array, dtype=DTYPES[name]).tobytes()
 
 
 def decode(tensor: memserve_pb2.Tensor, field: str) -> np.ndarray:
