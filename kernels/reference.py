@@ -110,35 +110,42 @@ def ntm_memory_step(
     the parameters and the pools (so a bfloat16 pool with float32 parameters computes in
     float32). Returns reads `[B, R, M]`, zero for padding rows. Arguments are assumed valid:
     `kernels.ntm_memory_step` checks them.
+
+    This is also the backend that serves without CUDA, so it does `write`'s arithmetic in
+    place on its own copy of the addressed slots (one pass per factor instead of building
+    every intermediate), and skips the row selection when no row is padding.
     """
     num_write = erase.shape[1]
     num_read = weights.shape[1] - num_write
     compute_dtype = torch.promote_types(keys.dtype, memory.dtype)
     batch = slots.shape[0]
-    reads = torch.zeros(batch, num_read, memory.shape[2], dtype=compute_dtype, device=keys.device)
-    live = torch.nonzero(slots >= 0).flatten()
-    if live.numel() == 0:
-        return reads
-    live_slots = slots[live]
+    live_rows = slots >= 0
+    live: Tensor | None = None  # None: every row is live
+    live_slots = slots
+    if not bool(live_rows.all()):
+        live = torch.nonzero(live_rows).flatten()
+        live_slots = slots[live]
 
-    mem = memory[live_slots].to(compute_dtype)
-    previous = weights[live_slots].to(compute_dtype)
+    def rows(parameter: Tensor) -> Tensor:
+        return (parameter if live is None else parameter[live]).to(compute_dtype)
+
+    reads = torch.zeros(batch, num_read, memory.shape[2], dtype=compute_dtype, device=keys.device)
+    if live_slots.numel() == 0:
+        return reads
+    mem = memory.index_select(0, live_slots).to(compute_dtype)  # a copy, updated below
+    previous = weights.index_select(0, live_slots).to(compute_dtype)
     new_weights = address(
-        mem,
-        previous,
-        keys[live].to(compute_dtype),
-        beta[live].to(compute_dtype),
-        gate[live].to(compute_dtype),
-        shift[live].to(compute_dtype),
-        gamma[live].to(compute_dtype),
+        mem, previous, rows(keys), rows(beta), rows(gate), rows(shift), rows(gamma)
     )
-    reads[live] = read(mem, new_weights[:, :num_read])
-    new_memory = write(
-        mem,
-        new_weights[:, num_read:],
-        erase[live].to(compute_dtype),
-        add[live].to(compute_dtype),
-    )
-    weights[live_slots] = new_weights.to(weights.dtype)
-    memory[live_slots] = new_memory.to(memory.dtype)
+    live_reads = read(mem, new_weights[:, :num_read])
+    # `write`, in place: memory * prod_h (1 - w_h erase_h^T) + sum_h w_h add_h^T
+    write_weights = new_weights[:, num_read:]
+    keep = 1 - write_weights.unsqueeze(-1) * rows(erase).unsqueeze(-2)
+    mem.mul_(keep[:, 0] if num_write == 1 else keep.prod(dim=1))
+    mem.baddbmm_(write_weights.transpose(-1, -2), rows(add))
+    weights.index_copy_(0, live_slots, new_weights.to(weights.dtype))
+    memory.index_copy_(0, live_slots, mem.to(memory.dtype))
+    if live is None:
+        return live_reads
+    reads[live] = live_reads
     return reads
