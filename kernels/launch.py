@@ -18,17 +18,25 @@ def next_power_of_2(value: int) -> int:
 
 def validate_slots(slots: Tensor, capacity: int) -> None:
     """Raise ValueError unless every slot is -1 (padding) or in [0, capacity), the live ones
-    unique: two programs on one slot would race. Costs a device sync."""
+    unique: two programs on one slot would race. Costs a device sync.
+
+    Every served launch passes here, so the common case is cheap: one min/max and one
+    count per slot (bincount) rather than masks and a sort; the offenders are only looked
+    for once something is wrong."""
     if slots.numel() == 0:
         return
-    out_of_range = slots[(slots < -1) | (slots >= capacity)]
-    if out_of_range.numel() > 0:
+    low, high = (int(bound) for bound in slots.aminmax())
+    if low < -1 or high >= capacity:
+        out_of_range = slots[(slots < -1) | (slots >= capacity)]
         raise ValueError(
             f"slots must be -1 (padding) or in [0, {capacity}), got {out_of_range[:8].tolist()}"
         )
-    ordered = slots[slots >= 0].sort().values
-    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-    if repeated.numel() > 0:
+    live = slots if low >= 0 else slots[slots >= 0]
+    if live.numel() < 2:
+        return
+    counts = torch.bincount(live)
+    if int(counts.max()) > 1:
+        repeated = torch.nonzero(counts > 1).flatten()
         raise ValueError(
             f"slots must not repeat within one call, got {repeated[:8].tolist()} more than once"
         )
