@@ -91,6 +91,14 @@ class ServerConfig:
             "0: the cores but one, which the server process keeps, shared among the models)"
         },
     )
+    model_nice: int = field(
+        default=10,
+        metadata={
+            "help": "niceness of each model's process, 0..19: where the cores are short, the "
+            "model yields them to the gRPC front end that feeds it and its launches grow "
+            "(0: the same priority as the server)"
+        },
+    )
     device: str = field(
         default="auto", metadata={"help": "where pools live: auto (cuda if present), cpu, cuda"}
     )
@@ -109,6 +117,8 @@ class ServerConfig:
             low = 0 if name in ("port", "threads") else 1
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.model_nice <= 19:
+            raise ValueError(f"model_nice must be in 0..19, got {self.model_nice}")
         if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
             raise ValueError("port must be in 0..65535 and metrics_port in -1..65535")
         for name in ("max_queue_delay", "session_ttl", "max_session_ttl", "grace"):

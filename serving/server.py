@@ -118,7 +118,9 @@ class Server:
                 directory = checkpoint.resolve(spec)
                 runners[name] = (
                     directory,
-                    PoolRunner(directory, str(device), settings.slots, threads),
+                    PoolRunner(
+                        directory, str(device), settings.slots, threads, self.config.model_nice
+                    ),
                 )
             for name, (directory, runner) in runners.items():
                 model = checkpoint.load(directory)  # a host copy: sizes, specs, tokenizer

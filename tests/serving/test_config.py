@@ -11,6 +11,7 @@ import pytest
 
 from serving import config
 from serving.config import ServerConfig
+from tests.serving.server_process import ServerProcess
 
 
 def test_defaults_are_documented_ones() -> None:
@@ -46,6 +47,7 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
         ({"log_level": "chatty"}, {}, ("log_level",)),
         ({"device": "tpu"}, {}, ("device",)),
         ({"metrics_port": "-2"}, {}, ("metrics_port",)),
+        ({"model_nice": "20"}, {}, ("model_nice", "0..19")),
     ],
 )
 def test_bad_values_name_the_setting(
@@ -117,3 +119,18 @@ def test_help_names_every_setting_with_its_variable_and_default() -> None:
         default = getattr(defaults, name)
         if default not in ("", ()):
             assert f"default: {default};" in entry
+
+
+def niceness(pid: int) -> int:
+    """Field 19 of /proc/PID/stat (after the parenthesised command name)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])
+
+
+def test_the_model_process_runs_at_model_nice_below_the_server(tmp_path: Path) -> None:
+    with ServerProcess(tmp_path, "--models", "ntm-copy", "--model-nice", "7") as server:
+        loaded = server.event("model_loaded")
+        assert loaded is not None and server.process is not None
+        server_nice = niceness(server.process.pid)
+        assert niceness(loaded["pid"]) == min(19, server_nice + 7)
+
