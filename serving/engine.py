@@ -7,14 +7,18 @@ round-robin order and advances each by ONE operation: a step (`model.step`), or 
 Generate call a token written, a reply begun or a token decoded; the sessions that need the
 same operation share one launch. A call of T steps therefore takes T iterations, other
 sessions interleave with it, and calls that arrive while a launch runs join the next one.
-The model and its
-state pool live in a process of their own (`serving.runner`); each launch is sent there and
-its answer awaited on the pipe, so the event loop keeps taking RPCs meanwhile.
+
+The model and its state pool live in a process of their own (`serving.runner`). Launches
+are pipelined: up to MAX_FLIGHTS are in flight, so while the model computes one, the next
+waits in the pipe and the event loop delivers the last one's outputs and takes RPCs. A
+session takes part in a launch while it has a row in flight only with more rows of the
+same Step call (their inputs are known); a Generate call waits for each token it samples.
 
 Everything that touches the pool or the session bookkeeping (create, fork, import, export,
-delete, park, restore, expire, and the batch itself) holds `self.lock`, an asyncio lock on
-the event loop thread: one at a time, so a slot is never stepped and rewritten at once and
-a session's state always matches its step count.
+delete, park, restore, expire, and assembling or delivering a launch) holds `self.lock`, an
+asyncio lock on the event loop thread. Reading or writing a slot outside a launch first
+lands every launch in flight (`_settle`), so a session's state always matches its step
+count when it is read, parked, restored or overwritten.
 
 Slots: a new, forked, imported or restored session takes a free slot; if there is none the
 least recently used idle session is parked (host memory, then disk, see `store`); if every
@@ -28,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +72,21 @@ class EngineSettings:
     max_new_tokens: int  # the most tokens a Generate call may ask for
 
 
+# Launches in flight at once: one computing in the model's process while the server
+# delivers the last and assembles the next, which then waits its turn in the pipe.
+MAX_FLIGHTS = 2
+
+
+@dataclass(eq=False)
+class Flight:
+    """A launch sent to the model's process: its calls (one row each), the rows of each
+    kind of operation, and the answer to come."""
+
+    batch: list[Work]
+    groups: dict[str, list[int]]
+    answer: asyncio.Future[tuple[dict[str, Any], float]]
+
+
 class ModelEngine:
     """The sessions of one model and the batch loop that steps them.
 
@@ -103,6 +122,7 @@ class ModelEngine:
         self.queued_calls = 0
         self.lock = asyncio.Lock()
         self.wake = asyncio.Event()
+        self.flights: deque[Flight] = deque()  # launches sent, not yet landed, oldest first
         self.tasks: list[asyncio.Task[None]] = []
         # Called when the model's process is gone; the server drains and exits non-zero.
         self.on_failure: Callable[[RunnerError], None] = lambda error: None
@@ -157,6 +177,7 @@ class ModelEngine:
         """A new session holding a copy of `parent`'s state and step count."""
         ttl = self.check_ttl(ttl) if ttl is not None else parent.ttl
         async with self.lock:
+            self._settle()  # the parent's count must include its rows in flight
             self._check_live(parent)
             child = self._new_session(ttl, step=parent.step, seed=parent.seed)
             if parent.slot is not None:
@@ -168,6 +189,7 @@ class ModelEngine:
     async def export(self, session: Session) -> tuple[bytes, int]:
         """The session's state as safetensors bytes, with its step count."""
         async with self.lock:
+            self._settle()  # the count must include the session's rows in flight
             self._check_live(session)
             state, step = self._read_state(session), session.step
         return export_state(state, self.name, self.model_digest, step), step
@@ -256,44 +278,83 @@ class ModelEngine:
     async def _batch_loop(self) -> None:
         delay = self.settings.max_queue_delay
         while True:
-            await self.wake.wait()
-            if delay > 0 and len(self.ready) < self.settings.max_batch:
-                await asyncio.sleep(delay)  # let more sessions join this launch
+            if not self.flights:
+                await self.wake.wait()
+                if delay > 0 and len(self.ready) < self.settings.max_batch:
+                    await asyncio.sleep(delay)  # let more sessions join this launch
             async with self.lock:
                 self.wake.clear()
-                batch = self._assemble()
-                if not batch:
+                while len(self.flights) < MAX_FLIGHTS and self._submit():
+                    pass
+                if not self.flights:
                     if self.ready:  # every head was dropped (cancelled, out of order): go on
                         self.wake.set()
                     continue
-                ops = [work.next_op() for work in batch]
-                groups = {
-                    kind: [row for row, (k, _) in enumerate(ops) if k == kind]
-                    for kind in OPERATIONS
-                }
-                launches = {
-                    kind: self._launch_arguments(kind, [batch[r] for r in rows],
-                                                 [ops[r][1] for r in rows])
-                    for kind, rows in groups.items()
-                    if rows
-                }  # fmt: skip
-                try:
-                    results, seconds = await self.runner.launch(launches)
-                except Exception as error:  # a bug, not a request's fault: fail loudly
-                    self._lose(batch, error)
-                    if isinstance(error, RunnerError):
-                        self.on_failure(error)
-                    continue
-                self.observe_batch(len(batch))
-                self.observe_step(seconds)
-                outputs: list[Any] = [None] * len(batch)
-                for kind, rows in groups.items():
-                    result = results.get(kind)
-                    for index, row in enumerate(rows):
-                        outputs[row] = None if result is None else result[index]
-                self._deliver(batch, outputs)
-                if self.ready:
-                    self.wake.set()
+            head = self.flights[0]
+            with contextlib.suppress(Exception):  # its error is dealt with by _land
+                await head.answer
+            async with self.lock:
+                if self.flights and self.flights[0] is head:  # else a _settle landed it
+                    self.flights.popleft()
+                    self._land(head)
+            if self.ready:
+                self.wake.set()
+
+    def _submit(self) -> bool:
+        """Assemble the next launch and send it to the model's process; False if no
+        session can take part now."""
+        batch = self._assemble()
+        if not batch:
+            return False
+        ops = [work.next_op() for work in batch]
+        groups = {kind: [row for row, (k, _) in enumerate(ops) if k == kind] for kind in OPERATIONS}
+        launches = {
+            kind: self._launch_arguments(kind, [batch[r] for r in rows], [ops[r][1] for r in rows])
+            for kind, rows in groups.items()
+            if rows
+        }
+        try:
+            answer = self.runner.submit(launches)
+        except RunnerError as error:  # the model's process is gone
+            self._lose(batch, error)
+            self.on_failure(error)
+            return False
+        for work in batch:
+            work.session.in_flight += 1
+        self.flights.append(Flight(batch, groups, answer))
+        return True
+
+    def _land(self, flight: Flight) -> None:
+        """Deliver a launch whose answer is in: its outputs to its calls, or its failure."""
+        batch, answer = flight.batch, flight.answer
+        for work in batch:
+            work.session.in_flight -= 1
+        error = answer.exception() if not answer.cancelled() else Cancelled("launch cancelled")
+        if error is not None:  # a bug, not a request's fault: fail loudly
+            assert isinstance(error, Exception)
+            self._lose(batch, error)
+            if isinstance(error, RunnerError):
+                self.on_failure(error)
+            return
+        results, seconds = answer.result()
+        self.observe_batch(len(batch))
+        self.observe_step(seconds)
+        outputs: list[Any] = [None] * len(batch)
+        for kind, rows in flight.groups.items():
+            result = results.get(kind)
+            for index, row in enumerate(rows):
+                outputs[row] = None if result is None else result[index]
+        self._deliver(batch, outputs)
+
+    def _settle(self) -> None:
+        """Wait for every launch in flight and deliver it (blocking the loop): before the
+        pool is read or written outside a launch, so that what is read, parked or
+        overwritten has every step its session's count says."""
+        while self.flights:
+            flight = self.flights.popleft()
+            with contextlib.suppress(Exception):  # its error is dealt with by _land
+                self.runner.wait(flight.answer)
+            self._land(flight)
 
     @staticmethod
     def _launch_arguments(kind: str, works: list[Work], arguments: list[Any]) -> tuple[Any, ...]:
@@ -318,7 +379,11 @@ class ModelEngine:
     def _lose(self, batch: list[Work], error: Exception) -> None:
         """A launch raised: its slots may be half-written, so their sessions are ended
         rather than left with a state that no longer matches their step count."""
-        log.exception("batched step failed", extra={"event": "step_failed", "model": self.name})
+        log.error(
+            "batched step failed",
+            exc_info=error,
+            extra={"event": "step_failed", "model": self.name},
+        )
         for work in batch:
             if self.table.sessions.get(work.session.id) is work.session:
                 self._end(work.session, f"was lost: a step failed on the server ({error})")
@@ -331,6 +396,15 @@ class ModelEngine:
         for session in list(self.ready.values()):
             if len(batch) >= self.settings.max_batch:
                 break
+            if session.in_flight:
+                # Only more rows of the call already in flight, which do not depend on
+                # its outputs; anything else waits until those have landed.
+                work = session.pending[0] if session.pending else None
+                if work is None or work.finished or not work.runs_ahead():
+                    continue
+                batch.append(work)
+                in_batch.add(session.id)
+                continue
             work = self._head(session)
             if work is None:
                 continue
@@ -359,7 +433,8 @@ class ModelEngine:
                     continue
             batch.append(work)
             in_batch.add(session.id)
-        return batch
+        # A restore above may have landed launches (_settle), ending or finishing calls.
+        return [work for work in batch if work.session.slot is not None and not work.finished]
 
     def _head(self, session: Session) -> Work | None:
         """The session's next call to step, dropping cancelled and out-of-order ones."""
@@ -387,7 +462,9 @@ class ModelEngine:
     def _deliver(self, batch: list[Work], outputs: list[Any]) -> None:
         for work, output in zip(batch, outputs, strict=True):
             session = work.session
-            session.step += 1
+            session.step += 1  # the state took the step, whoever still waits for it
+            if work.finished:  # cancelled or ended while this row was in flight
+                continue
             if work.take(output) or work.future.done():
                 self._finish(work, result=session.step)
             if session.pending:
@@ -400,6 +477,7 @@ class ModelEngine:
     ) -> None:
         """Take a call off its session's queue and answer it (unless its caller left)."""
         session = work.session
+        work.finished = True
         session.pending.remove(work)
         self.queued_calls -= 1
         session.last_used = time.monotonic()
@@ -440,12 +518,14 @@ class ModelEngine:
             self.active.move_to_end(session.id)
 
     def _read_state(self, session: Session) -> dict[str, torch.Tensor]:
+        self._settle()
         if session.slot is not None:
             return self.runner.read(session.slot)
         return self.store.peek(session.id)
 
     def _place(self, session: Session, state: dict[str, torch.Tensor]) -> None:
         """Put a new session's state in a slot, or park it if no slot can be freed."""
+        self._settle()
         slot = self._free_a_slot()
         if slot is None:
             self._park_state(session, state)
@@ -483,6 +563,7 @@ class ModelEngine:
 
     def _park(self, session: Session) -> int:
         """Move an active session's state to the parking store; returns its slot."""
+        self._settle()
         slot = session.slot
         assert slot is not None
         self._park_state(session, self.runner.read(slot))
@@ -503,6 +584,7 @@ class ModelEngine:
     def _restore(self, session: Session, exclude: Collection[str]) -> bool:
         """Bring a parked session back into a slot; False if no slot can be freed now
         (every active session is in `exclude`, the launch being assembled)."""
+        self._settle()
         victim = None if self.free_slots else self._victim(exclude)
         if victim is None and not self.free_slots:
             return False

@@ -9,13 +9,15 @@ when it comes. This is how vLLM's engine core runs too.
 
 The protocol is one request and one answer at a time on a `multiprocessing` pipe: an
 operation name and its arguments (numpy arrays, plain values), answered `(True, value)` or
-`(False, exception)`. Every call is made on the server's event loop thread. A launch is
-sent and its answer awaited on the pipe's file descriptor (`loop.add_reader`), so the loop
-serves RPCs meanwhile without a thread in between (a worker thread would have to win the
-GIL back from the busy loop to hand over every answer). The other operations (read,
-write) are short and block the loop. The child loads the checkpoint itself on the server's
-device, so weights and pool never cross the pipe; session states cross it as numpy arrays
-only when a session is created, forked, parked, restored, exported or imported.
+`(False, exception)`, in the order sent. Every call is made on the server's event loop
+thread. Launches are submitted without waiting (so the next one can be queued while one
+computes) and their answers read when the pipe's descriptor becomes readable
+(`loop.add_reader`): the loop serves RPCs meanwhile without a thread in between (a worker
+thread would have to win the GIL back from the busy loop to hand over every answer). The
+other operations (read, write) are short and block the loop. The child loads the
+checkpoint itself on the server's device, so weights and pool never cross the pipe;
+session states cross it as numpy arrays only when a session is created, forked, parked,
+restored, exported or imported.
 
 The child ignores SIGINT and SIGTERM: the server drains first and then closes the pipe,
 and the child exits when the pipe closes, also when the server is killed outright.
@@ -29,6 +31,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -65,7 +68,7 @@ class PoolRunner:
         self.process.start()
         child.close()
         self.backend = ""
-        self.owed = 0  # answers of launches whose caller was cancelled, still to come
+        self.pending: deque[asyncio.Future[Any]] = deque()  # launches sent, oldest first
 
     @property
     def pid(self) -> int | None:
@@ -82,16 +85,17 @@ class PoolRunner:
         self.backend = cast(str, self._answer())
 
     def call(self, operation: str, *arguments: Any) -> Any:
-        """Run one operation in the child and return its answer (raising what it raised)."""
+        """Run one operation in the child and return its answer (raising what it raised).
+
+        Blocks. Launches still in flight run first (the pipe keeps order); their answers
+        are read on the way and resolve their futures."""
         self._send(operation, arguments)
+        while self.pending:
+            self._read_answer()
         return self._answer()
 
     def _send(self, operation: str, arguments: tuple[Any, ...]) -> None:
         try:
-            while self.owed:  # a cancelled launch's answer comes first: drop it
-                self.owed -= 1
-                with contextlib.suppress(Exception):
-                    self._answer()
             self.connection.send((operation, arguments))
         except (OSError, ValueError) as error:
             raise self._gone() from error
@@ -113,26 +117,40 @@ class PoolRunner:
 
     # The operations, typed.
 
-    async def launch(
+    def submit(
         self, launches: dict[str, tuple[np.ndarray, ...]]
-    ) -> tuple[dict[str, Any], float]:
-        """One iteration's launches (see `run_launches`); host outputs and seconds taken.
-
-        The event loop runs on while the child computes; the answer is read when the pipe
-        becomes readable (or at EOF, if the child died: then RunnerError)."""
+    ) -> asyncio.Future[tuple[dict[str, Any], float]]:
+        """Send one iteration's launches (see `run_launches`) and return at once: a future of
+        the host outputs and seconds taken, resolved on the event loop when the answer
+        arrives (or with RunnerError if the child dies). Launches run in the order sent,
+        so the next one can be queued while one computes."""
         self._send("launch", (launches,))
         loop = asyncio.get_running_loop()
-        readable = loop.create_future()
-        descriptor = self.connection.fileno()
-        loop.add_reader(descriptor, _resolve, readable)
+        answer: asyncio.Future[tuple[dict[str, Any], float]] = loop.create_future()
+        self.pending.append(answer)
+        if len(self.pending) == 1:
+            loop.add_reader(self.connection.fileno(), self._read_answer)
+        return answer
+
+    def wait(self, answer: asyncio.Future[Any]) -> Any:
+        """Block until a submitted launch's answer is in; its outputs (or raise its error)."""
+        while not answer.done():
+            self._read_answer()
+        return answer.result()
+
+    def _read_answer(self) -> None:
+        """Read the oldest launch's answer into its future (dropped if its caller left)."""
+        answer = self.pending.popleft()
+        if not self.pending:
+            asyncio.get_running_loop().remove_reader(self.connection.fileno())
         try:
-            await readable
-        except asyncio.CancelledError:
-            self.owed += 1
-            raise
-        finally:
-            loop.remove_reader(descriptor)
-        return cast(tuple[dict[str, Any], float], self._answer())
+            value = self._answer()
+        except Exception as error:
+            if not answer.done():
+                answer.set_exception(error)
+        else:
+            if not answer.done():
+                answer.set_result(value)
 
     def read(self, slot: int) -> dict[str, torch.Tensor]:
         """A host copy of one slot's state."""
@@ -144,7 +162,15 @@ class PoolRunner:
         self.call("write", slot, {name: t.detach().cpu().numpy() for name, t in state.items()})
 
     def close(self) -> None:
-        """Stop the child: ask, then wait, then terminate."""
+        """Stop the child: ask, then wait, then terminate. Launches still in flight are
+        answered RunnerError."""
+        if self.pending:
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self.connection.fileno())
+            for answer in self.pending:
+                if not answer.done():
+                    answer.set_exception(RunnerError("the model process was stopped"))
+            self.pending.clear()
         with contextlib.suppress(OSError, ValueError):
             self.connection.send(("close", ()))
         self.connection.close()
@@ -152,11 +178,6 @@ class PoolRunner:
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=STOP_SECONDS)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def run_launches(

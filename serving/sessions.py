@@ -46,6 +46,7 @@ class Session:
     slot: int | None = None  # its slot in the pool; None while parked
     seed: int | None = None
     pending: deque[Work] = field(default_factory=deque)  # its calls, in arrival order
+    in_flight: int = 0  # its rows in launches sent to the model and not yet landed
 
 
 class SessionTable:

@@ -28,10 +28,16 @@ class Work:
     enqueued: float  # time.perf_counter() at arrival
     expected_step: int | None = None
     started: bool = False
+    finished: bool = False  # answered (or its caller left): off its session's queue
 
     def next_op(self) -> tuple[str, Any]:
         """The operation this call needs in the next launch, and its argument."""
         raise NotImplementedError
+
+    def runs_ahead(self) -> bool:
+        """Whether `next_op` may be called while earlier operations of this call are in
+        flight: only if the next does not depend on their results."""
+        return False
 
     def take(self, result: Any) -> bool:
         """Consume the result of that operation; True once the call is complete."""
@@ -44,10 +50,15 @@ class StepWork(Work):
 
     inputs: np.ndarray  # [T, input_size] float32
     outputs: np.ndarray  # [T, output_size] float32
-    done: int = 0
+    sent: int = 0  # rows handed to launches
+    done: int = 0  # rows whose outputs came back (launches land in the order sent)
 
     def next_op(self) -> tuple[str, Any]:
-        return "step", self.inputs[self.done]
+        self.sent += 1
+        return "step", self.inputs[self.sent - 1]
+
+    def runs_ahead(self) -> bool:
+        return self.sent < len(self.inputs)  # a step's inputs are all known up front
 
     def take(self, result: Any) -> bool:
         self.outputs[self.done] = result

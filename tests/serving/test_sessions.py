@@ -313,3 +313,51 @@ def test_a_parked_session_gets_a_slot_while_every_active_one_is_busy(
                 worker.result(timeout=60)
         assert np.abs(outputs - reference.step(inputs)).max() <= TOLERANCE and count == 4
         assert info(stub, busy).step == sum(busy_steps)
+
+
+def test_export_and_fork_during_a_long_call_match_their_step_count(
+    tmp_path: Path, models: dict[str, MemoryModel]
+) -> None:
+    """Launches are pipelined (several rows of one Step call in flight at once), so an
+    export or fork taken while a long call runs must still see a state that has taken
+    exactly the steps its count says: each is compared with the session stepped alone."""
+    from serving.sessions import import_state
+
+    model = models["ntm-copy"]
+    rng = np.random.default_rng()
+    inputs = random_inputs(rng, 1000, 9)
+    reference = Reference(model)
+    states = [reference.pool.read(0)]  # states[k]: the state after k steps
+    expected = []
+    for row in inputs:
+        expected.append(reference.step(row[None])[0])
+        states.append(reference.pool.read(0))
+    with ServerProcess(tmp_path, "--models", "ntm-copy", "--max-steps-per-call", "1000") as server:
+        stub = server.stub()
+        session_id = create(stub)
+        caller = ThreadPoolExecutor(1).submit(step, stub, session_id, inputs)
+        counts = []
+        forks = []
+        while not caller.done() and len(counts) < 50:
+            exported = stub.ExportSession(memserve_pb2.ExportSessionRequest(session_id=session_id))
+            state = import_state(exported.state)
+            assert state.step == exported.step
+            for name, tensor in state.tensors.items():
+                difference = (tensor - states[state.step][name]).abs().max().item()
+                assert difference <= TOLERANCE, (state.step, name, difference)
+            counts.append(state.step)
+            if len(forks) < 3:
+                fork = stub.ForkSession(memserve_pb2.ForkSessionRequest(session_id=session_id))
+                forks.append((fork.session_id, fork.step))
+        outputs, count = caller.result(timeout=120)
+        assert count == 1000
+        assert np.abs(outputs - np.stack(expected)).max() <= TOLERANCE
+        assert any(0 < k < 1000 for k in counts), counts  # some were taken mid-call
+        for fork_id, fork_step in forks:
+            twin = Reference(model)
+            twin.pool.write(0, states[fork_step])
+            twin.steps = fork_step
+            more = random_inputs(rng, 5, 9)
+            served, served_count = step(stub, fork_id, more)
+            assert served_count == fork_step + 5
+            assert np.abs(served - twin.step(more)).max() <= TOLERANCE
