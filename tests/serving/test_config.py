@@ -133,4 +133,3 @@ def test_the_model_process_runs_at_model_nice_below_the_server(tmp_path: Path) -
         assert loaded is not None and server.process is not None
         server_nice = niceness(server.process.pid)
         assert niceness(loaded["pid"]) == min(19, server_nice + 7)
-
