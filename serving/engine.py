@@ -397,10 +397,11 @@ class ModelEngine:
             if len(batch) >= self.settings.max_batch:
                 break
             if session.in_flight:
-                # Only more rows of the call already in flight, which do not depend on
-                # its outputs; anything else waits until those have landed.
+                # Only more rows of the call already in flight (started, its caller still
+                # there), which do not depend on its outputs; anything else, the session's
+                # next call included, waits until those have landed.
                 work = session.pending[0] if session.pending else None
-                if work is None or work.finished or not work.runs_ahead():
+                if work is None or not work.started or work.future.done() or not work.runs_ahead():
                     continue
                 batch.append(work)
                 in_batch.add(session.id)
