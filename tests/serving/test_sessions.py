@@ -336,8 +336,8 @@ def test_export_and_fork_during_a_long_call_match_their_step_count(
         stub = server.stub()
         session_id = create(stub)
         caller = ThreadPoolExecutor(1).submit(step, stub, session_id, inputs)
-        counts = []
-        forks = []
+        counts: list[int] = []
+        forks: list[tuple[str, int]] = []
         while not caller.done() and len(counts) < 50:
             exported = stub.ExportSession(memserve_pb2.ExportSessionRequest(session_id=session_id))
             state = import_state(exported.state)
