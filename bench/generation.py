@@ -95,6 +95,7 @@ class LevelRow:
     client_cpu_seconds: float  # this process, over the window
     server_cpu_seconds: float  # the server and its model processes, over the window
     other_cpu_seconds: float  # every other process on the machine, over the window
+    stolen_cpu_seconds: float  # of other_cpu_seconds, what the host took (/proc/stat steal)
     batching: dict[str, float] | None = None  # the server's own metrics over the window
     server_generated_tokens: float | None = None  # its memserve_generated_tokens_total, delta
 
@@ -329,6 +330,7 @@ async def measure_level(
         client_cpu_seconds=usage.client_cpu * seconds / measured,
         server_cpu_seconds=usage.server_cpu * seconds / measured,
         other_cpu_seconds=usage.other_cpu * seconds / measured,
+        stolen_cpu_seconds=usage.stolen_cpu * seconds / measured,
         batching=batching_over(metrics_before, metrics_after, measured),
         server_generated_tokens=(
             metrics_after["generated_tokens"] - metrics_before["generated_tokens"]
@@ -414,7 +416,8 @@ def print_level(row: LevelRow) -> None:
         f" p99 {milliseconds(row.itl_us['p99']):7.2f} ms"
         f"  batch {batch:6.1f}  cpu client {row.client_cpu_seconds / row.seconds:4.2f}"
         f" server {row.server_cpu_seconds / row.seconds:4.2f}"
-        f" other {row.other_cpu_seconds / row.seconds:4.2f}{errors}",
+        f" other {row.other_cpu_seconds / row.seconds:4.2f}"
+        f" (stolen {row.stolen_cpu_seconds / row.seconds:4.2f}){errors}",
         flush=True,
     )
 

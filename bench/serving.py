@@ -113,6 +113,7 @@ class LevelRow:
     client_cpu_seconds: float  # this process, over the window
     server_cpu_seconds: float  # the server and its model processes, over the window
     other_cpu_seconds: float  # every other process on the machine, over the window
+    stolen_cpu_seconds: float  # of other_cpu_seconds, what the host took (/proc/stat steal)
     batching: dict[str, float] | None = None  # the real server's own metrics over the window
 
     @property
@@ -260,15 +261,18 @@ class ChildServer:
             self.process.wait()
 
 
-def machine_cpu_seconds() -> float:
-    """CPU seconds every process on the machine has used since boot (from /proc/stat)."""
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the machine has been busy since boot, and the part of them a hypervisor
+    took for other guests ("steal"), from /proc/stat. The busy seconds count steal, so
+    `other` CPU below includes it; `stolen` says how much of it was the host's."""
     try:
         first = Path("/proc/stat").read_text().splitlines()[0].split()
     except OSError:
-        return float("nan")
+        return float("nan"), float("nan")
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
     busy = user + nice + system + irq + softirq + steal
-    return busy / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return busy / tick, steal / tick
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,7 @@ class WindowUsage:
     client_cpu: float  # this process
     server_cpu: float  # the server child
     other_cpu: float  # everything else on the machine
+    stolen_cpu: float  # the part of other_cpu that the host took for other guests
     metrics_before: dict[str, float]
     metrics_after: dict[str, float]
 
@@ -297,15 +302,20 @@ async def watch_window(
 
     await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
     before = await metrics()
-    client, server, machine = time.process_time(), child.cpu_seconds(), machine_cpu_seconds()
+    client, server, (machine, stolen) = (
+        time.process_time(),
+        child.cpu_seconds(),
+        machine_cpu_seconds(),
+    )
     opened = time.perf_counter()
     await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
     closed = time.perf_counter()
     client = time.process_time() - client
     server = child.cpu_seconds() - server
-    machine = machine_cpu_seconds() - machine
-    return WindowUsage(closed - opened, client, server, machine - client - server, before,
-                       await metrics())  # fmt: skip
+    machine_after, stolen_after = machine_cpu_seconds()
+    machine, stolen = machine_after - machine, stolen_after - stolen
+    return WindowUsage(closed - opened, client, server, machine - client - server, stolen,
+                       before, await metrics())  # fmt: skip
 
 
 async def delete_sessions(stubs: Sequence[Any], session_ids: Sequence[str]) -> None:
@@ -628,6 +638,7 @@ async def measure_level(
         client_cpu_seconds=usage.client_cpu * seconds / usage.measured,
         server_cpu_seconds=usage.server_cpu * seconds / usage.measured,
         other_cpu_seconds=usage.other_cpu * seconds / usage.measured,
+        stolen_cpu_seconds=usage.stolen_cpu * seconds / usage.measured,
         batching=batching,
     )
 
@@ -655,6 +666,12 @@ def find(rows: list[LevelRow], target: str, shape: str, concurrency: int) -> Lev
     )
 
 
+def quotient(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN when a level completed no calls (its rate is 0): the
+    record still gets written, with that level's errors, instead of the run crashing."""
+    return numerator / denominator if denominator else float("nan")
+
+
 def compute_targets(
     rows: list[LevelRow], in_process: list[InProcessRow], settings: Settings
 ) -> dict[str, Any]:
@@ -670,7 +687,7 @@ def compute_targets(
         for concurrency in settings.levels:
             server = find(rows, "server", shape, concurrency)
             ceiling = find(rows, "echo", shape, concurrency)
-            ratio = server.session_steps_per_s / ceiling.session_steps_per_s
+            ratio = quotient(server.session_steps_per_s, ceiling.session_steps_per_s)
             per_level.append(
                 {
                     "concurrency": concurrency,
@@ -682,7 +699,9 @@ def compute_targets(
             )
         best = max(per_level, key=lambda level: level["server_session_steps_per_s"])
         echo_best = max(per_level, key=lambda level: level["echo_session_steps_per_s"])
-        peak_ratio = best["server_session_steps_per_s"] / echo_best["echo_session_steps_per_s"]
+        peak_ratio = quotient(
+            best["server_session_steps_per_s"], echo_best["echo_session_steps_per_s"]
+        )
         echo[shape] = {
             "threshold": ECHO_FRACTION,
             "per_level": per_level,
@@ -697,7 +716,7 @@ def compute_targets(
 
     long_calls = find(rows, "server", "unary_t20", top)
     biggest = max(in_process, key=lambda row: row.batch)
-    ratio = long_calls.session_steps_per_s / biggest.session_steps_per_s
+    ratio = quotient(long_calls.session_steps_per_s, biggest.session_steps_per_s)
     targets["t20_vs_in_process"] = {
         "threshold": IN_PROCESS_FRACTION,
         "concurrency": top,
@@ -712,7 +731,7 @@ def compute_targets(
     for name in (shape.name for shape in SHAPES):
         high, low = find(rows, "server", name, top), find(rows, "server", name, bottom)
         echo_high, echo_low = find(rows, "echo", name, top), find(rows, "echo", name, bottom)
-        ratio = high.session_steps_per_s / low.session_steps_per_s
+        ratio = quotient(high.session_steps_per_s, low.session_steps_per_s)
         scaling[name] = {
             "threshold": SCALING,
             "concurrency_high": top,
@@ -721,7 +740,7 @@ def compute_targets(
             "server_low_session_steps_per_s": low.session_steps_per_s,
             "ratio": ratio,
             "pass": ratio >= SCALING and high.ok and low.ok,
-            "echo_ratio": echo_high.session_steps_per_s / echo_low.session_steps_per_s,
+            "echo_ratio": quotient(echo_high.session_steps_per_s, echo_low.session_steps_per_s),
         }
     targets["scaling"] = scaling
     return targets
@@ -744,7 +763,8 @@ def print_level(row: LevelRow) -> None:
         f"p50 {row.latency_us['p50'] / 1e3:8.2f} ms  p99 {row.latency_us['p99'] / 1e3:8.2f} ms  "
         f"cpu client {row.client_cpu_seconds / row.seconds:4.2f} "
         f"server {row.server_cpu_seconds / row.seconds:4.2f} "
-        f"other {row.other_cpu_seconds / row.seconds:4.2f}{extra}{errors}",
+        f"other {row.other_cpu_seconds / row.seconds:4.2f} "
+        f"(stolen {row.stolen_cpu_seconds / row.seconds:4.2f}){extra}{errors}",
         flush=True,
     )
 

@@ -70,6 +70,9 @@ def test_tiny_run_writes_a_consistent_record(
         assert row["ttft_samples"] > 0 and row["itl_samples"] > 0
         assert row["ttft_mean_us"] > 0 and row["itl_mean_us"] > 0
         assert row["server_cpu_seconds"] > 0 and row["client_cpu_seconds"] > 0
+        # The host's share of the machine's time, from a counter that only grows. (No upper
+        # bound: a hypervisor may credit a long steal at once, beyond a short window.)
+        assert row["stolen_cpu_seconds"] >= 0
         batching = row["batching"]
         assert batching["launches"] > 0
         assert 1 <= batching["mean_batch_size"] <= concurrency
