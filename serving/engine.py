@@ -169,6 +169,7 @@ class ModelEngine:
         """A new session at step 0 in the model's initial state."""
         session = self._new_session(self.check_ttl(ttl), step=0, seed=seed)
         async with self.lock:
+            await self._land_flights()
             self._place(session, self.model.initial_state())
         self._log_session("created", session, residence=self.info(session))
         return session
@@ -177,7 +178,7 @@ class ModelEngine:
         """A new session holding a copy of `parent`'s state and step count."""
         ttl = self.check_ttl(ttl) if ttl is not None else parent.ttl
         async with self.lock:
-            self._settle()  # the parent's count must include its rows in flight
+            await self._land_flights()  # the parent's count must include its rows in flight
             self._check_live(parent)
             child = self._new_session(ttl, step=parent.step, seed=parent.seed)
             if parent.slot is not None:
@@ -189,7 +190,7 @@ class ModelEngine:
     async def export(self, session: Session) -> tuple[bytes, int]:
         """The session's state as safetensors bytes, with its step count."""
         async with self.lock:
-            self._settle()  # the count must include the session's rows in flight
+            await self._land_flights()  # the count must include the session's rows in flight
             self._check_live(session)
             state, step = self._read_state(session), session.step
         return export_state(state, self.name, self.model_digest, step), step
@@ -208,6 +209,7 @@ class ModelEngine:
             raise InvalidArgument(f"state does not fit model {self.name!r}: {error}") from error
         session = self._new_session(ttl, step=imported.step, seed=None)
         async with self.lock:
+            await self._land_flights()
             self._place(session, imported.tensors)
         self._log_session("imported", session, step=session.step)
         return session
@@ -346,10 +348,24 @@ class ModelEngine:
                 outputs[row] = None if result is None else result[index]
         self._deliver(batch, outputs)
 
+    async def _land_flights(self) -> None:
+        """`_settle` without blocking the event loop, for the RPCs that read or write a slot
+        (create, fork, export, import): await each launch in flight and deliver it. The
+        caller holds `self.lock`, so no new launch is sent meanwhile; `asyncio.wait` leaves
+        the answer alone if the caller is cancelled, and the batch loop lands it later."""
+        while self.flights:
+            flight = self.flights[0]
+            await asyncio.wait({flight.answer})
+            if self.flights and self.flights[0] is flight:
+                self.flights.popleft()
+                self._land(flight)
+
     def _settle(self) -> None:
-        """Wait for every launch in flight and deliver it (blocking the loop): before the
+        """Wait for every launch in flight and deliver it, blocking the loop: before the
         pool is read or written outside a launch, so that what is read, parked or
-        overwritten has every step its session's count says."""
+        overwritten has every step its session's count says. The RPCs that do so await
+        `_land_flights` first and find nothing left here; it blocks only when a launch
+        being assembled restores a parked session."""
         while self.flights:
             flight = self.flights.popleft()
             with contextlib.suppress(Exception):  # its error is dealt with by _land
