@@ -51,6 +51,7 @@ from bench.serving import (  # noqa: E402
     cpu_name,
     delete_sessions,
     provenance,
+    quotient,
     scrape,
     verdict,
     watch_window,
@@ -384,7 +385,7 @@ def compute_targets(rows: list[LevelRow]) -> dict[str, Any]:
     fails the target whatever the ratio."""
     high = max(rows, key=lambda row: row.concurrency)
     low = min(rows, key=lambda row: row.concurrency)
-    ratio = high.tokens_per_s / low.tokens_per_s if low.tokens_per_s else float("nan")
+    ratio = quotient(high.tokens_per_s, low.tokens_per_s)
     return {
         "scaling": {
             "threshold": SCALING,
