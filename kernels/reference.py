@@ -129,9 +129,9 @@ def ntm_memory_step(
     def rows(parameter: Tensor) -> Tensor:
         return (parameter if live is None else parameter[live]).to(compute_dtype)
 
-    reads = torch.zeros(batch, num_read, memory.shape[2], dtype=compute_dtype, device=keys.device)
+    reads_shape = (batch, num_read, memory.shape[2])
     if live_slots.numel() == 0:
-        return reads
+        return keys.new_zeros(reads_shape, dtype=compute_dtype)
     mem = memory.index_select(0, live_slots).to(compute_dtype)  # a copy, updated below
     previous = weights.index_select(0, live_slots).to(compute_dtype)
     new_weights = address(
@@ -145,7 +145,8 @@ def ntm_memory_step(
     mem.baddbmm_(write_weights.transpose(-1, -2), rows(add))
     weights.index_copy_(0, live_slots, new_weights.to(weights.dtype))
     memory.index_copy_(0, live_slots, mem.to(memory.dtype))
-    if live is None:
+    if live is None:  # the reads are the rows' own: no zeroed buffer to scatter into
         return live_reads
+    reads = keys.new_zeros(reads_shape, dtype=compute_dtype)
     reads[live] = live_reads
     return reads
