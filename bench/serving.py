@@ -154,8 +154,10 @@ def measure_in_process(batches: list[int], budget_s: float) -> list[InProcessRow
     """Median seconds of `model.step` at each batch size over a full pool of 256 slots."""
     import torch
 
+    from kernels.backend import retain_freed_memory
     from models import checkpoint
 
+    retain_freed_memory()  # as the server's model process does
     model = checkpoint.load(MODEL)
     pool = model.new_pool(POOL_SLOTS)
     model.reset(pool, range(POOL_SLOTS))

@@ -222,9 +222,10 @@ def serve(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice:
         os.nice(nice)
-    from kernels.backend import select_backend
+    from kernels.backend import retain_freed_memory, select_backend
     from models import checkpoint
 
+    retain_freed_memory()
     try:
         if threads:
             torch.set_num_threads(threads)
