@@ -1,6 +1,6 @@
 """Benchmark of the gRPC server over loopback: session-steps/s and latency against the ceiling.
 
-In one run, with the bundled model `ntm-copy` and the PyTorch reference kernels:
+With the bundled model `ntm-copy` and the PyTorch reference kernels, over `--rounds` rounds:
 
 1. in-process: `model.step(pool, slots, inputs)` over a pool of 256 slots for each batch
    size B, median seconds per step after a warm-up, as session-steps/s = B / seconds;
@@ -12,13 +12,20 @@ In one run, with the bundled model `ntm-copy` and the PyTorch reference kernels:
    that answers Step and StepStream at once with a precomputed response of the real size
    ([T, 8] float32): the ceiling Python gRPC sets on this machine for the same call shape.
 
-The load client is this process (grpc.aio, C tasks over `--channels` channels). It prints
-a table and the issue's targets as ratios measured in the same run, and writes everything
-as JSON (default bench/results/serving-cpu.json). Latency percentiles come from
-HdrHistogram; errors are counted by status code, and a level with errors says so.
+Both servers run for the whole benchmark. Each round times the in-process step, then every
+(shape, C) against the echo server and the real server back to back (the echo first in odd
+rounds, the server first in even ones), so that a slow drift of a shared machine touches a
+server and its references alike. Each target is computed per round from that round's
+numbers, and decided on the median over the rounds: on a shared virtual machine single
+runs of the same code differ by tens of percent.
 
-    python bench/serving.py                          # the full run (about 5 minutes)
-    python bench/serving.py --levels 1 16 256 --seconds 5 --batches 1 256
+The load client is this process (grpc.aio, C tasks over `--channels` channels). It prints
+a table of medians and the targets, and writes every round's numbers as JSON (default
+bench/results/serving-cpu.json). Latency percentiles come from HdrHistogram; errors are
+counted by status code, and a level with errors says so.
+
+    python bench/serving.py                          # the full run (about 13 minutes)
+    python bench/serving.py --rounds 1 --levels 1 16 256 --seconds 5 --batches 1 256
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ class InProcessRow:
     samples: int
     seconds_per_step: float  # median
     session_steps_per_s: float  # batch / seconds_per_step
+    round: int = 1
 
 
 @dataclass
@@ -115,6 +123,7 @@ class LevelRow:
     other_cpu_seconds: float  # every other process on the machine, over the window
     stolen_cpu_seconds: float  # of other_cpu_seconds, what the host took (/proc/stat steal)
     batching: dict[str, float] | None = None  # the real server's own metrics over the window
+    round: int = 1
 
     @property
     def ok(self) -> bool:
@@ -129,6 +138,7 @@ class Settings:
     batches: list[int]
     channels: int
     step_seconds: float
+    rounds: int = 1
     server_env: dict[str, str] = field(default_factory=dict)
     shapes: list[str] = field(default_factory=lambda: [s.name for s in SHAPES])
 
@@ -150,7 +160,7 @@ def torch_backend() -> Iterator[None]:
             os.environ["MEMSERVE_KERNEL_BACKEND"] = saved
 
 
-def measure_in_process(batches: list[int], budget_s: float) -> list[InProcessRow]:
+def measure_in_process(batches: list[int], budget_s: float, round_: int = 1) -> list[InProcessRow]:
     """Median seconds of `model.step` at each batch size over a full pool of 256 slots."""
     import torch
 
@@ -178,7 +188,7 @@ def measure_in_process(batches: list[int], budget_s: float) -> list[InProcessRow
                 model.step(pool, slots, inputs)
                 samples.append(time.perf_counter() - start)
             seconds = statistics.median(samples)
-            rows.append(InProcessRow(batch, len(samples), seconds, batch / seconds))
+            rows.append(InProcessRow(batch, len(samples), seconds, batch / seconds, round_))
     return rows
 
 
@@ -572,6 +582,7 @@ async def measure_level(
     settings: Settings,
     input_size: int,
     output_size: int,
+    round_: int = 1,
 ) -> LevelRow:
     """C sessions calling in `shape` for the warm-up and the window; what completed in it."""
     channels = [grpc.aio.insecure_channel(child.target) for _ in range(settings.channels)]
@@ -642,29 +653,62 @@ async def measure_level(
         other_cpu_seconds=usage.other_cpu * seconds / usage.measured,
         stolen_cpu_seconds=usage.stolen_cpu * seconds / usage.measured,
         batching=batching,
+        round=round_,
     )
 
 
-async def measure_target(
-    child: ChildServer, target_name: str, settings: Settings, input_size: int, output_size: int
-) -> list[LevelRow]:
+async def measure_rounds(
+    settings: Settings, input_size: int, output_size: int
+) -> tuple[list[LevelRow], list[InProcessRow]]:
+    """Every round: the in-process step, then each (shape, C) on the echo server and on
+    the real server back to back, in alternating order; both servers run throughout."""
     rows: list[LevelRow] = []
-    for shape in SHAPES:
-        for concurrency in settings.levels:
-            row = await measure_level(
-                child, target_name, shape, concurrency, settings, input_size, output_size
-            )
-            rows.append(row)
-            print_level(row)
-    return rows
+    in_process: list[InProcessRow] = []
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as logs:
+        echo = ChildServer("echo", echo_command(), Path(logs))
+        server = ChildServer("server", server_command(True), Path(logs), settings.server_env)
+        started: list[ChildServer] = []
+        try:
+            for child in (echo, server):
+                await asyncio.to_thread(child.start)
+                started.append(child)
+            for round_ in range(1, settings.rounds + 1):
+                timed = measure_in_process(settings.batches, settings.step_seconds, round_)
+                for step in timed:
+                    print(
+                        f"round {round_} in-process B={step.batch:<4} "
+                        f"{step.session_steps_per_s:>10.1f} session-steps/s",
+                        flush=True,
+                    )
+                in_process += timed
+                pair = (echo, server) if round_ % 2 else (server, echo)
+                for shape in SHAPES:
+                    for concurrency in settings.levels:
+                        for child in pair:
+                            row = await measure_level(
+                                child, child.name, shape, concurrency, settings,
+                                input_size, output_size, round_,
+                            )  # fmt: skip
+                            rows.append(row)
+                            print_level(row)
+        finally:
+            for child in started:
+                child.stop()
+    return rows, in_process
 
 
 # ---------------------------------------------------------------------------- targets
 
 
-def find(rows: list[LevelRow], target: str, shape: str, concurrency: int) -> LevelRow:
+def find(
+    rows: list[LevelRow], target: str, shape: str, concurrency: int, round_: int | None = None
+) -> LevelRow:
+    """The row of (target, shape, C), of one round if `round_` is given."""
     return next(
-        r for r in rows if (r.target, r.shape, r.concurrency) == (target, shape, concurrency)
+        r
+        for r in rows
+        if (r.target, r.shape, r.concurrency) == (target, shape, concurrency)
+        and (round_ is None or r.round == round_)
     )
 
 
@@ -748,6 +792,51 @@ def compute_targets(
     return targets
 
 
+def decide_targets(
+    rows: list[LevelRow], in_process: list[InProcessRow], settings: Settings
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Each target computed per round (`compute_targets`), and decided on the median of
+    its ratio over the rounds; a target whose levels had errors in any round fails.
+    Returns the verdicts and the per-round targets."""
+    rounds = [
+        compute_targets(
+            [row for row in rows if row.round == n],
+            [row for row in in_process if row.round == n],
+            settings,
+        )
+        for n in range(1, settings.rounds + 1)
+    ]
+    top, bottom = max(settings.levels), min(settings.levels)
+
+    def verdict_of(threshold: float, ratios: list[float], levels: list[LevelRow]) -> dict[str, Any]:
+        ok = all(row.ok for row in levels)
+        median = statistics.median(ratios) if ok else float("nan")
+        return {"threshold": threshold, "median": median, "rounds": ratios,
+                "pass": ok and median >= threshold}  # fmt: skip
+
+    targets: dict[str, Any] = {"t1_vs_echo": {}, "scaling": {}}
+    for shape in ("unary_t1", "stream_t1"):
+        targets["t1_vs_echo"][shape] = verdict_of(
+            ECHO_FRACTION,
+            [r["t1_vs_echo"][shape]["server_best_over_echo_best"] for r in rounds],
+            [row for row in rows if row.shape == shape],
+        )
+    targets["t20_vs_in_process"] = verdict_of(
+        IN_PROCESS_FRACTION,
+        [r["t20_vs_in_process"]["ratio"] for r in rounds],
+        [row for row in rows if (row.target, row.shape, row.concurrency)
+         == ("server", "unary_t20", top)],
+    )  # fmt: skip
+    for shape in (shape.name for shape in SHAPES):
+        targets["scaling"][shape] = verdict_of(
+            SCALING,
+            [r["scaling"][shape]["ratio"] for r in rounds],
+            [row for row in rows if row.target == "server" and row.shape == shape
+             and row.concurrency in (top, bottom)],
+        )  # fmt: skip
+    return targets, rounds
+
+
 # ---------------------------------------------------------------------------- output
 
 
@@ -760,7 +849,7 @@ def print_level(row: LevelRow) -> None:
         extra += f" step {batching['mean_step_seconds'] * 1e3:6.2f} ms"
     errors = "" if row.ok else f"  ERRORS {row.errors or 'no calls'}"
     print(
-        f"{row.target:>6} {row.shape:>9} C={row.concurrency:<4} "
+        f"round {row.round} {row.target:>6} {row.shape:>9} C={row.concurrency:<4} "
         f"{row.session_steps_per_s:>10.1f} steps/s {row.calls_per_s:>9.1f} calls/s  "
         f"p50 {row.latency_us['p50'] / 1e3:8.2f} ms  p99 {row.latency_us['p99'] / 1e3:8.2f} ms  "
         f"cpu client {row.client_cpu_seconds / row.seconds:4.2f} "
@@ -771,50 +860,78 @@ def print_level(row: LevelRow) -> None:
     )
 
 
+def median_of(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def latency_columns(rows: list[LevelRow]) -> str:
+    """Median session-steps/s, p50 and p99 (ms) of one target's rounds at one level."""
+    rate = median_of([row.session_steps_per_s for row in rows])
+    p50 = median_of([row.latency_us["p50"] for row in rows]) / 1e3
+    p99 = median_of([row.latency_us["p99"] for row in rows]) / 1e3
+    return f"{rate:>9.1f} {p50:>7.2f} {p99:>7.2f}"
+
+
 def print_table(
     rows: list[LevelRow], in_process: list[InProcessRow], targets: dict[str, Any]
 ) -> None:
-    print("\nin-process model.step (torch reference, pool of 256 slots)")
+    """Medians over the rounds, then the targets with every round's ratio."""
+    print("\nin-process model.step (torch reference, pool of 256 slots), median over rounds")
     print(f"{'B':>5} {'us/step':>10} {'session-steps/s':>16}")
-    for step in in_process:
-        microseconds = step.seconds_per_step * 1e6
-        print(f"{step.batch:>5} {microseconds:>10.1f} {step.session_steps_per_s:>16.1f}")
-    print("\nserver vs echo over loopback (session-steps/s; latency per call p50 / p99 in ms)")
+    for batch in sorted({step.batch for step in in_process}):
+        steps = [step for step in in_process if step.batch == batch]
+        seconds = median_of([step.seconds_per_step for step in steps])
+        rate = median_of([step.session_steps_per_s for step in steps])
+        print(f"{batch:>5} {seconds * 1e6:>10.1f} {rate:>16.1f}")
+    print(
+        "\nserver vs echo over loopback, median over rounds (session-steps/s; latency per "
+        "call p50 / p99 in ms; ratio: median of the rounds' server / echo)"
+    )
     print(
         f"{'shape':>9} {'C':>4} | {'server':>9} {'p50':>7} {'p99':>7} | "
         f"{'echo':>9} {'p50':>7} {'p99':>7} | {'ratio':>5} {'batch':>5}"
     )
-    for row in (r for r in rows if r.target == "server"):
-        echo = find(rows, "echo", row.shape, row.concurrency)
-        flag = "" if row.ok and echo.ok else "  ERRORS"
-        batch = (row.batching or {}).get("mean_batch_size", float("nan"))
+    for shape in (shape.name for shape in SHAPES):
+        for concurrency in sorted({row.concurrency for row in rows}):
+            level = [r for r in rows if (r.shape, r.concurrency) == (shape, concurrency)]
+            if not level:
+                continue
+            server = [r for r in level if r.target == "server"]
+            echo = [r for r in level if r.target == "echo"]
+            ratios = [
+                quotient(row.session_steps_per_s, find(echo, "echo", shape, concurrency,
+                                                       row.round).session_steps_per_s)
+                for row in server
+            ]  # fmt: skip
+            mean_batch = median_of(
+                [(row.batching or {}).get("mean_batch_size", float("nan")) for row in server]
+            )
+            flag = "" if all(row.ok for row in level) else "  ERRORS"
+            print(
+                f"{shape:>9} {concurrency:>4} | {latency_columns(server)} | "
+                f"{latency_columns(echo)} | {median_of(ratios):>5.2f} {mean_batch:>5.1f}{flag}"
+            )
+
+    def line(name: str, result: dict[str, Any], threshold: str) -> None:
+        rounds = " ".join(f"{ratio:.3f}" for ratio in result["rounds"])
         print(
-            f"{row.shape:>9} {row.concurrency:>4} | {row.session_steps_per_s:>9.1f} "
-            f"{row.latency_us['p50'] / 1e3:>7.2f} {row.latency_us['p99'] / 1e3:>7.2f} | "
-            f"{echo.session_steps_per_s:>9.1f} {echo.latency_us['p50'] / 1e3:>7.2f} "
-            f"{echo.latency_us['p99'] / 1e3:>7.2f} | "
-            f"{row.session_steps_per_s / echo.session_steps_per_s:>5.2f} {batch:>5.1f}{flag}"
+            f"  {name}: median {result['median']:.3f} ({threshold}: {verdict(result['pass'])}); "
+            f"rounds {rounds}"
         )
-    print("\ntargets")
+
+    print("\ntargets (each ratio per round, decided on the median)")
     for shape, result in targets["t1_vs_echo"].items():
-        print(
-            f"  {shape}: server best (C={result['server_best_concurrency']}) / echo best "
-            f"(C={result['echo_best_concurrency']}) = {result['server_best_over_echo_best']:.3f} "
-            f"(>= {ECHO_FRACTION}: {verdict(result['pass'])}); at the server's best C "
-            f"{result['ratio_at_server_best_concurrency']:.3f}; levels passing "
-            f"{result['levels_passing']}/{len(result['per_level'])}"
-        )
-    t20 = targets["t20_vs_in_process"]
-    print(
-        f"  unary_t20 at C={t20['concurrency']} / in-process B={t20['batch']}: "
-        f"{t20['ratio']:.3f} (>= {IN_PROCESS_FRACTION}: {verdict(t20['pass'])})"
+        line(f"{shape} server best C / echo best C", result, f">= {ECHO_FRACTION}")
+    top = max(row.concurrency for row in rows)
+    biggest = max(step.batch for step in in_process)
+    line(
+        f"unary_t20 at C={top} / in-process B={biggest}",
+        targets["t20_vs_in_process"],
+        f">= {IN_PROCESS_FRACTION}",
     )
+    bottom = min(row.concurrency for row in rows)
     for shape, result in targets["scaling"].items():
-        print(
-            f"  {shape}: server C={result['concurrency_high']} / C={result['concurrency_low']}: "
-            f"{result['ratio']:.2f}x (>= {SCALING:g}x: {verdict(result['pass'])}; "
-            f"echo {result['echo_ratio']:.2f}x)"
-        )
+        line(f"{shape} server C={top} / C={bottom}", result, f">= {SCALING:g}x")
 
 
 def verdict(passed: bool) -> str:
@@ -888,6 +1005,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--batches", type=int, nargs="+", default=POWERS_OF_TWO, help="in-process batch sizes B"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of every measurement, interleaved; targets are decided on the median",
+    )
     parser.add_argument("--channels", type=int, default=1, help="client channels (round robin)")
     parser.add_argument(
         "--step-seconds", type=float, default=1.0, help="timing budget per in-process B"
@@ -908,31 +1031,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--levels must be between 1 and {POOL_SLOTS} (the server's slots)")
     if any(b < 1 or b > POOL_SLOTS for b in args.batches):
         parser.error(f"--batches must be between 1 and {POOL_SLOTS} (the pool's slots)")
-    if args.seconds <= 0 or args.warmup < 0 or args.channels < 1:
-        parser.error("--seconds must be > 0, --warmup >= 0 and --channels >= 1")
+    if args.seconds <= 0 or args.warmup < 0 or args.channels < 1 or args.rounds < 1:
+        parser.error("--seconds must be > 0, --warmup >= 0, --channels >= 1 and --rounds >= 1")
     if any("=" not in item for item in args.server_env):
         parser.error("--server-env takes NAME=VALUE")
     args.server_env = dict(item.split("=", 1) for item in args.server_env)
     args.levels = sorted(set(args.levels))
     args.batches = sorted(set(args.batches))
     return args
-
-
-async def measure_servers(settings: Settings, input_size: int, output_size: int) -> list[LevelRow]:
-    """The echo server's levels, then the real server's, one child server at a time."""
-    rows: list[LevelRow] = []
-    with tempfile.TemporaryDirectory(prefix="bench-serving-") as logs:
-        children = (
-            ChildServer("echo", echo_command(), Path(logs)),
-            ChildServer("server", server_command(True), Path(logs), settings.server_env),
-        )
-        for child in children:
-            await asyncio.to_thread(child.start)
-            try:
-                rows += await measure_target(child, child.name, settings, input_size, output_size)
-            finally:
-                child.stop()
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -949,6 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
         batches=args.batches,
         channels=args.channels,
         step_seconds=args.step_seconds,
+        rounds=args.rounds,
         server_env=args.server_env,
     )
     from models import checkpoint
@@ -956,11 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
     model = checkpoint.load(MODEL)
     input_size, output_size = model.input_size, model.output_size
     print(f"device: {cpu_name()}, {os.cpu_count()} cores; model {MODEL}, torch reference kernels")
-    in_process = measure_in_process(settings.batches, settings.step_seconds)
-    for row in in_process:
-        print(f"in-process B={row.batch:<4} {row.session_steps_per_s:>10.1f} session-steps/s")
-    rows = asyncio.run(measure_servers(settings, input_size, output_size))
-    targets = compute_targets(rows, in_process, settings)
+    rows, in_process = asyncio.run(measure_rounds(settings, input_size, output_size))
+    targets, per_round = decide_targets(rows, in_process, settings)
     print_table(rows, in_process, targets)
 
     result = {
@@ -983,6 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
         "in_process": [asdict(row) for row in in_process],
         "levels": [{**asdict(row), "ok": row.ok} for row in rows],
         "targets": targets,
+        "rounds": per_round,
     }
     write_record(result, args.out or ROOT / "bench" / "results" / "serving-cpu.json")
     return 0
