@@ -792,6 +792,14 @@ def compute_targets(
     return targets
 
 
+def median_verdict(threshold: float, ratios: list[float], ok: bool) -> dict[str, Any]:
+    """A target decided on the median of its per-round ratios; `ok`: no level it compares
+    had errors in any round (else it fails, with no median)."""
+    median = statistics.median(ratios) if ok else float("nan")
+    return {"threshold": threshold, "median": median, "rounds": ratios,
+            "pass": ok and median >= threshold}  # fmt: skip
+
+
 def decide_targets(
     rows: list[LevelRow], in_process: list[InProcessRow], settings: Settings
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -809,10 +817,7 @@ def decide_targets(
     top, bottom = max(settings.levels), min(settings.levels)
 
     def verdict_of(threshold: float, ratios: list[float], levels: list[LevelRow]) -> dict[str, Any]:
-        ok = all(row.ok for row in levels)
-        median = statistics.median(ratios) if ok else float("nan")
-        return {"threshold": threshold, "median": median, "rounds": ratios,
-                "pass": ok and median >= threshold}  # fmt: skip
+        return median_verdict(threshold, ratios, all(row.ok for row in levels))
 
     targets: dict[str, Any] = {"t1_vs_echo": {}, "scaling": {}}
     for shape in ("unary_t1", "stream_t1"):

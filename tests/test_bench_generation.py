@@ -35,7 +35,7 @@ def test_tiny_run_writes_a_consistent_record(
     model = tiny_vmed(tmp_path)
     out = tmp_path / "generation.json"
     argv = ["--model", str(model), "--levels", "2", "1", "--seconds", "0.5", "--warmup", "0.3",
-            "--max-tokens", str(MAX_TOKENS), "--out", str(out)]  # fmt: skip
+            "--rounds", "2", "--max-tokens", str(MAX_TOKENS), "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     assert "tokens/s C=2 / C=1" in printed
@@ -47,15 +47,18 @@ def test_tiny_run_writes_a_consistent_record(
     assert set(record["versions"]) >= {"python", "torch", "grpcio", "protobuf"}
     assert record["model"]["name"] == "vmed-bench-tiny" and record["model"]["type"] == "vmed"
     settings = record["settings"]
-    assert settings["levels"] == [1, 2] and settings["seconds"] == 0.5
+    assert settings["levels"] == [1, 2] and settings["seconds"] == 0.5 and settings["rounds"] == 2
     assert (settings["max_tokens"], settings["temperature"], settings["top_p"]) == (
         MAX_TOKENS, 1.0, 0.9,
     )  # fmt: skip
     assert settings["server_command"][-2:] == ["--max-new-tokens", "256"]
 
-    levels = {row["concurrency"]: row for row in record["levels"]}
-    assert sorted(levels) == [1, 2]
-    for concurrency, row in levels.items():
+    # Ascending C in round 1, descending in round 2.
+    assert [(row["round"], row["concurrency"]) for row in record["levels"]] == [
+        (1, 1), (1, 2), (2, 2), (2, 1),
+    ]  # fmt: skip
+    levels = {(row["round"], row["concurrency"]): row for row in record["levels"]}
+    for (_, concurrency), row in levels.items():
         assert row["errors"] == {} and row["ok"], row
         assert row["seconds"] == pytest.approx(0.5)
         assert row["calls"] > 0
@@ -78,10 +81,18 @@ def test_tiny_run_writes_a_consistent_record(
         assert 1 <= batching["mean_batch_size"] <= concurrency
         assert row["server_generated_tokens"] > 0
 
-    scaling = record["targets"]["scaling"]
-    assert (scaling["concurrency_high"], scaling["concurrency_low"]) == (2, 1)
-    assert scaling["tokens_per_s_high"] == levels[2]["tokens_per_s"]
-    assert scaling["tokens_per_s_low"] == levels[1]["tokens_per_s"]
-    assert scaling["ratio"] == pytest.approx(levels[2]["tokens_per_s"] / levels[1]["tokens_per_s"])
-    assert scaling["threshold"] == 10.0
-    assert scaling["pass"] == (scaling["ratio"] >= 10)
+    for n, targets in enumerate(record["rounds"], start=1):  # each round's own numbers
+        scaling = targets["scaling"]
+        assert (scaling["concurrency_high"], scaling["concurrency_low"]) == (2, 1)
+        assert scaling["tokens_per_s_high"] == levels[(n, 2)]["tokens_per_s"]
+        assert scaling["tokens_per_s_low"] == levels[(n, 1)]["tokens_per_s"]
+        assert scaling["ratio"] == pytest.approx(
+            levels[(n, 2)]["tokens_per_s"] / levels[(n, 1)]["tokens_per_s"]
+        )
+    verdict = record["targets"]["scaling"]
+    ratios = [targets["scaling"]["ratio"] for targets in record["rounds"]]
+    assert (verdict["concurrency_high"], verdict["concurrency_low"]) == (2, 1)
+    assert verdict["rounds"] == pytest.approx(ratios)
+    assert verdict["median"] == pytest.approx(sum(ratios) / 2)  # the median of two
+    assert verdict["threshold"] == 10.0
+    assert verdict["pass"] == (verdict["median"] >= 10)
