@@ -67,11 +67,17 @@ def test_tiny_run_writes_a_consistent_record(
         assert row["prompt_tokens"] >= 2 * row["calls"]  # at least a word and <eos>
         assert row["tokens_per_s"] == pytest.approx(row["completion_tokens"] / row["seconds"])
         assert row["calls_per_s"] == pytest.approx(row["calls"] / row["seconds"])
-        for name in ("ttft_us", "itl_us", "call_us"):
+        # Every counted call has a latency and a first piece. A call's pieces may all come
+        # as one (the detokenizer holds back what is not yet text), so a short window can
+        # hold no inter-token gap: those are checked where there are some.
+        assert row["ttft_samples"] > 0 and row["ttft_mean_us"] > 0
+        histograms = ["ttft_us", "call_us"] + (["itl_us"] if row["itl_samples"] else [])
+        for name in histograms:
             latency = row[name]
-            assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
-        assert row["ttft_samples"] > 0 and row["itl_samples"] > 0
-        assert row["ttft_mean_us"] > 0 and row["itl_mean_us"] > 0
+            assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"], (
+                name,
+                row,
+            )
         assert row["server_cpu_seconds"] > 0 and row["client_cpu_seconds"] > 0
         # The host's share of the machine's time, from a counter that only grows. (No upper
         # bound: a hypervisor may credit a long steal at once, beyond a short window.)
