@@ -11,7 +11,7 @@ checkpoints are generic over that description.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar
 
@@ -20,6 +20,24 @@ from torch import Tensor, nn
 
 from kernels.launch import validate_slots
 from models.state import StatePool, StateSpec, state_bytes
+
+
+def on_live_rows(
+    slots: Tensor,
+    rows: tuple[Tensor, ...],
+    width: int,
+    run: Callable[..., Tensor],
+) -> Tensor:
+    """`run(live_slots, *live_rows)` for the rows whose slot is not padding (-1), scattered
+    into a zeroed `[B, width]` float32 result (a padding row gets zeros). Finding the live
+    rows costs a device sync; the trusted serving path has no padding and skips this."""
+    live = torch.nonzero(slots >= 0).flatten()
+    if live.numel() == slots.shape[0]:
+        return run(slots, *rows)
+    outputs = torch.zeros(slots.shape[0], width, dtype=torch.float32, device=slots.device)
+    if live.numel():
+        outputs[live] = run(slots[live], *(row[live] for row in rows))
+    return outputs
 
 
 def require_positive(config: object, *names: str) -> None:
@@ -40,10 +58,13 @@ class MemoryModel(nn.Module, ABC):
     extra_file_names: ClassVar[tuple[str, ...]] = ()
     # Where a loaded checkpoint came from (its config.json "provenance"); empty otherwise.
     provenance: dict[str, Any]
+    # SHA-256 of the checkpoint's weights file, set by `checkpoint.load`; empty otherwise.
+    weights_digest: str
 
     def __init__(self) -> None:
         super().__init__()
         self.provenance = {}
+        self.weights_digest = ""
 
     @property
     @abstractmethod
@@ -69,11 +90,15 @@ class MemoryModel(nn.Module, ABC):
         `activate=False` gives them before the output activation (logits, for the loss)."""
 
     @abstractmethod
-    def step(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> Tensor:
+    def step(self, pool: StatePool, slots: Tensor, inputs: Tensor, check: bool = True) -> Tensor:
         """Advance the sessions in `slots` (int64 `[B]`, unique, -1 = padding) by one step.
 
         inputs `[B, input_size]` -> outputs `[B, output_size]` (zeros for padding rows); the
         pool's slots are updated in place and no other slot is touched.
+
+        `check=False` is the serving worker's trusted path: the caller guarantees what the
+        checks would verify (slots unique and inside the pool, inputs finite and of the
+        right shape) and that no row is padding, and nothing waits on the device.
         """
 
     def extra_files(self) -> dict[str, bytes]:

@@ -10,6 +10,7 @@ and raises `CheckpointError` with a message that says what is wrong and where.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -19,7 +20,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from models.base import MemoryModel
 from models.dnc import DNC, DNCConfig
@@ -143,7 +145,8 @@ def load(path_or_name: str | os.PathLike[str], device: torch.device | str = "cpu
     if not weights_path.is_file():
         raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}")
     try:
-        tensors = load_file(weights_path)
+        data = weights_path.read_bytes()  # once: for the tensors and for their digest
+        tensors = load_safetensors(data)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(
             f"{weights_path} is not a readable safetensors file: {error}"
@@ -176,6 +179,7 @@ def load(path_or_name: str | os.PathLike[str], device: torch.device | str = "cpu
             raise CheckpointError(f"{path} is not a usable {name}: {error}") from error
     provenance = config.get("provenance")
     model.provenance = dict(provenance) if isinstance(provenance, dict) else {}
+    model.weights_digest = hashlib.sha256(data).hexdigest()
     return model.to(device).eval()
 
 

@@ -14,7 +14,8 @@ from abc import abstractmethod
 import torch
 from torch import Tensor, nn
 
-from models.base import MemoryModel
+from models.activations import sigmoid
+from models.base import MemoryModel, on_live_rows
 from models.state import StatePool, StateSpec
 
 OUTPUT_ACTIVATIONS = ("sigmoid", "identity")
@@ -28,17 +29,12 @@ def rowwise_product(inputs: Tensor, weight: Tensor) -> Tensor:
 
     A plain matrix product picks its blocking, and so its summation order, from the batch
     size: the same session's outputs then differ in the last bits between a launch of 1 and
-    a launch of 32, and recurrent memories amplify that over steps (the DNC drifted ~4e-6 in
-    80 steps). Here the rows are cut into tiles of ROW_TILE (the last one padded with zeros)
-    and every tile is the same [ROW_TILE, K] @ [K, N] product of one batched call over
-    stride-0 views of the weights, so a row's result is the same whichever rows share its
-    launch or tile (tests/models/test_controller.py checks this bit for bit).
-
-    The tile trades a little at one row for much at many. Against one product per row
-    (tile 1), on this 2-core CPU with one thread, the [K=137, N=2000] vocabulary projection
-    of vmed-chat takes 143 us instead of 62 us at B=1 and 878 us instead of 2388 us at B=64;
-    tiles of 4 / 16 take 116 / 192 us at B=1 and 1401 / 628 us at B=64 (the weights are read
-    once per tile, not once per row).
+    a launch of 32, and recurrent memories amplify that over steps. Here the rows are cut
+    into tiles of ROW_TILE (the last one padded with zeros) and every tile is the same
+    [ROW_TILE, K] @ [K, N] product of one batched call over stride-0 views of the weights,
+    so a row's result is the same whichever rows share its launch or tile
+    (tests/models/test_controller.py checks this bit for bit). ROW_TILE trades a little at
+    one row for much at many (docs/performance.md, "Row-wise products").
     """
     rows, width = inputs.shape
     padding = -rows % ROW_TILE
@@ -85,7 +81,7 @@ class LSTMController(nn.Module):
 
     def step(self, inputs: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         """`forward` for serving: the same LSTM equations, each row independent of the batch
-        (see `rowwise_linear`); gate order i, f, g, o as in `nn.LSTMCell`."""
+        (`rowwise_linear`, `models.activations`); gate order i, f, g, o as in `nn.LSTMCell`."""
         new_h, new_c = [], []
         layer_input = inputs
         for layer, cell in enumerate(self.cells):
@@ -96,8 +92,8 @@ class LSTMController(nn.Module):
             if cell.bias_ih is not None:
                 gates = gates + cell.bias_ih + cell.bias_hh
             i, f, g, o = gates.chunk(4, dim=1)
-            c_layer = torch.sigmoid(f) * c[:, layer] + torch.sigmoid(i) * torch.tanh(g)
-            h_layer = torch.sigmoid(o) * torch.tanh(c_layer)
+            c_layer = sigmoid(f) * c[:, layer] + sigmoid(i) * torch.tanh(g)
+            h_layer = sigmoid(o) * torch.tanh(c_layer)
             new_h.append(h_layer)
             new_c.append(c_layer)
             layer_input = h_layer
@@ -186,7 +182,7 @@ class ControllerMemoryModel(MemoryModel):
         return {name: tensor.detach().clone() for name, tensor in state.items()}
 
     def _activate(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits) if self._sigmoid else logits
+        return sigmoid(logits) if self._sigmoid else logits
 
     def _read_out(self, h: Tensor, reads: Tensor, rowwise: bool = False) -> Tensor:
         features = torch.cat([h[:, -1], reads.flatten(1)], dim=1)
@@ -218,23 +214,21 @@ class ControllerMemoryModel(MemoryModel):
         return self._activate(logits) if activate else logits
 
     @torch.no_grad()
-    def step(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> Tensor:
+    def step(self, pool: StatePool, slots: Tensor, inputs: Tensor, check: bool = True) -> Tensor:
+        if not check:
+            return self._step_live(pool, slots, inputs)
         self.check_step_inputs(pool, slots, inputs)
-        outputs = torch.zeros(
-            slots.shape[0], self.output_size, dtype=torch.float32, device=inputs.device
+        return on_live_rows(
+            slots, (inputs,), self.output_size, lambda live, x: self._step_live(pool, live, x)
         )
-        live = torch.nonzero(slots >= 0).flatten()
-        if live.numel() == 0:
-            return outputs
-        live_slots = slots[live]
-        controller_inputs = torch.cat(
-            [inputs[live].float(), pool["reads"][live_slots].flatten(1)], 1
-        )
-        # Row-wise products: a session's outputs do not depend on who shares its launch.
-        h, c = self.controller.step(controller_inputs, pool["h"][live_slots], pool["c"][live_slots])
-        reads = self.memory_step(pool, live_slots, rowwise_linear(h[:, -1], self.interface))
-        pool["reads"][live_slots] = reads
-        pool["h"][live_slots] = h
-        pool["c"][live_slots] = c
-        outputs[live] = self._activate(self._read_out(h, reads, rowwise=True))
-        return outputs
+
+    def _step_live(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> Tensor:
+        """One step of the sessions in `slots`, every one live. Row-wise products and
+        activations: a session's outputs do not depend on who shares its launch."""
+        controller_inputs = torch.cat([inputs.float(), pool["reads"][slots].flatten(1)], 1)
+        h, c = self.controller.step(controller_inputs, pool["h"][slots], pool["c"][slots])
+        reads = self.memory_step(pool, slots, rowwise_linear(h[:, -1], self.interface))
+        pool["reads"][slots] = reads
+        pool["h"][slots] = h
+        pool["c"][slots] = c
+        return self._activate(self._read_out(h, reads, rowwise=True))

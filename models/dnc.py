@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import dnc_memory_step
 from kernels.dnc_reference import DNCInterface, DNCState, step
+from models.activations import oneplus, sigmoid
 from models.base import require_positive
 from models.controller import OUTPUT_ACTIVATIONS, ControllerMemoryModel
 from models.state import StatePool, StateSpec
@@ -55,11 +55,6 @@ class DNCConfig:
             )
 
 
-def oneplus(x: Tensor) -> Tensor:
-    """1 + softplus(x): the paper's activation for strengths (>= 1)."""
-    return 1 + F.softplus(x)
-
-
 # The DNC memory as functions of its sizes, shared by the DNC and the VMED's encoder.
 
 
@@ -85,11 +80,11 @@ def split_interface(
         read_strengths=oneplus(read_strengths),
         write_key=write_key,
         write_strength=oneplus(write_strength.squeeze(-1)),
-        erase=torch.sigmoid(erase),
+        erase=sigmoid(erase),
         write_vector=write_vector,
-        free_gates=torch.sigmoid(free_gates),
-        allocation_gate=torch.sigmoid(allocation_gate.squeeze(-1)),
-        write_gate=torch.sigmoid(write_gate.squeeze(-1)),
+        free_gates=sigmoid(free_gates),
+        allocation_gate=sigmoid(allocation_gate.squeeze(-1)),
+        write_gate=sigmoid(write_gate.squeeze(-1)),
         read_modes=read_modes,
     )
 

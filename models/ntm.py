@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import ntm_memory_step, reference
 from kernels.ntm import MAX_SHIFT_RADIUS
+from models.activations import sigmoid, softplus
 from models.base import require_positive
 from models.controller import OUTPUT_ACTIVATIONS, ControllerMemoryModel
 from models.state import StatePool, StateSpec
@@ -128,11 +128,11 @@ class NTM(ControllerMemoryModel):
         erase, add = interface[:, self.heads * self.head_width :].view(batch, W, 2 * M).chunk(2, -1)
         return HeadParameters(
             keys=keys,
-            beta=F.softplus(beta.squeeze(-1)),
-            gate=torch.sigmoid(gate.squeeze(-1)),
+            beta=softplus(beta.squeeze(-1)),
+            gate=sigmoid(gate.squeeze(-1)),
             shift=torch.softmax(shift, dim=-1),
-            gamma=1 + F.softplus(gamma.squeeze(-1)),
-            erase=torch.sigmoid(erase),
+            gamma=1 + softplus(gamma.squeeze(-1)),
+            erase=sigmoid(erase),
             add=add,
         )
 

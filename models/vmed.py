@@ -52,14 +52,14 @@ from torch import Tensor, nn
 
 from kernels.launch import validate_slots
 from kernels.reference import content_addressing
-from models.base import MemoryModel, require_positive
+from models.activations import oneplus
+from models.base import MemoryModel, on_live_rows, require_positive
 from models.controller import LSTMController, rowwise_linear, rowwise_product
 from models.dnc import (
     dnc_memory_specs,
     dnc_pool_step,
     dnc_state_step,
     interface_split_sizes,
-    oneplus,
     split_interface,
 )
 from models.state import StatePool, StateSpec
@@ -458,32 +458,53 @@ class VMED(MemoryModel):
             raise ValueError(f"{name} must be token ids in 0..{self.config.vocab_size - 1}")
 
     @torch.no_grad()
-    def encode(self, pool: StatePool, slots: Tensor, tokens: Tensor) -> None:
+    def encode(self, pool: StatePool, slots: Tensor, tokens: Tensor, check: bool = True) -> None:
         """Write one token per session into its memory: `tokens` int64 `[B]` (ignored on
-        padding rows). A turn is its tokens, then <eos>, whoever said it."""
-        live = self._live(pool, slots, {"tokens": tokens})
-        self._check_tokens("tokens", tokens, live)
-        if live.numel() == 0:
-            return
-        at = slots[live]
+        padding rows). A turn is its tokens, then <eos>, whoever said it. `check=False`: the
+        trusted path of `MemoryModel.step` (no checks, no padding)."""
+        if check:
+            live = self._live(pool, slots, {"tokens": tokens})
+            self._check_tokens("tokens", tokens, live)
+            if live.numel() == 0:
+                return
+            slots, tokens = slots[live], tokens[live]
         h, c, interface = self._encoder_step(
-            tokens[live], pool["encoder_reads"][at], pool["encoder_h"][at], pool["encoder_c"][at],
-            rowwise=True,
+            tokens, pool["encoder_reads"][slots], pool["encoder_h"][slots],
+            pool["encoder_c"][slots], rowwise=True,
         )  # fmt: skip
         cfg = self.config
         parameters = split_interface(interface, cfg.read_heads, cfg.word_size, cfg.use_links)
-        reads = dnc_pool_step(pool, at, parameters, cfg.use_links)
-        pool["encoder_reads"][at] = reads
-        pool["encoder_h"][at] = h
-        pool["encoder_c"][at] = c
+        reads = dnc_pool_step(pool, slots, parameters, cfg.use_links)
+        pool["encoder_reads"][slots] = reads
+        pool["encoder_h"][slots] = h
+        pool["encoder_c"][slots] = c
 
     @torch.no_grad()
-    def begin_reply(self, pool: StatePool, slots: Tensor, noise: Tensor, uniform: Tensor) -> None:
+    def begin_reply(
+        self, pool: StatePool, slots: Tensor, noise: Tensor, uniform: Tensor, check: bool = True
+    ) -> None:
         """Start a reply in each session: the decoder from the encoder's state, the first
         reads, and z drawn from the prior with `noise` float `[B, latent]` (standard normal)
         and `uniform` float `[B]` (in [0, 1), picks the component; see the module docstring).
-        The memory and the encoder's state are not changed."""
-        live = self._live(pool, slots, {"noise": noise, "uniform": uniform})
+        The memory and the encoder's state are not changed. `check=False`: as `encode`."""
+        if check:
+            live = self._live(pool, slots, {"noise": noise, "uniform": uniform})
+            self._check_randomness(slots, noise, uniform)
+            if live.numel() == 0:
+                return
+            slots, noise, uniform = slots[live], noise[live], uniform[live]
+            if not bool(torch.isfinite(noise).all()):
+                raise ValueError("noise holds NaN or Inf")
+            if not bool(((uniform >= 0) & (uniform < 1)).all()):
+                raise ValueError("uniform must be in [0, 1)")
+        h, c = pool["encoder_h"][slots], pool["encoder_c"][slots]
+        start = self._start_reply(h, pool["memory"][slots], rowwise=True)
+        pool["z"][slots] = sample_prior(start, noise.float(), uniform.float())
+        pool["decoder_reads"][slots] = start.reads
+        pool["decoder_h"][slots] = h
+        pool["decoder_c"][slots] = c
+
+    def _check_randomness(self, slots: Tensor, noise: Tensor, uniform: Tensor) -> None:
         latent = self.config.latent_size
         if noise.dim() != 2 or noise.shape[1] != latent or not noise.is_floating_point():
             raise ValueError(
@@ -492,20 +513,6 @@ class VMED(MemoryModel):
             )
         if uniform.dim() != 1 or not uniform.is_floating_point():
             raise ValueError(f"uniform must be a 1-D float tensor, got {uniform.dtype}")
-        if live.numel() == 0:
-            return
-        noise, uniform = noise[live].float(), uniform[live].float()
-        if not bool(torch.isfinite(noise).all()):
-            raise ValueError("noise holds NaN or Inf")
-        if not bool(((uniform >= 0) & (uniform < 1)).all()):
-            raise ValueError("uniform must be in [0, 1)")
-        at = slots[live]
-        h, c = pool["encoder_h"][at], pool["encoder_c"][at]
-        start = self._start_reply(h, pool["memory"][at], rowwise=True)
-        pool["z"][at] = sample_prior(start, noise, uniform)
-        pool["decoder_reads"][at] = start.reads
-        pool["decoder_h"][at] = h
-        pool["decoder_c"][at] = c
 
     def _decode_embedded(self, pool: StatePool, at: Tensor, embedded: Tensor) -> Tensor:
         logits, reads, h, c = self._decoder_step(
@@ -518,27 +525,32 @@ class VMED(MemoryModel):
         return logits
 
     @torch.no_grad()
-    def decode(self, pool: StatePool, slots: Tensor, previous_tokens: Tensor) -> Tensor:
+    def decode(
+        self, pool: StatePool, slots: Tensor, previous_tokens: Tensor, check: bool = True
+    ) -> Tensor:
         """One decoder step per session: `previous_tokens` int64 `[B]` (<bos> first, then the
         token chosen last) -> logits float32 `[B, vocab]` of the next token (zeros for padding
-        rows). Reads the memory, never writes it."""
+        rows). Reads the memory, never writes it. `check=False`: as `encode`."""
+
+        def run(at: Tensor, previous: Tensor) -> Tensor:
+            return self._decode_embedded(pool, at, self.embedding(previous))
+
+        if not check:
+            return run(slots, previous_tokens)
         live = self._live(pool, slots, {"previous_tokens": previous_tokens})
         self._check_tokens("previous_tokens", previous_tokens, live)
-        logits = torch.zeros(slots.shape[0], self.config.vocab_size, device=pool.device)
-        if live.numel():
-            at = slots[live]
-            logits[live] = self._decode_embedded(pool, at, self.embedding(previous_tokens[live]))
-        return logits
+        return on_live_rows(slots, (previous_tokens,), self.config.vocab_size, run)
 
     @torch.no_grad()
-    def step(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> Tensor:
+    def step(self, pool: StatePool, slots: Tensor, inputs: Tensor, check: bool = True) -> Tensor:
         """`decode` with the previous token as a row of `inputs` `[B, vocab]` (one-hot for a
         token), returning next-token probabilities (zeros for padding rows)."""
+
+        def run(at: Tensor, rows: Tensor) -> Tensor:
+            embedded = rowwise_product(rows.float(), self.embedding.weight.t())
+            return torch.softmax(self._decode_embedded(pool, at, embedded), dim=-1)
+
+        if not check:
+            return run(slots, inputs)
         self.check_step_inputs(pool, slots, inputs)
-        outputs = torch.zeros(slots.shape[0], self.output_size, device=inputs.device)
-        live = torch.nonzero(slots >= 0).flatten()
-        if live.numel():
-            embedded = rowwise_product(inputs[live].float(), self.embedding.weight.t())
-            logits = self._decode_embedded(pool, slots[live], embedded)
-            outputs[live] = torch.softmax(logits, dim=-1)
-        return outputs
+        return on_live_rows(slots, (inputs,), self.output_size, run)
