@@ -1,66 +1,74 @@
-"""What a session's queue holds: calls that advance one operation per launch of the batch
-loop. `StepWork` (a Step call of T steps) and `generation.GenerateWork` (a Generate call)
-say which operation they need next (`next_op`) and take its result (`take`)."""
+"""What a session's queue holds: calls that advance by one operation per launch.
+
+A call says which operation it needs next and with what argument (`next_row`), and takes
+that operation's result (`take`). `StepCall` is a Step call of T rows; `GenerateCall`
+(`serving.generation`) is a Generate call. The scheduler moves calls along and never awaits
+anything: the engine attaches a future to each call and resolves it when the scheduler
+reports the call finished.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from serving.sessions import Session
-
-# The operations a launch can run, each batched over the sessions that need it:
-# "step" (model.step, a row of inputs), "encode" (a token into memory), "begin" (start a
-# reply: noise, uniform), "decode" (previous token and sampling settings -> next token).
-OPERATIONS = ("step", "encode", "begin", "decode")
+from serving.protocol import Operation
+from serving.sessions import Session
 
 
 @dataclass(eq=False, kw_only=True)
-class Work:
+class Call:
     """One call on one session, queued behind the session's earlier calls."""
 
     session: Session
-    future: asyncio.Future[int]  # the session's step count once the call is done
     enqueued: float  # time.perf_counter() at arrival
-    expected_step: int | None = None
-    started: bool = False
-    finished: bool = False  # answered (or its caller left): off its session's queue
+    expected_step: int | None = None  # the step count the call must start from, if any
+    started: bool = False  # its first row was scheduled
+    finished: bool = False  # answered (or given up): off its session's queue
+    abandoned: bool = False  # its caller left: it stops at the next launch
+    result: int | None = None  # the session's step count once done
+    error: Exception | None = None  # why it failed, if it did
+    future: asyncio.Future[int] | None = field(default=None, repr=False)  # the engine's
 
-    def next_op(self) -> tuple[str, Any]:
+    def next_row(self) -> tuple[Operation, Any]:
         """The operation this call needs in the next launch, and its argument."""
         raise NotImplementedError
 
     def runs_ahead(self) -> bool:
-        """Whether `next_op` may be called while earlier operations of this call are in
-        flight: only if the next does not depend on their results."""
+        """Whether `next_row` may be called while earlier rows of this call are in flight:
+        only if the next does not depend on their results."""
         return False
 
-    def take(self, result: Any) -> bool:
+    def take(self, output: Any) -> bool:
         """Consume the result of that operation; True once the call is complete."""
         raise NotImplementedError
 
+    def finish(self, result: int | None = None, error: Exception | None = None) -> None:
+        """Mark the call answered, with the session's step count or an error."""
+        self.finished = True
+        self.result, self.error = result, error
+
 
 @dataclass(eq=False, kw_only=True)
-class StepWork(Work):
-    """A Step call: T rows of inputs, one per launch; outputs filled in as they run."""
+class StepCall(Call):
+    """A Step call: T rows of inputs, one per launch; outputs filled in as they land."""
 
     inputs: np.ndarray  # [T, input_size] float32
     outputs: np.ndarray  # [T, output_size] float32
     sent: int = 0  # rows handed to launches
     done: int = 0  # rows whose outputs came back (launches land in the order sent)
 
-    def next_op(self) -> tuple[str, Any]:
+    def next_row(self) -> tuple[Operation, Any]:
         self.sent += 1
-        return "step", self.inputs[self.sent - 1]
+        return Operation.STEP, self.inputs[self.sent - 1]
 
     def runs_ahead(self) -> bool:
         return self.sent < len(self.inputs)  # a step's inputs are all known up front
 
-    def take(self, result: Any) -> bool:
-        self.outputs[self.done] = result
+    def take(self, output: Any) -> bool:
+        self.outputs[self.done] = output
         self.done += 1
         return self.done == len(self.inputs)

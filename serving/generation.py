@@ -5,14 +5,14 @@ A call goes through four phases, one operation per launch:
 1. `prompt`: each token of the user's text, then <eos>, is written into memory (`encode`);
 2. `begin`: the decoder starts and z is drawn from the prior (`begin_reply`);
 3. `decode`: one token per launch (`decode`: the logits, sampled in the model's process by
-   `sample_tokens` for every row of the launch at once), until <eos>, a stop string or
+   `serving.sampling` for every row of the launch at once), until <eos>, a stop string or
    max_tokens; each new piece of text goes to the caller at once;
 4. `reply`: the reply's tokens, then <eos>, are written into memory (`encode`), so the next
    turn remembers what the model said.
 
 Randomness comes from one numpy generator per call, seeded by the request's seed (else the
 session's, else fresh entropy), which draws z's noise and one uniform number per token that
-`sample_tokens` turns into a token: the same seed with the same history gives the same reply.
+the sampler turns into a token: the same seed with the same history gives the same reply.
 """
 
 from __future__ import annotations
@@ -21,51 +21,38 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
-from models.base import MemoryModel
-from models.state import StatePool
 from models.tokenizer import BOS, EOS
 from models.tokenizer import decode as decode_tokens
 from models.tokenizer import encode as encode_tokens
+from serving.calls import Call
 from serving.errors import FailedPrecondition, InvalidArgument
-from serving.work import Work
+from serving.protocol import BeginRow, DecodeRow, ModelCard, Operation
 
 DEFAULT_MAX_TOKENS = 64
 MAX_PROMPT_CHARACTERS = 4096
 MAX_STOP_STRINGS = 8
 
 
-class TextModel(Protocol):
-    """What a model needs to generate text (models/vmed.py has it)."""
-
-    tokenizer: Tokenizer | None
-
-    def encode(self, pool: StatePool, slots: torch.Tensor, tokens: torch.Tensor) -> None: ...
-
-    def begin_reply(
-        self, pool: StatePool, slots: torch.Tensor, noise: torch.Tensor, uniform: torch.Tensor
-    ) -> None: ...
-
-    def decode(
-        self, pool: StatePool, slots: torch.Tensor, previous_tokens: torch.Tensor
-    ) -> torch.Tensor: ...
+def text_tokenizer(card: ModelCard) -> Tokenizer | None:
+    """The tokenizer of a model that generates text; None for one that does not."""
+    if not card.text_operations or card.tokenizer_json is None:
+        return None
+    return Tokenizer.from_str(card.tokenizer_json)
 
 
-def text_model(model: MemoryModel, name: str) -> TextModel:
-    """The model as a `TextModel`, or FAILED_PRECONDITION saying it does not generate text."""
-    if not all(hasattr(model, m) for m in ("encode", "begin_reply", "decode")) or (
-        getattr(model, "tokenizer", None) is None
-    ):
+def require_text(tokenizer: Tokenizer | None, card: ModelCard, name: str) -> Tokenizer:
+    """The tokenizer, or FAILED_PRECONDITION saying the model does not generate text."""
+    if tokenizer is None:
         raise FailedPrecondition(
-            f"model {name!r} ({model.model_type}) does not generate text; Generate needs a "
+            f"model {name!r} ({card.model_type}) does not generate text; Generate needs a "
             "dialogue model such as vmed-chat"
         )
-    return model  # type: ignore[return-value]
+    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -110,46 +97,6 @@ class Sampling:
         )
 
 
-def sample_tokens(
-    logits: np.ndarray,
-    temperature: np.ndarray,
-    top_k: np.ndarray,
-    top_p: np.ndarray,
-    uniform: np.ndarray,
-) -> np.ndarray:
-    """One token id per row of `logits` `[B, vocab]`, each row with its own settings `[B]`.
-
-    Temperature 0 is greedy (the first most likely token). Otherwise the tokens are ranked
-    by softmax(logits / T), most likely first and ties by token id; the `top_k` first are
-    kept (0: all), then of those the fewest whose mass reaches `top_p` of theirs, and
-    tokens exactly as likely as the last one kept are kept too. The token is where `uniform`
-    in [0, 1) falls in the cumulative mass of the kept tokens in that order (inverse CDF).
-
-    Only the scaled logits are sorted, never their indices (the chosen token's id is found
-    by its value): numpy sorts the values of a [64, 2000] launch in 0.4 ms on this 2-core
-    CPU where an argsort takes 2.5 ms and torch's sort 9 ms. Rows are independent, so a
-    session's token does not depend on who shares its launch.
-    """
-    vocab = logits.shape[1]
-    scaled = logits / np.where(temperature > 0, temperature, 1).astype(np.float32)[:, None]
-    ordered = np.sort(scaled, axis=1)[:, ::-1]  # most likely first
-    mass = np.cumsum(np.exp(ordered - ordered[:, :1]), axis=1)  # unnormalised, cumulative
-    tokens: np.ndarray = logits.argmax(axis=1)
-    for row in np.flatnonzero(temperature > 0):
-        values, cumulative = ordered[row], mass[row]
-        limit = min(int(top_k[row]), vocab) if top_k[row] > 0 else vocab
-        kept = min(limit, int(np.searchsorted(cumulative, top_p[row] * cumulative[limit - 1])) + 1)
-        while kept < vocab and values[kept] == values[kept - 1]:
-            kept += 1  # ties with the last one kept
-        point = uniform[row] * cumulative[kept - 1]
-        chosen = min(int(np.searchsorted(cumulative, point, side="right")), kept - 1)
-        first = chosen  # the first rank of the chosen value: which of its tokens, by id
-        while first > 0 and values[first - 1] == values[chosen]:
-            first -= 1
-        tokens[row] = np.flatnonzero(scaled[row] == values[chosen])[chosen - first]
-    return tokens.astype(np.int64)
-
-
 def prompt_tokens(tokenizer: Tokenizer, text: str, limit: int) -> list[int]:
     """The user's text as tokens, then <eos>; INVALID_ARGUMENT if empty or too long."""
     if not text.strip():
@@ -163,7 +110,7 @@ def prompt_tokens(tokenizer: Tokenizer, text: str, limit: int) -> list[int]:
 
 
 @dataclass(eq=False, kw_only=True)
-class GenerateWork(Work):
+class GenerateCall(Call):
     """One Generate call, advanced one operation per launch (see the module docstring)."""
 
     prompt: list[int]  # the user's tokens, then <eos>
@@ -180,20 +127,20 @@ class GenerateWork(Work):
     reply: list[int] = field(default_factory=list)
     finish_reason: str = ""
 
-    def __post_init__(self) -> None:
-        self.future.add_done_callback(lambda _: self.pieces.put_nowait(None))
-
-    def next_op(self) -> tuple[str, Any]:
+    def next_row(self) -> tuple[Operation, Any]:
         if self.phase == "prompt":
-            return "encode", self.prompt[self.position]
+            return Operation.ENCODE, self.prompt[self.position]
         if self.phase == "begin":
-            return "begin", (self.rng.standard_normal(self.latent_size), self.rng.random())
+            noise = self.rng.standard_normal(self.latent_size)
+            return Operation.BEGIN, BeginRow(noise, self.rng.random())
         if self.phase == "decode":
+            s = self.sampling
             previous = self.generated[-1] if self.generated else BOS
-            return "decode", (previous, self.sampling, self.rng.random())
-        return "encode", self.reply[self.position]
+            row = DecodeRow(previous, s.temperature, s.top_k, s.top_p, self.rng.random())
+            return Operation.DECODE, row
+        return Operation.ENCODE, self.reply[self.position]
 
-    def take(self, result: Any) -> bool:
+    def take(self, output: Any) -> bool:
         if self.phase == "prompt":
             self.position += 1
             if self.position == len(self.prompt):
@@ -201,7 +148,7 @@ class GenerateWork(Work):
         elif self.phase == "begin":
             self.phase = "decode"
         elif self.phase == "decode":
-            self._next_token(int(result))
+            self._next_token(int(output))
         else:
             self.position += 1
             return self.position == len(self.reply)
@@ -237,9 +184,14 @@ class GenerateWork(Work):
         self.reply = [*encode_tokens(self.tokenizer, self.text), EOS]
         self.phase, self.position = "reply", 0
 
+    def finish(self, result: int | None = None, error: Exception | None = None) -> None:
+        super().finish(result, error)
+        self.pieces.put_nowait(None)
+
     async def stream(self) -> AsyncIterator[str]:
         """The reply's pieces as they are decoded; returns when the call is done (after its
         reply is written to memory) and raises what the call failed with."""
         while (piece := await self.pieces.get()) is not None:
             yield piece
-        self.future.result()  # raises if the call failed
+        if self.error is not None:
+            raise self.error

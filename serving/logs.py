@@ -41,3 +41,13 @@ def configure(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def log_session(
+    logger: logging.Logger, event: str, model: str, session: str, **fields: Any
+) -> None:
+    """One line about a session: message "session EVENT", event name "session_EVENT"."""
+    logger.info(
+        f"session {event}",
+        extra={"event": f"session_{event}", "model": model, "session": session, **fields},
+    )

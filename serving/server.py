@@ -10,7 +10,6 @@ drains the same way and exits 1.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import shutil
@@ -33,10 +32,10 @@ from protos import memserve_pb2
 from serving.config import ServerConfig
 from serving.engine import EngineSettings, ModelEngine
 from serving.metrics import Metrics
-from serving.runner import PoolRunner
 from serving.service import MemServeService, add_to_server
 from serving.sessions import SessionTable
 from serving.store import DirectoryStore, ParkingStore
+from serving.worker_client import WorkerClient
 
 log = logging.getLogger("memserve.server")
 
@@ -48,15 +47,6 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 def model_name(spec: str) -> str:
     """The name a model is served under: the bundled name, or the directory's name."""
     return spec if spec in checkpoint.bundled_names() else Path(spec).resolve().name
-
-
-def weights_digest(directory: Path) -> str:
-    """SHA-256 of the weights file: an exported session only imports into the same weights."""
-    digest = hashlib.sha256()
-    with open(directory / checkpoint.WEIGHTS_FILE, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pick_device(setting: str) -> torch.device:
@@ -109,38 +99,25 @@ class Server:
         # Intra-op threads per model process. OpenMP threads spin between operations, so
         # more threads than free cores stall every step: one core stays with this process.
         threads = self.config.threads or max(1, ((os.cpu_count() or 1) - 1) // len(specs))
-        runners: dict[str, tuple[Path, PoolRunner]] = {}
+        workers: dict[str, tuple[Path, WorkerClient]] = {}
         try:
-            for spec in specs:  # every child loads its model at once
+            for spec in specs:  # every worker loads its model at once
                 name = model_name(spec)
-                if name in runners:
+                if name in workers:
                     raise ValueError(f"two models would be served as {name!r}; rename a directory")
                 directory = checkpoint.resolve(spec)
-                runners[name] = (
+                workers[name] = (
                     directory,
-                    PoolRunner(
+                    WorkerClient(
                         directory, str(device), settings.slots, threads, self.config.model_nice
                     ),
                 )
-            for name, (directory, runner) in runners.items():
-                model = checkpoint.load(directory)  # a host copy: sizes, specs, tokenizer
+            for name, (directory, worker) in workers.items():
                 try:
-                    runner.wait_ready()
+                    card = worker.wait_ready()
                 except (RuntimeError, MemoryError) as error:  # e.g. the pool does not fit
-                    raise ValueError(
-                        f"cannot serve {name} with {settings.slots} slots of "
-                        f"{model.state_bytes} bytes on {device}: {error}"
-                    ) from error
-                engine = ModelEngine(
-                    name,
-                    model,
-                    runner,
-                    weights_digest(directory),
-                    settings,
-                    self.table,
-                    store,
-                    self.metrics,
-                )
+                    raise ValueError(f"cannot serve {name} on {device}: {error}") from error
+                engine = ModelEngine(name, card, worker, settings, self.table, store, self.metrics)
                 engine.on_failure = self.fail
                 self.engines[name] = engine
                 log.info(
@@ -148,18 +125,18 @@ class Server:
                     extra={
                         "event": "model_loaded",
                         "model": name,
-                        "type": model.model_type,
+                        "type": card.model_type,
                         "path": str(directory),
                         "device": str(device),
-                        "backend": engine.backend,
+                        "backend": card.backend,
                         "slots": settings.slots,
-                        "state_bytes": model.state_bytes,
-                        "pid": runner.pid,
+                        "state_bytes": card.state_bytes,
+                        "pid": worker.pid,
                     },
                 )
         except BaseException:
-            for _, runner in runners.values():
-                runner.close()
+            for _, worker in workers.values():
+                worker.close()
             raise
 
     async def start(self) -> None:

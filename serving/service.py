@@ -20,9 +20,10 @@ from protos import memserve_pb2, memserve_pb2_grpc
 from serving import wire
 from serving.engine import ModelEngine
 from serving.errors import InvalidArgument, NotFound, ServingError, Unavailable
-from serving.generation import GenerateWork, Sampling
+from serving.export import import_state
+from serving.generation import GenerateCall, Sampling
 from serving.metrics import Metrics
-from serving.sessions import Session, SessionTable, import_state
+from serving.sessions import Session, SessionTable
 
 log = logging.getLogger("memserve.service")
 
@@ -211,7 +212,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
             model=session.model,
             step=session.step,
             ttl_seconds=session.ttl,
-            residence=engine.info(session),
+            residence=engine.slots.residence(session),
         )
 
     # ------------------------------------------------------------------ RPCs
@@ -224,11 +225,11 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
             models=[
                 memserve_pb2.ModelInfo(
                     name=name,
-                    type=engine.model.model_type,
-                    input_size=engine.model.input_size,
-                    output_size=engine.model.output_size,
-                    memory_shape=list(engine.model.memory_shape),
-                    state_bytes=engine.model.state_bytes,
+                    type=engine.card.model_type,
+                    input_size=engine.card.input_size,
+                    output_size=engine.card.output_size,
+                    memory_shape=list(engine.card.memory_shape),
+                    state_bytes=engine.card.state_bytes,
                 )
                 for name, engine in self.engines.items()
             ]
@@ -241,7 +242,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         engine = self.engine(request.model)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
         seed = request.seed if request.HasField("seed") else None
-        session = await engine.create(ttl, seed)
+        session = await engine.lifecycle.create(ttl, seed)
         return self.session_info(session, engine)
 
     async def _step(self, request: memserve_pb2.StepRequest) -> memserve_pb2.StepResponse:
@@ -251,7 +252,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         inputs = wire.decode_steps(
             request.inputs,
             "inputs",
-            engine.model.input_size,
+            engine.card.input_size,
             engine.settings.max_steps_per_call,
         )
         expected = request.expected_step if request.HasField("expected_step") else None
@@ -298,7 +299,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
     ) -> memserve_pb2.SessionInfo:
         parent, engine = self.session(request.session_id)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
-        child = await engine.fork(parent, ttl)
+        child = await engine.lifecycle.fork(parent, ttl)
         return self.session_info(child, engine)
 
     @unary("ExportSession")
@@ -306,7 +307,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         self, request: memserve_pb2.ExportSessionRequest, context: grpc.aio.ServicerContext
     ) -> memserve_pb2.SessionState:
         session, engine = self.session(request.session_id)
-        data, step = await engine.export(session)
+        data, step = await engine.lifecycle.export(session)
         return memserve_pb2.SessionState(state=data, model=session.model, step=step)
 
     @unary("ImportSession")
@@ -316,7 +317,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         imported = import_state(request.state)
         engine = self.engine(imported.model)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
-        session = await engine.import_(imported, ttl)
+        session = await engine.lifecycle.import_(imported, ttl)
         return self.session_info(session, engine)
 
     async def Generate(
@@ -324,7 +325,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
     ) -> AsyncIterator[memserve_pb2.GenerateResponse]:
         """Stream a dialogue model's reply to `text`, piece by piece, then a summary."""
         start = time.perf_counter()
-        work: GenerateWork | None = None
+        call: GenerateCall | None = None
         self.metrics.generations_in_flight.inc()
         try:
             async with self.answering("Generate", request, context):
@@ -338,32 +339,32 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
                     list(request.stop),
                 )
                 seed = request.seed if request.HasField("seed") else None
-                work = engine.generate(session, request.text, sampling, seed)
+                call = engine.generate(session, request.text, sampling, seed)
                 last = None
-                async for piece in work.stream():
+                async for piece in call.stream():
                     now = time.perf_counter()
                     (engine.observe_itl if last else engine.observe_ttft)(now - (last or start))
                     last = now
                     yield memserve_pb2.GenerateResponse(text=piece)
                 done = memserve_pb2.GenerateDone(
-                    finish_reason=work.finish_reason,
-                    prompt_tokens=len(work.prompt),
-                    completion_tokens=len(work.generated),
-                    text=work.text,
-                    step=work.future.result(),
+                    finish_reason=call.finish_reason,
+                    prompt_tokens=len(call.prompt),
+                    completion_tokens=len(call.generated),
+                    text=call.text,
+                    step=call.result,
                 )
                 yield memserve_pb2.GenerateResponse(done=done)
         finally:
             self.metrics.generations_in_flight.dec()
-            if work is not None:
-                self.metrics.generated_tokens.labels(work.session.model).inc(len(work.generated))
-                if not work.future.done():
-                    work.future.cancel()  # the caller left: stop at the next launch
+            if call is not None:
+                self.metrics.generated_tokens.labels(call.session.model).inc(len(call.generated))
+                if call.future is not None and not call.future.done():
+                    call.future.cancel()  # the caller left: stop at the next launch
 
     @unary("DeleteSession")
     async def DeleteSession(
         self, request: memserve_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
     ) -> memserve_pb2.DeleteSessionResponse:
         session, engine = self.session(request.session_id)
-        await engine.delete(session)
+        await engine.lifecycle.delete(session)
         return memserve_pb2.DeleteSessionResponse()

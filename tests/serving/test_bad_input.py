@@ -159,7 +159,7 @@ def test_import_of_another_models_state_is_refused(server: ServerProcess) -> Non
     stub = server.stub()
     ntm = create(stub)
     exported = stub.ExportSession(memserve_pb2.ExportSessionRequest(session_id=ntm)).state
-    from serving.sessions import export_state, import_state
+    from serving.export import export_state, import_state
 
     state = import_state(exported)
     dnc = create(stub, "dnc-recall")

@@ -21,7 +21,7 @@ from models.tokenizer import encode as encode_tokens
 from models.vmed import VMED
 from protos import memserve_pb2
 from protos.memserve_pb2_grpc import MemServeStub
-from serving.sessions import import_state
+from serving.export import import_state
 from tests.serving.client import create, info, metric, scrape
 from tests.serving.server_process import ServerProcess
 from tests.tiny_vmed import tiny_vmed as make_tiny_vmed

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.generation import sample_tokens
+from serving.sampling import sample_tokens
 
 
 def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:

@@ -321,7 +321,7 @@ def test_export_and_fork_during_a_long_call_match_their_step_count(
     """Launches are pipelined (several rows of one Step call in flight at once), so an
     export or fork taken while a long call runs must still see a state that has taken
     exactly the steps its count says: each is compared with the session stepped alone."""
-    from serving.sessions import import_state
+    from serving.export import import_state
 
     model = models["ntm-copy"]
     rng = np.random.default_rng()

@@ -114,7 +114,7 @@ def test_health_check_names_unknown_services(server: ServerProcess) -> None:
 
 
 def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(tmp_path: Path) -> None:
-    """The model runs in a child process (serving/runner.py). If that process dies, the
+    """The model runs in a child process (serving/worker.py). If that process dies, the
     call in flight is answered with an error (not left hanging), health goes NOT_SERVING,
     and the server exits 1 so that a supervisor starts a fresh one."""
     import os

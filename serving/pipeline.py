@@ -1,0 +1,158 @@
+"""The launches in flight to a model's process: assemble one from the scheduler's rows and
+the slot moves, send it, and land its answer when it comes.
+
+Up to MAX_FLIGHTS launches are in flight at once: while the model computes one, the next
+waits in the pipe and the event loop delivers the last one's outputs and takes RPCs. The
+worker runs them in the order sent, so landing them in that order keeps every session's step
+count in step with its state. Whoever reads or rewrites a session outside a launch (fork,
+export) first lands every launch in flight (`land_all`), holding the engine's lock so that no
+new one is sent meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from serving.metrics import Metrics
+from serving.protocol import Landed, Launch, Operation, batch_of
+from serving.scheduler import Row, Scheduler
+from serving.sessions import Session, SessionTable
+from serving.slots import SlotManager, SlotMoves
+from serving.worker_client import WorkerClient, WorkerGone
+
+log = logging.getLogger("memserve.pipeline")
+
+# One launch computing while the next waits in the pipe and the last is delivered; a third
+# measured better than two, a fourth no better (docs/performance.md, "Launches in flight").
+MAX_FLIGHTS = 3
+
+
+@dataclass(eq=False)
+class Flight:
+    """A launch sent to the model's process, and what landing it needs."""
+
+    rows: list[Row]
+    groups: dict[Operation, list[int]]  # the rows of each operation's batch, in order
+    parked: list[tuple[Session, int]]  # sessions whose state this launch reads out
+    answer: asyncio.Future[Landed]
+
+
+def assemble(rows: list[Row], moves: SlotMoves) -> tuple[Launch, dict[Operation, list[int]]]:
+    """The launch for these rows: one batch per operation (int64 slots, then each row's
+    argument stacked), with the slot moves to run before them."""
+    groups: dict[Operation, list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(row.operation, []).append(index)
+    batches = []
+    for operation, indices in groups.items():
+        slots = np.fromiter((rows[i].call.session.slot for i in indices), np.int64, len(indices))
+        batches.append(batch_of(operation, slots, [rows[i].argument for i in indices]))
+    park = tuple(slot for _, slot in moves.park)
+    return Launch(tuple(batches), park, tuple(moves.restore)), groups
+
+
+class Pipeline:
+    """The launches of one model in flight, oldest first."""
+
+    def __init__(
+        self,
+        name: str,
+        backend: str,
+        worker: WorkerClient,
+        scheduler: Scheduler,
+        slots: SlotManager,
+        table: SessionTable,
+        metrics: Metrics,
+        end: Callable[[Session, str], None],
+        on_failure: Callable[[WorkerGone], None],
+    ) -> None:
+        self.name = name
+        self.worker = worker
+        self.scheduler = scheduler
+        self.slots = slots
+        self.table = table
+        self.end = end  # ends a session whose state a failed launch took with it
+        self.on_failure = on_failure  # the model's process is gone
+        self.flights: deque[Flight] = deque()
+        self.observe_batch = metrics.batch_size.labels(name).observe
+        self.observe_step = metrics.step_duration.labels(name, backend).observe
+
+    def has_room(self) -> bool:
+        return len(self.flights) < MAX_FLIGHTS
+
+    def send(self, rows: list[Row], moves: SlotMoves) -> bool:
+        """Send the launch of `rows` and `moves`; False if there is nothing to send or the
+        model's process is gone."""
+        if not rows and not moves:
+            return False
+        launch, groups = assemble(rows, moves)
+        try:
+            answer = self.worker.launch(launch)
+        except WorkerGone as error:
+            self._lose(rows, moves.park, error)
+            self.on_failure(error)
+            return False
+        self.flights.append(Flight(rows, groups, moves.park, answer))
+        return True
+
+    async def land_oldest(self, lock: asyncio.Lock) -> None:
+        """Wait for the oldest launch's answer, then land it under `lock` (unless someone
+        holding the lock landed it first)."""
+        flight = self.flights[0]
+        await asyncio.wait({flight.answer})
+        async with lock:
+            if self.flights and self.flights[0] is flight:
+                self.flights.popleft()
+                self._land(flight)
+
+    async def land_all(self) -> None:
+        """Land every launch in flight. The caller holds the engine's lock, so none is sent
+        meanwhile; if the caller is cancelled, the answer stays for the batch loop."""
+        while self.flights:
+            flight = self.flights[0]
+            await asyncio.wait({flight.answer})
+            if self.flights and self.flights[0] is flight:
+                self.flights.popleft()
+                self._land(flight)
+
+    def _land(self, flight: Flight) -> None:
+        """Deliver a launch's answer: parked states to the store, outputs to their calls."""
+        try:
+            landed = flight.answer.result()
+        except Exception as error:
+            self._lose(flight.rows, flight.parked, error)
+            if isinstance(error, WorkerGone):
+                self.on_failure(error)
+            return
+        self.slots.landed(flight.parked, landed.parked)
+        if flight.rows:
+            self.observe_batch(len(flight.rows))
+            self.observe_step(landed.seconds)
+        outputs: list[Any] = [None] * len(flight.rows)
+        for operation, indices in flight.groups.items():
+            result = landed.outputs.get(operation)
+            if result is not None:
+                for index, output in zip(indices, result, strict=True):
+                    outputs[index] = output
+        self.scheduler.update_from_output(flight.rows, outputs)
+
+    def _lose(self, rows: list[Row], parked: list[tuple[Session, int]], error: Exception) -> None:
+        """A launch failed: its slots may be half-written and the states it parked are gone,
+        so those sessions end rather than keep a state that no longer matches their count."""
+        log.error(
+            "batched step failed",
+            exc_info=error,
+            extra={"event": "step_failed", "model": self.name},
+        )
+        self.slots.lost(parked)
+        sessions = [*self.scheduler.update_from_failure(rows), *(s for s, _ in parked)]
+        for session in sessions:
+            if self.table.live(session):
+                self.end(session, f"was lost: a step failed on the server ({error})")

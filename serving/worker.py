@@ -1,0 +1,202 @@
+"""A model and its state pool in a process of their own: the worker that `WorkerClient`
+starts and drives over a pipe (`serving.protocol` says what crosses it).
+
+Why a process: a launch is a few hundred small torch calls, and every one of them gives up
+the GIL and must win it back; in the server's process the event loop, busy with gRPC, wins
+it first (docs/performance.md, "Why the model runs in a process of its own"). In its own
+process the step has an interpreter to itself, as vLLM's engine core does.
+
+The worker trusts what the server sends: the server built every launch's slots (unique, in
+the pool, no padding) and decoded every input with its checks, so a launch gets one cheap
+check of its slots on the host and no model-side validation, and nothing in it waits on the
+device but the copy of its outputs back. It ignores SIGINT and SIGTERM (the server drains
+first, then closes the pipe) and exits when the pipe closes, also when the server is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.base import MemoryModel
+from models.state import StatePool
+from serving.protocol import (
+    BeginBatch,
+    Close,
+    CopySlot,
+    DecodeBatch,
+    EncodeBatch,
+    HostState,
+    Landed,
+    Launch,
+    ModelCard,
+    OperationBatch,
+    ReadSlot,
+    Reply,
+    Request,
+    ResetSlot,
+    StepBatch,
+    WriteSlot,
+)
+from serving.sampling import sample_tokens
+
+TEXT_OPERATIONS = ("encode", "begin_reply", "decode")
+
+
+def describe(model: MemoryModel, backend: str) -> ModelCard:
+    """The card the worker sends the server once the model is loaded."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return ModelCard(
+        model_type=model.model_type,
+        input_size=model.input_size,
+        output_size=model.output_size,
+        state_specs=model.state_specs(),
+        initial_state=host_state(model.initial_state()),
+        weights_digest=model.weights_digest,
+        backend=backend,
+        tokenizer_json=None if tokenizer is None else tokenizer.to_str(),
+        text_operations=tokenizer is not None
+        and all(hasattr(model, name) for name in TEXT_OPERATIONS),
+    )
+
+
+def host_state(state: dict[str, torch.Tensor]) -> HostState:
+    return {name: tensor.detach().cpu().numpy() for name, tensor in state.items()}
+
+
+def check_launch_slots(launch: Launch, capacity: int) -> None:
+    """The one check a launch gets, on the host: its slots are in the pool and no slot
+    appears twice (two rows on one slot would race in a kernel)."""
+    slots = np.concatenate([batch.slots for batch in launch.batches] or [np.empty(0, np.int64)])
+    if slots.size and (slots.min() < 0 or slots.max() >= capacity):
+        raise ValueError(f"a launch's slots must be in [0, {capacity}), got {slots.tolist()}")
+    if np.unique(slots).size != slots.size:
+        raise ValueError(f"a launch names a slot twice: {slots.tolist()}")
+
+
+def run_batch(model: Any, pool: StatePool, batch: OperationBatch) -> np.ndarray | None:
+    """The one place that maps an operation to the model's call; host outputs or None."""
+    device = pool.device
+    slots = torch.from_numpy(batch.slots).to(device)
+
+    def on_device(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(device)
+
+    if isinstance(batch, StepBatch):
+        outputs: np.ndarray = (
+            model.step(pool, slots, on_device(batch.inputs), check=False).cpu().numpy()
+        )
+        return outputs
+    if isinstance(batch, EncodeBatch):
+        model.encode(pool, slots, on_device(batch.tokens), check=False)
+        return None
+    if isinstance(batch, BeginBatch):
+        model.begin_reply(
+            pool, slots, on_device(batch.noise), on_device(batch.uniform), check=False
+        )
+        return None
+    if isinstance(batch, DecodeBatch):  # sampling settings stay on the host
+        logits = model.decode(pool, slots, on_device(batch.previous), check=False).cpu().numpy()
+        return sample_tokens(logits, batch.temperature, batch.top_k, batch.top_p, batch.uniform)
+    raise TypeError(f"unknown operation batch {type(batch).__name__}")
+
+
+def run_launch(model: MemoryModel, pool: StatePool, launch: Launch) -> Landed:
+    """Parks out, restores in, then each operation's batch; see `protocol.Launch`."""
+    start = time.perf_counter()
+    check_launch_slots(launch, pool.capacity)
+    parked = tuple(host_state(pool.read(slot)) for slot in launch.park)
+    for slot, state in launch.restore:
+        pool.write(slot, device_state(state, pool.device))
+    outputs = {}
+    for batch in launch.batches:
+        result = run_batch(model, pool, batch)
+        if result is not None:
+            outputs[batch.operation] = result
+    return Landed(outputs, parked, time.perf_counter() - start)
+
+
+def device_state(state: HostState, device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(array).to(device) for name, array in state.items()}
+
+
+def answer(model: MemoryModel, pool: StatePool, request: Request) -> Any:
+    """Carry out one request other than `Close`."""
+    if isinstance(request, Launch):
+        return run_launch(model, pool, request)
+    if isinstance(request, ResetSlot):
+        model.reset(pool, [request.slot])
+        return None
+    if isinstance(request, CopySlot):
+        pool.copy(request.source, request.destination)
+        return None
+    if isinstance(request, ReadSlot):
+        return host_state(pool.read(request.slot))
+    if isinstance(request, WriteSlot):
+        pool.write(request.slot, device_state(request.state, pool.device))
+        return None
+    raise TypeError(f"unknown request {type(request).__name__}")
+
+
+def serve(
+    connection: Connection, directory: str, device: str, slots: int, threads: int, nice: int
+) -> None:
+    """The worker's main: load the model, allocate the pool, send the card, then answer
+    requests in order until told to stop or the pipe closes.
+
+    It runs `nice` steps below the server: on a CPU with fewer cores than busy processes,
+    the server's event loop, which turns RPCs into launches, is what limits throughput, and
+    at equal priority the model takes the core from it for every launch (docs/performance.md,
+    "model_nice")."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
+    from kernels.backend import retain_freed_memory, select_backend
+    from models import checkpoint
+
+    retain_freed_memory()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        model = checkpoint.load(directory, device)
+        try:
+            pool = model.new_pool(slots)
+        except (RuntimeError, MemoryError) as error:
+            raise MemoryError(
+                f"a pool of {slots} slots of {model.state_bytes} bytes does not fit: {error}"
+            ) from error
+        card = describe(model, select_backend(pool.device))
+    except BaseException as error:  # said to the server, which refuses to start
+        connection.send(Reply(False, portable(error)))
+        return
+    connection.send(Reply(True, card))
+    with torch.inference_mode():
+        while True:
+            try:
+                request = connection.recv()
+            except (EOFError, OSError):  # the server is gone
+                return
+            if isinstance(request, Close):
+                return
+            try:
+                reply = Reply(True, answer(model, pool, request))
+            except Exception as error:
+                reply = Reply(False, portable(error))
+            connection.send(reply)
+
+
+def portable(error: BaseException) -> BaseException:
+    """The exception itself if it survives pickling, else a RuntimeError saying it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
