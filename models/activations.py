@@ -17,16 +17,21 @@ import torch
 from torch import Tensor
 
 
+def _minus_abs(x: Tensor) -> Tensor:
+    """-|x|, with the derivative of the side taken at 0 (abs's would be 0 there)."""
+    return torch.where(x >= 0, -x, x)
+
+
 def sigmoid(x: Tensor) -> Tensor:
     """1 / (1 + exp(-x)), from e = exp(-|x|) <= 1 so that no branch overflows (nor its
     gradient): 1 / (1 + e) for x >= 0, e / (1 + e) below."""
-    e = torch.exp(-x.abs())
+    e = torch.exp(_minus_abs(x))
     return torch.where(x >= 0, 1, e) / (1 + e)
 
 
 def softplus(x: Tensor) -> Tensor:
     """log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)), finite for every finite x."""
-    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+    return x.clamp(min=0) + torch.log1p(torch.exp(_minus_abs(x)))
 
 
 def oneplus(x: Tensor) -> Tensor:

@@ -35,9 +35,15 @@ def rowwise_product(inputs: Tensor, weight: Tensor) -> Tensor:
     so a row's result is the same whichever rows share its launch or tile
     (tests/models/test_controller.py checks this bit for bit). ROW_TILE trades a little at
     one row for much at many (docs/performance.md, "Row-wise products").
+
+    With more than one intra-op thread there are always two tiles at least: a batch of one
+    product may be split along its inner dimension across threads (seen at K >= 2000), and a
+    batch of several is split by tile.
     """
     rows, width = inputs.shape
     padding = -rows % ROW_TILE
+    if rows + padding == ROW_TILE and torch.get_num_threads() > 1:
+        padding += ROW_TILE
     if padding:
         inputs = torch.cat([inputs, inputs.new_zeros(padding, width)])
     tiles = inputs.reshape(-1, ROW_TILE, width)

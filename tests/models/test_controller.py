@@ -1,7 +1,9 @@
 """`rowwise_product`: each row's result is the same bit for bit whatever rows share its
-launch, and equals the plain matrix product to float32 rounding."""
+launch, on one thread and on two, and equals the plain matrix product to float32 rounding."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -9,8 +11,16 @@ import torch
 from models.controller import ROW_TILE, rowwise_product
 
 
-@pytest.mark.parametrize(("width", "outputs"), [(137, 2000), (129, 400), (9, 7)])
-def test_a_row_does_not_depend_on_the_others(width: int, outputs: int) -> None:
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("width", "outputs"), [(137, 2000), (129, 400), (9, 7), (2000, 64)])
+def test_a_row_does_not_depend_on_the_others(width: int, outputs: int, threads: int) -> None:
     generator = torch.Generator().manual_seed(width)
     weight = torch.randn(outputs, width, generator=generator)
     rows = torch.randn(3 * ROW_TILE + 5, width, generator=generator)

@@ -12,14 +12,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from models.base import MemoryModel
 from protos import memserve_pb2
 from tests.serving.client import create, info, metric, scrape, step
 from tests.serving.conftest import Reference, random_inputs
 from tests.serving.server_process import ServerProcess
-
-TOLERANCE = 1e-6  # max abs difference between served and in-process outputs
 
 
 def test_32_concurrent_sessions_match_each_stepped_alone(
@@ -47,7 +46,7 @@ def test_32_concurrent_sessions_match_each_stepped_alone(
         for inputs, (outputs, count) in zip(calls, results, strict=True):
             expected = reference.step(inputs)
             assert outputs.shape == expected.shape
-            assert np.abs(outputs - expected).max() <= TOLERANCE
+            assert np.array_equal(outputs, expected)
             assert count == reference.steps
     after = scrape(server.metrics_url)
     launches = metric(after, "memserve_batch_size_count") - metric(
@@ -73,7 +72,7 @@ def test_step_stream_matches_unary_steps(
     reference = Reference(models["ntm-copy"])
     for inputs, response in zip(calls, stub.StepStream(requests), strict=True):
         expected = reference.step(inputs)
-        assert np.abs(_unwire(response.outputs) - expected).max() <= TOLERANCE
+        assert np.array_equal(_unwire(response.outputs), expected)
         assert response.step == reference.steps
 
 
@@ -95,7 +94,7 @@ def test_fork_evolves_independently(server: ServerProcess, models: dict[str, Mem
         ):
             inputs = random_inputs(rng, 4, 8)
             outputs, count = step(stub, session_id, inputs)
-            assert np.abs(outputs - reference.step(inputs)).max() <= TOLERANCE
+            assert np.array_equal(outputs, reference.step(inputs))
             assert count == reference.steps
 
 
@@ -118,7 +117,7 @@ def test_expected_step_mismatch_is_refused_and_changes_nothing(
     assert info(stub, session_id).step == 3
     then = random_inputs(rng, 2, 9)
     outputs, count = step(stub, session_id, then, expected_step=3)
-    assert np.abs(outputs - reference.step(then)).max() <= TOLERANCE and count == 5
+    assert np.array_equal(outputs, reference.step(then)) and count == 5
 
 
 def test_session_expires_after_its_idle_ttl(server: ServerProcess) -> None:
@@ -159,7 +158,7 @@ def test_parked_sessions_continue_exactly(
                 residences.add(info(stub, session_id).residence)
                 inputs = random_inputs(rng, 5, 9)
                 outputs, count = step(stub, session_id, inputs)
-                assert np.abs(outputs - reference.step(inputs)).max() <= TOLERANCE
+                assert np.array_equal(outputs, reference.step(inputs))
                 assert count == reference.steps
         assert residences == {"active", "parked_host", "parked_disk"}
         assert len(list(park_dir.glob("*.safetensors"))) >= 1
@@ -175,7 +174,7 @@ def test_parked_sessions_continue_exactly(
         child = stub.ForkSession(memserve_pb2.ForkSessionRequest(session_id=parked_id))
         inputs = random_inputs(rng, 3, 9)
         outputs, _ = step(stub, child.session_id, inputs)
-        assert np.abs(outputs - parked_reference.fork().step(inputs)).max() <= TOLERANCE
+        assert np.array_equal(outputs, parked_reference.fork().step(inputs))
 
 
 def test_export_import_between_servers(
@@ -199,7 +198,7 @@ def test_export_import_between_servers(
             here, count_here = step(stub, original, inputs)
             there, count_there = step(other, imported.session_id, inputs)
             np.testing.assert_array_equal(here, there)
-            assert np.abs(there - reference.step(inputs)).max() <= TOLERANCE
+            assert np.array_equal(there, reference.step(inputs))
             assert count_here == count_there == reference.steps
         # A server without the model refuses the import by name.
     with ServerProcess(tmp_path, "--models", "ntm-copy") as third:
@@ -272,7 +271,7 @@ def test_resource_exhausted_only_when_nothing_can_be_parked(
         assert info(stub, first).residence == "active"
         inputs = random_inputs(rng, 4, 9)
         outputs, count = step(stub, first, inputs)
-        assert np.abs(outputs - reference.step(inputs)).max() <= TOLERANCE and count == 8
+        assert np.array_equal(outputs, reference.step(inputs)) and count == 8
         samples = scrape(full.metrics_url)
         assert metric(samples, "memserve_sessions", state="active") == 1
         assert metric(samples, "memserve_requests_rejected_total",
@@ -311,7 +310,7 @@ def test_a_parked_session_gets_a_slot_while_every_active_one_is_busy(
             stop.set()
             for worker in workers:
                 worker.result(timeout=60)
-        assert np.abs(outputs - reference.step(inputs)).max() <= TOLERANCE and count == 4
+        assert np.array_equal(outputs, reference.step(inputs)) and count == 4
         assert info(stub, busy).step == sum(busy_steps)
 
 
@@ -343,15 +342,14 @@ def test_export_and_fork_during_a_long_call_match_their_step_count(
             state = import_state(exported.state)
             assert state.step == exported.step
             for name, tensor in state.tensors.items():
-                difference = (tensor - states[state.step][name]).abs().max().item()
-                assert difference <= TOLERANCE, (state.step, name, difference)
+                assert torch.equal(tensor, states[state.step][name]), (state.step, name)
             counts.append(state.step)
             if len(forks) < 3:
                 fork = stub.ForkSession(memserve_pb2.ForkSessionRequest(session_id=session_id))
                 forks.append((fork.session_id, fork.step))
         outputs, count = caller.result(timeout=120)
         assert count == 1000
-        assert np.abs(outputs - np.stack(expected)).max() <= TOLERANCE
+        assert np.array_equal(outputs, np.stack(expected))
         assert any(0 < k < 1000 for k in counts), counts  # some were taken mid-call
         for fork_id, fork_step in forks:
             twin = Reference(model)
@@ -360,4 +358,4 @@ def test_export_and_fork_during_a_long_call_match_their_step_count(
             more = random_inputs(rng, 5, 9)
             served, served_count = step(stub, fork_id, more)
             assert served_count == fork_step + 5
-            assert np.abs(served - twin.step(more)).max() <= TOLERANCE
+            assert np.array_equal(served, twin.step(more))
