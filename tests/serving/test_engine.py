@@ -1,0 +1,99 @@
+"""A server's engines in this process over real model processes, with every request that
+crosses the pipe recorded: the front end starts and serves without loading weights, a new
+session's slot is reset and a fork's copied in the worker (no state crosses the pipe), and
+parking carries exactly the states it must."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.torch
+
+from kernels.backend import BACKEND_ENV
+from models import checkpoint
+from serving import server as server_module
+from serving.config import ServerConfig
+from serving.protocol import CopySlot, Launch, ReadSlot, Request, ResetSlot, WriteSlot
+from serving.server import Server
+from serving.worker_client import WorkerClient
+
+
+class RecordingWorker(WorkerClient):
+    """A real worker client that also remembers every request it sends."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[Request] = []
+
+    def send(self, request: Request) -> asyncio.Future[Any]:
+        self.sent.append(request)
+        return super().send(request)
+
+    def take(self) -> list[str]:
+        """The kinds of request sent since the last call (launches as "Launch")."""
+        kinds, self.sent = [type(request).__name__ for request in self.sent], []
+        return kinds
+
+
+def no_weights(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the front end loaded model weights")
+
+
+@pytest.fixture
+def front_end_without_weights() -> Iterator[None]:
+    """Any weight loading in this process fails the test; the model processes are spawned
+    fresh and load theirs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(BACKEND_ENV, "torch")
+        patch.setattr(checkpoint, "load", no_weights)
+        patch.setattr(safetensors.torch, "load_file", no_weights)
+        patch.setattr(server_module, "WorkerClient", RecordingWorker)
+        yield
+
+
+def test_sessions_are_made_in_the_worker_and_only_parking_carries_state(
+    tmp_path: Path, front_end_without_weights: None
+) -> None:
+    config = ServerConfig(models=("ntm-copy",), slots=2, threads=1, park_dir=str(tmp_path))
+    server = Server(config)
+    server.load_models()
+    engine = server.engines["ntm-copy"]
+    worker = engine.worker
+    assert isinstance(worker, RecordingWorker)
+    rng = np.random.default_rng()
+
+    async def scenario() -> None:
+        engine.start()
+        try:
+            lifecycle = engine.lifecycle
+            first = await lifecycle.create(None, None)
+            assert worker.take() == ["ResetSlot"]
+            await engine.step(first, rng.random((3, 9), dtype=np.float32), None)
+            assert worker.take() == ["Launch"] * 3
+            child = await lifecycle.fork(first, None)  # the second slot was free
+            assert worker.take() == ["CopySlot"]
+            assert child.step == first.step == 3
+            third = await lifecycle.create(None, None)  # no free slot: an idle one is parked
+            assert worker.take() == ["ReadSlot", "ResetSlot"]
+            parked = first if first.slot is None else child
+            assert engine.slots.residence(parked) == "parked_host"
+            grandchild = await lifecycle.fork(parked, None)  # a copy in the store, no pipe
+            assert worker.take() == [] and grandchild.slot is None
+            await engine.step(grandchild, rng.random((1, 9), dtype=np.float32), None)
+            sent = worker.sent
+            assert worker.take() == ["Launch"]  # restored inside the launch, parking another
+            launch = sent[0]
+            assert isinstance(launch, Launch) and len(launch.park) == len(launch.restore) == 1
+            await lifecycle.export(third)
+            assert worker.take() == ["ReadSlot"]
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
+    kinds = {ResetSlot, CopySlot, ReadSlot, WriteSlot, Launch}
+    assert all(type(request) in kinds for request in worker.sent)

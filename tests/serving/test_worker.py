@@ -1,0 +1,114 @@
+"""The worker's side of the pipe, in this process: a launch parks, restores and steps in
+that order; its one slot check refuses a launch before it changes anything; the model card
+says what the model is."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.backend import BACKEND_ENV
+from models import checkpoint
+from models.base import MemoryModel
+from models.state import StatePool
+from serving.protocol import Launch, Operation, ReadSlot, ResetSlot, StepBatch, WriteSlot
+from serving.worker import answer, describe, host_state, run_launch
+
+
+@pytest.fixture(autouse=True)
+def torch_backend() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(BACKEND_ENV, "torch")
+        yield
+
+
+@pytest.fixture(scope="module")
+def model() -> MemoryModel:
+    return checkpoint.load("ntm-copy")
+
+
+def stepped_pool(model: MemoryModel, capacity: int, steps: int) -> StatePool:
+    """A pool whose sessions have taken `steps` random steps each (no two alike)."""
+    pool = model.new_pool(capacity)
+    model.reset(pool, range(capacity))
+    rng = np.random.default_rng(capacity)
+    for _ in range(steps):
+        inputs = torch.from_numpy(rng.random((capacity, model.input_size), dtype=np.float32))
+        model.step(pool, torch.arange(capacity), inputs)
+    return pool
+
+
+def test_a_launch_parks_then_restores_then_steps(model: MemoryModel) -> None:
+    pool = stepped_pool(model, 3, steps=4)
+    before = {slot: pool.read(slot) for slot in range(3)}
+    elsewhere = stepped_pool(model, 1, steps=7).read(0)  # a parked session's state
+    inputs = np.random.default_rng().random((2, model.input_size), dtype=np.float32)
+    launch = Launch(
+        batches=(StepBatch(np.array([1, 2]), inputs),),
+        park=(1,),
+        restore=((1, host_state(elsewhere)),),
+    )
+    landed = run_launch(model, pool, launch)
+    # the parked state is slot 1's as it was, read before anything was written there
+    for name, array in landed.parked[0].items():
+        assert np.array_equal(array, before[1][name].numpy())
+    # the step ran on the restored state: the same as stepping that state alone
+    alone = model.new_pool(1)
+    alone.write(0, elsewhere)
+    expected = model.step(alone, torch.tensor([0]), torch.from_numpy(inputs[:1]))
+    assert np.array_equal(landed.outputs[Operation.STEP][0], expected[0].numpy())
+    for name in pool:
+        assert torch.equal(pool.read(1)[name], alone.read(0)[name])
+        assert torch.equal(pool.read(0)[name], before[0][name])  # not in the launch
+    assert landed.seconds > 0
+
+
+@pytest.mark.parametrize("slots", [[0, 0], [0, 3], [-1, 1]], ids=["twice", "outside", "padding"])
+def test_a_launch_with_bad_slots_is_refused_before_anything_changes(
+    model: MemoryModel, slots: list[int]
+) -> None:
+    pool = stepped_pool(model, 3, steps=2)
+    before = {slot: pool.read(slot) for slot in range(3)}
+    inputs = np.random.default_rng().random((2, model.input_size), dtype=np.float32)
+    launch = Launch(
+        batches=(StepBatch(np.array(slots, np.int64), inputs),),
+        park=(2,),
+        restore=((2, host_state(before[0])),),
+    )
+    with pytest.raises(ValueError, match="slot"):
+        run_launch(model, pool, launch)
+    for slot in range(3):
+        for name in pool:
+            assert torch.equal(pool.read(slot)[name], before[slot][name])
+
+
+def test_slot_requests_reset_read_and_write(model: MemoryModel) -> None:
+    pool = stepped_pool(model, 2, steps=3)
+    stepped = pool.read(1)
+    answer(model, pool, ResetSlot(1))
+    fresh = answer(model, pool, ReadSlot(1))
+    for name, array in fresh.items():
+        assert np.array_equal(array, model.initial_state()[name].numpy())
+    answer(model, pool, WriteSlot(0, host_state(stepped)))
+    for name in pool:
+        assert torch.equal(pool.read(0)[name], stepped[name])
+
+
+@pytest.mark.parametrize("name", ["ntm-copy", "vmed-chat"])
+def test_the_card_says_what_the_model_is(name: str) -> None:
+    model = checkpoint.load(name)
+    card = describe(model, "torch")
+    directory = checkpoint.resolve(name)
+    digest = hashlib.sha256((directory / checkpoint.WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert card.weights_digest == digest
+    assert (card.input_size, card.output_size) == (model.input_size, model.output_size)
+    assert card.state_specs == model.state_specs() and card.state_bytes == model.state_bytes
+    assert card.memory_shape == model.memory_shape
+    for spec in card.state_specs:
+        assert np.array_equal(card.initial_state[spec.name], model.initial_state()[spec.name])
+    assert card.text_operations == (name == "vmed-chat")
+    assert (card.tokenizer_json is not None) == (name == "vmed-chat")
