@@ -32,7 +32,8 @@ from protos import memserve_pb2
 from serving.config import ServerConfig
 from serving.engine import EngineSettings, ModelEngine
 from serving.metrics import Metrics
-from serving.service import MemServeService, add_to_server
+from serving.rpc import add_to_server
+from serving.service import MemServeService
 from serving.sessions import SessionTable
 from serving.store import DirectoryStore, ParkingStore
 from serving.worker_client import WorkerClient
@@ -149,7 +150,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        add_to_server(self.service, server)
+        add_to_server(self.service, memserve_pb2, "MemServe", server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -187,16 +188,16 @@ class Server:
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new calls, let calls in flight finish (up to grace), stop."""
-        if self.service.draining:
+        if self.service.admission.draining:
             return
         started = time.monotonic()
         log.info("draining", extra={"event": "draining", "grace_seconds": self.config.grace})
         await self.health.enter_graceful_shutdown()
-        self.service.draining = True
+        self.service.admission.draining = True
         deadline = started + self.config.grace
-        while self.service.in_flight and time.monotonic() < deadline:
+        while self.service.admission.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        left = self.service.in_flight
+        left = self.service.admission.in_flight
         for engine in self.engines.values():  # what is still queued is answered CANCELLED
             await engine.stop()
         if self.grpc_server is not None:
