@@ -1,8 +1,9 @@
 """The gRPC server: sessions whose memory lives in a model's state pool, stepped in batches.
 
-`config` (settings from flags, environment and TOML), `wire` (tensors on the wire),
-`errors` (what a request can get wrong, as gRPC status codes), `store` (where parked
-sessions go), `sessions` (the session table and the export format), `engine` (one model:
-its pool, its sessions and the batch loop), `metrics` (Prometheus), `service` (the RPC
-handlers), `server` (start, serve, drain).
+From the top: `server` (start, serve, drain), `service` (the RPC handlers) and `rpc` (how a
+request is admitted, answered and timed); per model, `engine` wires `lifecycle` (sessions'
+create .. expire), `scheduler` (which calls run next), `slots` (slots and parking, in front
+of `store`) and `pipeline` (launches in flight) over `worker_client`, which drives the
+model's own process (`worker`) with the messages of `protocol`. docs/serving.md has the
+path of one call through them.
 """
