@@ -150,6 +150,17 @@ def _read_write_tile(
 
 
 @triton.jit
+def _store_reads(
+    reads_row, reads, M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """One batch row's reads `[R, M]` (held as `[R_PAD, BLOCK_M]`) into the output."""
+    head_rows = tl.arange(0, R_PAD)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask = (head_rows[:, None] < R) & (offs_m[None, :] < M)
+    tl.store(reads_row + head_rows[:, None] * M + offs_m[None, :], reads, mask=mask)
+
+
+@triton.jit
 def ntm_step_kernel(
     memory_ptr,
     weights_ptr,
@@ -177,15 +188,11 @@ def ntm_step_kernel(
     H: tl.constexpr = R + W
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + row)
-    head_rows = tl.arange(0, R_PAD)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    reads_tile = reads_ptr + row * R * M + head_rows[:, None] * M + offs_m[None, :]
-    reads_mask = (head_rows[:, None] < R) & mask_m[None, :]
     if slot < 0:
         # A padding row: its reads are zeros (every row of the output is written); no slot
         # is read or written.
-        tl.store(reads_tile, tl.zeros([R_PAD, BLOCK_M], dtype=tl.float32), mask=reads_mask)
+        reads = tl.zeros([R_PAD, BLOCK_M], dtype=tl.float32)
+        _store_reads(reads_ptr + row * R * M, reads, M, R, R_PAD, BLOCK_M)
         return
 
     memory_slot = memory_ptr + slot * N * M
@@ -194,6 +201,8 @@ def ntm_step_kernel(
     keys_row = keys_ptr + row * H * M
     erase_row = erase_ptr + row * W * M
     add_row = add_ptr + row * W * M
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
 
     if ONE_TILE:
         # The only tile: loaded here, kept in registers for phase C.
@@ -235,4 +244,4 @@ def ntm_step_kernel(
                 erase_row, add_row, N, M, R, W, R_PAD,
             )  # fmt: skip
 
-    tl.store(reads_tile, reads_acc, mask=reads_mask)
+    _store_reads(reads_ptr + row * R * M, reads_acc, M, R, R_PAD, BLOCK_M)
