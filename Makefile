@@ -15,6 +15,8 @@ TORCH_REQUIREMENT ?= torch==2.13.0
 TRITON_REQUIREMENT ?= triton==3.6.0
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
+# The newest Triton on PyPI, alone (no dependencies), for test-triton-latest.
+TRITON_LATEST ?= $(VENV)/triton-latest
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -26,10 +28,11 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q 
 # invoke-rc.d and deb-systemd-invoke ask this script before starting a service; 101 = no.
 POLICY_RC := /usr/sbin/policy-rc.d
 
-.PHONY: setup system-deps serve run test lint typecheck pytest bench protos clean help
+.PHONY: setup system-deps serve run test lint typecheck pytest test-triton-latest bench protos \
+	clean help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 21
 
 setup: $(STAMP)  ## create .venv and install memserve with its dev tools
 
@@ -75,7 +78,14 @@ typecheck: $(STAMP)  ## mypy, strict
 pytest: $(STAMP) system-deps  ## the test suite alone
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest  ## set up, then lint, type-check and run the whole test suite
+# A Triton release that breaks the kernels must fail here before it reaches a user, so the
+# kernel tests run a second time under the newest release on PyPI, resolved at every run.
+# It is a `pip install --target` overlay of triton alone (it needs nothing, so torch stays as
+# it is), installed again only when PyPI's newest changes, first on PYTHONPATH.
+test-triton-latest: $(STAMP)  ## the kernel tests again, under the newest Triton on PyPI
+	$(BIN)/python -m tests.kernels.newest_triton $(TRITON_LATEST) -q
+
+test: lint typecheck pytest test-triton-latest  ## lint, type-check, the whole suite, then the kernel tests under the newest Triton
 
 bench: $(STAMP)  ## kernel benchmark; writes JSON under bench/results/
 	$(BIN)/python bench/kernels.py
