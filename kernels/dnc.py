@@ -69,9 +69,8 @@ def launch_config(num_rows: int, word_size: int) -> LaunchConfig:
     N=64, W=64: one memory tile and one link block of 4096 elements, 8 warps. N=256, W=64:
     two memory tiles of 128 rows, eight link blocks of 32 x 256, 16 warps. Half the NTM's
     elements per thread, because a program also keeps full-length weightings and the
-    backward accumulators live: ptxas for sm_90a reports 105 registers for N=64 at 8 warps
-    (207 at 4) and 128 for N=256 at 16 warps, where 8 warps spill. Tuning on a GPU should
-    replace this guess.
+    backward accumulators live (ptxas's register counts: docs/performance.md, "Kernels").
+    Tuning on a GPU should replace this guess.
     """
     block_w = next_power_of_2(word_size)
     block_n = next_power_of_2(num_rows)
