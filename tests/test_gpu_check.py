@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -149,12 +150,19 @@ def test_dry_run_goes_through_every_step_and_writes_the_records(
 
 
 def test_the_wheels_brought_along_fit_memserves_dependencies() -> None:
-    """Each wheel is pinned, is one of memserve's declared dependencies, and the pin
-    satisfies the declaration; grpcio and protobuf, which protos/ checks at import, are
-    always among them (a GPU image's own may be too old)."""
+    """Each wheel is pinned, is one of memserve's declared dependencies or one of theirs,
+    and the pin satisfies what requires it; grpcio and protobuf, which protos/ checks at
+    import, are always among them (a GPU image's own may be too old)."""
     with (ROOT / "pyproject.toml").open("rb") as handle:
         lines = tomllib.load(handle)["project"]["dependencies"]
     declared = {canonicalize_name(r.name): r for r in map(Requirement, lines)}
+    for requirement in list(declared.values()):  # what the declared ones need, installed here
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        for line in metadata.requires(requirement.name) or []:
+            dependency = Requirement(line)
+            if dependency.marker is None:
+                declared.setdefault(canonicalize_name(dependency.name), dependency)
     text = (ROOT / "bench" / "gpu-wheels.txt").read_text().splitlines()
     pins = [Requirement(line) for line in text if line.strip() and not line.startswith("#")]
     for pin in pins:
