@@ -15,6 +15,16 @@ TORCH_REQUIREMENT ?= torch==2.13.0
 TRITON_REQUIREMENT ?= triton==3.6.0
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
+# The newest Triton on PyPI, alone (no dependencies), for test-triton-latest.
+TRITON_LATEST ?= $(VENV)/triton-latest
+# gpu-check runs where CUDA is, with that machine's Python, which brings torch and triton;
+# gpu-wheels downloads what else memserve needs, for that Python, into GPU_WHEELS.
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS ?= .gpu-wheels
+GPU_CHECK_ARGS ?=
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -26,10 +36,11 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q 
 # invoke-rc.d and deb-systemd-invoke ask this script before starting a service; 101 = no.
 POLICY_RC := /usr/sbin/policy-rc.d
 
-.PHONY: setup system-deps serve run test lint typecheck pytest bench protos clean help
+.PHONY: setup system-deps serve run test lint typecheck pytest test-triton-latest bench \
+	gpu-wheels gpu-check protos clean help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 21
 
 setup: $(STAMP)  ## create .venv and install memserve with its dev tools
 
@@ -75,10 +86,31 @@ typecheck: $(STAMP)  ## mypy, strict
 pytest: $(STAMP) system-deps  ## the test suite alone
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest  ## set up, then lint, type-check and run the whole test suite
+# A Triton release that breaks the kernels must fail here before it reaches a user, so the
+# kernel tests run a second time under the newest release on PyPI, resolved at every run.
+# It is a `pip install --target` overlay of triton alone (it needs nothing, so torch stays as
+# it is), installed again only when PyPI's newest changes, first on PYTHONPATH.
+test-triton-latest: $(STAMP)  ## the kernel tests again, under the newest Triton on PyPI
+	$(BIN)/python -m tests.kernels.newest_triton $(TRITON_LATEST) -q
+
+test: lint typecheck pytest test-triton-latest  ## lint, type-check, the whole suite, then the kernel tests under the newest Triton
 
 bench: $(STAMP)  ## kernel benchmark; writes JSON under bench/results/
 	$(BIN)/python bench/kernels.py
+
+# Wheels only (the GPU machine may have no compiler), none of their dependencies (the GPU
+# image has those, with torch and triton); bench/gpu-wheels.txt says which and why.
+gpu-wheels: $(STAMP)  ## download into .gpu-wheels/ the wheels gpu-check installs on a GPU machine
+	rm -rf $(GPU_WHEELS)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) \
+		-d $(GPU_WHEELS) -r bench/gpu-wheels.txt
+	@du -sh $(GPU_WHEELS)
+
+# No .venv here: this runs on the GPU machine, with its own Python (GPU_CHECK_ARGS='--dry-run'
+# GPU_PYTHON=.venv/bin/python tries the whole flow on a CPU).
+gpu-check:  ## on a CUDA machine: GPU tests and benchmarks in < 8 min (bench/gpu_check.py)
+	$(GPU_PYTHON) bench/gpu_check.py --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
 
 protos: $(STAMP)  ## regenerate protos/memserve_pb2*.py from protos/memserve.proto
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/memserve.proto

@@ -1030,6 +1030,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         help="extra environment for the memserve child (repeatable), e.g. OMP_NUM_THREADS=1",
     )
+    parser.add_argument(
+        "--device", help="the server's --device (auto, cpu, cuda); default: the server's own"
+    )
     parser.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if any(c < 1 or c > POOL_SLOTS for c in args.levels):
@@ -1041,6 +1044,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if any("=" not in item for item in args.server_env):
         parser.error("--server-env takes NAME=VALUE")
     args.server_env = dict(item.split("=", 1) for item in args.server_env)
+    if args.device is not None:  # as `memserve serve --device`, which reads this variable
+        args.server_env["MEMSERVE_DEVICE"] = args.device
     args.levels = sorted(set(args.levels))
     args.batches = sorted(set(args.batches))
     return args

@@ -72,16 +72,13 @@ TRIM_THRESHOLD_BYTES = 64 << 20
 def retain_freed_memory() -> bool:
     """Keep freed CPU buffers in this process's heap instead of returning them to the kernel.
 
-    The reference backend allocates a few buffers of B x N x M floats every launch (1.3 MB
-    each for ntm-copy at B=128). glibc gives blocks that size back to the kernel when they
-    are freed together (its trim threshold follows the largest block freed, not their sum),
-    so every launch faults its buffers in again, page by page: 610-650 page faults per
-    ntm-copy step at B=128 and 1,280 at B=256 on this project's 2-core CPU, where the step
-    (one thread, three alternating runs) took 9.6-10.5 ms instead of 6.9-8.2 at B=128 and
-    17.0-18.3 instead of 12.8-13.8 at B=256. With the thresholds raised, the heap keeps up
-    to TRIM_THRESHOLD_BYTES free and those steps fault no page. Call it once in a process
-    that serves or measures steps on the CPU (tests/kernels/test_backend.py checks it);
-    returns False, changing nothing, where the C library is not glibc."""
+    The reference backend allocates a few buffers of B x N x M floats every launch. glibc
+    gives blocks that size back to the kernel when they are freed together (its trim
+    threshold follows the largest block freed, not their sum), so every launch would fault
+    its buffers in again, page by page. With the thresholds raised, the heap keeps up to
+    TRIM_THRESHOLD_BYTES free (what that saves: docs/performance.md, "Kernels"). Call it
+    once in a process that serves or measures steps on the CPU (tests/kernels/test_backend.py
+    checks it); returns False, changing nothing, where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -69,9 +69,8 @@ def launch_config(num_rows: int, word_size: int) -> LaunchConfig:
     N=64, W=64: one memory tile and one link block of 4096 elements, 8 warps. N=256, W=64:
     two memory tiles of 128 rows, eight link blocks of 32 x 256, 16 warps. Half the NTM's
     elements per thread, because a program also keeps full-length weightings and the
-    backward accumulators live: ptxas for sm_90a reports 105 registers for N=64 at 8 warps
-    (207 at 4) and 128 for N=256 at 16 warps, where 8 warps spill. Tuning on a GPU should
-    replace this guess.
+    backward accumulators live (ptxas's register counts: docs/performance.md, "Kernels").
+    Tuning on a GPU should replace this guess.
     """
     block_w = next_power_of_2(word_size)
     block_n = next_power_of_2(num_rows)
@@ -101,13 +100,14 @@ def check_config(config: LaunchConfig, num_rows: int, word_size: int) -> None:
 
 
 def kernel_constants(
-    num_rows: int, word_size: int, num_read: int, has_link: bool, config: LaunchConfig
+    num_rows: int, word_size: int, num_read: int, config: LaunchConfig
 ) -> dict[str, int | bool]:
-    """The compile-time constants of `dnc_step_kernel` for one model shape and tiling."""
+    """The compile-time constants of `dnc_step_kernel` for one model shape and tiling; the
+    kernel's heuristics add HAS_LINK (whether a link pointer is given)."""
     return {
         "N": num_rows, "W": word_size, "R": num_read, "R_PAD": next_power_of_2(num_read),
         "BLOCK_N": config.block_n, "BLOCK_W": config.block_w, "BLOCK_ROWS": config.block_rows,
-        "BLOCK_LINK": config.block_link, "ONE_TILE": config.one_tile, "HAS_LINK": has_link,
+        "BLOCK_LINK": config.block_link, "ONE_TILE": config.one_tile,
     }  # fmt: skip
 
 
@@ -122,6 +122,8 @@ def _launch_triton(
     """Launch the kernel on validated `dnc_memory_step` arguments, in its order."""
     memory, _, _, link, _, read_weights, slots = args[:7]
     assert memory is not None and read_weights is not None and slots is not None
+    if link is None:  # read modes only mix link-based weightings in: without links, unused
+        args = (*args[:-1], None)
     batch = slots.shape[0]
     if batch == 0:
         return
@@ -132,11 +134,10 @@ def _launch_triton(
     )
     config = config or launch_config(num_rows, word_size)
     check_config(config, num_rows, word_size)
-    constants = kernel_constants(num_rows, word_size, num_read, link is not None, config)
-    # Without links, precedence, link and read_modes are never dereferenced (HAS_LINK is off):
-    # any pointer will do in their place.
-    pointers = [scratch if tensor is None else tensor for tensor in args]
-    dnc_step_kernel[(batch,)](*pointers, reads, scratch, **constants, num_warps=config.num_warps)
+    constants = kernel_constants(num_rows, word_size, num_read, config)
+    # Without links, precedence, link and read_modes go in as None: the kernel's heuristics
+    # turn HAS_LINK off, and the code that would read them is not compiled.
+    dnc_step_kernel[(batch,)](*args, reads, scratch, **constants, num_warps=config.num_warps)
 
 
 def dnc_memory_step(

@@ -61,9 +61,9 @@ class LaunchConfig:
 def launch_config(num_rows: int, row_width: int) -> LaunchConfig:
     """Tiles of at most MAX_TILE_ELEMENTS and about 32 tile elements per thread.
 
-    ptxas for sm_90a (pointers 16-byte aligned, as at launch) reports for the N=128, M=64
-    tile: 128 registers at 4 warps, 106 at 8, 60 at 16, none spilling; 8 warps keep every
-    size up to N=4096, M=256 free of spills. Tuning on a GPU should replace this guess.
+    At most 8 warps: there ptxas for sm_90a keeps every size up to N=4096, M=256 in
+    registers without spilling (its counts: docs/performance.md, "Kernels"). Tuning on a
+    GPU should replace this guess.
     """
     block_m = next_power_of_2(row_width)
     block_nf = next_power_of_2(num_rows)

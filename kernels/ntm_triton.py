@@ -17,13 +17,12 @@ def _load_tile(
     N: tl.constexpr,
     M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    row_ok,
 ):
     """Rows start..start+BLOCK_N of a slot's memory, as float32, with their addresses."""
     offs_n = start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     mem_tile = memory_slot + offs_n[:, None] * M + offs_m[None, :]
-    mem_mask = mask_n[:, None] & mask_m[None, :] & row_ok
+    mem_mask = mask_n[:, None] & mask_m[None, :]
     mem = tl.load(mem_tile, mask=mem_mask, other=0.0).to(tl.float32)
     return offs_n, mask_n, mem_tile, mem
 
@@ -41,17 +40,16 @@ def _content_logits(
     N: tl.constexpr,
     M: tl.constexpr,
     H: tl.constexpr,
-    row_ok,
 ):
     """Phase A on one tile: scratch[h, n] = beta_h * cos(key_h, mem[n]) for the tile's rows."""
     row_norm = tl.sqrt(tl.sum(mem * mem, axis=1))
     for h in tl.static_range(H):
-        key = tl.load(keys_row + h * M + offs_m, mask=mask_m & row_ok, other=0.0)
+        key = tl.load(keys_row + h * M + offs_m, mask=mask_m, other=0.0)
         key_norm = tl.sqrt(tl.sum(key * key, axis=0))
-        beta = tl.load(beta_row + h, mask=row_ok, other=0.0)
+        beta = tl.load(beta_row + h)
         dots = tl.sum(mem * key[None, :], axis=1)
         logits = beta * dots / (row_norm * key_norm + 1e-8)
-        tl.store(scratch_row + h * N + offs_n, logits, mask=mask_n & row_ok)
+        tl.store(scratch_row + h * N + offs_n, logits, mask=mask_n)
 
 
 @triton.jit
@@ -65,7 +63,6 @@ def _address_heads(
     H: tl.constexpr,
     K: tl.constexpr,
     BLOCK_NF: tl.constexpr,
-    row_ok,
 ):
     """Phase B: turn each head's logits into its new weighting, in the pool and scratch.
 
@@ -73,13 +70,13 @@ def _address_heads(
     weighting is parked in the scratch row and read back at 2K+1 offsets.
     """
     offs = tl.arange(0, BLOCK_NF)
-    mask = (offs < N) & row_ok
+    mask = offs < N
     for h in tl.static_range(H):
         logits = tl.load(scratch_row + h * N + offs, mask=mask, other=float("-inf"))
-        peak = tl.where(row_ok, tl.max(logits, axis=0), 0.0)
+        peak = tl.max(logits, axis=0)
         content = tl.exp(logits - peak)
-        inv_denom = 1.0 / tl.where(row_ok, tl.sum(content, axis=0), 1.0)
-        gate = tl.load(gate_row + h, mask=row_ok, other=0.0)
+        inv_denom = 1.0 / tl.sum(content, axis=0)
+        gate = tl.load(gate_row + h)
         previous = tl.load(weights_slot + h * N + offs, mask=mask, other=0.0).to(tl.float32)
         gated = gate * inv_denom * content + (1.0 - gate) * previous
         if K > 0:
@@ -91,12 +88,10 @@ def _address_heads(
                 # s_w[i] takes g_w[(i - (j - K)) mod N]; + K*N keeps the operand non-negative.
                 source = (offs + K * N - (j - K)) % N
                 neighbour = tl.load(scratch_row + h * N + source, mask=mask, other=0.0)
-                shifted += (
-                    tl.load(shift_row + h * (2 * K + 1) + j, mask=row_ok, other=0.0) * neighbour
-                )
+                shifted += tl.load(shift_row + h * (2 * K + 1) + j) * neighbour
         else:
-            shifted = gated * tl.load(shift_row + h, mask=row_ok, other=0.0)
-        gamma = tl.load(gamma_row + h, mask=row_ok, other=1.0)
+            shifted = gated * tl.load(shift_row + h)
+        gamma = tl.load(gamma_row + h)
         top = tl.max(shifted, axis=0)
         scaled = shifted / tl.where(top > 0, top, 1.0)
         positive = scaled > 0
@@ -129,30 +124,40 @@ def _read_write_tile(
     R: tl.constexpr,
     W: tl.constexpr,
     R_PAD: tl.constexpr,
-    row_ok,
 ):
     """Phase C on one tile: add its share of every read, then erase/add-write it."""
     head_rows = tl.arange(0, R_PAD)
     for h in tl.static_range(R):
-        weighting = tl.load(scratch_row + h * N + offs_n, mask=mask_n & row_ok, other=0.0)
+        weighting = tl.load(scratch_row + h * N + offs_n, mask=mask_n, other=0.0)
         part = tl.sum(weighting[:, None] * mem, axis=0)
         reads_acc += tl.where(head_rows[:, None] == h, part[None, :], 0.0)
     if W > 0:
         updated = mem
         for h in tl.static_range(W):
-            weighting = tl.load(scratch_row + (R + h) * N + offs_n, mask=mask_n & row_ok, other=0.0)
-            erase = tl.load(erase_row + h * M + offs_m, mask=mask_m & row_ok, other=0.0)
+            weighting = tl.load(scratch_row + (R + h) * N + offs_n, mask=mask_n, other=0.0)
+            erase = tl.load(erase_row + h * M + offs_m, mask=mask_m, other=0.0)
             updated = updated * (1.0 - weighting[:, None] * erase[None, :])
         for h in tl.static_range(W):
-            weighting = tl.load(scratch_row + (R + h) * N + offs_n, mask=mask_n & row_ok, other=0.0)
-            add = tl.load(add_row + h * M + offs_m, mask=mask_m & row_ok, other=0.0)
+            weighting = tl.load(scratch_row + (R + h) * N + offs_n, mask=mask_n, other=0.0)
+            add = tl.load(add_row + h * M + offs_m, mask=mask_m, other=0.0)
             updated += weighting[:, None] * add[None, :]
         tl.store(
             mem_tile,
             updated.to(mem_tile.dtype.element_ty),
-            mask=mask_n[:, None] & mask_m[None, :] & row_ok,
+            mask=mask_n[:, None] & mask_m[None, :],
         )
     return reads_acc
+
+
+@triton.jit
+def _store_reads(
+    reads_row, reads, M: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """One batch row's reads `[R, M]` (held as `[R_PAD, BLOCK_M]`) into the output."""
+    head_rows = tl.arange(0, R_PAD)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask = (head_rows[:, None] < R) & (offs_m[None, :] < M)
+    tl.store(reads_row + head_rows[:, None] * M + offs_m[None, :], reads, mask=mask)
 
 
 @triton.jit
@@ -183,8 +188,12 @@ def ntm_step_kernel(
     H: tl.constexpr = R + W
     row = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + row)
-    row_ok = slot >= 0
-    slot = tl.maximum(slot, 0)
+    if slot < 0:
+        # A padding row: its reads are zeros (every row of the output is written); no slot
+        # is read or written.
+        reads = tl.zeros([R_PAD, BLOCK_M], dtype=tl.float32)
+        _store_reads(reads_ptr + row * R * M, reads, M, R, R_PAD, BLOCK_M)
+        return
 
     memory_slot = memory_ptr + slot * N * M
     weights_slot = weights_ptr + slot * H * N
@@ -197,27 +206,25 @@ def ntm_step_kernel(
 
     if ONE_TILE:
         # The only tile: loaded here, kept in registers for phase C.
-        offs_n, mask_n, mem_tile, mem = _load_tile(
-            memory_slot, 0, offs_m, mask_m, N, M, BLOCK_N, row_ok
-        )
+        offs_n, mask_n, mem_tile, mem = _load_tile(memory_slot, 0, offs_m, mask_m, N, M, BLOCK_N)
         _content_logits(
             mem, offs_n, mask_n, offs_m, mask_m, keys_row, beta_ptr + row * H,
-            scratch_row, N, M, H, row_ok,
+            scratch_row, N, M, H,
         )  # fmt: skip
     else:
         for start in range(0, N, BLOCK_N):
             offs_n, mask_n, mem_tile, mem = _load_tile(
-                memory_slot, start, offs_m, mask_m, N, M, BLOCK_N, row_ok
+                memory_slot, start, offs_m, mask_m, N, M, BLOCK_N
             )
             _content_logits(
                 mem, offs_n, mask_n, offs_m, mask_m, keys_row, beta_ptr + row * H,
-                scratch_row, N, M, H, row_ok,
+                scratch_row, N, M, H,
             )  # fmt: skip
     tl.debug_barrier()
 
     _address_heads(
         scratch_row, weights_slot, gate_ptr + row * H, shift_ptr + row * H * (2 * K + 1),
-        gamma_ptr + row * H, N, H, K, BLOCK_NF, row_ok,
+        gamma_ptr + row * H, N, H, K, BLOCK_NF,
     )  # fmt: skip
     tl.debug_barrier()
 
@@ -225,21 +232,16 @@ def ntm_step_kernel(
     if ONE_TILE:
         reads_acc = _read_write_tile(
             mem, mem_tile, offs_n, mask_n, offs_m, mask_m, reads_acc, scratch_row,
-            erase_row, add_row, N, M, R, W, R_PAD, row_ok,
+            erase_row, add_row, N, M, R, W, R_PAD,
         )  # fmt: skip
     else:
         for start in range(0, N, BLOCK_N):
             offs_n, mask_n, mem_tile, mem = _load_tile(
-                memory_slot, start, offs_m, mask_m, N, M, BLOCK_N, row_ok
+                memory_slot, start, offs_m, mask_m, N, M, BLOCK_N
             )
             reads_acc = _read_write_tile(
                 mem, mem_tile, offs_n, mask_n, offs_m, mask_m, reads_acc, scratch_row,
-                erase_row, add_row, N, M, R, W, R_PAD, row_ok,
+                erase_row, add_row, N, M, R, W, R_PAD,
             )  # fmt: skip
 
-    head_rows = tl.arange(0, R_PAD)
-    tl.store(
-        reads_ptr + row * R * M + head_rows[:, None] * M + offs_m[None, :],
-        reads_acc,
-        mask=(head_rows[:, None] < R) & mask_m[None, :],
-    )
+    _store_reads(reads_ptr + row * R * M, reads_acc, M, R, R_PAD, BLOCK_M)

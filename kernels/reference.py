@@ -114,8 +114,8 @@ def ntm_memory_step(
     This is also the backend that serves without CUDA, so it does `write`'s arithmetic in
     place on its own copy of the addressed slots (with one write head, as
     memory - w (erase * memory - add)^T: three passes over the memories instead of four,
-    one of them a slow `1 - x`; ntm-copy's memory step at B=64 took 1.70 ms instead of
-    2.04 on one thread), and skips the row selection when no row is padding.
+    one of them a slow `1 - x`; docs/performance.md, "Kernels", has the timing), and skips
+    the row selection when no row is padding.
     """
     num_write = erase.shape[1]
     num_read = weights.shape[1] - num_write

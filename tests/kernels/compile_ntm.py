@@ -16,6 +16,7 @@ from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from kernels.ntm import kernel_constants, launch_config
@@ -50,7 +51,9 @@ def compile_for_sm90(source: ASTSource, num_warps: int) -> dict[str, int | None]
     compiled = triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
     )
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    # The ptxas that triton itself runs for this architecture: a wheel may ship several
+    # (3.9.0's plain `ptxas` is CUDA 12.8 and rejects the PTX 9.4 it writes for sm_90a).
+    ptxas = get_ptxas(90).path
     with tempfile.TemporaryDirectory() as folder:
         ptx = Path(folder) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
