@@ -112,8 +112,9 @@ gpu-wheels: $(STAMP)  ## download into .gpu-wheels/ the wheels gpu-check install
 gpu-check:  ## on a CUDA machine: GPU tests and benchmarks in < 8 min (bench/gpu_check.py)
 	$(GPU_PYTHON) bench/gpu_check.py --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
 
-protos: $(STAMP)  ## regenerate protos/memserve_pb2*.py from protos/memserve.proto
+protos: $(STAMP)  ## regenerate protos/*_pb2*.py from protos/*.proto
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/memserve.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. protos/journal.proto
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/memserve.proto\x12\x0bmemserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"{\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\x03\x12\x13\n\x0boutput_size\x18\x04 \x01(\x03\x12\x14\n\x0cmemory_shape\x18\x05 \x03(\x03\x12\x13\n\x0bstate_bytes\x18\x06 \x01(\x03\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.memserve.v1.ModelInfo\"k\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x01\x88\x01\x01\x42\x0e\n\x0c_ttl_secondsB\x07\n\x05_seed\"f\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x12\x11\n\tresidence\x18\x05 \x01(\t\"t\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x13.memserve.v1.Tensor\x12\x1a\n\rexpected_step\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_expected_step\"B\n\x0cStepResponse\x12$\n\x07outputs\x18\x01 \x01(\x0b\x32\x13.memserve.v1.Tensor\x12\x0c\n\x04step\x18\x02 \x01(\x04\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"R\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_ttl_seconds\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\":\n\x0cSessionState\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\"O\n\x14ImportSessionRequest\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_ttl_seconds\"\xc8\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"V\n\x10GenerateResponse\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x04\x64one\x18\x02 \x01(\x0b\x32\x19.memserve.v1.GenerateDoneH\x00\x42\x07\n\x05\x65vent\"s\n\x0cGenerateDone\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x04\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse2\xfd\x05\n\x08MemServe\x12M\n\nListModels\x12\x1e.memserve.v1.ListModelsRequest\x1a\x1f.memserve.v1.ListModelsResponse\x12L\n\rCreateSession\x12!.memserve.v1.CreateSessionRequest\x1a\x18.memserve.v1.SessionInfo\x12;\n\x04Step\x12\x18.memserve.v1.StepRequest\x1a\x19.memserve.v1.StepResponse\x12\x45\n\nStepStream\x12\x18.memserve.v1.StepRequest\x1a\x19.memserve.v1.StepResponse(\x01\x30\x01\x12\x46\n\nGetSession\x12\x1e.memserve.v1.GetSessionRequest\x1a\x18.memserve.v1.SessionInfo\x12H\n\x0b\x46orkSession\x12\x1f.memserve.v1.ForkSessionRequest\x1a\x18.memserve.v1.SessionInfo\x12M\n\rExportSession\x12!.memserve.v1.ExportSessionRequest\x1a\x19.memserve.v1.SessionState\x12L\n\rImportSession\x12!.memserve.v1.ImportSessionRequest\x1a\x18.memserve.v1.SessionInfo\x12V\n\rDeleteSession\x12!.memserve.v1.DeleteSessionRequest\x1a\".memserve.v1.DeleteSessionResponse\x12I\n\x08Generate\x12\x1c.memserve.v1.GenerateRequest\x1a\x1d.memserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/memserve.proto\x12\x0bmemserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"{\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\ninput_size\x18\x03 \x01(\x03\x12\x13\n\x0boutput_size\x18\x04 \x01(\x03\x12\x14\n\x0cmemory_shape\x18\x05 \x03(\x03\x12\x13\n\x0bstate_bytes\x18\x06 \x01(\x03\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.memserve.v1.ModelInfo\"\x7f\n\x14\x43reateSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x01\x88\x01\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x0e\n\x0c_ttl_secondsB\x07\n\x05_seed\"f\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x12\x11\n\tresidence\x18\x05 \x01(\t\"\x88\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x06inputs\x18\x02 \x01(\x0b\x32\x13.memserve.v1.Tensor\x12\x1a\n\rexpected_step\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x10\n\x0e_expected_step\"B\n\x0cStepResponse\x12$\n\x07outputs\x18\x01 \x01(\x0b\x32\x13.memserve.v1.Tensor\x12\x0c\n\x04step\x18\x02 \x01(\x04\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"f\n\x12\x46orkSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x0e\n\x0c_ttl_seconds\"*\n\x14\x45xportSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\":\n\x0cSessionState\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\"c\n\x14ImportSessionRequest\x12\r\n\x05state\x18\x01 \x01(\x0c\x12\x18\n\x0bttl_seconds\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x03 \x01(\tB\x0e\n\x0c_ttl_seconds\"\xdc\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"V\n\x10GenerateResponse\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x04\x64one\x18\x02 \x01(\x0b\x32\x19.memserve.v1.GenerateDoneH\x00\x42\x07\n\x05\x65vent\"s\n\x0cGenerateDone\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x04\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse2\xfd\x05\n\x08MemServe\x12M\n\nListModels\x12\x1e.memserve.v1.ListModelsRequest\x1a\x1f.memserve.v1.ListModelsResponse\x12L\n\rCreateSession\x12!.memserve.v1.CreateSessionRequest\x1a\x18.memserve.v1.SessionInfo\x12;\n\x04Step\x12\x18.memserve.v1.StepRequest\x1a\x19.memserve.v1.StepResponse\x12\x45\n\nStepStream\x12\x18.memserve.v1.StepRequest\x1a\x19.memserve.v1.StepResponse(\x01\x30\x01\x12\x46\n\nGetSession\x12\x1e.memserve.v1.GetSessionRequest\x1a\x18.memserve.v1.SessionInfo\x12H\n\x0b\x46orkSession\x12\x1f.memserve.v1.ForkSessionRequest\x1a\x18.memserve.v1.SessionInfo\x12M\n\rExportSession\x12!.memserve.v1.ExportSessionRequest\x1a\x19.memserve.v1.SessionState\x12L\n\rImportSession\x12!.memserve.v1.ImportSessionRequest\x1a\x18.memserve.v1.SessionInfo\x12V\n\rDeleteSession\x12!.memserve.v1.DeleteSessionRequest\x1a\".memserve.v1.DeleteSessionResponse\x12I\n\x08Generate\x12\x1c.memserve.v1.GenerateRequest\x1a\x1d.memserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,33 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=238
   _globals['_LISTMODELSRESPONSE']._serialized_end=298
   _globals['_CREATESESSIONREQUEST']._serialized_start=300
-  _globals['_CREATESESSIONREQUEST']._serialized_end=407
-  _globals['_SESSIONINFO']._serialized_start=409
-  _globals['_SESSIONINFO']._serialized_end=511
-  _globals['_STEPREQUEST']._serialized_start=513
-  _globals['_STEPREQUEST']._serialized_end=629
-  _globals['_STEPRESPONSE']._serialized_start=631
-  _globals['_STEPRESPONSE']._serialized_end=697
-  _globals['_GETSESSIONREQUEST']._serialized_start=699
-  _globals['_GETSESSIONREQUEST']._serialized_end=738
-  _globals['_FORKSESSIONREQUEST']._serialized_start=740
-  _globals['_FORKSESSIONREQUEST']._serialized_end=822
-  _globals['_EXPORTSESSIONREQUEST']._serialized_start=824
-  _globals['_EXPORTSESSIONREQUEST']._serialized_end=866
-  _globals['_SESSIONSTATE']._serialized_start=868
-  _globals['_SESSIONSTATE']._serialized_end=926
-  _globals['_IMPORTSESSIONREQUEST']._serialized_start=928
-  _globals['_IMPORTSESSIONREQUEST']._serialized_end=1007
-  _globals['_GENERATEREQUEST']._serialized_start=1010
-  _globals['_GENERATEREQUEST']._serialized_end=1210
-  _globals['_GENERATERESPONSE']._serialized_start=1212
-  _globals['_GENERATERESPONSE']._serialized_end=1298
-  _globals['_GENERATEDONE']._serialized_start=1300
-  _globals['_GENERATEDONE']._serialized_end=1415
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1417
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1459
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1461
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1484
-  _globals['_MEMSERVE']._serialized_start=1487
-  _globals['_MEMSERVE']._serialized_end=2252
+  _globals['_CREATESESSIONREQUEST']._serialized_end=427
+  _globals['_SESSIONINFO']._serialized_start=429
+  _globals['_SESSIONINFO']._serialized_end=531
+  _globals['_STEPREQUEST']._serialized_start=534
+  _globals['_STEPREQUEST']._serialized_end=670
+  _globals['_STEPRESPONSE']._serialized_start=672
+  _globals['_STEPRESPONSE']._serialized_end=738
+  _globals['_GETSESSIONREQUEST']._serialized_start=740
+  _globals['_GETSESSIONREQUEST']._serialized_end=779
+  _globals['_FORKSESSIONREQUEST']._serialized_start=781
+  _globals['_FORKSESSIONREQUEST']._serialized_end=883
+  _globals['_EXPORTSESSIONREQUEST']._serialized_start=885
+  _globals['_EXPORTSESSIONREQUEST']._serialized_end=927
+  _globals['_SESSIONSTATE']._serialized_start=929
+  _globals['_SESSIONSTATE']._serialized_end=987
+  _globals['_IMPORTSESSIONREQUEST']._serialized_start=989
+  _globals['_IMPORTSESSIONREQUEST']._serialized_end=1088
+  _globals['_GENERATEREQUEST']._serialized_start=1091
+  _globals['_GENERATEREQUEST']._serialized_end=1311
+  _globals['_GENERATERESPONSE']._serialized_start=1313
+  _globals['_GENERATERESPONSE']._serialized_end=1399
+  _globals['_GENERATEDONE']._serialized_start=1401
+  _globals['_GENERATEDONE']._serialized_end=1516
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1518
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1560
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1562
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1585
+  _globals['_MEMSERVE']._serialized_start=1588
+  _globals['_MEMSERVE']._serialized_end=2353
 # @@protoc_insertion_point(module_scope)

@@ -43,14 +43,16 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ("model", "ttl_seconds", "seed")
+    __slots__ = ("model", "ttl_seconds", "seed", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     ttl_seconds: float
     seed: int
-    def __init__(self, model: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "model", "step", "ttl_seconds", "residence")
@@ -67,14 +69,16 @@ class SessionInfo(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., step: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., residence: _Optional[str] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "inputs", "expected_step")
+    __slots__ = ("session_id", "inputs", "expected_step", "request_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     inputs: Tensor
     expected_step: int
-    def __init__(self, session_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., expected_step: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., expected_step: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("outputs", "step")
@@ -91,12 +95,14 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
-    __slots__ = ("session_id", "ttl_seconds")
+    __slots__ = ("session_id", "ttl_seconds", "request_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     ttl_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -115,15 +121,17 @@ class SessionState(_message.Message):
     def __init__(self, state: _Optional[bytes] = ..., model: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ImportSessionRequest(_message.Message):
-    __slots__ = ("state", "ttl_seconds")
+    __slots__ = ("state", "ttl_seconds", "request_id")
     STATE_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     state: bytes
     ttl_seconds: float
-    def __init__(self, state: _Optional[bytes] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+    request_id: str
+    def __init__(self, state: _Optional[bytes] = ..., ttl_seconds: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "text", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+    __slots__ = ("session_id", "text", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "request_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +140,7 @@ class GenerateRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     max_tokens: int
@@ -140,7 +149,8 @@ class GenerateRequest(_message.Message):
     top_p: float
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "done")

@@ -50,3 +50,9 @@ class Cancelled(ServingError):
     """The request was cut short by a shutdown; the steps it took stay taken."""
 
     code = grpc.StatusCode.CANCELLED
+
+
+class DataLoss(ServingError):
+    """A session's stored records are damaged: it cannot be brought back as it was."""
+
+    code = grpc.StatusCode.DATA_LOSS

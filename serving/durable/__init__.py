@@ -1,0 +1,30 @@
+"""Where sessions' committed histories are kept (`memserve serve --store URL`).
+
+`memory` keeps nothing (the default), `dir:PATH` a local directory
+(`serving.durable.directory`), `redis://HOST:PORT/DB` a Redis server
+(`serving.durable.redis_store`). `serving.durable.base` says what a store is.
+"""
+
+from __future__ import annotations
+
+from serving.durable.base import MemoryStore, SessionStore
+
+
+def open_store(url: str) -> SessionStore:
+    """The store a `--store` URL names; ValueError saying what is wrong with a bad one."""
+    if url in ("", "memory"):
+        return MemoryStore()
+    if url.startswith("dir:"):
+        from serving.durable.directory import DirectoryStore
+
+        path = url[len("dir:") :]
+        if not path:
+            raise ValueError("--store dir:PATH needs a directory, e.g. dir:/var/lib/memserve")
+        return DirectoryStore(path)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from serving.durable.redis_store import RedisStore
+
+        return RedisStore(url)
+    raise ValueError(
+        f"--store must be memory, dir:PATH or redis://HOST:PORT/DB, got {url!r}"
+    )

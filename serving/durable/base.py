@@ -1,0 +1,106 @@
+"""What a session store is: where a session's committed history lives, so that a server
+started again on it finds every session as it was acknowledged.
+
+A store keeps, per session, the record that began it (`SessionCreated`), its latest
+`Snapshot` and the `CallCommitted` records after that snapshot: the session's state at its
+committed step is the snapshot (or its initial state) with those calls' operations replayed,
+which gives the same bits because the model is deterministic and batch-invariant. A commit
+says "from step n to step n+k" and a store refuses one whose n is not the committed step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from protos import journal_pb2
+from serving.errors import Unavailable
+
+# Responses kept per session for retries of their request ids (docs/serving.md).
+RESPONSES_KEPT = 16
+
+
+class StoreUnavailable(Unavailable):
+    """The store cannot be reached or written (Redis down, disk failing); nothing of the
+    failed commit is acknowledged."""
+
+
+@dataclass
+class StoredSession:
+    """Everything a store keeps of one session, to bring it back."""
+
+    created: journal_pb2.SessionCreated
+    step: int  # the committed step
+    snapshot: journal_pb2.Snapshot | None
+    calls: list[journal_pb2.CallCommitted]  # after the snapshot (or the creation), in order
+    responses: list[journal_pb2.Response] = field(default_factory=list)  # oldest first
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """What a server needs of a stored session at start (its state comes later, lazily)."""
+
+    session_id: str
+    model: str
+    weights_digest: str
+    ttl: float
+    seed: int | None
+    step: int
+    error: str | None = None  # why it cannot be brought back, if it cannot
+
+
+class SessionStore(ABC):
+    """The committed history of every session of a server."""
+
+    durable: bool = True
+
+    @abstractmethod
+    def sessions(self) -> list[SessionSummary]:
+        """Every session the store holds (not deleted), as of the last commit."""
+
+    @abstractmethod
+    def load(self, session_id: str) -> StoredSession:
+        """A session's records (KeyError if absent; serving.errors.DataLoss if damaged)."""
+
+    @abstractmethod
+    def commit(self, records: Sequence[journal_pb2.Record]) -> set[str]:
+        """Write `records` durably, in one write (one fsync, one Redis round trip), and
+        return the ids of sessions whose records were refused: a call from a step that is
+        not the session's committed one, or a record of a session the store does not hold.
+        StoreUnavailable if nothing could be written."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the store holds open."""
+
+    def problems(self) -> list[str]:
+        """Damage found when the store was opened (for the log)."""
+        return []
+
+
+class MemoryStore(SessionStore):
+    """Nothing survives the process: the default, and today's behaviour."""
+
+    durable = False
+
+    def sessions(self) -> list[SessionSummary]:
+        return []
+
+    def load(self, session_id: str) -> StoredSession:
+        raise KeyError(session_id)
+
+    def commit(self, records: Sequence[journal_pb2.Record]) -> set[str]:
+        return set()
+
+    def close(self) -> None:
+        return None
+
+
+def record_session(record: journal_pb2.Record) -> str:
+    """The id of the session a record is about."""
+    kind = record.WhichOneof("record")
+    if kind is None:
+        raise ValueError("an empty record")
+    session_id: str = getattr(record, kind).session_id
+    return session_id

@@ -1,0 +1,416 @@
+"""`dir:PATH`: a session store in a local directory, as segment files of framed records.
+
+Every commit appends its records to the active segment (`wal-00000001.log`, ...) and calls
+`fdatasync` once, whatever the number of sessions in it; a segment past `segment_bytes` is
+sealed and a new one begun. Opening the directory scans every segment and rebuilds an index
+of where each session's live records are: its creation, its latest snapshot, the calls
+after that snapshot. The scan does not depend on the order records were written in, so the
+cleaner may copy live records forward: a sealed segment whose live share falls under half is
+copied into the active one and deleted, one per commit at most.
+
+What a crash can leave, and what opening does with it:
+- a record cut short at the end of the last segment (the write that was never
+  acknowledged): the file is truncated before it, and the truncation reported;
+- damaged bytes anywhere else (a flipped bit): the records they held are skipped and
+  reported; a session that loses one becomes unloadable with DATA_LOSS naming the steps it
+  misses, and the rest of the store is served.
+One server per directory: a lock file refuses a second.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protos import journal_pb2
+from serving.durable.base import (
+    RESPONSES_KEPT,
+    SessionStore,
+    SessionSummary,
+    StoredSession,
+    StoreUnavailable,
+    record_session,
+)
+from serving.durable.records import CorruptRecordError, Damage, frame, read_frame, scan
+from serving.errors import DataLoss
+
+log = logging.getLogger("memserve.store")
+
+SEGMENT_BYTES = 64 << 20
+PREFIX, SUFFIX = "wal-", ".log"
+
+
+@dataclass(frozen=True)
+class Location:
+    segment: int
+    offset: int
+    size: int
+
+
+@dataclass
+class Entry:
+    """Where one session's records are, and what they say."""
+
+    created: Location | None = None
+    summary: journal_pb2.SessionCreated | None = None  # the creation without its state
+    snapshot: Location | None = None
+    snapshot_step: int = -1
+    calls: dict[int, tuple[Location, int]] = field(default_factory=dict)  # from -> (at, to)
+    step: int = 0
+    deleted: Location | None = None
+    segments: set[int] = field(default_factory=set)  # every segment with a record of it
+    error: str | None = None
+
+    def live(self) -> list[Location]:
+        """The records a scan needs to find this session as it is. A deletion's tombstone
+        is needed while another segment holds records of the session."""
+        if self.deleted is not None:
+            return [self.deleted] if self.segments - {self.deleted.segment} else []
+        found = [self.created, self.snapshot, *(at for at, _ in self.calls.values())]
+        return [location for location in found if location is not None]
+
+
+class DirectoryStore(SessionStore):
+    """Sessions' records in segment files under one directory."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        segment_bytes: int = SEGMENT_BYTES,
+        responses: int = RESPONSES_KEPT,
+    ) -> None:
+        self.path = Path(path)
+        self.segment_bytes = segment_bytes
+        self.responses = responses
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / "LOCK", "a+")  # noqa: SIM115 - held while open
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            self._lock.close()
+            raise ValueError(f"{self.path} is in use by another memserve server") from error
+        self.entries: dict[str, Entry] = {}
+        self.live_bytes: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self._problems: list[str] = []
+        self._scan_all()
+        self.active = max(self.sizes, default=0) + 1
+        self._open_active()
+
+    # ------------------------------------------------------------------ reading
+
+    def _segment_path(self, segment: int) -> Path:
+        return self.path / f"{PREFIX}{segment:08d}{SUFFIX}"
+
+    def _scan_all(self) -> None:
+        found = sorted(
+            int(p.name[len(PREFIX) : -len(SUFFIX)])
+            for p in self.path.glob(f"{PREFIX}*{SUFFIX}")
+            if p.name[len(PREFIX) : -len(SUFFIX)].isdigit()
+        )
+        records: dict[str, list[tuple[Location, journal_pb2.Record]]] = {}
+        for segment in found:
+            path = self._segment_path(segment)
+            data = path.read_bytes()
+            size = len(data)
+            for item in scan(data):
+                if isinstance(item, Damage):
+                    if item.end == len(data) and segment == found[-1]:
+                        self._problem(
+                            f"{path.name}: the last {len(data) - item.start} bytes are a record "
+                            f"cut short (a write the crash interrupted): truncated ({item.why})"
+                        )
+                        os.truncate(path, item.start)
+                        size = item.start
+                    else:
+                        self._problem(f"{path.name}: bytes {item.start}-{item.end} unreadable: "
+                                      f"{item.why}")  # fmt: skip
+                    continue
+                offset, length, record = item
+                location = Location(segment, offset, length)
+                try:
+                    session_id = record_session(record)
+                except ValueError:
+                    self._problem(f"{path.name}: an empty record at byte {offset}")
+                    continue
+                records.setdefault(session_id, []).append((location, record))
+            self.sizes[segment] = size
+            self.live_bytes[segment] = 0
+        for session_id, items in records.items():
+            entry = self._resolve(session_id, items)
+            self.entries[session_id] = entry
+            for location in entry.live():
+                self.live_bytes[location.segment] += location.size
+
+    def _resolve(self, session_id: str, items: list[tuple[Location, journal_pb2.Record]]) -> Entry:
+        """One session's index entry from its records, whatever order they were found in."""
+        entry = Entry()
+        calls: dict[tuple[int, int], Location] = {}
+        for location, record in items:
+            kind = record.WhichOneof("record")
+            if kind == "created":
+                entry.created, entry.summary = location, _without_state(record.created)
+            elif kind == "snapshot" and record.snapshot.step > entry.snapshot_step:
+                entry.snapshot, entry.snapshot_step = location, record.snapshot.step
+            elif kind == "call":
+                key = (record.call.from_step, record.call.to_step)
+                calls[key] = max(calls.get(key, location), location, key=_newest)
+            elif kind == "deleted":
+                entry.deleted = location
+        entry.segments = {location.segment for location, _ in items}
+        if entry.deleted is not None:
+            return entry
+        if entry.summary is None:
+            entry.error = "its creation record is missing or damaged"
+            return entry
+        step = max(entry.snapshot_step, int(entry.summary.step))
+        for (start, end), location in sorted(calls.items()):
+            if end <= step:
+                continue  # before the snapshot: no longer needed
+            if start != step:
+                entry.error = f"the store is missing its steps {step} to {start}"
+                break
+            entry.calls[start] = (location, end)
+            step = end
+        entry.step = step
+        return entry
+
+    def _read(self, location: Location) -> journal_pb2.Record:
+        with open(self._segment_path(location.segment), "rb") as handle:
+            data = os.pread(handle.fileno(), location.size, location.offset)
+        record, _ = read_frame(data, 0)
+        return record
+
+    def sessions(self) -> list[SessionSummary]:
+        summaries = []
+        for session_id, entry in self.entries.items():
+            if entry.deleted is not None:
+                continue
+            created = entry.summary
+            summaries.append(
+                SessionSummary(
+                    session_id=session_id,
+                    model=created.model if created else "",
+                    weights_digest=created.weights_digest if created else "",
+                    ttl=created.ttl_seconds if created else 0.0,
+                    seed=created.seed if created and created.HasField("seed") else None,
+                    step=entry.step,
+                    error=entry.error,
+                )
+            )
+        return summaries
+
+    def load(self, session_id: str) -> StoredSession:
+        entry = self.entries.get(session_id)
+        if entry is None or entry.deleted is not None:
+            raise KeyError(session_id)
+        if entry.error is not None or entry.created is None:
+            raise DataLoss(f"session {session_id} cannot be restored: {entry.error}")
+        try:
+            created = self._read(entry.created).created
+            snapshot = self._read(entry.snapshot).snapshot if entry.snapshot else None
+            calls = [self._read(at).call for _, (at, _) in sorted(entry.calls.items())]
+        except (CorruptRecordError, OSError) as error:
+            raise DataLoss(f"session {session_id} cannot be restored: {error}") from error
+        responses = list(snapshot.responses) if snapshot is not None else []
+        responses += [call.response for call in calls if call.HasField("response")]
+        return StoredSession(
+            created=created,
+            step=entry.step,
+            snapshot=snapshot,
+            calls=calls,
+            responses=responses[-self.responses :],
+        )
+
+    def problems(self) -> list[str]:
+        return list(self._problems)
+
+    def _problem(self, text: str) -> None:
+        self._problems.append(text)
+        log.warning(
+            "store damage: %s", text, extra={"event": "store_damage", "path": str(self.path)}
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    def _open_active(self) -> None:
+        self.file = os.open(
+            self._segment_path(self.active), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+        )
+        self.sizes[self.active] = os.fstat(self.file).st_size
+        self.live_bytes.setdefault(self.active, 0)
+        _sync_directory(self.path)
+
+    def commit(self, records: Sequence[journal_pb2.Record]) -> set[str]:
+        refused: set[str] = set()
+        accepted: list[tuple[journal_pb2.Record, bytes]] = []
+        steps: dict[str, int] = {}  # committed steps as this batch advances them
+        for record in records:
+            session_id = record_session(record)
+            entry = self.entries.get(session_id)
+            known = entry is not None and entry.deleted is None
+            step = steps.get(session_id, entry.step if entry is not None else 0)
+            kind = record.WhichOneof("record")
+            if kind == "created":
+                ok = entry is None and session_id not in steps
+                step = record.created.step
+            elif kind == "call":
+                ok = (known or session_id in steps) and record.call.from_step == step
+                step = record.call.to_step
+            elif kind == "snapshot":
+                ok = (known or session_id in steps) and record.snapshot.step <= step
+            else:
+                ok = known or session_id in steps
+            if not ok or session_id in refused:
+                refused.add(session_id)
+                continue
+            steps[session_id] = step
+            accepted.append((record, frame(record)))
+        if accepted:
+            self._append(accepted)
+        self._clean_one()
+        return refused
+
+    def _append(self, accepted: list[tuple[journal_pb2.Record, bytes]]) -> None:
+        start = self.sizes[self.active]
+        data = b"".join(framed for _, framed in accepted)
+        try:
+            written = os.write(self.file, data)
+            if written != len(data):
+                raise OSError(f"wrote {written} of {len(data)} bytes")
+            os.fdatasync(self.file)
+        except OSError as error:
+            try:  # leave no partial record behind for the next commit to follow
+                os.ftruncate(self.file, start)
+            except OSError:
+                log.exception("could not truncate %s after a failed write", self.path)
+            raise StoreUnavailable(
+                f"cannot write the session store {self.path}: {error}"
+            ) from error
+        offset = start
+        for record, framed in accepted:
+            self._index(record, Location(self.active, offset, len(framed)))
+            offset += len(framed)
+        self.sizes[self.active] = offset
+        if offset >= self.segment_bytes:
+            os.close(self.file)
+            self.active += 1
+            self._open_active()
+
+    def _index(self, record: journal_pb2.Record, location: Location) -> None:
+        session_id = record_session(record)
+        kind = record.WhichOneof("record")
+        entry = self.entries.setdefault(session_id, Entry())
+        before = entry.live()
+        entry.segments.add(location.segment)
+        if kind == "created":
+            entry.created, entry.summary = location, _without_state(record.created)
+            entry.step = record.created.step
+        elif kind == "call":
+            entry.calls[record.call.from_step] = (location, record.call.to_step)
+            entry.step = record.call.to_step
+        elif kind == "snapshot":
+            entry.snapshot, entry.snapshot_step = location, record.snapshot.step
+            entry.calls = {s: c for s, c in entry.calls.items() if c[1] > record.snapshot.step}
+        elif kind == "deleted":
+            entry.deleted = location
+        self._account(before, entry.live())
+
+    def _account(self, before: list[Location], after: list[Location]) -> None:
+        for location in set(before) - set(after):
+            self.live_bytes[location.segment] -= location.size
+        for location in set(after) - set(before):
+            self.live_bytes[location.segment] += location.size
+
+    def _clean_one(self) -> None:
+        """Copy the live records of the emptiest sealed segment forward, then delete it, if
+        less than half of it is live. A failure leaves both copies (a scan keeps one)."""
+        sealed = [s for s in self.sizes if s != self.active and self.sizes[s] > 0]
+        if not sealed:
+            return
+        segment = min(sealed, key=lambda s: self.live_bytes[s] / self.sizes[s])
+        if self.live_bytes[segment] * 2 > self.sizes[segment]:
+            return
+        try:
+            moves = [
+                (entry, location, self._compacted(entry, self._read(location)))
+                for entry in self.entries.values()
+                for location in entry.live()
+                if location.segment == segment
+            ]
+            if moves:
+                frames = [frame(record) for _, _, record in moves]
+                start = self.sizes[self.active]
+                os.write(self.file, b"".join(frames))
+                os.fdatasync(self.file)
+                offset = start
+                for (entry, old, _), framed in zip(moves, frames, strict=True):
+                    self._relocate(entry, old, Location(self.active, offset, len(framed)))
+                    offset += len(framed)
+                self.sizes[self.active] = offset
+            self._forget_segment(segment)
+        except (OSError, CorruptRecordError):
+            log.exception("cleaning %s failed", self._segment_path(segment).name,
+                          extra={"event": "store_error", "path": str(self.path)})  # fmt: skip
+
+    @staticmethod
+    def _compacted(entry: Entry, record: journal_pb2.Record) -> journal_pb2.Record:
+        """A record as copied forward: a creation's state is dropped once a snapshot exists."""
+        if record.WhichOneof("record") == "created" and entry.snapshot is not None:
+            record.created.ClearField("state")
+        return record
+
+    def _relocate(self, entry: Entry, old: Location, new: Location) -> None:
+        before = entry.live()
+        entry.segments.add(new.segment)
+        if entry.created == old:
+            entry.created = new
+        elif entry.snapshot == old:
+            entry.snapshot = new
+        elif entry.deleted == old:
+            entry.deleted = new
+        else:
+            entry.calls = {
+                start: ((new, to) if at == old else (at, to))
+                for start, (at, to) in entry.calls.items()
+            }
+        self._account(before, entry.live())
+
+    def _forget_segment(self, segment: int) -> None:
+        self._segment_path(segment).unlink()
+        _sync_directory(self.path)
+        del self.sizes[segment], self.live_bytes[segment]
+        for session_id in list(self.entries):
+            entry = self.entries[session_id]
+            before = entry.live()
+            entry.segments.discard(segment)
+            if entry.deleted is not None and entry.segments <= {entry.deleted.segment}:
+                self._account(before, [])  # nothing of it is left that a scan could misread
+                del self.entries[session_id]
+
+    def close(self) -> None:
+        os.close(self.file)
+        self._lock.close()
+
+
+def _newest(location: Location) -> tuple[int, int]:
+    return location.segment, location.offset
+
+
+def _without_state(created: journal_pb2.SessionCreated) -> journal_pb2.SessionCreated:
+    summary = journal_pb2.SessionCreated()
+    summary.CopyFrom(created)
+    summary.ClearField("state")
+    return summary
+
+
+def _sync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

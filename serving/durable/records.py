@@ -1,0 +1,134 @@
+"""What a durable store holds, as bytes: `journal.proto` records framed with their length and
+CRC-32, and the conversions between a call's operations and their records.
+
+A frame is `MAGIC | length (u32 LE) | crc32 of the payload (u32 LE) | payload`. A frame cut
+short (a crash mid-write) or whose CRC does not match (a flipped byte) is refused with
+`CorruptRecordError`, never half-read; `scan` finds the frames of a file and resumes after a bad
+one at the next MAGIC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from protos import journal_pb2, tensors
+from serving.protocol import BeginRow, DecodeRow, Operation
+
+MAGIC = b"MSJ1"
+HEADER = struct.Struct("<4sII")
+MAX_RECORD_BYTES = 1 << 30
+
+
+class CorruptRecordError(ValueError):
+    """Bytes that are not a whole, intact record."""
+
+
+def frame(record: journal_pb2.Record) -> bytes:
+    payload: bytes = record.SerializeToString()
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def unframe(data: bytes | memoryview) -> journal_pb2.Record:
+    """The record of one whole frame (CorruptRecordError if it is not one)."""
+    record, end = read_frame(data, 0)
+    if end != len(data):
+        raise CorruptRecordError(f"{len(data) - end} bytes after the record")
+    return record
+
+
+def read_frame(data: bytes | memoryview, offset: int) -> tuple[journal_pb2.Record, int]:
+    """The record framed at `offset` and where the next frame starts."""
+    if len(data) - offset < HEADER.size:
+        raise CorruptRecordError(f"a record's header is cut short at byte {offset}")
+    magic, length, crc = HEADER.unpack_from(data, offset)
+    if magic != MAGIC:
+        raise CorruptRecordError(f"no record starts at byte {offset}")
+    start, end = offset + HEADER.size, offset + HEADER.size + length
+    if length > MAX_RECORD_BYTES or end > len(data):
+        raise CorruptRecordError(f"the record at byte {offset} is cut short")
+    payload = bytes(data[start:end])
+    if zlib.crc32(payload) != crc:
+        raise CorruptRecordError(f"the record at byte {offset} fails its CRC")
+    record = journal_pb2.Record()
+    try:
+        record.ParseFromString(payload)
+    except DecodeError as error:  # intact bytes that are no record: another writer's
+        raise CorruptRecordError(f"the record at byte {offset} does not parse: {error}") from error
+    return record, end
+
+
+@dataclass(frozen=True)
+class Damage:
+    """Bytes of a file that hold no readable record."""
+
+    start: int
+    end: int
+    why: str
+
+
+def scan(data: bytes) -> Iterator[tuple[int, int, journal_pb2.Record] | Damage]:
+    """Every record of a file of frames, with its offset and size, in order; a damaged
+    stretch is reported as `Damage` and scanning resumes at the next MAGIC."""
+    offset = 0
+    while offset < len(data):
+        try:
+            record, end = read_frame(data, offset)
+        except CorruptRecordError as error:
+            resume = data.find(MAGIC, offset + 1)
+            resume = len(data) if resume < 0 else resume
+            yield Damage(offset, resume, str(error))
+            offset = resume
+            continue
+        yield offset, end - offset, record
+        offset = end
+
+
+# ---------------------------------------------------------------------- operations
+
+
+def operation_record(operation: Operation, argument: Any) -> journal_pb2.Operation:
+    """What replaying one row needs (a decode's sampling settings are not: the state after
+    it depends on the previous token only)."""
+    if operation is Operation.STEP:
+        return journal_pb2.Operation(step=tensors.encode(np.ascontiguousarray(argument)))
+    if operation is Operation.ENCODE:
+        return journal_pb2.Operation(encode=int(argument))
+    if operation is Operation.BEGIN:
+        assert isinstance(argument, BeginRow)
+        noise = tensors.encode(np.asarray(argument.noise, np.float32))
+        return journal_pb2.Operation(begin=journal_pb2.Begin(noise=noise, uniform=argument.uniform))
+    assert isinstance(argument, DecodeRow)
+    return journal_pb2.Operation(decode=argument.previous)
+
+
+def replay_row(record: journal_pb2.Operation) -> tuple[Operation, Any]:
+    """The operation and argument a worker replays (`serving.worker.replay`)."""
+    kind = record.WhichOneof("kind")
+    if kind == "step":
+        return Operation.STEP, tensors.decode(record.step, "step")
+    if kind == "encode":
+        return Operation.ENCODE, record.encode
+    if kind == "begin":
+        noise = tensors.decode(record.begin.noise, "noise")
+        return Operation.BEGIN, BeginRow(noise, record.begin.uniform)
+    if kind == "decode":
+        return Operation.DECODE, DecodeRow(record.decode, 0.0, 0, 1.0, 0.0)
+    raise CorruptRecordError(f"an operation of unknown kind {kind!r}")
+
+
+def request_digest(*parts: bytes | str) -> bytes:
+    """SHA-256 over what a request asks for, so a repeat with other contents is told apart."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.digest()

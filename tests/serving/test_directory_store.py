@@ -1,0 +1,188 @@
+"""`dir:` session store on its own: what is committed comes back after reopening, refused
+commits change nothing, and damage (a torn tail, a flipped byte) is found, reported and
+confined to the sessions it touches."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protos import journal_pb2, memserve_pb2, tensors
+from serving.durable.directory import DirectoryStore
+from serving.durable.records import HEADER, frame
+from serving.errors import DataLoss
+
+
+def created(session_id: str, step: int = 0, state: bytes = b"") -> journal_pb2.Record:
+    return journal_pb2.Record(
+        created=journal_pb2.SessionCreated(
+            session_id=session_id, model="ntm-copy", weights_digest="d" * 64, ttl_seconds=60.0,
+            seed=7, step=step, state=state,
+        )
+    )  # fmt: skip
+
+
+def call(session_id: str, start: int, end: int, request_id: str = "") -> journal_pb2.Record:
+    rows = np.random.default_rng(start).random((end - start, 9), dtype=np.float32)
+    record = journal_pb2.CallCommitted(
+        session_id=session_id,
+        from_step=start,
+        to_step=end,
+        operations=[journal_pb2.Operation(step=tensors.encode(row)) for row in rows],
+    )
+    if request_id:
+        record.response.request_id = request_id
+        record.response.step.CopyFrom(memserve_pb2.StepResponse(step=end))
+    return journal_pb2.Record(call=record)
+
+
+def snapshot(session_id: str, step: int) -> journal_pb2.Record:
+    return journal_pb2.Record(
+        snapshot=journal_pb2.Snapshot(session_id=session_id, step=step, state=os.urandom(4000))
+    )
+
+
+def deleted(session_id: str) -> journal_pb2.Record:
+    return journal_pb2.Record(deleted=journal_pb2.SessionDeleted(session_id=session_id))
+
+
+def segments(path: Path) -> list[Path]:
+    return sorted(path.glob("wal-*.log"))
+
+
+def test_what_is_committed_comes_back_after_reopening(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    assert store.commit([created("a"), created("b", step=5, state=b"exported")]) == set()
+    assert store.commit([call("a", 0, 3, "r1"), call("b", 5, 6), call("a", 3, 4, "r2")]) == set()
+    store.close()
+    again = DirectoryStore(tmp_path)
+    summaries = {s.session_id: s for s in again.sessions()}
+    assert {k: (s.step, s.model, s.seed, s.error) for k, s in summaries.items()} == {
+        "a": (4, "ntm-copy", 7, None),
+        "b": (6, "ntm-copy", 7, None),
+    }
+    a = again.load("a")
+    assert a.step == 4 and a.snapshot is None
+    assert [(c.from_step, c.to_step) for c in a.calls] == [(0, 3), (3, 4)]
+    assert [r.request_id for r in a.responses] == ["r1", "r2"]
+    assert a.calls[0] == call("a", 0, 3, "r1").call
+    assert again.load("b").created.state == b"exported"
+    assert again.problems() == []
+
+
+def test_refused_records_change_nothing(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    store.commit([created("a")])
+    size = sum(p.stat().st_size for p in segments(tmp_path))
+    refused = store.commit([call("a", 1, 2), call("ghost", 0, 1), created("a"), snapshot("a", 9)])
+    assert refused == {"a", "ghost"}
+    assert sum(p.stat().st_size for p in segments(tmp_path)) == size
+    # within one commit, later records of a refused session are refused too
+    assert store.commit([call("a", 0, 2), call("a", 2, 3)]) == set()
+    assert store.commit([call("a", 9, 10), call("a", 3, 4)]) == {"a"}
+    assert store.load("a").step == 3
+
+
+def test_a_second_server_cannot_open_the_directory(tmp_path: Path) -> None:
+    first = DirectoryStore(tmp_path)
+    with pytest.raises(ValueError, match="in use"):
+        DirectoryStore(tmp_path)
+    first.close()
+    DirectoryStore(tmp_path).close()  # free again once the first lets go
+
+
+@pytest.mark.parametrize("cut", [1, HEADER.size - 1, HEADER.size + 3])
+def test_a_record_cut_short_at_the_end_is_truncated_and_reported(tmp_path: Path, cut: int) -> None:
+    store = DirectoryStore(tmp_path)
+    store.commit([created("a"), call("a", 0, 2)])
+    store.commit([call("a", 2, 5)])
+    store.close()
+    last = segments(tmp_path)[-1]
+    whole = last.stat().st_size
+    tail = len(frame(call("a", 2, 5)))
+    os.truncate(last, whole - tail + cut)  # the last write was cut `cut` bytes in
+    again = DirectoryStore(tmp_path)
+    assert again.load("a").step == 2  # the torn call is not half-applied
+    assert len(again.problems()) == 1 and "cut short" in again.problems()[0]
+    assert last.stat().st_size == whole - tail
+    assert again.commit([call("a", 2, 3)]) == set()  # and writing goes on after it
+    again.close()
+    assert DirectoryStore(tmp_path).load("a").step == 3
+
+
+def test_a_flipped_byte_is_found_and_confined_to_its_session(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    store.commit([created("a"), created("b")])
+    store.commit([call("a", 0, 2), call("b", 0, 1)])
+    store.commit([call("a", 2, 3)])
+    store.close()
+    path = segments(tmp_path)[-1]
+    data = bytearray(path.read_bytes())
+    victim = data.find(frame(call("a", 0, 2)))
+    data[victim + HEADER.size + 20] ^= 0x40
+    path.write_bytes(bytes(data))
+    again = DirectoryStore(tmp_path)
+    assert any("CRC" in problem for problem in again.problems())
+    summaries = {s.session_id: s for s in again.sessions()}
+    assert summaries["b"].error is None and again.load("b").step == 1
+    assert summaries["a"].error is not None and "steps 0 to 2" in summaries["a"].error
+    with pytest.raises(DataLoss, match="steps 0 to 2"):
+        again.load("a")
+
+
+def test_a_damaged_creation_record_makes_its_session_unloadable(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    store.commit([created("a"), created("b")])
+    store.close()
+    path = segments(tmp_path)[0]
+    data = bytearray(path.read_bytes())
+    data[HEADER.size + 5] ^= 0x01  # inside a's creation record
+    path.write_bytes(bytes(data))
+    again = DirectoryStore(tmp_path)
+    assert {s.session_id for s in again.sessions()} == {"b"}  # a's id is in the damage
+    assert again.problems()
+
+
+def test_snapshots_and_deletions_let_the_cleaner_reclaim_segments(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path, segment_bytes=20_000)
+    sessions = [f"s{i}" for i in range(6)]
+    store.commit([created(s) for s in sessions])
+    steps = dict.fromkeys(sessions, 0)
+    for round_ in range(60):
+        batch = []
+        for s in sessions:
+            batch.append(call(s, steps[s], steps[s] + 2, f"{s}-{round_}"))
+            steps[s] += 2
+        store.commit(batch)
+        if round_ % 10 == 9:
+            store.commit([snapshot(s, steps[s]) for s in sessions])
+    store.commit([deleted("s0")])
+    for _ in range(20):  # more traffic to give the cleaner its turns
+        store.commit([call(s, steps[s], steps[s] + 1) for s in sessions[1:]])
+        for s in sessions[1:]:
+            steps[s] += 1
+    written = 6 * 60 * len(frame(call("s1", 0, 2, "x"))) + 6 * 6 * len(frame(snapshot("s1", 1)))
+    on_disk = sum(p.stat().st_size for p in segments(tmp_path))
+    assert on_disk < written / 2, (on_disk, written)
+    store.close()
+    again = DirectoryStore(tmp_path, segment_bytes=20_000)
+    assert {s.session_id: s.step for s in again.sessions()} == {s: steps[s] for s in sessions[1:]}
+    loaded = again.load("s3")
+    assert loaded.snapshot is not None and loaded.snapshot.step == 120
+    assert [c.from_step for c in loaded.calls] == list(range(120, 140))
+    assert again.problems() == []
+
+
+def test_copies_left_by_an_interrupted_cleaning_are_read_once(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    store.commit([created("a"), call("a", 0, 2, "r")])
+    store.close()
+    first = segments(tmp_path)[0]
+    shutil.copy(first, tmp_path / "wal-00000007.log")  # copied forward, old one not deleted
+    again = DirectoryStore(tmp_path)
+    loaded = again.load("a")
+    assert loaded.step == 2 and len(loaded.calls) == 1 and again.problems() == []
