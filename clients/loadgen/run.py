@@ -23,10 +23,10 @@ import grpc
 import numpy as np
 
 from clients.loadgen import report, server_metrics
-from clients.loadgen.cli import Settings
 from clients.loadgen.progress import Progress
 from clients.loadgen.recording import CallCounts, Recorder
 from clients.loadgen.schedule import Level, Plan, closed_loop, now, open_loop
+from clients.loadgen.settings import Settings
 from clients.loadgen.workloads import (
     Client,
     GrpcTarget,

@@ -15,9 +15,9 @@ import grpc
 import numpy as np
 
 from clients.channel import Metadata, call_metadata, channel_options
-from clients.loadgen.cli import Settings
 from clients.loadgen.recording import INVALID_RESPONSE, OK, CallCounts, Outcome, Recorder
 from clients.loadgen.schedule import Session, SessionRefused, now
+from clients.loadgen.settings import Settings
 from clients.messages import DIALOGUE_TYPES
 from protos import memserve_pb2, memserve_pb2_grpc, tensors
 
