@@ -47,8 +47,8 @@ from hdrh.histogram import HdrHistogram
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ahead of bench/, so that `serving` is the package
 
+from bench.child_server import ChildServer  # noqa: E402
 from bench.serving import (  # noqa: E402
-    ChildServer,
     Window,
     batching_over,
     cpu_name,
@@ -372,7 +372,7 @@ async def measure_server(
     rows: list[LevelRow] = []
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as logs:
         command = server_command(settings.model, settings.max_new_tokens)
-        child = ChildServer("server", command, Path(logs), settings.server_env)
+        child = ChildServer(command, Path(logs), env=settings.server_env)
         await asyncio.to_thread(child.start)
         try:
             info = await model_info(child)

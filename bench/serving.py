@@ -56,13 +56,13 @@ from hdrh.histogram import HdrHistogram
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ahead of bench/, whose serving.py is this file
 
+from bench.child_server import ChildServer  # noqa: E402
 from protos import memserve_pb2, memserve_pb2_grpc  # noqa: E402
 from serving import wire  # noqa: E402
 
 MODEL = "ntm-copy"
 POOL_SLOTS = 256  # the server's default `slots`, and the in-process pool
 POWERS_OF_TWO = [2**k for k in range(9)]  # 1 .. 256
-STARTUP_SECONDS = 120.0
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # as serving.server
 
 
@@ -193,84 +193,6 @@ def measure_in_process(batches: list[int], budget_s: float, round_: int = 1) -> 
 
 
 # ---------------------------------------------------------------------------- child servers
-
-
-class ChildServer:
-    """A server in a child process that logs a JSON line with "event": "serving" and its
-    "port" (and "metrics_port") to stderr; stopped with SIGTERM."""
-
-    def __init__(
-        self, name: str, command: list[str], log_dir: Path, env: dict[str, str] | None = None
-    ) -> None:
-        self.name = name
-        self.command = command
-        self.extra_env = env or {}
-        self.log_path = log_dir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.metrics_port = -1
-
-    def start(self) -> ChildServer:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["MEMSERVE_KERNEL_BACKEND"] = "torch"
-        env.update(self.extra_env)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
-            )
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            serving = self.serving_line()
-            if serving is not None:
-                self.port = int(serving["port"])
-                self.metrics_port = int(serving.get("metrics_port", -1))
-                return self
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited at start:\n{self.log_text()}")
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not start in {STARTUP_SECONDS} s:\n{self.log_text()}")
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def serving_line(self) -> dict[str, Any] | None:
-        for line in self.log_text().splitlines():
-            if line.startswith("{") and '"serving"' in line:
-                with contextlib.suppress(json.JSONDecodeError):
-                    event: dict[str, Any] = json.loads(line)
-                    if event.get("event") == "serving":
-                        return event
-        return None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds the child and its own children (the memserve model
-        processes) have used so far (from /proc)."""
-        assert self.process is not None
-        total = 0.0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                pid, rest = stat.read_text().split(" (", 1)
-            except OSError:  # gone meanwhile
-                continue
-            fields = rest.rsplit(")", 1)[1].split()  # fields[1] is the parent's pid
-            if int(pid) == self.process.pid or int(fields[1]) == self.process.pid:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def machine_cpu_seconds() -> tuple[float, float]:
@@ -665,8 +587,8 @@ async def measure_rounds(
     rows: list[LevelRow] = []
     in_process: list[InProcessRow] = []
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as logs:
-        echo = ChildServer("echo", echo_command(), Path(logs))
-        server = ChildServer("server", server_command(True), Path(logs), settings.server_env)
+        echo = ChildServer(echo_command(), Path(logs), name="echo")
+        server = ChildServer(server_command(True), Path(logs), env=settings.server_env)
         started: list[ChildServer] = []
         try:
             for child in (echo, server):

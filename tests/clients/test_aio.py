@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from bench.child_server import ServerProcess
 from clients import AsyncClient, AsyncSession, MemserveError
 from models.base import MemoryModel
 from tests.clients.servers import DIRECT, LIMIT, MAX_STEPS, TINY, close_to, served
 from tests.serving.conftest import Reference, random_inputs
-from tests.serving.server_process import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.child_server import ServerProcess
 from clients import Client, MemserveError
 from clients.chat import COMMANDS, add_chat_parser, run_chat
 from memserve.cli import build_parser
 from tests.clients.servers import DIRECT, LIMIT, ROOT, TINY, Watched, served, subprocess_env
-from tests.serving.server_process import ServerProcess
 
 
 @pytest.fixture(scope="module")

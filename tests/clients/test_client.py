@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import clients
+from bench.child_server import ServerProcess
 from clients import Client, MemserveError, Session
 from clients.messages import decode_outputs
 from models.base import MemoryModel
@@ -31,7 +32,6 @@ from tests.clients.servers import (
     subprocess_env,
 )
 from tests.serving.conftest import Reference, random_inputs
-from tests.serving.server_process import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.child_server import ServerProcess
 from clients import AsyncClient, Client, MemserveError
 from tests.clients.fake_server import FakeServer, Hold
 from tests.clients.servers import DIRECT, ROOT, served, subprocess_env
-from tests.serving.server_process import ServerProcess
 
 FIRST = np.ones((3, 2), np.float32)  # the stand-in's model: 2 inputs, outputs twice them
 SECOND = np.full((2, 2), 5.0, np.float32)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from bench.child_server import ServerProcess
 from clients.loadgen import cli as loadgen_cli
 from clients.loadgen import report, schedule, server_metrics
 from clients.loadgen.progress import Progress
@@ -42,7 +43,6 @@ from memserve.cli import build_parser, main
 from tests.clients.fake_server import FakeServer
 from tests.clients.servers import MAX_STEPS, TINY, Watched, served
 from tests.serving.client import metric, scrape
-from tests.serving.server_process import ServerProcess
 
 REQUESTS = "memserve_request_duration_seconds_count"
 METHODS = ("ListModels", "CreateSession", "Step", "Generate", "DeleteSession")

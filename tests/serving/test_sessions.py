@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.child_server import ServerProcess
 from models.base import MemoryModel
 from protos import memserve_pb2
 from tests.serving.client import create, info, metric, scrape, step
 from tests.serving.conftest import Reference, random_inputs
-from tests.serving.server_process import ServerProcess
 
 TOLERANCE = 1e-6  # max abs difference between served and in-process outputs
 
