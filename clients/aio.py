@@ -171,7 +171,9 @@ class AsyncStepStream(StepStreamCore):
     async def _ended(self) -> MemserveError | None:
         """The call's own status, once a write or read on it failed: a write that races the
         call's end (its deadline, the server's answer) fails with a bare INTERNAL that hides
-        it. A failed write or read means the call is ending; the wait is bounded anyway."""
+        it. A failed write or read means the call is ending; the wait is bounded anyway.
+        (When grpc.aio handles the failed write after the server's status, it overwrites
+        that status with its INTERNAL for good, grpc/grpc#36066: then INTERNAL it is.)"""
         try:
             code = await asyncio.wait_for(self._call.code(), ENDING_SECONDS)
         except asyncio.TimeoutError:
