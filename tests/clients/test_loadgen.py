@@ -76,7 +76,7 @@ def settled_counts(
 ) -> dict[str, dict[str, int]]:
     """What the server counted since `before`, read again for a moment while it differs from
     `sent` (a streamed call is counted just after its last message leaves)."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while True:
         after = server_counts(server)
         counted: dict[str, dict[str, int]] = {}
@@ -318,7 +318,8 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path: Path) -> None:
             # Past the grace for requests, the level waits on the held deletion.
             run.wait_for(lambda: "cleaning up" in run.text("stderr"))
             run.process.send_signal(signal.SIGINT)
-            assert run.wait(10) == 130  # without waiting for the deletion, held for 30 s
+            assert run.wait(60) == 130
+            assert not hold.left.is_set()  # it quit while the deletion was still held
             stderr = run.text("stderr")
         assert "memserve loadgen: stopped" in stderr and "Traceback" not in stderr
         assert not out.exists()  # it quit without the report
@@ -539,35 +540,52 @@ def test_ctrl_c_cancels_requests_in_flight_but_never_a_deletion(
     monkeypatch.setattr(schedule, "INTERRUPT_GRACE", 0.05)
     target = SlowTarget(request_seconds, close_seconds)
 
+    plan = Plan(warmup=0, duration=30, requests=None, requests_per_session=1)
+    pressed: list[float] = []  # when Ctrl-C came
+
     async def go() -> Recorder:
         interrupted = asyncio.Event()
         recorder = Recorder("Step")
-        asyncio.get_running_loop().call_later(0.2, interrupted.set)
-        plan = Plan(warmup=0, duration=30, requests=None, requests_per_session=1)
+
+        def ctrl_c() -> None:
+            pressed.append(now())
+            interrupted.set()
+
+        asyncio.get_running_loop().call_later(0.2, ctrl_c)
         await closed_loop(target, plan, Level("C=2", recorder, interrupted), 2)
         return recorder
 
-    started = now()
     recorder = asyncio.run(go())
-    assert now() - started < 5
-    assert recorder.interrupted and recorder.end is not None
-    # The window ended at the Ctrl-C, 0.2 s in (or as late as a loaded machine noticed it),
-    # not at its planned 30 s.
-    assert 0.2 - 0.01 <= recorder.end - recorder.start < 5
+    assert recorder.interrupted and recorder.end is not None and plan.duration is not None
+    # The window ended at the Ctrl-C (or as late as a loaded machine noticed it), not at its
+    # planned end.
+    assert pressed[0] <= recorder.end < recorder.start + plan.duration
     assert not target.live and target.closed == target.opened >= 2
     if request_seconds > 1:
         assert recorder.cancelled == recorder.issued == 2 and recorder.errors == {}
 
 
+class InterruptingTarget(SlowTarget):
+    """A SlowTarget whose first request is a Ctrl-C: it comes in the warm-up, whatever the
+    machine's speed, since the first request is made at once."""
+
+    def __init__(self, seconds: float, interrupted: asyncio.Event) -> None:
+        super().__init__(seconds)
+        self.interrupted = interrupted
+
+    async def request(self, session: Session, intended: float) -> Outcome:
+        self.interrupted.set()
+        return await super().request(session, intended)
+
+
 @pytest.mark.parametrize("loop", ["closed", "open"])
 def test_ctrl_c_in_the_warm_up_leaves_an_empty_window(loop: str) -> None:
-    target = SlowTarget(0.01)
+    interrupted = asyncio.Event()
+    target = InterruptingTarget(0.01, interrupted)
 
     async def go() -> Recorder:
-        interrupted = asyncio.Event()
         recorder = Recorder("Step")
         level = Level("L", recorder, interrupted)
-        asyncio.get_running_loop().call_later(0.15, interrupted.set)
         plan = Plan(warmup=2, duration=2, requests=None, requests_per_session=3)
         if loop == "closed":
             await closed_loop(target, plan, level, 2)
@@ -662,22 +680,40 @@ def test_the_server_must_count_exactly_the_calls_sent() -> None:
         assert verdict(other).startswith("the server counted other calls"), other
 
 
+class DrawingTarget(SlowTarget):
+    """A SlowTarget that draws the progress line as each request starts: some start in the
+    window, whatever the machine's speed, where a redraw on a timer might not come."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.level: Level | None = None
+        self.lines: list[str] = []
+
+    async def request(self, session: Session, intended: float) -> Outcome:
+        assert self.level is not None
+        self.lines.append(Progress.line(self.level, 0.3, 0.6, None))
+        return await super().request(session, intended)
+
+
 def test_progress_line_follows_the_level() -> None:
     stream = io.StringIO()
+    target = DrawingTarget(0.01)
 
     async def go() -> None:
         recorder = Recorder("Step")
-        level = Level("C=2", recorder, asyncio.Event())
+        level = target.level = Level("C=2", recorder, asyncio.Event())
         progress = Progress(True, stream)
         progress.start(level, 0.3, 0.6, None)
-        await closed_loop(SlowTarget(0.01), Plan(0.3, 0.6, None, 3), level, 2)
+        await closed_loop(target, Plan(0.3, 0.6, None, 3), level, 2)
         await progress.stop()
 
     asyncio.run(go())
     lines = stream.getvalue().split("\r\033[K")
-    assert any("C=2 warm-up" in line and "/0.3 s" in line for line in lines)
-    assert any("measuring" in line and " ok " in line and "0 errors" in line for line in lines)
-    assert lines[-1] == ""  # the line is erased at the end
+    # Drawn at once, in the warm-up; erased at the end.
+    assert "C=2 warm-up" in lines[1] and "/0.3 s" in lines[1] and lines[-1] == ""
+    assert any("C=2 warm-up" in line and "/0.3 s" in line for line in target.lines)
+    assert any("measuring" in line and " ok " in line and "0 errors" in line
+               for line in target.lines)  # fmt: skip
 
 
 def test_server_metrics_over_a_window_from_the_text_format() -> None:
