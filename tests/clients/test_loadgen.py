@@ -42,7 +42,6 @@ from clients.loadgen.schedule import (
 from memserve.cli import build_parser, main
 from tests.clients.fake_server import FakeServer
 from tests.clients.servers import MAX_STEPS, TINY, Watched, served
-from tests.serving.client import metric, scrape
 
 REQUESTS = "memserve_request_duration_seconds_count"
 METHODS = ("ListModels", "CreateSession", "Step", "Generate", "DeleteSession")
@@ -66,7 +65,7 @@ def server_counts(server: ServerProcess) -> dict[tuple[str, str], float]:
     """The server's answered calls so far by (method, code)."""
     return {
         (dict(labels)["method"], dict(labels)["code"]): value
-        for (name, labels), value in scrape(server.metrics_url).items()
+        for (name, labels), value in server_metrics.scrape(server.metrics_url).items()
         if name == REQUESTS
     }
 
@@ -298,8 +297,8 @@ def test_ctrl_c_ends_the_level_reports_it_and_deletes_its_sessions(
     assert seconds - 0.05 <= level["window_s"] < 30
     sent = record["requests_sent"]
     assert sent["CreateSession"]["OK"] == sent["DeleteSession"]["OK"], (sent, stderr)
-    samples = scrape(server.metrics_url)
-    assert metric(samples, "memserve_sessions", model="ntm-copy") == 0
+    samples = server_metrics.scrape(server.metrics_url)
+    assert server_metrics.total(samples, "memserve_sessions", model="ntm-copy") == 0
 
 
 def test_a_second_ctrl_c_quits_at_once(tmp_path: Path) -> None:
@@ -635,7 +634,7 @@ def test_throughput_counts_the_answers_that_arrive_in_the_window() -> None:
 
     def answer(code: str, done: float, intended: float | None = None) -> None:
         outcome = Outcome(code, done, steps=2)
-        recorder.finished(outcome)
+        recorder.finished(outcome, done - 0.5 if intended is None else intended)
         if intended is not None:  # a measured request
             recorder.sent()
             recorder.record(outcome, intended)
@@ -660,8 +659,38 @@ def test_throughput_counts_the_answers_that_arrive_in_the_window() -> None:
     chat = Recorder("Generate")
     chat.start, chat.end = 0.0, 2.0
     for done in (0.5, 1.0, 2.5):
-        chat.finished(Outcome(OK, done, completion_tokens=8))
+        chat.finished(Outcome(OK, done, completion_tokens=8), done - 0.25)
     assert chat.summary()["throughput"] == {"requests_per_s": 1.0, "tokens_per_s": 8.0}
+
+
+def test_the_answers_in_the_window_as_the_benchmarks_read_them() -> None:
+    """What arrived inside the window, whenever its request started: the latency of the OK
+    answers, each text piece (the first as time to first piece, the others as the gap
+    since the one before), finish reasons, tokens, and the failures that came then."""
+    recorder = Recorder("Generate")
+    recorder.start, recorder.end = 10.0, 20.0
+
+    def reply(started: float, pieces: list[float], done: float) -> None:
+        outcome = Outcome(OK, done, pieces=pieces, completion_tokens=len(pieces),
+                          prompt_tokens=3, finish_reason="length")  # fmt: skip
+        recorder.finished(outcome, started)
+
+    reply(9.0, [9.5, 10.5, 11.0], 11.5)  # started before: its latency, two pieces inside
+    reply(12.0, [12.5, 13.0], 13.25)  # all inside
+    reply(19.0, [19.5, 20.5], 21.0)  # answered after: its inside piece counts, not it
+    recorder.finished(Outcome("UNAVAILABLE", 15.0), 14.0)
+    recorder.finished(Outcome("UNAVAILABLE", 25.0), 14.0)  # after the window: not counted
+    assert (recorder.answered, recorder.answered_tokens, recorder.answered_prompt_tokens) == (
+        2, 5, 6,
+    )  # fmt: skip
+    assert recorder.finish_reasons == {"length": 2}
+    assert recorder.window_errors == {"UNAVAILABLE": 1}
+    latency = recorder.answer_latency.microseconds()
+    assert recorder.answer_latency.count == 2 and latency["max"] == pytest.approx(2.5e6, 1e-3)
+    assert recorder.answer_ttft.count == 2  # 12.5 - 12.0 and 19.5 - 19.0
+    assert recorder.answer_ttft.microseconds()["max"] == pytest.approx(0.5e6, 1e-3)
+    assert recorder.answer_itl.count == 3  # 10.5 - 9.5, 11.0 - 10.5, 13.0 - 12.5
+    assert recorder.answer_itl.microseconds()["max"] == pytest.approx(1e6, 1e-3)
 
 
 def test_the_server_must_count_exactly_the_calls_sent() -> None:
