@@ -21,11 +21,11 @@ from its own offset. Every call asks for the same max_tokens (default 32) at tem
 The target: C=64 chats give at least 10x the tokens/s of one chat (the highest level over
 the lowest). `--rounds` rounds (default 3) run every level, in ascending order in odd rounds
 and descending in even ones; the ratio is computed per round and the target decided on its
-median, since single runs on a shared machine differ by tens of percent. It prints a
-table of medians and writes every round as JSON (default
+median, since single runs on a shared machine differ too much (docs/performance.md). It
+prints a table of medians and writes every round as JSON (default
 bench/results/generation-cpu.json).
 
-    python bench/generation.py        # vmed-chat, levels 1 8 64, about 2.5 minutes
+    python bench/generation.py        # vmed-chat, levels 1 8 64 (how long: docs/performance.md)
     python bench/generation.py --model PATH --levels 1 8 --seconds 5 --warmup 2
 """
 

@@ -16,8 +16,8 @@ Both servers run for the whole benchmark. Each round times the in-process step, 
 (shape, C) against the echo server and the real server back to back (the echo first in odd
 rounds, the server first in even ones), so that a slow drift of a shared machine touches a
 server and its references alike. Each target is computed per round from that round's
-numbers, and decided on the median over the rounds: on a shared virtual machine single
-runs of the same code differ by tens of percent.
+numbers, and decided on the median over the rounds: single runs of the same code on a
+shared virtual machine differ too much to decide on (docs/performance.md says by how much).
 
 The load client is this process: `memserve loadgen`'s closed loop, recorder and scraper
 (clients/loadgen/) with a session per worker, made before the warm-up, over `--channels`
@@ -27,7 +27,7 @@ and writes every round's numbers as JSON (default bench/results/serving-cpu.json
 percentiles come from HdrHistogram; errors are counted by status code, and a level with
 errors says so.
 
-    python bench/serving.py                    # the full run (about 13 minutes)
+    python bench/serving.py                    # the full run (how long: docs/performance.md)
     python bench/serving.py --rounds 1 --levels 1 16 256 --seconds 5 --batches 1 256
 """
 
