@@ -45,35 +45,23 @@ class AsyncClient(ClientCore):
         return await self._call(calls.list_models(), timeout)
 
     async def create_session(
-        self,
-        model: str,
-        *,
-        ttl_seconds: Seconds = None,
-        seed: int | None = None,
+        self, model: str, *, ttl_seconds: Seconds = None, seed: int | None = None,
         timeout: Seconds = None,
-    ) -> SessionInfo:
+    ) -> SessionInfo:  # fmt: skip
         return await self._call(calls.create_session(model, ttl_seconds, seed), timeout)
 
     async def session(
-        self,
-        model: str,
-        *,
-        ttl_seconds: Seconds = None,
-        seed: int | None = None,
+        self, model: str, *, ttl_seconds: Seconds = None, seed: int | None = None,
         timeout: Seconds = None,
-    ) -> AsyncSession:
+    ) -> AsyncSession:  # fmt: skip
         """A new session of `model`: `async with await client.session(model) as session`."""
         info = await self.create_session(model, ttl_seconds=ttl_seconds, seed=seed, timeout=timeout)
         return AsyncSession(self, info)
 
     async def step(
-        self,
-        session_id: str,
-        inputs: Array,
-        *,
-        expected_step: int | None = None,
+        self, session_id: str, inputs: Array, *, expected_step: int | None = None,
         timeout: Seconds = None,
-    ) -> Stepped[Array]:
+    ) -> Stepped[Array]:  # fmt: skip
         return await self._call(calls.step(session_id, inputs, expected_step), timeout)
 
     def step_stream(self, session_id: str, *, timeout: Seconds = None) -> AsyncStepStream:

@@ -54,35 +54,23 @@ class Client(ClientCore):
         return finish(self._call(calls.list_models(), timeout))
 
     def create_session(
-        self,
-        model: str,
-        *,
-        ttl_seconds: Seconds = None,
-        seed: int | None = None,
+        self, model: str, *, ttl_seconds: Seconds = None, seed: int | None = None,
         timeout: Seconds = None,
-    ) -> SessionInfo:
+    ) -> SessionInfo:  # fmt: skip
         return finish(self._call(calls.create_session(model, ttl_seconds, seed), timeout))
 
     def session(
-        self,
-        model: str,
-        *,
-        ttl_seconds: Seconds = None,
-        seed: int | None = None,
+        self, model: str, *, ttl_seconds: Seconds = None, seed: int | None = None,
         timeout: Seconds = None,
-    ) -> Session:
+    ) -> Session:  # fmt: skip
         """A new session of `model`, deleted when its `with` block ends."""
         info = self.create_session(model, ttl_seconds=ttl_seconds, seed=seed, timeout=timeout)
         return Session(self, info)
 
     def step(
-        self,
-        session_id: str,
-        inputs: Array,
-        *,
-        expected_step: int | None = None,
+        self, session_id: str, inputs: Array, *, expected_step: int | None = None,
         timeout: Seconds = None,
-    ) -> Stepped[Array]:
+    ) -> Stepped[Array]:  # fmt: skip
         """Run `inputs` `[T, input_size]` through the session: T steps in order. With
         `expected_step` the server refuses (FAILED_PRECONDITION) unless the session is at
         that step count, and the call is retried on UNAVAILABLE; without it, never."""
