@@ -2,8 +2,9 @@
 
 A real `memserve serve --models MODEL` runs in a child process on the PyTorch reference
 kernels (MEMSERVE_KERNEL_BACKEND=torch, TRITON_INTERPRET removed), with its Prometheus
-metrics on. For each level C (default 1, 8, 64) this process opens C chats, one grpc.aio
-task each: a session (CreateSession with the chat's seed), then Generate calls back to back,
+metrics on. For each level C (default 1, 8, 64) this process opens C chats, one task each
+of `memserve loadgen`'s closed loop (clients/loadgen/, as in bench/serving.py): a session
+(CreateSession with the chat's seed, made before the warm-up), then Generate calls back to back,
 one turn after another, whose user texts are the first utterances of the Persona-Chat
 exchange lines (/work/shared/data/personachat-dialogues.txt), each chat cycling through them
 from its own offset. Every call asks for the same max_tokens (default 32) at temperature
@@ -20,10 +21,11 @@ from its own offset. Every call asks for the same max_tokens (default 32) at tem
 The target: C=64 chats give at least 10x the tokens/s of one chat (the highest level over
 the lowest). `--rounds` rounds (default 3) run every level, in ascending order in odd rounds
 and descending in even ones; the ratio is computed per round and the target decided on its
-median, since single runs on a shared machine differ by tens of percent. It prints a table
-of medians and writes every round as JSON (default bench/results/generation-cpu.json).
+median, since single runs on a shared machine differ too much (docs/performance.md). It
+prints a table of medians and writes every round as JSON (default
+bench/results/generation-cpu.json).
 
-    python bench/generation.py                    # vmed-chat, levels 1 8 64, about 2.5 minutes
+    python bench/generation.py        # vmed-chat, levels 1 8 64 (how long: docs/performance.md)
     python bench/generation.py --model PATH --levels 1 8 --seconds 5 --warmup 2
 """
 
@@ -34,35 +36,34 @@ import asyncio
 import os
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-from hdrh.histogram import HdrHistogram
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ahead of bench/, so that `serving` is the package
 
+from bench.child_server import ChildServer  # noqa: E402
 from bench.serving import (  # noqa: E402
-    ChildServer,
-    Window,
+    BAD_RESPONSE,
     batching_over,
     cpu_name,
-    delete_sessions,
     median_of,
     median_verdict,
     provenance,
     quotient,
-    scrape,
+    run_level,
     verdict,
-    watch_window,
     write_record,
 )
-from protos import memserve_pb2, memserve_pb2_grpc  # noqa: E402
+from clients import AsyncClient, ModelInfo  # noqa: E402
+from clients.channel import Metadata  # noqa: E402
+from clients.loadgen import server_metrics  # noqa: E402
+from clients.loadgen.recording import Outcome  # noqa: E402
+from clients.loadgen.schedule import Session  # noqa: E402
+from clients.loadgen.workloads import Workload, reply_outcome  # noqa: E402
+from protos import memserve_pb2  # noqa: E402
 
 MODEL = "vmed-chat"
 CORPUS = ROOT.parent / "shared" / "data" / "personachat-dialogues.txt"
@@ -71,6 +72,7 @@ SLOTS = 256  # the server's default pool: every chat stays active
 SCALING = 10.0  # the target: tokens/s at the highest C over the lowest
 SEED = 1000  # chat i's seed is SEED + i
 OFFSET_STRIDE = 97  # chat i starts at utterance i * OFFSET_STRIDE (mod their number)
+GENERATED_TOKENS = "memserve_generated_tokens_total"
 
 
 # ---------------------------------------------------------------------------- results
@@ -150,126 +152,35 @@ def server_command(model: str, max_new_tokens: int) -> list[str]:
     ]  # fmt: skip
 
 
-# ---------------------------------------------------------------------------- load client
+# ---------------------------------------------------------------------------- load
 
 
-def histogram() -> HdrHistogram:
-    return HdrHistogram(1, 600_000_000, 3)  # microseconds
+class Chats(Workload):
+    """Chat i (the i-th session): CreateSession with seed SEED + i, then Generate turns
+    through the user texts from its own offset, each with the same sampling and seed."""
 
+    method = "Generate"
 
-def summary(values: HdrHistogram) -> dict[str, int]:
-    return {
-        "p50": int(values.get_value_at_percentile(50)),
-        "p90": int(values.get_value_at_percentile(90)),
-        "p99": int(values.get_value_at_percentile(99)),
-        "max": int(values.get_max_value()),
-    }
+    def __init__(self, model: str, texts: list[str], settings: Settings) -> None:
+        self.model = model
+        self.texts = texts
+        self.settings = settings
 
+    def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest:
+        return memserve_pb2.CreateSessionRequest(model=self.model, seed=SEED + sequence)
 
-def microseconds(seconds: float) -> int:
-    return max(1, round(seconds * 1e6))
-
-
-class Recorder:
-    """Calls, tokens, latencies and errors of one level that fall inside its window."""
-
-    def __init__(self, window: Window) -> None:
-        self.window = window
-        self.ttft = histogram()
-        self.itl = histogram()
-        self.call_latency = histogram()
-        self.calls = 0
-        self.completion_tokens = 0
-        self.prompt_tokens = 0
-        self.finish_reasons: dict[str, int] = {}
-        self.errors: dict[str, int] = {}
-
-    def inside(self, when: float) -> bool:
-        return self.window.start <= when <= self.window.end
-
-    def piece(self, previous: float, when: float, first: bool) -> None:
-        if self.inside(when):
-            (self.ttft if first else self.itl).record_value(microseconds(when - previous))
-
-    def call(self, start: float, done: float, final: memserve_pb2.GenerateDone) -> None:
-        if self.inside(done):
-            self.calls += 1
-            self.completion_tokens += final.completion_tokens
-            self.prompt_tokens += final.prompt_tokens
-            reason = final.finish_reason or "?"
-            self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
-            self.call_latency.record_value(microseconds(done - start))
-
-    def error(self, when: float, code: str) -> None:
-        if self.inside(when):
-            self.errors[code] = self.errors.get(code, 0) + 1
-
-
-async def chat(
-    stub: memserve_pb2_grpc.MemServeStub,
-    session_id: str,
-    texts: list[str],
-    offset: int,
-    seed: int,
-    settings: Settings,
-    recorder: Recorder,
-) -> None:
-    """One chat: Generate calls back to back, turn after turn, until the window ends."""
-    turn = 0
-    while True:
-        start = time.perf_counter()
-        if start >= recorder.window.end:
-            return
+    async def call(self, session: Session, timeout: float | None, metadata: Metadata) -> Outcome:
+        turn = session.sequence * OFFSET_STRIDE + session.used
         request = memserve_pb2.GenerateRequest(
-            session_id=session_id,
-            text=texts[(offset + turn) % len(texts)],
-            max_tokens=settings.max_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            seed=seed,
+            session_id=session.session_id,
+            text=self.texts[turn % len(self.texts)],
+            max_tokens=self.settings.max_tokens,
+            temperature=self.settings.temperature,
+            top_p=self.settings.top_p,
+            seed=SEED + session.sequence,
         )
-        turn += 1
-        final: memserve_pb2.GenerateDone | None = None
-        previous, first, bad = start, True, False
-        try:
-            async for message in stub.Generate(request):
-                now = time.perf_counter()
-                if message.HasField("done"):
-                    final = message.done
-                elif final is not None:
-                    bad = True  # a piece after the final message
-                else:
-                    recorder.piece(previous, now, first)
-                    previous, first = now, False
-        except grpc.aio.AioRpcError as error:
-            recorder.error(time.perf_counter(), error.code().name)
-            await asyncio.sleep(0.01)  # no hot loop against a failing server
-            continue
-        done = time.perf_counter()
-        if final is None or bad:
-            recorder.error(done, "BAD_RESPONSE")
-            continue
-        recorder.call(start, done, final)
-
-
-def generated_tokens(metrics_port: int) -> float:
-    """The server's memserve_generated_tokens_total right now, summed over models."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        text = answer.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "memserve_generated_tokens"
-        for sample in family.samples
-        if sample.name == "memserve_generated_tokens_total"
-    )
-
-
-def server_metrics(metrics_port: int) -> dict[str, float]:
-    return {**scrape(metrics_port), "generated_tokens": generated_tokens(metrics_port)}
+        stream = session.stub.Generate(request, timeout=timeout, metadata=metadata)
+        return await reply_outcome(stream, BAD_RESPONSE)
 
 
 async def measure_level(
@@ -280,87 +191,52 @@ async def measure_level(
     settings: Settings,
     round_: int = 1,
 ) -> LevelRow:
-    """C chats for the warm-up and the window; what completed in the window."""
-    channels = [grpc.aio.insecure_channel(child.target) for _ in range(settings.channels)]
-    stubs = [memserve_pb2_grpc.MemServeStub(channel) for channel in channels]  # type: ignore[no-untyped-call]
-    try:
-        for channel in channels:
-            await asyncio.wait_for(channel.channel_ready(), 30)
-        infos = await asyncio.gather(
-            *(
-                stubs[i % len(stubs)].CreateSession(
-                    memserve_pb2.CreateSessionRequest(model=model, seed=SEED + i)
-                )
-                for i in range(concurrency)
-            )
-        )
-        session_ids = [info.session_id for info in infos]
-        now = time.perf_counter()
-        window = Window(now + settings.warmup, now + settings.warmup + settings.seconds)
-        recorder = Recorder(window)
-        tasks = [
-            asyncio.create_task(
-                chat(
-                    stubs[i % len(stubs)],
-                    session_ids[i],
-                    texts,
-                    offset=i * OFFSET_STRIDE,
-                    seed=SEED + i,
-                    settings=settings,
-                    recorder=recorder,
-                )
-            )
-            for i in range(concurrency)
-        ]
-        usage = await watch_window(child, window, server_metrics)
-        await asyncio.gather(*tasks)  # each finishes the call it is in
-        await delete_sessions(stubs, session_ids)
-    finally:
-        for channel in channels:
-            await channel.close()
-    seconds = window.end - window.start
+    """C chats for the warm-up and the window; what completed in it."""
+    workload = Chats(model, texts, settings)
+    recorder, usage = await run_level(child, workload, concurrency, settings, metrics=True)
+    seconds = recorder.window()
     measured = usage.measured  # the CPU counters' own interval, scaled to the window
-    metrics_before, metrics_after = usage.metrics_before, usage.metrics_after
+    before, after = usage.metrics_before, usage.metrics_after
+    ttft, itl, call = recorder.answer_ttft, recorder.answer_itl, recorder.answer_latency
     return LevelRow(
         concurrency=concurrency,
         channels=settings.channels,
         seconds=seconds,
-        calls=recorder.calls,
-        completion_tokens=recorder.completion_tokens,
-        prompt_tokens=recorder.prompt_tokens,
-        tokens_per_s=recorder.completion_tokens / seconds,
-        calls_per_s=recorder.calls / seconds,
-        ttft_us=summary(recorder.ttft),
-        ttft_mean_us=float(recorder.ttft.get_mean_value()),
-        ttft_samples=int(recorder.ttft.get_total_count()),
-        itl_us=summary(recorder.itl),
-        itl_mean_us=float(recorder.itl.get_mean_value()),
-        itl_samples=int(recorder.itl.get_total_count()),
-        call_us=summary(recorder.call_latency),
-        call_mean_us=float(recorder.call_latency.get_mean_value()),
+        calls=recorder.answered,
+        completion_tokens=recorder.answered_tokens,
+        prompt_tokens=recorder.answered_prompt_tokens,
+        tokens_per_s=recorder.answered_tokens / seconds,
+        calls_per_s=recorder.answered / seconds,
+        ttft_us=ttft.microseconds(),
+        ttft_mean_us=ttft.mean_microseconds,
+        ttft_samples=ttft.count,
+        itl_us=itl.microseconds(),
+        itl_mean_us=itl.mean_microseconds,
+        itl_samples=itl.count,
+        call_us=call.microseconds(),
+        call_mean_us=call.mean_microseconds,
         finish_reasons=dict(sorted(recorder.finish_reasons.items())),
-        errors=dict(sorted(recorder.errors.items())),
+        errors=dict(sorted(recorder.window_errors.items())),
         client_cpu_seconds=usage.client_cpu * seconds / measured,
         server_cpu_seconds=usage.server_cpu * seconds / measured,
         other_cpu_seconds=usage.other_cpu * seconds / measured,
         stolen_cpu_seconds=usage.stolen_cpu * seconds / measured,
-        batching=batching_over(metrics_before, metrics_after, measured),
+        batching=batching_over(before, after, measured),
         server_generated_tokens=(
-            metrics_after["generated_tokens"] - metrics_before["generated_tokens"]
+            server_metrics.total(after, GENERATED_TOKENS)
+            - server_metrics.total(before, GENERATED_TOKENS)
         ),
         round=round_,
     )
 
 
-async def model_info(child: ChildServer) -> memserve_pb2.ModelInfo:
+async def model_info(child: ChildServer) -> ModelInfo:
     """The one model the server serves, as its ListModels says."""
-    async with grpc.aio.insecure_channel(child.target) as channel:
-        stub = memserve_pb2_grpc.MemServeStub(channel)  # type: ignore[no-untyped-call]
-        listed = await stub.ListModels(memserve_pb2.ListModelsRequest())
-    if len(listed.models) != 1:
-        raise RuntimeError(f"expected one served model, got {[m.name for m in listed.models]}")
-    info: memserve_pb2.ModelInfo = listed.models[0]
-    return info
+    async with AsyncClient(child.target) as client:
+        listed = await client.list_models()
+    if len(listed) != 1:
+        raise RuntimeError(f"expected one served model, got {[m.name for m in listed]}")
+    return listed[0]
 
 
 async def measure_server(
@@ -372,7 +248,7 @@ async def measure_server(
     rows: list[LevelRow] = []
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as logs:
         command = server_command(settings.model, settings.max_new_tokens)
-        child = ChildServer("server", command, Path(logs), settings.server_env)
+        child = ChildServer(command, Path(logs), env=settings.server_env)
         await asyncio.to_thread(child.start)
         try:
             info = await model_info(child)

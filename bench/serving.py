@@ -16,15 +16,18 @@ Both servers run for the whole benchmark. Each round times the in-process step, 
 (shape, C) against the echo server and the real server back to back (the echo first in odd
 rounds, the server first in even ones), so that a slow drift of a shared machine touches a
 server and its references alike. Each target is computed per round from that round's
-numbers, and decided on the median over the rounds: on a shared virtual machine single
-runs of the same code differ by tens of percent.
+numbers, and decided on the median over the rounds: single runs of the same code on a
+shared virtual machine differ too much to decide on (docs/performance.md says by how much).
 
-The load client is this process (grpc.aio, C tasks over `--channels` channels). It prints
-a table of medians and the targets, and writes every round's numbers as JSON (default
-bench/results/serving-cpu.json). Latency percentiles come from HdrHistogram; errors are
-counted by status code, and a level with errors says so.
+The load client is this process: `memserve loadgen`'s closed loop, recorder and scraper
+(clients/loadgen/) with a session per worker, made before the warm-up, over `--channels`
+plain grpc.aio channels; a call that fails retires its session for a fresh one. A call
+counts if it completes OK inside the window. It prints a table of medians and the targets,
+and writes every round's numbers as JSON (default bench/results/serving-cpu.json). Latency
+percentiles come from HdrHistogram; errors are counted by status code, and a level with
+errors says so.
 
-    python bench/serving.py                          # the full run (about 13 minutes)
+    python bench/serving.py                    # the full run (how long: docs/performance.md)
     python bench/serving.py --rounds 1 --levels 1 16 256 --seconds 5 --batches 1 256
 """
 
@@ -42,28 +45,32 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
-from hdrh.histogram import HdrHistogram
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ahead of bench/, whose serving.py is this file
 
-from protos import memserve_pb2, memserve_pb2_grpc  # noqa: E402
-from serving import wire  # noqa: E402
+from bench.child_server import ChildServer  # noqa: E402
+from clients.channel import Metadata  # noqa: E402
+from clients.loadgen import server_metrics  # noqa: E402
+from clients.loadgen.recording import Outcome, Recorder  # noqa: E402
+from clients.loadgen.schedule import Level, Plan, Session, closed_loop  # noqa: E402
+from clients.loadgen.workloads import Connection, GrpcTarget, Workload, step_outcome  # noqa: E402
+from protos import memserve_pb2, memserve_pb2_grpc, tensors  # noqa: E402
 
 MODEL = "ntm-copy"
 POOL_SLOTS = 256  # the server's default `slots`, and the in-process pool
 POWERS_OF_TWO = [2**k for k in range(9)]  # 1 .. 256
-STARTUP_SECONDS = 120.0
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # as serving.server
+CONNECT_SECONDS = 30.0
+BAD_RESPONSE = "BAD_RESPONSE"  # an OK answer of the wrong size
 
 
 @dataclass(frozen=True)
@@ -195,84 +202,6 @@ def measure_in_process(batches: list[int], budget_s: float, round_: int = 1) -> 
 # ---------------------------------------------------------------------------- child servers
 
 
-class ChildServer:
-    """A server in a child process that logs a JSON line with "event": "serving" and its
-    "port" (and "metrics_port") to stderr; stopped with SIGTERM."""
-
-    def __init__(
-        self, name: str, command: list[str], log_dir: Path, env: dict[str, str] | None = None
-    ) -> None:
-        self.name = name
-        self.command = command
-        self.extra_env = env or {}
-        self.log_path = log_dir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.metrics_port = -1
-
-    def start(self) -> ChildServer:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["MEMSERVE_KERNEL_BACKEND"] = "torch"
-        env.update(self.extra_env)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
-            )
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            serving = self.serving_line()
-            if serving is not None:
-                self.port = int(serving["port"])
-                self.metrics_port = int(serving.get("metrics_port", -1))
-                return self
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited at start:\n{self.log_text()}")
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not start in {STARTUP_SECONDS} s:\n{self.log_text()}")
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def serving_line(self) -> dict[str, Any] | None:
-        for line in self.log_text().splitlines():
-            if line.startswith("{") and '"serving"' in line:
-                with contextlib.suppress(json.JSONDecodeError):
-                    event: dict[str, Any] = json.loads(line)
-                    if event.get("event") == "serving":
-                        return event
-        return None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds the child and its own children (the memserve model
-        processes) have used so far (from /proc)."""
-        assert self.process is not None
-        total = 0.0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                pid, rest = stat.read_text().split(" (", 1)
-            except OSError:  # gone meanwhile
-                continue
-            fields = rest.rsplit(")", 1)[1].split()  # fields[1] is the parent's pid
-            if int(pid) == self.process.pid or int(fields[1]) == self.process.pid:
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 def machine_cpu_seconds() -> tuple[float, float]:
     """CPU seconds the machine has been busy since boot, and the part of them a hypervisor
     took for other guests ("steal"), from /proc/stat. The busy seconds count steal, so
@@ -296,48 +225,71 @@ class WindowUsage:
     server_cpu: float  # the server child
     other_cpu: float  # everything else on the machine
     stolen_cpu: float  # the part of other_cpu that the host took for other guests
-    metrics_before: dict[str, float]
-    metrics_after: dict[str, float]
+    metrics_before: server_metrics.Samples
+    metrics_after: server_metrics.Samples
 
 
-async def watch_window(
-    child: Any, window: Window, scrape_metrics: Callable[[int], dict[str, float]] | None
-) -> WindowUsage:
-    """Sleep through `window`, reading CPU counters (and the server's metrics, if
-    `scrape_metrics`) at its start and end."""
-    empty: dict[str, float] = {}
+async def watch_window(child: ChildServer, level: Level, metrics: bool) -> WindowUsage:
+    """Read CPU counters (and the server's metrics, if `metrics`) when the level's window
+    opens and when it closes."""
 
-    async def metrics() -> dict[str, float]:
-        if scrape_metrics is None:
-            return empty
-        return await asyncio.to_thread(scrape_metrics, child.metrics_port)
+    async def scrape() -> server_metrics.Samples:
+        if not metrics:
+            return {}
+        return await asyncio.to_thread(server_metrics.scrape, child.metrics_url)
 
-    await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
-    before = await metrics()
+    await level.opened.wait()
+    before = await scrape()
     client, server, (machine, stolen) = (
         time.process_time(),
         child.cpu_seconds(),
         machine_cpu_seconds(),
     )
     opened = time.perf_counter()
-    await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
+    await level.closed.wait()
     closed = time.perf_counter()
     client = time.process_time() - client
     server = child.cpu_seconds() - server
     machine_after, stolen_after = machine_cpu_seconds()
     machine, stolen = machine_after - machine, stolen_after - stolen
     return WindowUsage(closed - opened, client, server, machine - client - server, stolen,
-                       before, await metrics())  # fmt: skip
+                       before, await scrape())  # fmt: skip
 
 
-async def delete_sessions(stubs: Sequence[Any], session_ids: Sequence[str]) -> None:
-    """DeleteSession for every id, spread over the stubs as the sessions were."""
-    await asyncio.gather(
-        *(
-            stubs[i % len(stubs)].DeleteSession(memserve_pb2.DeleteSessionRequest(session_id=sid))
-            for i, sid in enumerate(session_ids)
-        )
-    )
+class LevelTiming(Protocol):
+    """What `run_level` needs of a benchmark's settings."""
+
+    channels: int  # client channels, sessions round robin over them
+    warmup: float
+    seconds: float  # the measuring window
+
+
+async def run_level(
+    child: ChildServer,
+    workload: Workload,
+    concurrency: int,
+    settings: LevelTiming,
+    metrics: bool,
+) -> tuple[Recorder, WindowUsage]:
+    """C sessions, made first, each calling back to back (the load generator's closed loop,
+    one session per worker) for the warm-up and the window, then deleted; what the level
+    recorded, and the CPU and the server's metrics over its window. A call that fails
+    retires its session (a fresh one replaces it)."""
+    connection = Connection(child.target, settings.channels)  # plain channels, as always
+    try:
+        await connection.connect(CONNECT_SECONDS)
+        recorder = Recorder(workload.method)
+        level = Level(f"C={concurrency}", recorder, asyncio.Event())
+        target = GrpcTarget(connection, workload, recorder, timeout=None)
+        await target.prepare(concurrency)
+        watcher = asyncio.create_task(watch_window(child, level, metrics))
+        plan = Plan(warmup=settings.warmup, duration=settings.seconds, requests=None,
+                    requests_per_session=sys.maxsize)  # fmt: skip
+        await closed_loop(target, plan, level, concurrency)
+        usage = await watcher
+    finally:
+        await connection.close()
+    return recorder, usage
 
 
 def server_command(metrics: bool) -> list[str]:
@@ -368,7 +320,7 @@ class EchoService(memserve_pb2_grpc.MemServeServicer):
         if response is None:
             outputs = np.random.default_rng(steps).random((steps, self.output_size))
             response = memserve_pb2.StepResponse(
-                outputs=wire.encode(outputs.astype(np.float32)), step=steps
+                outputs=tensors.encode(outputs.astype(np.float32)), step=steps
             )
             self.responses[steps] = response
         return response
@@ -419,158 +371,90 @@ async def serve_echo(port: int, output_size: int) -> None:
     await server.stop(0.5)
 
 
-# ---------------------------------------------------------------------------- load client
+# ---------------------------------------------------------------------------- load
 
 
-@dataclass
-class Window:
-    """The measuring window in time.perf_counter() seconds; calls completing in it count."""
+class StepCalls(Workload):
+    """A call shape as the load generator's workload: each session sends the same
+    copy-task-like input (random bits, the delimiter channel zero; seeded by the session's
+    number) as unary Step calls, or as one StepStream per session, a message per step."""
 
-    start: float
-    end: float
+    def __init__(self, shape: Shape, input_size: int, output_size: int) -> None:
+        self.shape = shape
+        self.method = shape.method
+        self.input_size = input_size
+        self.output_size = output_size
+        self.requests: dict[str, memserve_pb2.StepRequest] = {}
 
+    def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest:
+        return memserve_pb2.CreateSessionRequest(model=MODEL)
 
-class Recorder:
-    """Calls, latencies and errors of one level that complete inside its window."""
+    def request(self, session: Session) -> memserve_pb2.StepRequest:
+        request = self.requests.get(session.session_id)
+        if request is None:
+            bits = (
+                np.random.default_rng(session.sequence).random((self.shape.steps, self.input_size))
+                > 0.5
+            )
+            inputs = bits.astype(np.float32)
+            inputs[:, -1] = 0.0
+            request = memserve_pb2.StepRequest(
+                session_id=session.session_id, inputs=tensors.encode(inputs)
+            )
+            self.requests[session.session_id] = request
+        return request
 
-    def __init__(self, window: Window) -> None:
-        self.window = window
-        self.histogram = HdrHistogram(1, 600_000_000, 3)  # microseconds
-        self.calls = 0
-        self.errors: dict[str, int] = {}
+    async def call(self, session: Session, timeout: float | None, metadata: Metadata) -> Outcome:
+        request = self.request(session)
+        if self.shape.method == "Step":
+            response = await session.stub.Step(request, timeout=timeout, metadata=metadata)
+        else:
+            if session.stream is None:
+                session.stream = session.stub.StepStream(timeout=timeout, metadata=metadata)
+            await session.stream.write(request)
+            response = await session.stream.read()
+            if response is grpc.aio.EOF:
+                return Outcome("EOF", time.perf_counter())
+        return step_outcome(response, self.shape.steps, self.output_size, BAD_RESPONSE)
 
-    def inside(self, when: float) -> bool:
-        return self.window.start <= when <= self.window.end
-
-    def call(self, start: float, done: float) -> None:
-        if self.inside(done):
-            self.calls += 1
-            self.histogram.record_value(max(1, round((done - start) * 1e6)))
-
-    def error(self, when: float, code: str) -> None:
-        if self.inside(when):
-            self.errors[code] = self.errors.get(code, 0) + 1
-
-
-def step_request(
-    session_id: str, steps: int, input_size: int, seed: int
-) -> memserve_pb2.StepRequest:
-    """A copy-task-like input: random bits, the delimiter channel (the last) zero."""
-    bits = np.random.default_rng(seed).random((steps, input_size)) > 0.5
-    inputs = bits.astype(np.float32)
-    inputs[:, -1] = 0.0
-    return memserve_pb2.StepRequest(session_id=session_id, inputs=wire.encode(inputs))
-
-
-async def unary_session(
-    stub: memserve_pb2_grpc.MemServeStub,
-    request: memserve_pb2.StepRequest,
-    expected_bytes: int,
-    recorder: Recorder,
-) -> None:
-    """Step calls one after another until the window ends."""
-    while True:
-        start = time.perf_counter()
-        if start >= recorder.window.end:
-            return
-        try:
-            response = await stub.Step(request)
-        except grpc.aio.AioRpcError as error:
-            recorder.error(time.perf_counter(), error.code().name)
-            await asyncio.sleep(0.01)  # no hot loop against a failing server
-            continue
-        done = time.perf_counter()
-        if len(response.outputs.data) != expected_bytes:
-            recorder.error(done, "BAD_RESPONSE")
-            continue
-        recorder.call(start, done)
-
-
-async def stream_session(
-    stub: memserve_pb2_grpc.MemServeStub,
-    request: memserve_pb2.StepRequest,
-    expected_bytes: int,
-    recorder: Recorder,
-) -> None:
-    """One StepStream for the session, a request then its response, until the window ends;
-    a stream that fails is counted and replaced."""
-    while time.perf_counter() < recorder.window.end:
-        call = stub.StepStream()
-        try:
-            while True:
-                start = time.perf_counter()
-                if start >= recorder.window.end:
-                    break
-                await call.write(request)
-                response = await call.read()
-                done = time.perf_counter()
-                if response is grpc.aio.EOF:
-                    recorder.error(done, "EOF")
-                    break
-                if len(response.outputs.data) != expected_bytes:
-                    recorder.error(done, "BAD_RESPONSE")
-                    continue
-                recorder.call(start, done)
-            await call.done_writing()
-            await call.code()
-        except grpc.aio.AioRpcError as error:
-            recorder.error(time.perf_counter(), error.code().name)
-            await asyncio.sleep(0.01)
-
-
-def scrape(metrics_port: int) -> dict[str, float]:
-    """The server's batch, step-time and queue-wait histogram sums and counts right now."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        text = answer.read().decode()
-    wanted = {
-        "memserve_batch_size": "batch",
-        "memserve_step_duration_seconds": "step",
-        "memserve_queue_wait_seconds": "queue_wait",
-    }
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        short = wanted.get(family.name)
-        if short is None:
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_sum"):
-                values[f"{short}_sum"] = values.get(f"{short}_sum", 0.0) + sample.value
-            elif sample.name.endswith("_count"):
-                values[f"{short}_count"] = values.get(f"{short}_count", 0.0) + sample.value
-            elif short == "batch" and sample.name.endswith("_bucket"):
-                key = f"batch_le_{sample.labels['le']}"
-                values[key] = values.get(key, 0.0) + sample.value
-    return values
+    async def release(self, session: Session) -> None:
+        stream, session.stream = session.stream, None
+        if stream is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stream.done_writing()
+                await stream.code()
 
 
 def batching_over(
-    before: dict[str, float], after: dict[str, float], seconds: float
+    before: server_metrics.Samples, after: server_metrics.Samples, seconds: float
 ) -> dict[str, float]:
     """What the server's own metrics say about a window: launches, batch sizes, step time."""
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    launches = delta.get("batch_count", 0.0)
+
+    def delta(name: str) -> float:
+        return server_metrics.total(after, name) - server_metrics.total(before, name)
+
+    launches = delta("memserve_batch_size_count")
+    queue_waits = delta("memserve_queue_wait_seconds_count")
     result = {
         "launches": launches,
         "launches_per_s": launches / seconds,
-        "mean_batch_size": delta.get("batch_sum", 0.0) / launches if launches else 0.0,
-        "mean_step_seconds": delta.get("step_sum", 0.0) / launches if launches else 0.0,
-        "step_busy_fraction": delta.get("step_sum", 0.0) / seconds,
+        "mean_batch_size": delta("memserve_batch_size_sum") / launches if launches else 0.0,
+        "mean_step_seconds": (
+            delta("memserve_step_duration_seconds_sum") / launches if launches else 0.0
+        ),
+        "step_busy_fraction": delta("memserve_step_duration_seconds_sum") / seconds,
         "mean_queue_wait_seconds": (
-            delta.get("queue_wait_sum", 0.0) / delta["queue_wait_count"]
-            if delta.get("queue_wait_count")
-            else 0.0
+            delta("memserve_queue_wait_seconds_sum") / queue_waits if queue_waits else 0.0
         ),
     }
     # Launches per batch-size bucket (cumulative counts turned into per-bucket counts).
+    later = server_metrics.buckets(after, "memserve_batch_size")
+    earlier = server_metrics.buckets(before, "memserve_batch_size")
     previous = 0.0
-    for key in sorted(
-        (k for k in delta if k.startswith("batch_le_")), key=lambda k: float(k[len("batch_le_") :])
-    ):
-        result[key.replace("batch_le_", "launches_batch_le_")] = delta[key] - previous
-        previous = delta[key]
+    for bound in sorted(later, key=float):
+        cumulative = later[bound] - earlier.get(bound, 0.0)
+        result[f"launches_batch_le_{bound}"] = cumulative - previous
+        previous = cumulative
     return result
 
 
@@ -585,49 +469,16 @@ async def measure_level(
     round_: int = 1,
 ) -> LevelRow:
     """C sessions calling in `shape` for the warm-up and the window; what completed in it."""
-    channels = [grpc.aio.insecure_channel(child.target) for _ in range(settings.channels)]
-    stubs = [memserve_pb2_grpc.MemServeStub(channel) for channel in channels]  # type: ignore[no-untyped-call]
-    try:
-        for channel in channels:
-            await asyncio.wait_for(channel.channel_ready(), 30)
-        infos = await asyncio.gather(
-            *(
-                stubs[i % len(stubs)].CreateSession(memserve_pb2.CreateSessionRequest(model=MODEL))
-                for i in range(concurrency)
-            )
-        )
-        session_ids = [info.session_id for info in infos]
-        expected_bytes = shape.steps * output_size * 4
-        now = time.perf_counter()
-        window = Window(now + settings.warmup, now + settings.warmup + settings.seconds)
-        recorder = Recorder(window)
-        run = stream_session if shape.method == "StepStream" else unary_session
-        tasks = [
-            asyncio.create_task(
-                run(
-                    stubs[i % len(stubs)],
-                    step_request(session_ids[i], shape.steps, input_size, seed=i),
-                    expected_bytes,
-                    recorder,
-                )
-            )
-            for i in range(concurrency)
-        ]
-        scraping = child.metrics_port >= 0
-        usage = await watch_window(child, window, scrape if scraping else None)
-        await asyncio.gather(*tasks)
-        await delete_sessions(stubs, session_ids)
-    finally:
-        for channel in channels:
-            await channel.close()
-    seconds = window.end - window.start
+    scraping = child.metrics_port >= 0
+    workload = StepCalls(shape, input_size, output_size)
+    recorder, usage = await run_level(child, workload, concurrency, settings, scraping)
+    seconds = recorder.window()
     batching = (
         batching_over(usage.metrics_before, usage.metrics_after, usage.measured)
         if scraping
         else None
     )
-    histogram = recorder.histogram
-    calls = recorder.calls
+    calls = recorder.answered
     return LevelRow(
         target=target_name,
         shape=shape.name,
@@ -640,14 +491,9 @@ async def measure_level(
         session_steps=calls * shape.steps,
         calls_per_s=calls / seconds,
         session_steps_per_s=calls * shape.steps / seconds,
-        latency_us={
-            "p50": int(histogram.get_value_at_percentile(50)),
-            "p90": int(histogram.get_value_at_percentile(90)),
-            "p99": int(histogram.get_value_at_percentile(99)),
-            "max": int(histogram.get_max_value()),
-        },
-        latency_mean_us=float(histogram.get_mean_value()),
-        errors=dict(sorted(recorder.errors.items())),
+        latency_us=recorder.answer_latency.microseconds(),
+        latency_mean_us=recorder.answer_latency.mean_microseconds,
+        errors=dict(sorted(recorder.window_errors.items())),
         client_cpu_seconds=usage.client_cpu * seconds / usage.measured,
         server_cpu_seconds=usage.server_cpu * seconds / usage.measured,
         other_cpu_seconds=usage.other_cpu * seconds / usage.measured,
@@ -665,8 +511,8 @@ async def measure_rounds(
     rows: list[LevelRow] = []
     in_process: list[InProcessRow] = []
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as logs:
-        echo = ChildServer("echo", echo_command(), Path(logs))
-        server = ChildServer("server", server_command(True), Path(logs), settings.server_env)
+        echo = ChildServer(echo_command(), Path(logs), name="echo")
+        server = ChildServer(server_command(True), Path(logs), env=settings.server_env)
         started: list[ChildServer] = []
         try:
             for child in (echo, server):

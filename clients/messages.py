@@ -1,6 +1,6 @@
 """What the clients send and get back, as plain Python: requests built from arguments,
 replies turned into dataclasses, and step tensors converted between numpy or torch and the
-wire (float32). Shared by `Client` and `AsyncClient`.
+wire (float32). Shared by `Client` and `AsyncClient` (`calls.py` puts them together per RPC).
 
 Torch is optional: a tensor is recognised only when torch is already imported (the caller
 made one), so numpy users never load it.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -160,32 +160,31 @@ def step_request(
     )
 
 
-def create_request(
-    model: str, ttl_seconds: float | None, seed: int | None
-) -> memserve_pb2.CreateSessionRequest:
-    return memserve_pb2.CreateSessionRequest(model=model, ttl_seconds=ttl_seconds, seed=seed)
+class Sampling(TypedDict, total=False):
+    """Generate's sampling options, all optional: unset ones take the server's defaults
+    (max_tokens 0: the server's limit; temperature 1; top_k 0: all tokens; top_p 1; seed: the
+    session's; stop: none)."""
+
+    max_tokens: int
+    temperature: float | None
+    top_k: int
+    top_p: float | None
+    seed: int | None
+    stop: Sequence[str]
 
 
 def generate_request(
-    session_id: str,
-    text: str,
-    *,
-    max_tokens: int,
-    temperature: float | None,
-    top_k: int,
-    top_p: float | None,
-    seed: int | None,
-    stop: Sequence[str],
+    session_id: str, text: str, sampling: Sampling
 ) -> memserve_pb2.GenerateRequest:
     return memserve_pb2.GenerateRequest(
         session_id=session_id,
         text=text,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop=list(stop),
+        max_tokens=sampling.get("max_tokens", 0),
+        temperature=sampling.get("temperature"),
+        top_k=sampling.get("top_k", 0),
+        top_p=sampling.get("top_p"),
+        seed=sampling.get("seed"),
+        stop=list(sampling.get("stop", ())),
     )
 
 

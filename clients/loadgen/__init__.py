@@ -5,7 +5,8 @@ Modules, in the order a run uses them:
 
 | module | what |
 | --- | --- |
-| `cli.py` | the command line: options, their checks, `Settings` |
+| `cli.py` | the command line: options and their checks |
+| `settings.py` | `Settings`: everything a run works from |
 | `workloads.py` | `step` and `chat` over gRPC: sessions, one request, call counts |
 | `schedule.py` | closed and open loop over any `Target`; the measuring window |
 | `recording.py` | what a level measured: HdrHistogram latencies, counts by status code |

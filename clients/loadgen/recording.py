@@ -1,21 +1,24 @@
 """What one level measured: latency histograms (HdrHistogram, microseconds, 3 significant
 digits), requests by outcome, every call by method and status code, and the summary the
-report and the JSON take.
+report and the JSON take. The one recorder of the repository: the benchmarks (`bench/`)
+record their levels with it too.
 
-Three kinds of counts, kept apart on purpose:
+Kinds of counts, kept apart on purpose:
 
 - measured requests: the requests (Step calls or Generate turns) whose intended start lies
   in the level's measuring window; their latencies and errors are the level's result;
-- answers in the window: the OK answers that arrived inside the window, whenever their
-  request started (warm-up ones too): the throughput, which they divide by the window's
+- answers in the window: what arrived inside the window, whenever its request started
+  (warm-up ones too). The OK answers are the throughput, which they divide by the window's
   length, so that neither a slow or failed request after it nor the requests still in
-  flight at its end bias it;
+  flight at its end bias it. The benchmarks report this view whole: the latencies, pieces
+  and errors of what arrived in the window (`answer_*`, `window_errors`);
 - calls: every RPC the level made, warm-up and teardown included, by method and status
   code: what the server's `memserve_request_duration_seconds_count` must agree with.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +27,8 @@ from hdrh.histogram import HdrHistogram
 HIGHEST_MICROSECONDS = 3_600_000_000  # one hour: anything longer is clamped to it
 SIGNIFICANT_DIGITS = 3
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
-# Open loop: a request sent this long after its intended time is late. Above the event
-# loop's timer granularity (about 1 ms) and its jitter on a busy machine.
+# Open loop: a request sent this long after its intended time is late: above the event
+# loop's timer granularity and its jitter on a busy machine (docs/performance.md).
 LATE_SECONDS = 0.005
 OK = "OK"
 INVALID_RESPONSE = "INVALID_RESPONSE"  # the server said OK, the answer was not well formed
@@ -39,10 +42,18 @@ class Outcome:
     done: float  # when the answer (or the error) arrived
     detail: str = ""  # the server's message, for errors
     steps: int = 0  # Step: the inputs T of an answered call
-    first_piece: float | None = None  # Generate: when the first text piece arrived
-    gaps: list[float] = field(default_factory=list)  # Generate: seconds between pieces
+    pieces: list[float] = field(default_factory=list)  # Generate: when each text piece came
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    finish_reason: str = ""  # Generate: "eos", "stop" or "length"
+
+    @property
+    def first_piece(self) -> float | None:
+        return self.pieces[0] if self.pieces else None
+
+    def gaps(self) -> list[float]:
+        """Seconds between successive text pieces."""
+        return [later - earlier for earlier, later in itertools.pairwise(self.pieces)]
 
 
 class Latencies:
@@ -61,6 +72,17 @@ class Latencies:
 
     def percentile_ms(self, percentile: float) -> float:
         return float(self.histogram.get_value_at_percentile(percentile)) / 1e3
+
+    def microseconds(self) -> dict[str, int]:
+        """p50, p90, p99 and max in microseconds (as the benchmarks record them)."""
+        histogram = self.histogram
+        summary = {f"p{p:g}": int(histogram.get_value_at_percentile(p)) for p in (50, 90, 99)}
+        summary["max"] = int(histogram.get_max_value())
+        return summary
+
+    @property
+    def mean_microseconds(self) -> float:
+        return float(self.histogram.get_mean_value())
 
     def summary(self) -> dict[str, float] | None:
         """count, p50, p90, p95, p99, p99.9, mean, min and max in ms; None when empty."""
@@ -137,6 +159,12 @@ class Recorder:
         self.answered = 0  # OK answers that arrived in the window (of any request)
         self.answered_steps = 0  # their session-steps (Step)
         self.answered_tokens = 0  # their completion tokens (Generate)
+        self.answered_prompt_tokens = 0  # and prompt tokens
+        self.finish_reasons: dict[str, int] = {}  # and how they ended (Generate)
+        self.answer_latency = Latencies()  # their start -> their answer
+        self.answer_ttft = Latencies()  # start -> first piece, for first pieces in the window
+        self.answer_itl = Latencies()  # between pieces, for pieces in the window
+        self.window_errors: dict[str, int] = {}  # failures that arrived in the window
         self.start = 0.0
         self.end: float | None = None
         self.last_done: float | None = None
@@ -150,15 +178,38 @@ class Recorder:
             self.late += lag > LATE_SECONDS
             self.capped += capped
 
-    def finished(self, outcome: Outcome) -> None:
-        """Any request ended, measured or not: an OK answer that arrived inside the window
-        counts towards the throughput. (While a count-bounded window is open, `end` is None:
-        its end comes later than any answer already here.)"""
-        inside = self.start <= outcome.done and (self.end is None or outcome.done <= self.end)
-        if outcome.code == OK and inside:
-            self.answered += 1
-            self.answered_steps += outcome.steps
-            self.answered_tokens += outcome.completion_tokens
+    def finished(self, outcome: Outcome, started: float) -> None:
+        """Any request ended, measured or not (`started`: when it started, or was due):
+        what of it arrived inside the window counts as answered there. (While a
+        count-bounded window is open, `end` is None: its end comes later than any answer
+        already here.)"""
+        if not self.inside(outcome.done):
+            if outcome.code == OK:
+                self._pieces_in_window(outcome, started)  # some may have come in the window
+            return
+        if outcome.code != OK:
+            self.window_errors[outcome.code] = self.window_errors.get(outcome.code, 0) + 1
+            return
+        self.answered += 1
+        self.answered_steps += outcome.steps
+        self.answered_tokens += outcome.completion_tokens
+        self.answered_prompt_tokens += outcome.prompt_tokens
+        if outcome.finish_reason:
+            reason = outcome.finish_reason
+            self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
+        self.answer_latency.record(outcome.done - started)
+        self._pieces_in_window(outcome, started)
+
+    def _pieces_in_window(self, outcome: Outcome, started: float) -> None:
+        previous = started
+        for number, moment in enumerate(outcome.pieces):
+            if self.inside(moment):
+                (self.answer_itl if number else self.answer_ttft).record(moment - previous)
+            previous = moment
+
+    def inside(self, moment: float) -> bool:
+        """Whether `moment` lies in the window (one without its end yet: after its start)."""
+        return self.start <= moment and (self.end is None or moment <= self.end)
 
     def record(self, outcome: Outcome, intended: float) -> None:
         """A measured request ended; its latency counts from its intended start."""
@@ -177,7 +228,7 @@ class Recorder:
         self.prompt_tokens += outcome.prompt_tokens
         if outcome.first_piece is not None:
             self.ttft.record(outcome.first_piece - intended)
-        for gap in outcome.gaps:
+        for gap in outcome.gaps():
             self.itl.record(gap)
 
     def window(self) -> float:

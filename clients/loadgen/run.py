@@ -23,12 +23,12 @@ import grpc
 import numpy as np
 
 from clients.loadgen import report, server_metrics
-from clients.loadgen.cli import Settings
 from clients.loadgen.progress import Progress
 from clients.loadgen.recording import CallCounts, Recorder
 from clients.loadgen.schedule import Level, Plan, closed_loop, now, open_loop
+from clients.loadgen.settings import Settings
 from clients.loadgen.workloads import (
-    Client,
+    Connection,
     GrpcTarget,
     LoadgenError,
     Workload,
@@ -85,7 +85,7 @@ async def watch_server(level: Level, url: str, model: str, workload: str) -> dic
 
 async def run_level(
     settings: Settings,
-    client: Client,
+    connection: Connection,
     workload: Workload,
     value: float,
     interrupted: asyncio.Event,
@@ -95,7 +95,7 @@ async def run_level(
     """One level of the sweep, as its JSON record."""
     recorder = Recorder(workload.method)
     level = Level(level_label(settings, value), recorder, interrupted)
-    target = GrpcTarget(client, workload, recorder, settings.timeout)
+    target = GrpcTarget(connection, workload, recorder, settings.timeout)
     plan = Plan(
         warmup=settings.warmup,
         duration=settings.duration,
@@ -189,17 +189,17 @@ async def _run(settings: Settings, command: str) -> int:
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.add_signal_handler(signal.SIGINT, on_interrupt)  # main thread only
         handling = True
-    client = Client(settings)
+    connection = Connection.of(settings)
     try:
-        return await _sweep(settings, command, client, interrupted)
+        return await _sweep(settings, command, connection, interrupted)
     finally:
-        await client.close()
+        await connection.close()
         if handling:
             loop.remove_signal_handler(signal.SIGINT)
 
 
 async def _sweep(
-    settings: Settings, command: str, client: Client, interrupted: asyncio.Event
+    settings: Settings, command: str, connection: Connection, interrupted: asyncio.Event
 ) -> int:
     metrics_url = settings.metrics_url
     metrics_error: str | None = None
@@ -210,8 +210,8 @@ async def _sweep(
         if metrics_error is not None:
             print(f"server metrics: {metrics_error}; carrying on without them", file=sys.stderr)
     sent = CallCounts()
-    await client.connect(settings.connect_timeout)
-    info = await client.model_info(settings, sent)
+    await connection.connect(settings.connect_timeout)
+    info = await connection.model_info(settings, sent)
     workload = make_workload(settings, info)
     for line in describe(settings, info):
         print(line)
@@ -228,7 +228,7 @@ async def _sweep(
         if interrupted.is_set():
             break
         url = metrics_url if metrics_error is None else None
-        row = await run_level(settings, client, workload, value, interrupted, url, progress)
+        row = await run_level(settings, connection, workload, value, interrupted, url, progress)
         rows.append(row)
         table.row(row)
         for method, by_code in row["calls"].items():

@@ -49,6 +49,7 @@ class Session:
     stub: Any = None  # the channel's stub it talks over
     used: int = 0  # requests made so far
     gone: bool = False  # the server said NOT_FOUND: nothing to delete
+    stream: Any = None  # a call the workload keeps open on it (StepStream), if any
 
 
 class Target(Protocol):
@@ -231,7 +232,7 @@ async def closed_loop(target: Target, plan: Plan, level: Level, concurrency: int
             if counted:
                 recorder.cancelled += 1
             raise
-        recorder.finished(outcome)
+        recorder.finished(outcome, start)
         if counted:
             record(outcome, start)
         return outcome
@@ -377,7 +378,7 @@ async def open_loop(target: Target, plan: Plan, level: Level, rate: float) -> No
             raise
         finally:
             places.release()
-        recorder.finished(outcome)
+        recorder.finished(outcome, intended)
         if counted:
             recorder.record(outcome, intended)
         pool.release(session, outcome)

@@ -2,6 +2,9 @@
 measuring window, and what the difference says (batch size, queue wait, step time, the
 calls it answered). Names as `serving/metrics.py` exports them; a small parser of the text
 format, so the client needs no Prometheus library.
+
+The one scraper of the repository: the benchmarks (`bench/`) and the tests read the server's
+metrics with `scrape` and `total` too.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]
 
-SCRAPE_TIMEOUT = 3.0
+SCRAPE_TIMEOUT = 10.0
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)(\s+\S+)?\s*$")
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
 _ESCAPES = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
@@ -76,20 +79,22 @@ def first_scrape(url: str) -> tuple[Samples | None, str | None]:
     return samples, None
 
 
-def _total(samples: Samples, name: str, **labels: str) -> float:
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of sample `name` over the label sets that include `labels`."""
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
 
 
-def _buckets(samples: Samples, name: str, model: str) -> dict[float, float]:
-    """Cumulative bucket counts by upper bound, summed over the model's other labels."""
-    buckets: dict[float, float] = {}
-    for (sample, labels), value in samples.items():
-        label = dict(labels)
-        if sample == f"{name}_bucket" and label.get("model") == model:
-            bound = float(label["le"])
-            buckets[bound] = buckets.get(bound, 0.0) + value
-    return buckets
+def buckets(samples: Samples, name: str, **labels: str) -> dict[str, float]:
+    """A histogram's cumulative bucket counts by upper bound (the `le` label as the page
+    writes it), summed over the label sets that include `labels`."""
+    wanted = set(labels.items())
+    counts: dict[str, float] = {}
+    for (sample, sample_labels), value in samples.items():
+        if sample == f"{name}_bucket" and wanted <= set(sample_labels):
+            bound = dict(sample_labels)["le"]
+            counts[bound] = counts.get(bound, 0.0) + value
+    return counts
 
 
 def histogram_delta(
@@ -97,19 +102,17 @@ def histogram_delta(
 ) -> dict[str, Any] | None:
     """count, mean and p99 (the upper bound of the bucket it falls in) of a histogram's
     observations between the scrapes; None when there were none."""
-    count = _total(after, f"{name}_count", model=model) - _total(
-        before, f"{name}_count", model=model
-    )
+    count = total(after, f"{name}_count", model=model) - total(before, f"{name}_count", model=model)
     if count <= 0:
         return None
-    total = _total(after, f"{name}_sum", model=model) - _total(before, f"{name}_sum", model=model)
-    later, earlier = _buckets(after, name, model), _buckets(before, name, model)
+    summed = total(after, f"{name}_sum", model=model) - total(before, f"{name}_sum", model=model)
+    later, earlier = buckets(after, name, model=model), buckets(before, name, model=model)
     p99: float | None = None
-    for bound in sorted(later):
+    for bound in sorted(later, key=float):
         if later[bound] - earlier.get(bound, 0.0) >= 0.99 * count:
-            p99 = None if math.isinf(bound) else bound
+            p99 = None if math.isinf(float(bound)) else float(bound)
             break
-    return {"count": round(count), "mean": total / count, "p99_upper_bound": p99}
+    return {"count": round(count), "mean": summed / count, "p99_upper_bound": p99}
 
 
 def summarize(
@@ -128,8 +131,8 @@ def summarize(
     result["launches"] = 0 if batches is None else batches["count"]
     if workload == "chat":
         result["generated_tokens"] = round(
-            _total(after, GENERATED_TOKENS, model=model) - _total(before, GENERATED_TOKENS,
-                                                                  model=model)
+            total(after, GENERATED_TOKENS, model=model) - total(before, GENERATED_TOKENS,
+                                                                model=model)
         )  # fmt: skip
     result["requests"] = request_delta(before, after)
     return result

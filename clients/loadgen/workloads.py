@@ -1,6 +1,7 @@
 """The workloads over gRPC: `step` (K Step calls of T random inputs per session) and `chat`
 (K streamed Generate turns per session), the connection they share, and `GrpcTarget`, which
-the schedules drive and which counts every call by method and status code.
+the schedules drive and which counts every call by method and status code. The benchmarks
+(`bench/`) drive their own workloads (`Workload`) through the same target and schedules.
 
 Stubs of `grpc.aio` straight from `protos/`, tensors through `protos/tensors.py`: nothing of
 the server is imported, and a request costs the client as little as it can.
@@ -9,17 +10,22 @@ the server is imported, and a request costs the client as little as it can.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from clients.channel import Metadata, call_metadata, channel_options
-from clients.loadgen.cli import Settings
+from clients.channel import ChannelOption, Metadata, call_metadata, channel_options
 from clients.loadgen.recording import INVALID_RESPONSE, OK, CallCounts, Outcome, Recorder
 from clients.loadgen.schedule import Session, SessionRefused, now
+from clients.loadgen.settings import Settings
 from clients.messages import DIALOGUE_TYPES
 from protos import memserve_pb2, memserve_pb2_grpc, tensors
+
+if TYPE_CHECKING:
+    from clients.channel import TLS
 
 INPUT_VARIANTS = 64  # step: distinct input tensors, drawn once, cycled through
 
@@ -68,29 +74,43 @@ def code_name(error: grpc.aio.AioRpcError) -> str:
 # ---------------------------------------------------------------------------- connection
 
 
-class Client:
-    """The run's channels to the server (sessions use them round robin), the metadata of
-    every call (the bearer token) and the sequence numbers of its sessions."""
+class Connection:
+    """Channels to the server (sessions use them round robin), the metadata of every call
+    (the bearer token) and the sequence numbers of its sessions. `options` are the
+    channels' options, whole."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.target = settings.target
-        self.metadata: Metadata = call_metadata(settings.token)
-        options = channel_options(settings.tls, [
-            ("grpc.enable_http_proxy", 0),  # measure the server, not a proxy
-            ("grpc.use_local_subchannel_pool", 1),  # one connection per channel
-        ])  # fmt: skip
-        if settings.tls is None:
-            self.channels = [grpc.aio.insecure_channel(self.target, options=options) for _ in
-                             range(settings.channels)]  # fmt: skip
+    def __init__(
+        self,
+        target: str,
+        channels: int,
+        options: Sequence[ChannelOption] = (),
+        tls: TLS | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.target = target
+        self.metadata: Metadata = call_metadata(token)
+        if tls is None:
+            self.channels = [grpc.aio.insecure_channel(target, options=list(options)) for _ in
+                             range(channels)]  # fmt: skip
         else:
-            credentials = settings.tls.credentials()
-            self.channels = [grpc.aio.secure_channel(self.target, credentials, options) for _ in
-                             range(settings.channels)]  # fmt: skip
+            credentials = tls.credentials()
+            self.channels = [grpc.aio.secure_channel(target, credentials, list(options)) for _
+                             in range(channels)]  # fmt: skip
         self.stubs: list[Any] = [
             memserve_pb2_grpc.MemServeStub(channel)  # type: ignore[no-untyped-call]
             for channel in self.channels
         ]
         self.sessions = 0
+
+    @classmethod
+    def of(cls, settings: Settings) -> Connection:
+        """The load generator's connection: straight to the server, one TCP connection per
+        channel."""
+        options = channel_options(settings.tls, [
+            ("grpc.enable_http_proxy", 0),  # measure the server, not a proxy
+            ("grpc.use_local_subchannel_pool", 1),  # one connection per channel
+        ])  # fmt: skip
+        return cls(settings.target, settings.channels, options, settings.tls, settings.token)
 
     def next_session(self) -> tuple[int, Any]:
         """The next session's sequence number and the stub it talks over."""
@@ -144,17 +164,66 @@ class Client:
 # ---------------------------------------------------------------------------- workloads
 
 
-class Workload(Protocol):
-    method: str  # the RPC of one request
+class Workload:
+    """What a request is: its RPC (`method`), the CreateSession of the n-th session, and one
+    request on a session; `release` lets go of what a session holds (an open stream) before
+    it is deleted."""
 
-    def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest: ...
+    method = ""
 
-    async def call(self, session: Session, timeout: float, metadata: Metadata) -> Outcome:
+    def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest:
+        raise NotImplementedError
+
+    async def call(self, session: Session, timeout: float | None, metadata: Metadata) -> Outcome:
         """One request; raises grpc.aio.AioRpcError when the server refuses it."""
-        ...
+        raise NotImplementedError
+
+    async def release(self, session: Session) -> None:
+        """Before the session is deleted (nothing to do unless the workload holds a call)."""
 
 
-class StepWorkload:
+def step_outcome(
+    response: memserve_pb2.StepResponse, steps: int, output_size: int, invalid: str
+) -> Outcome:
+    """A Step answer, just arrived: OK with its `steps`, or `invalid` if its outputs are not
+    `steps x output_size` floats."""
+    done = now()
+    expected = steps * output_size * 4
+    if len(response.outputs.data) != expected:
+        detail = f"outputs of {len(response.outputs.data)} bytes, expected {expected}"
+        return Outcome(invalid, done, detail)
+    return Outcome(OK, done, steps=steps)
+
+
+async def reply_outcome(stream: Any, invalid: str) -> Outcome:
+    """A Generate call read to its end: OK with when each text piece came and what the final
+    message says, or `invalid` if that message is missing or is not last."""
+    pieces: list[float] = []
+    done: memserve_pb2.GenerateDone | None = None
+    finished = 0.0
+    late = False
+    async for message in stream:
+        moment = now()
+        if done is not None:
+            late = True
+        elif message.HasField("done"):
+            done, finished = message.done, moment
+        else:
+            pieces.append(moment)
+    if done is None or late:
+        what = "a message after the final one" if late else "no final message"
+        return Outcome(invalid, now(), f"the stream sent {what}")
+    return Outcome(
+        OK,
+        finished,
+        pieces=pieces,
+        completion_tokens=done.completion_tokens,
+        prompt_tokens=done.prompt_tokens,
+        finish_reason=done.finish_reason or "?",
+    )
+
+
+class StepWorkload(Workload):
     """K Step calls of T inputs [T, input_size], uniform in [0, 1) from the seeded
     generator: INPUT_VARIANTS tensors drawn once and cycled through."""
 
@@ -166,28 +235,22 @@ class StepWorkload:
         shape = (settings.steps_per_call, int(info.input_size))
         self.inputs = [tensors.encode(rng.random(shape, dtype=np.float32)) for _ in
                        range(INPUT_VARIANTS)]  # fmt: skip
-        self.expected_bytes = settings.steps_per_call * int(info.output_size) * 4
+        self.output_size = int(info.output_size)
 
     def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest:
         return memserve_pb2.CreateSessionRequest(
             model=self.settings.model, ttl_seconds=self.settings.session_ttl
         )
 
-    async def call(self, session: Session, timeout: float, metadata: Metadata) -> Outcome:
+    async def call(self, session: Session, timeout: float | None, metadata: Metadata) -> Outcome:
         index = (session.sequence * self.settings.steps + session.used) % len(self.inputs)
         request = memserve_pb2.StepRequest(session_id=session.session_id, inputs=self.inputs[index])
         response = await session.stub.Step(request, timeout=timeout, metadata=metadata)
-        done = now()
-        if len(response.outputs.data) != self.expected_bytes:
-            return Outcome(
-                INVALID_RESPONSE,
-                done,
-                f"outputs of {len(response.outputs.data)} bytes, expected {self.expected_bytes}",
-            )
-        return Outcome(OK, done, steps=self.settings.steps_per_call)
+        return step_outcome(response, self.settings.steps_per_call, self.output_size,
+                            INVALID_RESPONSE)  # fmt: skip
 
 
-class ChatWorkload:
+class ChatWorkload(Workload):
     """K turns of Generate: utterances in an order the seed shuffles, each session starting
     elsewhere in it; each session's sampler is seeded (--seed + its sequence number)."""
 
@@ -221,34 +284,10 @@ class ChatWorkload:
             request.top_p = settings.top_p
         return request
 
-    async def call(self, session: Session, timeout: float, metadata: Metadata) -> Outcome:
+    async def call(self, session: Session, timeout: float | None, metadata: Metadata) -> Outcome:
         request = self.generate_request(session)
         stream = session.stub.Generate(request, timeout=timeout, metadata=metadata)
-        first: float | None = None
-        last = 0.0
-        gaps: list[float] = []
-        done: memserve_pb2.GenerateDone | None = None
-        finished = 0.0
-        async for message in stream:
-            moment = now()
-            if message.HasField("done"):
-                done, finished = message.done, moment
-                continue
-            if first is None:
-                first = moment
-            else:
-                gaps.append(moment - last)
-            last = moment
-        if done is None:
-            return Outcome(INVALID_RESPONSE, now(), "the stream ended without its final message")
-        return Outcome(
-            OK,
-            finished,
-            first_piece=first,
-            gaps=gaps,
-            completion_tokens=done.completion_tokens,
-            prompt_tokens=done.prompt_tokens,
-        )
+        return await reply_outcome(stream, INVALID_RESPONSE)
 
 
 def make_workload(settings: Settings, info: memserve_pb2.ModelInfo) -> Workload:
@@ -262,24 +301,38 @@ def make_workload(settings: Settings, info: memserve_pb2.ModelInfo) -> Workload:
 
 class GrpcTarget:
     """The schedules' `Target` over gRPC for one level: every call counted into the level's
-    recorder by method and status code (a call we cancel counts as CANCELLED)."""
+    recorder by method and status code (a call we cancel counts as CANCELLED). `timeout`:
+    every call's deadline in seconds (None: none)."""
 
     def __init__(
-        self, client: Client, workload: Workload, recorder: Recorder, timeout: float
+        self,
+        connection: Connection,
+        workload: Workload,
+        recorder: Recorder,
+        timeout: float | None,
     ) -> None:
-        self.client = client
+        self.connection = connection
         self.workload = workload
         self.recorder = recorder
         self.calls = recorder.calls
         self.timeout = timeout
+        self.ready: deque[Session] = deque()  # made by `prepare`, for the first sessions
+
+    async def prepare(self, count: int) -> None:
+        """Create `count` sessions at once, now, for the level's first sessions (the
+        benchmarks' levels start with their sessions in place); raises SessionRefused."""
+        self.ready.extend(await asyncio.gather(*(self._create() for _ in range(count))))
 
     async def open_session(self) -> Session:
-        sequence, stub = self.client.next_session()
+        return self.ready.popleft() if self.ready else await self._create()
+
+    async def _create(self) -> Session:
+        sequence, stub = self.connection.next_session()
         start = now()
         try:
             info = await stub.CreateSession(
                 self.workload.session_request(sequence), timeout=self.timeout,
-                metadata=self.client.metadata,
+                metadata=self.connection.metadata,
             )  # fmt: skip
         except grpc.aio.AioRpcError as error:
             self.calls.add("CreateSession", code_name(error), error.details() or "")
@@ -292,13 +345,14 @@ class GrpcTarget:
         return Session(info.session_id, sequence, stub)
 
     async def close_session(self, session: Session) -> None:
+        await self.workload.release(session)
         if session.gone:  # the server no longer has it
             return
         start = now()
         request = memserve_pb2.DeleteSessionRequest(session_id=session.session_id)
         try:
             await session.stub.DeleteSession(
-                request, timeout=self.timeout, metadata=self.client.metadata
+                request, timeout=self.timeout, metadata=self.connection.metadata
             )
         except grpc.aio.AioRpcError as error:
             self.calls.add("DeleteSession", code_name(error), error.details() or "")
@@ -312,7 +366,7 @@ class GrpcTarget:
     async def request(self, session: Session, intended: float) -> Outcome:
         method = self.workload.method
         try:
-            outcome = await self.workload.call(session, self.timeout, self.client.metadata)
+            outcome = await self.workload.call(session, self.timeout, self.connection.metadata)
         except grpc.aio.AioRpcError as error:
             code, detail = code_name(error), error.details() or ""
             self.calls.add(method, code, detail)

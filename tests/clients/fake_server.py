@@ -1,7 +1,8 @@
 """A stand-in MemServe for what a real server cannot be made to do on cue: fail the first
 attempts of a call with UNAVAILABLE (optionally after doing the work, as when a reply is
-lost on the way back), hold a call's reply until the test lets it go (to interrupt the
-client while it waits), record every call's metadata, and listen with TLS.
+lost on the way back), hold a call's reply at a chosen point until the test lets it go (to
+interrupt the client while it waits), record every call's metadata and the deadline it
+arrived with, and listen with TLS.
 
 It is a real gRPC server on a loopback port with a small in-memory session table: steps
 double their inputs, Generate echoes the text. Its one model, "fake", is listed as a
@@ -25,15 +26,19 @@ import grpc
 from protos import memserve_pb2, memserve_pb2_grpc, tensors
 
 Context = Any  # grpc.ServicerContext; grpc has no type hints
+NO_DEADLINE = 1e9  # seconds left: more than this is no deadline at all
+RELEASE_SECONDS = 120  # a hold never released goes on after this, so that no call hangs
 
 
 @dataclass
 class Hold:
     """The next call of a method, held after its work and before its reply: `entered` is
-    set when it gets there, and it replies once `release` is set."""
+    set when it gets there, it goes on once `release` is set (or after RELEASE_SECONDS), and
+    `left` is set when it does."""
 
     entered: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+    left: threading.Event = field(default_factory=threading.Event)
 
     def wait_entered(self, timeout: float = 30) -> None:
         assert self.entered.wait(timeout), "the held call never came"
@@ -50,6 +55,7 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         self.every_hold: list[Hold] = []
         self.attempts: Counter[str] = Counter()
         self.metadata: list[tuple[str, dict[str, str]]] = []
+        self.deadlines: list[tuple[str, float | None]] = []  # seconds left as each came; None
         self.steps: dict[str, int] = {}
         self.lock = threading.Lock()
 
@@ -63,7 +69,8 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
 
     def hold(self, method: str) -> Hold:
         """Hold the next call of `method` (ListModels, CreateSession, Step, a StepStream
-        request, DeleteSession) after its work, until released."""
+        request, DeleteSession) after its work, or a Generate after its first piece, until
+        released."""
         hold = self.holds[method] = Hold()
         self.every_hold.append(hold)
         return hold
@@ -72,7 +79,8 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         hold = self.holds.pop(method, None)
         if hold is not None:
             hold.entered.set()
-            hold.release.wait(30)
+            hold.release.wait(RELEASE_SECONDS)
+            hold.left.set()
 
     def release_all(self) -> None:
         for hold in self.every_hold:
@@ -83,6 +91,8 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         with self.lock:
             self.attempts[method] += 1
             self.metadata.append((method, dict(context.invocation_metadata())))
+            left = context.time_remaining()  # gRPC's "infinite future" without a deadline
+            self.deadlines.append((method, None if left is None or left > NO_DEADLINE else left))
             failing = self.attempts[method] <= self.failures[method]
         if failing and method not in self.lose_replies:
             context.abort(grpc.StatusCode.UNAVAILABLE, "fake: draining")
@@ -142,8 +152,9 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         return response
 
     def StepStream(self, request_iterator: Any, context: Context) -> Iterator[Any]:  # noqa: N802
-        self._attempt("StepStream", context)
-        for request in request_iterator:
+        for number, request in enumerate(request_iterator):
+            if number == 0:  # as memserve does, answer the call once its first request is in
+                self._attempt("StepStream", context)
             response = self._step(request, context)
             self._held("StepStream")
             yield response
@@ -179,8 +190,10 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         self._attempt("Generate", context)
         step = self._session(request.session_id, context)
         pieces = ["you", " said", ": ", request.text]
-        for piece in pieces:
+        for number, piece in enumerate(pieces):
             yield memserve_pb2.GenerateResponse(text=piece)
+            if number == 0:
+                self._held("Generate")
         self.steps[request.session_id] = step + len(pieces)
         done = memserve_pb2.GenerateDone(
             finish_reason="eos", completion_tokens=len(pieces), text="".join(pieces),

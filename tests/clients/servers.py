@@ -16,8 +16,8 @@ from types import TracebackType
 import numpy as np
 import pytest
 
+from bench.child_server import ServerProcess
 from kernels.backend import BACKEND_ENV
-from tests.serving.server_process import ServerProcess
 from tests.tiny_vmed import tiny_vmed
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from bench.child_server import ServerProcess
 from clients.loadgen import cli as loadgen_cli
 from clients.loadgen import report, schedule, server_metrics
 from clients.loadgen.progress import Progress
@@ -41,8 +42,6 @@ from clients.loadgen.schedule import (
 from memserve.cli import build_parser, main
 from tests.clients.fake_server import FakeServer
 from tests.clients.servers import MAX_STEPS, TINY, Watched, served
-from tests.serving.client import metric, scrape
-from tests.serving.server_process import ServerProcess
 
 REQUESTS = "memserve_request_duration_seconds_count"
 METHODS = ("ListModels", "CreateSession", "Step", "Generate", "DeleteSession")
@@ -66,7 +65,7 @@ def server_counts(server: ServerProcess) -> dict[tuple[str, str], float]:
     """The server's answered calls so far by (method, code)."""
     return {
         (dict(labels)["method"], dict(labels)["code"]): value
-        for (name, labels), value in scrape(server.metrics_url).items()
+        for (name, labels), value in server_metrics.scrape(server.metrics_url).items()
         if name == REQUESTS
     }
 
@@ -76,7 +75,7 @@ def settled_counts(
 ) -> dict[str, dict[str, int]]:
     """What the server counted since `before`, read again for a moment while it differs from
     `sent` (a streamed call is counted just after its last message leaves)."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while True:
         after = server_counts(server)
         counted: dict[str, dict[str, int]] = {}
@@ -298,8 +297,8 @@ def test_ctrl_c_ends_the_level_reports_it_and_deletes_its_sessions(
     assert seconds - 0.05 <= level["window_s"] < 30
     sent = record["requests_sent"]
     assert sent["CreateSession"]["OK"] == sent["DeleteSession"]["OK"], (sent, stderr)
-    samples = scrape(server.metrics_url)
-    assert metric(samples, "memserve_sessions", model="ntm-copy") == 0
+    samples = server_metrics.scrape(server.metrics_url)
+    assert server_metrics.total(samples, "memserve_sessions", model="ntm-copy") == 0
 
 
 def test_a_second_ctrl_c_quits_at_once(tmp_path: Path) -> None:
@@ -318,7 +317,8 @@ def test_a_second_ctrl_c_quits_at_once(tmp_path: Path) -> None:
             # Past the grace for requests, the level waits on the held deletion.
             run.wait_for(lambda: "cleaning up" in run.text("stderr"))
             run.process.send_signal(signal.SIGINT)
-            assert run.wait(10) == 130  # without waiting for the deletion, held for 30 s
+            assert run.wait(60) == 130
+            assert not hold.left.is_set()  # it quit while the deletion was still held
             stderr = run.text("stderr")
         assert "memserve loadgen: stopped" in stderr and "Traceback" not in stderr
         assert not out.exists()  # it quit without the report
@@ -539,35 +539,52 @@ def test_ctrl_c_cancels_requests_in_flight_but_never_a_deletion(
     monkeypatch.setattr(schedule, "INTERRUPT_GRACE", 0.05)
     target = SlowTarget(request_seconds, close_seconds)
 
+    plan = Plan(warmup=0, duration=30, requests=None, requests_per_session=1)
+    pressed: list[float] = []  # when Ctrl-C came
+
     async def go() -> Recorder:
         interrupted = asyncio.Event()
         recorder = Recorder("Step")
-        asyncio.get_running_loop().call_later(0.2, interrupted.set)
-        plan = Plan(warmup=0, duration=30, requests=None, requests_per_session=1)
+
+        def ctrl_c() -> None:
+            pressed.append(now())
+            interrupted.set()
+
+        asyncio.get_running_loop().call_later(0.2, ctrl_c)
         await closed_loop(target, plan, Level("C=2", recorder, interrupted), 2)
         return recorder
 
-    started = now()
     recorder = asyncio.run(go())
-    assert now() - started < 5
-    assert recorder.interrupted and recorder.end is not None
-    # The window ended at the Ctrl-C, 0.2 s in (or as late as a loaded machine noticed it),
-    # not at its planned 30 s.
-    assert 0.2 - 0.01 <= recorder.end - recorder.start < 5
+    assert recorder.interrupted and recorder.end is not None and plan.duration is not None
+    # The window ended at the Ctrl-C (or as late as a loaded machine noticed it), not at its
+    # planned end.
+    assert pressed[0] <= recorder.end < recorder.start + plan.duration
     assert not target.live and target.closed == target.opened >= 2
     if request_seconds > 1:
         assert recorder.cancelled == recorder.issued == 2 and recorder.errors == {}
 
 
+class InterruptingTarget(SlowTarget):
+    """A SlowTarget whose first request is a Ctrl-C: it comes in the warm-up, whatever the
+    machine's speed, since the first request is made at once."""
+
+    def __init__(self, seconds: float, interrupted: asyncio.Event) -> None:
+        super().__init__(seconds)
+        self.interrupted = interrupted
+
+    async def request(self, session: Session, intended: float) -> Outcome:
+        self.interrupted.set()
+        return await super().request(session, intended)
+
+
 @pytest.mark.parametrize("loop", ["closed", "open"])
 def test_ctrl_c_in_the_warm_up_leaves_an_empty_window(loop: str) -> None:
-    target = SlowTarget(0.01)
+    interrupted = asyncio.Event()
+    target = InterruptingTarget(0.01, interrupted)
 
     async def go() -> Recorder:
-        interrupted = asyncio.Event()
         recorder = Recorder("Step")
         level = Level("L", recorder, interrupted)
-        asyncio.get_running_loop().call_later(0.15, interrupted.set)
         plan = Plan(warmup=2, duration=2, requests=None, requests_per_session=3)
         if loop == "closed":
             await closed_loop(target, plan, level, 2)
@@ -617,7 +634,7 @@ def test_throughput_counts_the_answers_that_arrive_in_the_window() -> None:
 
     def answer(code: str, done: float, intended: float | None = None) -> None:
         outcome = Outcome(code, done, steps=2)
-        recorder.finished(outcome)
+        recorder.finished(outcome, done - 0.5 if intended is None else intended)
         if intended is not None:  # a measured request
             recorder.sent()
             recorder.record(outcome, intended)
@@ -642,8 +659,38 @@ def test_throughput_counts_the_answers_that_arrive_in_the_window() -> None:
     chat = Recorder("Generate")
     chat.start, chat.end = 0.0, 2.0
     for done in (0.5, 1.0, 2.5):
-        chat.finished(Outcome(OK, done, completion_tokens=8))
+        chat.finished(Outcome(OK, done, completion_tokens=8), done - 0.25)
     assert chat.summary()["throughput"] == {"requests_per_s": 1.0, "tokens_per_s": 8.0}
+
+
+def test_the_answers_in_the_window_as_the_benchmarks_read_them() -> None:
+    """What arrived inside the window, whenever its request started: the latency of the OK
+    answers, each text piece (the first as time to first piece, the others as the gap
+    since the one before), finish reasons, tokens, and the failures that came then."""
+    recorder = Recorder("Generate")
+    recorder.start, recorder.end = 10.0, 20.0
+
+    def reply(started: float, pieces: list[float], done: float) -> None:
+        outcome = Outcome(OK, done, pieces=pieces, completion_tokens=len(pieces),
+                          prompt_tokens=3, finish_reason="length")  # fmt: skip
+        recorder.finished(outcome, started)
+
+    reply(9.0, [9.5, 10.5, 11.0], 11.5)  # started before: its latency, two pieces inside
+    reply(12.0, [12.5, 13.0], 13.25)  # all inside
+    reply(19.0, [19.5, 20.5], 21.0)  # answered after: its inside piece counts, not it
+    recorder.finished(Outcome("UNAVAILABLE", 15.0), 14.0)
+    recorder.finished(Outcome("UNAVAILABLE", 25.0), 14.0)  # after the window: not counted
+    assert (recorder.answered, recorder.answered_tokens, recorder.answered_prompt_tokens) == (
+        2, 5, 6,
+    )  # fmt: skip
+    assert recorder.finish_reasons == {"length": 2}
+    assert recorder.window_errors == {"UNAVAILABLE": 1}
+    latency = recorder.answer_latency.microseconds()
+    assert recorder.answer_latency.count == 2 and latency["max"] == pytest.approx(2.5e6, 1e-3)
+    assert recorder.answer_ttft.count == 2  # 12.5 - 12.0 and 19.5 - 19.0
+    assert recorder.answer_ttft.microseconds()["max"] == pytest.approx(0.5e6, 1e-3)
+    assert recorder.answer_itl.count == 3  # 10.5 - 9.5, 11.0 - 10.5, 13.0 - 12.5
+    assert recorder.answer_itl.microseconds()["max"] == pytest.approx(1e6, 1e-3)
 
 
 def test_the_server_must_count_exactly_the_calls_sent() -> None:
@@ -662,22 +709,40 @@ def test_the_server_must_count_exactly_the_calls_sent() -> None:
         assert verdict(other).startswith("the server counted other calls"), other
 
 
+class DrawingTarget(SlowTarget):
+    """A SlowTarget that draws the progress line as each request starts: some start in the
+    window, whatever the machine's speed, where a redraw on a timer might not come."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.level: Level | None = None
+        self.lines: list[str] = []
+
+    async def request(self, session: Session, intended: float) -> Outcome:
+        assert self.level is not None
+        self.lines.append(Progress.line(self.level, 0.3, 0.6, None))
+        return await super().request(session, intended)
+
+
 def test_progress_line_follows_the_level() -> None:
     stream = io.StringIO()
+    target = DrawingTarget(0.01)
 
     async def go() -> None:
         recorder = Recorder("Step")
-        level = Level("C=2", recorder, asyncio.Event())
+        level = target.level = Level("C=2", recorder, asyncio.Event())
         progress = Progress(True, stream)
         progress.start(level, 0.3, 0.6, None)
-        await closed_loop(SlowTarget(0.01), Plan(0.3, 0.6, None, 3), level, 2)
+        await closed_loop(target, Plan(0.3, 0.6, None, 3), level, 2)
         await progress.stop()
 
     asyncio.run(go())
     lines = stream.getvalue().split("\r\033[K")
-    assert any("C=2 warm-up" in line and "/0.3 s" in line for line in lines)
-    assert any("measuring" in line and " ok " in line and "0 errors" in line for line in lines)
-    assert lines[-1] == ""  # the line is erased at the end
+    # Drawn at once, in the warm-up; erased at the end.
+    assert "C=2 warm-up" in lines[1] and "/0.3 s" in lines[1] and lines[-1] == ""
+    assert any("C=2 warm-up" in line and "/0.3 s" in line for line in target.lines)
+    assert any("measuring" in line and " ok " in line and "0 errors" in line
+               for line in target.lines)  # fmt: skip
 
 
 def test_server_metrics_over_a_window_from_the_text_format() -> None:

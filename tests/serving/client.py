@@ -1,13 +1,18 @@
-"""Small helpers over the generated stub, so the tests read as what they check."""
+"""Small helpers over the generated stub, so the tests read as what they check. The server's
+metrics are read with the load generator's scraper, the one of the repository: `scrape(url)`
+gives every sample by (name, sorted labels), `metric(samples, name, **labels)` their sum."""
 
 from __future__ import annotations
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
-from protos import memserve_pb2
+from clients.loadgen.server_metrics import scrape, total
+from protos import memserve_pb2, tensors
 from protos.memserve_pb2_grpc import MemServeStub
-from serving import wire
+
+__all__ = ["create", "info", "metric", "scrape", "step", "wait_for_launches"]
+
+metric = total
 
 
 def create(stub: MemServeStub, model: str = "ntm-copy", ttl_seconds: float | None = None) -> str:
@@ -22,11 +27,11 @@ def step(
     stub: MemServeStub, session_id: str, inputs: np.ndarray, expected_step: int | None = None
 ) -> tuple[np.ndarray, int]:
     """Outputs and the new step count of one Step call."""
-    request = memserve_pb2.StepRequest(session_id=session_id, inputs=wire.encode(inputs))
+    request = memserve_pb2.StepRequest(session_id=session_id, inputs=tensors.encode(inputs))
     if expected_step is not None:
         request.expected_step = expected_step
     response = stub.Step(request)
-    return wire.decode(response.outputs, "outputs").copy(), int(response.step)
+    return tensors.decode(response.outputs, "outputs").copy(), int(response.step)
 
 
 def info(stub: MemServeStub, session_id: str) -> memserve_pb2.SessionInfo:
@@ -34,30 +39,6 @@ def info(stub: MemServeStub, session_id: str) -> memserve_pb2.SessionInfo:
         memserve_pb2.GetSessionRequest(session_id=session_id)
     )
     return reply
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a /metrics page by (name, sorted labels)."""
-    from urllib.request import urlopen
-
-    with urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def metric(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    """The sum of `name` over the samples whose labels include `labels`."""
-    return sum(
-        value
-        for (sample, sample_labels), value in samples.items()
-        if sample == name and set(labels.items()) <= set(sample_labels)
-    )
 
 
 def wait_for_launches(url: str, at_least: int = 1, seconds: float = 30.0) -> None:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench.child_server import ServerProcess
 from kernels.backend import BACKEND_ENV
 from models import checkpoint
 from models.base import MemoryModel
-from tests.serving.server_process import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.child_server import ServerProcess
 from models.base import MemoryModel
 from protos import memserve_pb2
 from serving import wire
 from tests.serving.client import create, info, metric, scrape, step
 from tests.serving.conftest import Reference, random_inputs
-from tests.serving.server_process import ServerProcess
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.child_server import ServerProcess
 from serving import config
 from serving.config import ServerConfig
-from tests.serving.server_process import ServerProcess
 
 
 def test_defaults_are_documented_ones() -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.child_server import ServerProcess
 from models.tokenizer import EOS
 from models.tokenizer import decode as decode_tokens
 from models.tokenizer import encode as encode_tokens
@@ -23,7 +24,6 @@ from protos import memserve_pb2
 from protos.memserve_pb2_grpc import MemServeStub
 from serving.export import import_state
 from tests.serving.client import create, info, metric, scrape
-from tests.serving.server_process import ServerProcess
 from tests.tiny_vmed import tiny_vmed as make_tiny_vmed
 
 MODEL = "vmed-tiny"

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.child_server import ServerProcess
 from protos import memserve_pb2, memserve_pb2_grpc
 from serving import wire
-from tests.serving.server_process import ServerProcess
 
 MODEL = "ntm-copy"
 JOB = "memserve"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from bench.child_server import ServerProcess
 from protos import memserve_pb2
 from tests.serving.client import create
-from tests.serving.server_process import ServerProcess
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = README.read_text().split("## Calling the server", 1)[1].split("\n## ", 1)[0]

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from bench.child_server import ServerProcess
 from models.base import MemoryModel
 from protos import memserve_pb2
 from tests.serving.client import create, info, metric, scrape, step
 from tests.serving.conftest import Reference, random_inputs
-from tests.serving.server_process import ServerProcess
 
 
 def test_32_concurrent_sessions_match_each_stepped_alone(
