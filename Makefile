@@ -6,8 +6,9 @@
 #   make test TORCH_REQUIREMENT='torch==2.13.0' TRITON_REQUIREMENT='triton'
 # with the CUDA index configured for pip.
 #
-# The tests also start a real Prometheus: `system-deps` installs Debian's `prometheus` when
-# the binary is missing (as root, or through sudo), without starting its service.
+# The tests also start a real Prometheus and a real Redis: `system-deps` installs Debian's
+# `prometheus` and `redis-server` when a binary is missing (as root, or through sudo), without
+# starting their services.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,7 +31,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Debian packages the tests need, and how to install them here (sudo unless root).
-SYSTEM_PACKAGES := prometheus
+SYSTEM_PACKAGES := prometheus redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 # invoke-rc.d and deb-systemd-invoke ask this script before starting a service; 101 = no.
@@ -48,10 +49,10 @@ setup: $(STAMP)  ## create .venv and install memserve with its dev tools
 # fails without it. The package would start a prometheus service (port 9090) on a host with
 # an init system: a temporary policy-rc.d forbids that (an existing one is left as it is).
 # The tests start prometheus themselves.
-system-deps:  ## install Debian's prometheus (the tests scrape the server with it) if missing
-	@command -v prometheus >/dev/null 2>&1 && exit 0; \
+system-deps:  ## install Debian's prometheus and redis-server (the tests start both) if missing
+	@command -v prometheus >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 && exit 0; \
 	command -v apt-get >/dev/null 2>&1 || { \
-		echo "prometheus is missing and this is no Debian machine: install it yourself" >&2; exit 1; }; \
+		echo "prometheus or redis-server is missing and this is no Debian machine: install them yourself" >&2; exit 1; }; \
 	set -e; \
 	if [ ! -e $(POLICY_RC) ]; then \
 		trap '$(SUDO) rm -f $(POLICY_RC)' EXIT; \
@@ -61,7 +62,7 @@ system-deps:  ## install Debian's prometheus (the tests scrape the server with i
 	$(APT_INSTALL) $(SYSTEM_PACKAGES) || { \
 		echo "apt-get install failed: updating the package lists and trying again" >&2; \
 		$(SUDO) apt-get update -q && $(APT_INSTALL) $(SYSTEM_PACKAGES); }; \
-	command -v prometheus >/dev/null
+	command -v prometheus >/dev/null && command -v redis-server >/dev/null
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -139,23 +139,26 @@ def batch_of(operation: Operation, slots: np.ndarray, rows: Sequence[Any]) -> Op
 
 @dataclass(frozen=True)
 class Launch:
-    """One iteration's work, run by the worker in this order: read `park` out of the pool,
-    write `restore` into it, run `batches` one after the other."""
+    """One iteration's work, run by the worker in this order: read `save` and `park` out of
+    the pool, write `restore` into it, run `batches` one after the other. `save` keeps a
+    session's state before a Generate turn, to undo the turn if it does not finish."""
 
     batches: tuple[OperationBatch, ...]
     park: tuple[int, ...] = ()
     restore: tuple[tuple[int, HostState], ...] = ()
+    save: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Landed:
     """What a launch gives back: STEP outputs `[B, output_size]` float32 and DECODE tokens
-    `[B]` int64 by operation, the parked states in the order of `Launch.park`, and the
-    seconds the worker took."""
+    `[B]` int64 by operation, the states read for `Launch.park` and `Launch.save` in their
+    order, and the seconds the worker took."""
 
     outputs: dict[Operation, np.ndarray]
     parked: tuple[HostState, ...]
     seconds: float
+    saved: tuple[HostState, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -189,11 +192,20 @@ class WriteSlot:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """A stored session's state: `state` (None: the model's initial one) with `rows` run on
+    it one after the other, alone, which gives the bits the batched launches gave."""
+
+    state: HostState | None
+    rows: tuple[tuple[Operation, Any], ...]
+
+
+@dataclass(frozen=True)
 class Close:
     """Stop the worker."""
 
 
-Request = Launch | ResetSlot | CopySlot | ReadSlot | WriteSlot | Close
+Request = Launch | ResetSlot | CopySlot | ReadSlot | WriteSlot | Replay | Close
 
 
 @dataclass(frozen=True)

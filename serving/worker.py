@@ -39,11 +39,13 @@ from serving.protocol import (
     ModelCard,
     OperationBatch,
     ReadSlot,
+    Replay,
     Reply,
     Request,
     ResetSlot,
     StepBatch,
     WriteSlot,
+    batch_of,
 )
 from serving.sampling import sample_tokens
 
@@ -112,6 +114,7 @@ def run_launch(model: MemoryModel, pool: StatePool, launch: Launch) -> Landed:
     """Parks out, restores in, then each operation's batch; see `protocol.Launch`."""
     start = time.perf_counter()
     check_launch_slots(launch, pool.capacity)
+    saved = tuple(host_state(pool.read(slot)) for slot in launch.save)
     parked = tuple(host_state(pool.read(slot)) for slot in launch.park)
     for slot, state in launch.restore:
         pool.write(slot, device_state(state, pool.device))
@@ -120,17 +123,32 @@ def run_launch(model: MemoryModel, pool: StatePool, launch: Launch) -> Landed:
         result = run_batch(model, pool, batch)
         if result is not None:
             outputs[batch.operation] = result
-    return Landed(outputs, parked, time.perf_counter() - start)
+    return Landed(outputs, parked, time.perf_counter() - start, saved)
+
+
+def replay(model: MemoryModel, scratch: StatePool, request: Replay) -> HostState:
+    """Run a stored session's operations on its stored state in a pool of one slot."""
+    if request.state is None:
+        model.reset(scratch, [0])
+    else:
+        scratch.write(0, device_state(request.state, scratch.device))
+    slot = np.zeros(1, np.int64)
+    for operation, argument in request.rows:
+        run_batch(model, scratch, batch_of(operation, slot, [argument]))
+    return host_state(scratch.read(0))
 
 
 def device_state(state: HostState, device: torch.device) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(array).to(device) for name, array in state.items()}
 
 
-def answer(model: MemoryModel, pool: StatePool, request: Request) -> Any:
-    """Carry out one request other than `Close`."""
+def answer(model: MemoryModel, pool: StatePool, scratch: StatePool, request: Request) -> Any:
+    """Carry out one request other than `Close`; `scratch` is a pool of one slot for
+    replays."""
     if isinstance(request, Launch):
         return run_launch(model, pool, request)
+    if isinstance(request, Replay):
+        return replay(model, scratch, request)
     if isinstance(request, ResetSlot):
         model.reset(pool, [request.slot])
         return None
@@ -173,6 +191,7 @@ def serve(
             raise MemoryError(
                 f"a pool of {slots} slots of {model.state_bytes} bytes does not fit: {error}"
             ) from error
+        scratch = model.new_pool(1)
         card = describe(model, select_backend(pool.device))
     except BaseException as error:  # said to the server, which refuses to start
         connection.send(Reply(False, portable(error)))
@@ -187,7 +206,7 @@ def serve(
             if isinstance(request, Close):
                 return
             try:
-                reply = Reply(True, answer(model, pool, request))
+                reply = Reply(True, answer(model, pool, scratch, request))
             except Exception as error:
                 reply = Reply(False, portable(error))
             connection.send(reply)

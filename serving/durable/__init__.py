@@ -25,6 +25,4 @@ def open_store(url: str) -> SessionStore:
         from serving.durable.redis_store import RedisStore
 
         return RedisStore(url)
-    raise ValueError(
-        f"--store must be memory, dir:PATH or redis://HOST:PORT/DB, got {url!r}"
-    )
+    raise ValueError(f"--store must be memory, dir:PATH or redis://HOST:PORT/DB, got {url!r}")

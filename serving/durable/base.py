@@ -67,8 +67,10 @@ class SessionStore(ABC):
     def commit(self, records: Sequence[journal_pb2.Record]) -> set[str]:
         """Write `records` durably, in one write (one fsync, one Redis round trip), and
         return the ids of sessions whose records were refused: a call from a step that is
-        not the session's committed one, or a record of a session the store does not hold.
-        StoreUnavailable if nothing could be written."""
+        not the session's committed one, a snapshot older than its latest, a record of a
+        session the store does not hold; a refused record refuses the rest of its session's
+        in the batch. A snapshot ahead of the committed step (a session whose calls are not
+        logged) moves it there. StoreUnavailable if nothing could be written."""
 
     @abstractmethod
     def close(self) -> None:

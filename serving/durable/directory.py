@@ -261,8 +261,10 @@ class DirectoryStore(SessionStore):
             elif kind == "call":
                 ok = (known or session_id in steps) and record.call.from_step == step
                 step = record.call.to_step
-            elif kind == "snapshot":
-                ok = (known or session_id in steps) and record.snapshot.step <= step
+            elif kind == "snapshot":  # never behind the latest; ahead only without calls
+                latest = entry.snapshot_step if entry is not None else -1
+                ok = (known or session_id in steps) and record.snapshot.step >= latest
+                step = max(step, record.snapshot.step)
             else:
                 ok = known or session_id in steps
             if not ok or session_id in refused:
@@ -316,6 +318,7 @@ class DirectoryStore(SessionStore):
         elif kind == "snapshot":
             entry.snapshot, entry.snapshot_step = location, record.snapshot.step
             entry.calls = {s: c for s, c in entry.calls.items() if c[1] > record.snapshot.step}
+            entry.step = max(entry.step, record.snapshot.step)
         elif kind == "deleted":
             entry.deleted = location
         self._account(before, entry.live())

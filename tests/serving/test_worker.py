@@ -88,12 +88,13 @@ def test_a_launch_with_bad_slots_is_refused_before_anything_changes(
 
 def test_slot_requests_reset_read_and_write(model: MemoryModel) -> None:
     pool = stepped_pool(model, 2, steps=3)
+    scratch = model.new_pool(1)
     stepped = pool.read(1)
-    answer(model, pool, ResetSlot(1))
-    fresh = answer(model, pool, ReadSlot(1))
+    answer(model, pool, scratch, ResetSlot(1))
+    fresh = answer(model, pool, scratch, ReadSlot(1))
     for name, array in fresh.items():
         assert np.array_equal(array, model.initial_state()[name].numpy())
-    answer(model, pool, WriteSlot(0, host_state(stepped)))
+    answer(model, pool, scratch, WriteSlot(0, host_state(stepped)))
     for name in pool:
         assert torch.equal(pool.read(0)[name], stepped[name])
 

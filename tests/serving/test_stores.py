@@ -1,20 +1,52 @@
-"""`dir:` session store on its own: what is committed comes back after reopening, refused
-commits change nothing, and damage (a torn tail, a flipped byte) is found, reported and
+"""The session stores on their own, `dir:` and `redis://` (a real redis-server): what is
+committed comes back after reopening (for Redis, after a kill -9 of redis-server), refused
+records change nothing, and damage (a torn tail, a flipped byte) is found, reported and
 confined to the sessions it touches."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
+from bench.redis_server import RedisServer
 from protos import journal_pb2, memserve_pb2, tensors
+from serving.durable.base import SessionStore
 from serving.durable.directory import DirectoryStore
 from serving.durable.records import HEADER, frame
+from serving.durable.redis_store import RedisStore
 from serving.errors import DataLoss
+
+# A store, and how to open it again as a restarted server would.
+Reopen = Callable[[], SessionStore]
+
+
+@pytest.fixture(params=["dir", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[SessionStore, Reopen]]:
+    if request.param == "dir":
+        opened: list[SessionStore] = [DirectoryStore(tmp_path / "store")]
+
+        def reopen_directory() -> SessionStore:
+            opened[-1].close()
+            opened.append(DirectoryStore(tmp_path / "store"))
+            return opened[-1]
+
+        yield opened[0], reopen_directory
+        opened[-1].close()
+        return
+    with RedisServer(tmp_path / "redis") as server:
+
+        def reopen_redis() -> SessionStore:
+            server.kill()  # kill -9: only what Redis fsynced survives
+            server.start()
+            return RedisStore(server.url)
+
+        yield RedisStore(server.url), reopen_redis
 
 
 def created(session_id: str, step: int = 0, state: bytes = b"") -> journal_pb2.Record:
@@ -54,12 +86,13 @@ def segments(path: Path) -> list[Path]:
     return sorted(path.glob("wal-*.log"))
 
 
-def test_what_is_committed_comes_back_after_reopening(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
-    assert store.commit([created("a"), created("b", step=5, state=b"exported")]) == set()
-    assert store.commit([call("a", 0, 3, "r1"), call("b", 5, 6), call("a", 3, 4, "r2")]) == set()
-    store.close()
-    again = DirectoryStore(tmp_path)
+def test_what_is_committed_comes_back_after_reopening(
+    store: tuple[SessionStore, Reopen],
+) -> None:
+    first, reopen = store
+    assert first.commit([created("a"), created("b", step=5, state=b"exported")]) == set()
+    assert first.commit([call("a", 0, 3, "r1"), call("b", 5, 6), call("a", 3, 4, "r2")]) == set()
+    again = reopen()
     summaries = {s.session_id: s for s in again.sessions()}
     assert {k: (s.step, s.model, s.seed, s.error) for k, s in summaries.items()} == {
         "a": (4, "ntm-copy", 7, None),
@@ -72,19 +105,46 @@ def test_what_is_committed_comes_back_after_reopening(tmp_path: Path) -> None:
     assert a.calls[0] == call("a", 0, 3, "r1").call
     assert again.load("b").created.state == b"exported"
     assert again.problems() == []
+    with pytest.raises(KeyError):
+        again.load("never")
 
 
-def test_refused_records_change_nothing(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
-    store.commit([created("a")])
-    size = sum(p.stat().st_size for p in segments(tmp_path))
-    refused = store.commit([call("a", 1, 2), call("ghost", 0, 1), created("a"), snapshot("a", 9)])
-    assert refused == {"a", "ghost"}
-    assert sum(p.stat().st_size for p in segments(tmp_path)) == size
+def test_refused_records_change_nothing(store: tuple[SessionStore, Reopen]) -> None:
+    first, reopen = store
+    first.commit([created("a"), created("b"), snapshot("b", 4)])
+    refused = first.commit(
+        [call("a", 1, 2), call("ghost", 0, 1), created("a"), snapshot("b", 3), call("b", 0, 1)]
+    )
+    assert refused == {"a", "b", "ghost"}
+    assert {s.session_id: s.step for s in first.sessions()} == {"a": 0, "b": 4}
     # within one commit, later records of a refused session are refused too
-    assert store.commit([call("a", 0, 2), call("a", 2, 3)]) == set()
-    assert store.commit([call("a", 9, 10), call("a", 3, 4)]) == {"a"}
-    assert store.load("a").step == 3
+    assert first.commit([call("a", 0, 2), call("a", 2, 3)]) == set()
+    assert first.commit([call("a", 9, 10), call("a", 3, 4)]) == {"a"}
+    again = reopen()
+    assert again.load("a").step == 3
+    assert again.load("b").step == 4  # a snapshot ahead of the calls moved it there
+
+
+def test_snapshots_supersede_calls_and_deletions_end_sessions(
+    store: tuple[SessionStore, Reopen],
+) -> None:
+    first, reopen = store
+    first.commit([created("a"), created("b")])
+    first.commit([call("a", 0, 2, "r1"), call("a", 2, 5, "r2"), call("b", 0, 1)])
+    responses = first.load("a").responses
+    kept = journal_pb2.Record()
+    kept.CopyFrom(snapshot("a", 2))
+    kept.snapshot.responses.extend(responses[:1])
+    first.commit([kept, call("a", 5, 6, "r3"), deleted("b")])
+    again = reopen()
+    assert {s.session_id for s in again.sessions()} == {"a"}
+    a = again.load("a")
+    assert a.snapshot is not None and a.snapshot.step == 2 and a.step == 6
+    assert [(c.from_step, c.to_step) for c in a.calls] == [(2, 5), (5, 6)]
+    assert [r.request_id for r in a.responses] == ["r1", "r2", "r3"]
+    with pytest.raises(KeyError):
+        again.load("b")
+    assert again.commit([call("b", 1, 2)]) == {"b"}
 
 
 def test_a_second_server_cannot_open_the_directory(tmp_path: Path) -> None:
@@ -186,3 +246,38 @@ def test_copies_left_by_an_interrupted_cleaning_are_read_once(tmp_path: Path) ->
     again = DirectoryStore(tmp_path)
     loaded = again.load("a")
     assert loaded.step == 2 and len(loaded.calls) == 1 and again.problems() == []
+
+
+def test_redis_values_damaged_are_found_per_session(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as server:
+        store = RedisStore(server.url)
+        store.commit([created("a"), created("b"), call("a", 0, 2), call("b", 0, 1)])
+        raw = redis.Redis(unix_socket_path=str(server.socket))
+        key = "memserve:{a}:calls"
+        value = raw.lindex(key, 0)
+        assert value is not None
+        flipped = bytearray(value)
+        flipped[HEADER.size + 10] ^= 0x08
+        raw.lset(key, 0, bytes(flipped))
+        with pytest.raises(DataLoss, match="CRC"):
+            store.load("a")
+        assert store.load("b").step == 1
+        raw.lset(key, 0, value[: len(value) // 2])  # cut short
+        with pytest.raises(DataLoss, match="cut short"):
+            store.load("a")
+
+
+def test_redis_down_is_unavailable_and_back_is_served(tmp_path: Path) -> None:
+    from serving.durable.base import StoreUnavailable
+
+    with RedisServer(tmp_path) as server:
+        store = RedisStore(server.url, timeout=2.0)
+        store.commit([created("a")])
+        server.kill()
+        with pytest.raises(StoreUnavailable):
+            store.commit([call("a", 0, 1)])
+        with pytest.raises(StoreUnavailable):
+            store.sessions()
+        server.start()
+        assert store.commit([call("a", 0, 1)]) == set()
+        assert store.load("a").step == 1

@@ -1,0 +1,224 @@
+"""`redis://HOST:PORT/DB`: a session store in Redis, one round trip per commit.
+
+Per session (keys share the hash tag `{id}`): `meta` (a hash: committed `step`, `snap`, the
+step of its snapshot, and `summary`, what a server needs at start), `created` (the framed
+creation record), `snap` (the framed latest snapshot), `calls` and `ends` (the framed calls
+after the snapshot and their last steps, in order); `sessions` is the set of live ids. A
+commit is ONE `EVALSHA` of a script that checks every call's first step against the
+committed one and applies the batch's records in order, so no other server can interleave.
+Durability is Redis's: run it with `appendonly yes` and `appendfsync always` for
+`--durability launch` to mean what it says (docs/serving.md).
+
+Values are the same framed records as in `dir:` (length and CRC-32), so a damaged value is
+found on load and reported as DATA_LOSS for its session only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import RedisError
+
+from protos import journal_pb2
+from serving.durable.base import (
+    RESPONSES_KEPT,
+    SessionStore,
+    SessionSummary,
+    StoredSession,
+    StoreUnavailable,
+    record_session,
+)
+from serving.durable.records import CorruptRecordError, frame, unframe
+from serving.errors import DataLoss
+
+PREFIX = "memserve:"
+
+# ARGV: prefix, then per record: kind, session id, a, b, framed record. created: a = its
+# step, b = its summary; call: a = from, b = to; snapshot: a = its step.
+COMMIT = """
+local prefix = ARGV[1]
+local refused, bad = {}, {}
+for i = 2, #ARGV, 5 do
+  local kind, id, a, b, record = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local key = prefix .. '{' .. id .. '}:'
+  local ok = not bad[id]
+  local exists = redis.call('EXISTS', key .. 'meta') == 1
+  if ok and kind == 'created' then
+    ok = not exists
+    if ok then
+      redis.call('SET', key .. 'created', record)
+      redis.call('HSET', key .. 'meta', 'step', a, 'snap', -1, 'summary', b)
+      redis.call('SADD', prefix .. 'sessions', id)
+    end
+  elseif ok and kind == 'call' then
+    ok = exists and redis.call('HGET', key .. 'meta', 'step') == a
+    if ok then
+      redis.call('RPUSH', key .. 'calls', record)
+      redis.call('RPUSH', key .. 'ends', b)
+      redis.call('HSET', key .. 'meta', 'step', b)
+    end
+  elseif ok and kind == 'snapshot' then
+    ok = exists and tonumber(redis.call('HGET', key .. 'meta', 'snap')) <= tonumber(a)
+    if ok then
+      while true do
+        local first = redis.call('LINDEX', key .. 'ends', 0)
+        if not first or tonumber(first) > tonumber(a) then break end
+        redis.call('LPOP', key .. 'ends')
+        redis.call('LPOP', key .. 'calls')
+      end
+      redis.call('SET', key .. 'snap', record)
+      local step = tonumber(redis.call('HGET', key .. 'meta', 'step'))
+      redis.call('HSET', key .. 'meta', 'snap', a, 'step', math.max(step, tonumber(a)))
+    end
+  elseif ok and kind == 'deleted' then
+    ok = exists
+    if ok then
+      redis.call('DEL', key .. 'meta', key .. 'created', key .. 'snap', key .. 'calls',
+                 key .. 'ends')
+      redis.call('SREM', prefix .. 'sessions', id)
+    end
+  end
+  if not ok and not bad[id] then
+    bad[id] = true
+    refused[#refused + 1] = id
+  end
+end
+return refused
+"""
+
+
+class RedisStore(SessionStore):
+    """Sessions' records in a Redis server (not Redis Cluster: a commit spans sessions)."""
+
+    def __init__(
+        self, url: str, prefix: str = PREFIX, responses: int = RESPONSES_KEPT, timeout: float = 5.0
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.responses = responses
+        try:
+            self.redis = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except ValueError as error:
+            raise ValueError(f"--store {url!r} is not a Redis URL: {error}") from error
+        self.commit_script = self.redis.register_script(COMMIT)
+
+    def _unreachable(self, error: RedisError) -> StoreUnavailable:
+        return StoreUnavailable(f"the session store {self.url} cannot be used: {error}")
+
+    def _key(self, session_id: str, name: str) -> str:
+        return f"{self.prefix}{{{session_id}}}:{name}"
+
+    def ping(self) -> None:
+        """StoreUnavailable unless Redis answers."""
+        try:
+            self.redis.ping()
+        except RedisError as error:
+            raise self._unreachable(error) from error
+
+    def sessions(self) -> list[SessionSummary]:
+        try:
+            members = self.redis.smembers(self.prefix + "sessions")
+            ids = sorted(_text(member) for member in members)
+            pipe = self.redis.pipeline(transaction=False)
+            for session_id in ids:
+                pipe.hgetall(self._key(session_id, "meta"))
+            metas: list[dict[bytes, bytes]] = pipe.execute()
+        except RedisError as error:
+            raise self._unreachable(error) from error
+        summaries = []
+        for session_id, meta in zip(ids, metas, strict=True):
+            problem = None
+            try:
+                summary: dict[str, Any] = json.loads(meta[b"summary"])
+                step = int(meta[b"step"])
+            except (KeyError, ValueError) as damage:
+                summary, step, problem = {}, 0, f"its summary is damaged: {damage}"
+            summaries.append(
+                SessionSummary(
+                    session_id=session_id,
+                    model=summary.get("model", ""),
+                    weights_digest=summary.get("weights_digest", ""),
+                    ttl=float(summary.get("ttl", 0.0)),
+                    seed=summary.get("seed"),
+                    step=step,
+                    error=problem,
+                )
+            )
+        return summaries
+
+    def load(self, session_id: str) -> StoredSession:
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.get(self._key(session_id, "created"))
+            pipe.get(self._key(session_id, "snap"))
+            pipe.lrange(self._key(session_id, "calls"), 0, -1)
+            pipe.hget(self._key(session_id, "meta"), "step")
+            created, snap, calls, step = pipe.execute()
+        except RedisError as error:
+            raise self._unreachable(error) from error
+        if created is None:
+            raise KeyError(session_id)
+        try:
+            creation = unframe(created).created
+            snapshot = unframe(snap).snapshot if snap is not None else None
+            records = [unframe(data).call for data in calls]
+        except CorruptRecordError as damage:
+            raise DataLoss(f"session {session_id} cannot be restored: {damage}") from damage
+        at = max(snapshot.step if snapshot is not None else -1, creation.step)
+        for record in records:
+            if record.from_step != at:
+                raise DataLoss(
+                    f"session {session_id} cannot be restored: the store is missing its steps "
+                    f"{at} to {record.from_step}"
+                )
+            at = record.to_step
+        if step is None or int(step) != at:
+            raise DataLoss(
+                f"session {session_id} cannot be restored: its records end at step {at} but "
+                f"its committed step is {step!r}"
+            )
+        responses = list(snapshot.responses) if snapshot is not None else []
+        responses += [record.response for record in records if record.HasField("response")]
+        return StoredSession(creation, at, snapshot, records, responses[-self.responses :])
+
+    def commit(self, records: Sequence[journal_pb2.Record]) -> set[str]:
+        if not records:
+            return set()
+        arguments: list[Any] = [self.prefix]
+        for record in records:
+            kind = record.WhichOneof("record")
+            a: Any = ""
+            b: Any = ""
+            if kind == "created":
+                created = record.created
+                a = created.step
+                b = json.dumps(
+                    {
+                        "model": created.model,
+                        "weights_digest": created.weights_digest,
+                        "ttl": created.ttl_seconds,
+                        "seed": created.seed if created.HasField("seed") else None,
+                    }
+                )
+            elif kind == "call":
+                a, b = record.call.from_step, record.call.to_step
+            elif kind == "snapshot":
+                a = record.snapshot.step
+            arguments += [kind, record_session(record), str(a), str(b), frame(record)]
+        try:
+            refused = self.commit_script(args=arguments)
+        except RedisError as error:
+            raise self._unreachable(error) from error
+        return {_text(member) for member in refused}
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,99 @@
+"""Exactly-once calls: what a request id already answered, per session.
+
+A call that names a request id is looked up first. A repeat of a finished call gets its
+answer again and runs nothing; a repeat while the first still runs waits for it and gets
+its answer; the same id with other contents is INVALID_ARGUMENT. A call that failed leaves
+no trace, so its retry runs. The answers are committed with the call's steps
+(`serving.journal`), so a retry after a restart still finds them.
+
+The bound: the answers of a session's last `keep` calls with request ids. A client that
+retries a call before it has sent `keep` newer ones on the same session always gets its
+answer; memserve's clients send one call at a time per session and retry only the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from protos import journal_pb2
+from serving.durable.base import RESPONSES_KEPT
+from serving.errors import InvalidArgument
+
+MAX_REQUEST_ID = 128
+
+
+def check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument(
+            f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID}"
+        )
+
+
+@dataclass
+class Remembered:
+    """One request id: what its call asked (`digest`) and, once done, what it answered."""
+
+    digest: bytes
+    response: journal_pb2.Response | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    error: Exception | None = None  # the first call failed: its waiters fail the same way
+
+
+class RequestLog:
+    """A session's recent request ids, oldest first."""
+
+    def __init__(self, keep: int = RESPONSES_KEPT) -> None:
+        self.keep = keep
+        self.entries: OrderedDict[str, Remembered] = OrderedDict()
+
+    def find(self, request_id: str, digest: bytes) -> Remembered | None:
+        """The earlier call with this id, if any; INVALID_ARGUMENT if it asked otherwise."""
+        found = self.entries.get(request_id)
+        if found is not None and found.digest != digest:
+            raise InvalidArgument(
+                f"request_id {request_id!r} was used before for a different request; "
+                "a retry must repeat the request exactly, a new request needs a new id"
+            )
+        return found
+
+    def begin(self, request_id: str, digest: bytes) -> Remembered:
+        """A call with this id starts (the caller checked `find` first)."""
+        entry = Remembered(digest)
+        self.entries[request_id] = entry
+        return entry
+
+    def finish(self, request_id: str, response: journal_pb2.Response) -> None:
+        """The call answered: remember it, and let repeats waiting for it have it."""
+        entry = self.entries.get(request_id)
+        if entry is None:
+            return
+        entry.response = response
+        entry.done.set()
+        self._trim()
+
+    def fail(self, request_id: str, error: Exception) -> None:
+        """The call failed: its waiters fail too, and the id is forgotten so a retry runs."""
+        entry = self.entries.pop(request_id, None)
+        if entry is not None:
+            entry.error = error
+            entry.done.set()
+
+    def load(self, responses: Iterable[journal_pb2.Response]) -> None:
+        """Answers brought back from the store, oldest first."""
+        for response in responses:
+            entry = Remembered(response.request_digest, response)
+            entry.done.set()
+            self.entries[response.request_id] = entry
+        self._trim()
+
+    def answered(self) -> list[journal_pb2.Response]:
+        """The remembered answers, oldest first (what a snapshot carries forward)."""
+        return [e.response for e in self.entries.values() if e.response is not None]
+
+    def _trim(self) -> None:
+        finished = [key for key, entry in self.entries.items() if entry.response is not None]
+        for key in finished[: max(0, len(finished) - self.keep)]:
+            del self.entries[key]
