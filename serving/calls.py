@@ -31,6 +31,10 @@ class Call:
     abandoned: bool = False  # its caller left: it stops at the next launch
     result: int | None = None  # the session's step count once done
     error: Exception | None = None  # why it failed, if it did
+    request_id: str = ""  # names the call for retries (serving.requests)
+    digest: bytes = b""  # what the request asked for, to tell a repeat from a new request
+    from_step: int = 0  # the session's step when its first row was scheduled
+    ops: list[tuple[Operation, Any]] = field(default_factory=list, repr=False)  # rows landed
     future: asyncio.Future[int] | None = field(default=None, repr=False)  # the engine's
 
     def next_row(self) -> tuple[Operation, Any]:

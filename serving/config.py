@@ -80,6 +80,33 @@ class ServerConfig:
             "directory removed at exit)"
         },
     )
+    store: str = field(
+        default="memory",
+        metadata={
+            "help": "where sessions are kept so they survive a restart: memory (nothing "
+            "survives), dir:PATH (a local directory) or redis://HOST:PORT/DB"
+        },
+    )
+    durability: str = field(
+        default="launch",
+        metadata={
+            "help": "with a store other than memory: launch (a call is answered once its "
+            "steps are committed, one commit per launch), interval (committed every "
+            "durability_interval seconds, in the background) or park (written only when a "
+            "session is parked or the server drains)"
+        },
+    )
+    durability_interval: float = field(
+        default=1.0,
+        metadata={"help": "seconds between background commits with durability = interval"},
+    )
+    snapshot_every: int = field(
+        default=1024,
+        metadata={
+            "help": "steps a session may take before its whole state is written again, so "
+            "that bringing it back replays at most this many"
+        },
+    )
     grace: float = field(
         default=10.0,
         metadata={"help": "seconds in-flight calls get to finish after SIGTERM/SIGINT"},
@@ -113,6 +140,7 @@ class ServerConfig:
             "max_steps_per_call",
             "max_new_tokens",
             "threads",
+            "snapshot_every",
         ):
             low = 0 if name in ("port", "threads") else 1
             if getattr(self, name) < low:
@@ -121,6 +149,19 @@ class ServerConfig:
             raise ValueError(f"model_nice must be in 0..19, got {self.model_nice}")
         if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
             raise ValueError("port must be in 0..65535 and metrics_port in -1..65535")
+        if not re.fullmatch(r"memory|dir:.+|(redis|rediss|unix)://.+", self.store):
+            raise ValueError(
+                f"store must be memory, dir:PATH or redis://HOST:PORT/DB, got {self.store!r}"
+            )
+        if self.durability not in ("launch", "interval", "park"):
+            raise ValueError(
+                f"durability must be launch, interval or park, got {self.durability!r}"
+            )
+        if not (math.isfinite(self.durability_interval) and self.durability_interval > 0):
+            raise ValueError(
+                f"durability_interval must be a number of seconds > 0, "
+                f"got {self.durability_interval}"
+            )
         for name in ("max_queue_delay", "session_ttl", "max_session_ttl", "grace"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name.endswith("ttl") and value == 0):

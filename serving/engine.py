@@ -25,8 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protos import journal_pb2, tensors
+from serving.answers import Answers
 from serving.calls import Call, StepCall
-from serving.errors import Cancelled, NotFound
+from serving.durable.committer import Durability
+from serving.errors import Cancelled, FailedPrecondition, NotFound, ServingError
 from serving.generation import GenerateCall, Sampling, prompt_tokens, require_text, text_tokenizer
 from serving.lifecycle import Lifecycle
 from serving.metrics import Metrics
@@ -67,7 +70,9 @@ class ModelEngine:
         table: SessionTable,
         store: ParkingStore,
         metrics: Metrics,
+        durability: Durability | None = None,
     ) -> None:
+        durability = durability or Durability()
         self.name = name
         self.card = card
         self.settings = settings
@@ -80,64 +85,118 @@ class ModelEngine:
         self.tasks: list[asyncio.Task[None]] = []
         # Called when the model's process is gone; the server drains and exits non-zero.
         self.on_failure: Callable[[WorkerGone], None] = lambda error: None
-        self.scheduler = Scheduler(settings.max_batch, self._started, self._answered)
+        self.scheduler = Scheduler(settings.max_batch, self._started)
         self.slots = SlotManager(
-            name, settings.slots, store, worker, self.scheduler.has_calls, table, metrics
-        )
+            name, settings.slots, store, worker, self.scheduler.has_calls, self._flying,
+            table, metrics,
+        )  # fmt: skip
         self.pipeline = Pipeline(
             name, card.backend, worker, self.scheduler, self.slots, table, metrics,
             end=self.end, on_failure=lambda error: self.on_failure(error),
         )  # fmt: skip
         self.lifecycle = Lifecycle(
             name, card, settings.session_ttl, settings.max_session_ttl, table, self.slots,
-            self.scheduler, self.pipeline, self.lock, self.end, metrics,
+            self.scheduler, self.pipeline, self.lock, self.end, metrics, durability,
         )  # fmt: skip
+        self.answers = Answers(
+            durability.committer, durability.mode, self.slots, table, self.lifecycle.unload
+        )
+        self.scheduler.on_finish = self.answers.finished
         self._register_gauges()
 
     # ------------------------------------------------------------------ calls
 
     async def step(
-        self, session: Session, inputs: np.ndarray, expected_step: int | None
+        self,
+        session: Session,
+        inputs: np.ndarray,
+        expected_step: int | None,
+        request_id: str = "",
+        digest: bytes = b"",
     ) -> tuple[np.ndarray, int]:
         """Run the T steps of `inputs` `[T, input_size]` on the session, in the batch loop.
 
-        Returns the outputs `[T, output_size]` and the step count after them. Cancelling the
-        caller stops the call at the next launch; the steps already taken stay.
+        Returns the outputs `[T, output_size]` and the step count after them. Without a
+        request id, cancelling the caller stops the call at the next launch and the steps
+        already taken stay; with one, the call runs to its end whatever the caller does, and
+        a repeat of the id gets its answer (`serving.requests`).
         """
+        await self.lifecycle.ensure_loaded(session)
+        if request_id:
+            earlier = await self._earlier(session, request_id, digest)
+            if earlier is not None:
+                return answered_step(earlier, session)
         call = StepCall(
             session=session,
             inputs=inputs,
             outputs=np.empty((inputs.shape[0], self.card.output_size), dtype=np.float32),
             expected_step=expected_step,
             enqueued=time.perf_counter(),
+            request_id=request_id,
+            digest=digest,
         )
-        step = await self._enqueue(call)
+        future = self._enqueue(call)
+        step = await (asyncio.shield(future) if request_id else future)
         return call.outputs, step
 
-    def generate(
-        self, session: Session, text: str, sampling: Sampling, seed: int | None
-    ) -> GenerateCall:
-        """Queue a Generate call on the session; iterate `call.stream()` for the reply.
+    async def _earlier(
+        self, session: Session, request_id: str, digest: bytes
+    ) -> journal_pb2.Response | None:
+        """The answer of an earlier call with this id (waiting for it if it still runs), or
+        None after noting that this call starts under the id."""
+        earlier = session.requests.find(request_id, digest)
+        if earlier is None:
+            session.requests.begin(request_id, digest)
+            return None
+        await earlier.done.wait()
+        if earlier.error is not None:
+            raise earlier.error
+        assert earlier.response is not None
+        return earlier.response
 
-        Cancelling the caller (its future) stops the call at the next launch: what was
-        written to memory by then stays (part of the user's text, or all of it), the reply
-        is not written.
+    async def generate(
+        self,
+        session: Session,
+        text: str,
+        sampling: Sampling,
+        seed: int | None,
+        request_id: str = "",
+        digest: bytes = b"",
+    ) -> GenerateCall | journal_pb2.Reply:
+        """Queue a Generate call on the session; iterate `call.stream()` for the reply. A
+        repeat of a request id that answered gets that reply back instead.
+
+        The turn is all or nothing: if it fails or its caller leaves (cancelling its future),
+        the session goes back to its state and step count from before the turn.
         """
         tokenizer = require_text(self.tokenizer, self.card, self.name)
+        prompt = prompt_tokens(tokenizer, text, self.settings.max_steps_per_call)
+        await self.lifecycle.ensure_loaded(session)
+        if request_id:
+            earlier = await self._earlier(session, request_id, digest)
+            if earlier is not None:
+                return earlier.reply
         call = GenerateCall(
             session=session,
             enqueued=time.perf_counter(),
-            prompt=prompt_tokens(tokenizer, text, self.settings.max_steps_per_call),
+            prompt=prompt,
             sampling=sampling,
             rng=np.random.default_rng(session.seed if seed is None else seed),
             tokenizer=tokenizer,
             latent_size=self.card.spec("z").shape[0],
+            request_id=request_id,
+            digest=digest,
         )
         self._enqueue(call)
         return call
 
     def _enqueue(self, call: Call) -> asyncio.Future[int]:
-        self.table.check_live(call.session)
+        try:
+            self.table.check_live(call.session)
+        except ServingError as error:
+            if call.request_id:
+                call.session.requests.fail(call.request_id, error)
+            raise
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _: setattr(call, "abandoned", True))
         call.future = future
@@ -147,17 +206,11 @@ class ModelEngine:
 
     def _started(self, call: Call) -> None:
         self.observe_queue_wait(time.perf_counter() - call.enqueued)
+        if isinstance(call, GenerateCall):
+            self.slots.save(call)  # the state before the turn, to undo it if it fails
 
-    def _answered(self, call: Call) -> None:
-        """The scheduler finished a call: answer its caller (unless it left)."""
-        self.slots.touch(call.session)
-        future = call.future
-        if future is None or future.done():
-            return
-        if call.error is not None:
-            future.set_exception(call.error)
-        else:
-            future.set_result(call.session.step if call.result is None else call.result)
+    def _flying(self, session: Session) -> bool:
+        return session.id in self.scheduler.in_flight
 
     def end(self, session: Session, why: str) -> None:
         """Remove a session: free its slot or parked state, answer its calls NOT_FOUND."""
@@ -174,15 +227,22 @@ class ModelEngine:
             asyncio.create_task(self._expiry_loop(), name=f"expiry-{self.name}"),
         ]
 
-    async def stop(self) -> None:
-        """Stop the loops; calls still queued are answered CANCELLED."""
+    async def stop(self) -> int:
+        """Stop the loops; the launches in flight land, calls still queued are answered
+        CANCELLED (a Step call keeps the steps it took, a Generate turn is undone), and with
+        a durable store every session's state is written in whole. Returns how many were."""
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.scheduler.drop_all(Cancelled("the server shut down before this step ran"))
+        async with self.lock:
+            with contextlib.suppress(WorkerGone):
+                await self.pipeline.land_all()
+            self.scheduler.drop_all(Cancelled("the server shut down before this call ended"))
+        written = await self.lifecycle.checkpoint() if self.worker.alive else 0
         self.worker.close()
+        return written
 
     async def _batch_loop(self) -> None:
         scheduler, pipeline = self.scheduler, self.pipeline
@@ -235,3 +295,13 @@ class ModelEngine:
             m.sessions.labels(name, residence).set_function(
                 lambda residence=residence: slots.count(residence)  # type: ignore[misc]
             )
+
+
+def answered_step(answer: journal_pb2.Response, session: Session) -> tuple[np.ndarray, int]:
+    """The outputs and step count a Step call with this request id answered."""
+    if answer.HasField("step"):
+        return tensors.decode(answer.step.outputs, "outputs"), answer.step.step
+    raise FailedPrecondition(
+        f"request {answer.request_id!r} was {answer.cancelled or 'not a Step call'}; "
+        f"the session is at step {session.step}"
+    )

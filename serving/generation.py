@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer
 
 from models.tokenizer import BOS, EOS
 from models.tokenizer import decode as decode_tokens
 from models.tokenizer import encode as encode_tokens
+from protos import memserve_pb2
 from serving.calls import Call
 from serving.errors import FailedPrecondition, InvalidArgument
 from serving.protocol import BeginRow, DecodeRow, ModelCard, Operation
@@ -126,6 +128,8 @@ class GenerateCall(Call):
     sent: int = 0  # characters of `text` already sent to the caller
     reply: list[int] = field(default_factory=list)
     finish_reason: str = ""
+    sent_pieces: list[str] = field(default_factory=list)  # as the caller got them
+    before: dict[str, torch.Tensor] | None = None  # the state before the turn, to undo it
 
     def next_row(self) -> tuple[Operation, Any]:
         if self.phase == "prompt":
@@ -173,8 +177,20 @@ class GenerateCall(Call):
 
     def _send(self, upto: int) -> None:
         if upto > self.sent:
-            self.pieces.put_nowait(self.text[self.sent : upto])
+            piece = self.text[self.sent : upto]
+            self.pieces.put_nowait(piece)
+            self.sent_pieces.append(piece)
             self.sent = upto
+
+    def done_message(self) -> memserve_pb2.GenerateDone:
+        """The last message of the reply's stream."""
+        return memserve_pb2.GenerateDone(
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.prompt),
+            completion_tokens=len(self.generated),
+            text=self.text,
+            step=self.result if self.result is not None else self.session.step,
+        )
 
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
@@ -189,9 +205,12 @@ class GenerateCall(Call):
         self.pieces.put_nowait(None)
 
     async def stream(self) -> AsyncIterator[str]:
-        """The reply's pieces as they are decoded; returns when the call is done (after its
-        reply is written to memory) and raises what the call failed with."""
+        """The reply's pieces as they are decoded; returns when the call is answered (its
+        reply written to memory and, with a durable store, committed) and raises what the
+        call failed with."""
         while (piece := await self.pieces.get()) is not None:
             yield piece
-        if self.error is not None:
+        if self.future is not None:
+            await self.future
+        elif self.error is not None:
             raise self.error

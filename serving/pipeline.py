@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from serving.generation import GenerateCall
 from serving.metrics import Metrics
 from serving.protocol import Landed, Launch, Operation, batch_of
 from serving.scheduler import Row, Scheduler
@@ -41,6 +43,7 @@ class Flight:
     rows: list[Row]
     groups: dict[Operation, list[int]]  # the rows of each operation's batch, in order
     parked: list[tuple[Session, int]]  # sessions whose state this launch reads out
+    saved: list[tuple[GenerateCall, int]]  # turns whose state before they began it reads
     answer: asyncio.Future[Landed]
 
 
@@ -55,7 +58,8 @@ def assemble(rows: list[Row], moves: SlotMoves) -> tuple[Launch, dict[Operation,
         slots = np.fromiter((rows[i].call.session.slot for i in indices), np.int64, len(indices))
         batches.append(batch_of(operation, slots, [rows[i].argument for i in indices]))
     park = tuple(slot for _, slot in moves.park)
-    return Launch(tuple(batches), park, tuple(moves.restore)), groups
+    save = tuple(slot for _, slot in moves.save)
+    return Launch(tuple(batches), park, tuple(moves.restore), save), groups
 
 
 class Pipeline:
@@ -99,7 +103,7 @@ class Pipeline:
             self._lose(rows, moves.park, error)
             self.on_failure(error)
             return False
-        self.flights.append(Flight(rows, groups, moves.park, answer))
+        self.flights.append(Flight(rows, groups, moves.park, moves.save, answer))
         return True
 
     async def land_oldest(self, lock: asyncio.Lock) -> None:
@@ -132,6 +136,8 @@ class Pipeline:
                 self.on_failure(error)
             return
         self.slots.landed(flight.parked, landed.parked)
+        for (call, _), arrays in zip(flight.saved, landed.saved, strict=True):
+            call.before = {name: torch.from_numpy(array) for name, array in arrays.items()}
         if flight.rows:
             self.observe_batch(len(flight.rows))
             self.observe_step(landed.seconds)

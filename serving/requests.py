@@ -97,3 +97,65 @@ class RequestLog:
         finished = [key for key, entry in self.entries.items() if entry.response is not None]
         for key in finished[: max(0, len(finished) - self.keep)]:
             del self.entries[key]
+
+
+@dataclass
+class Made:
+    """A CreateSession, ForkSession or ImportSession request id, and the session it made."""
+
+    digest: bytes
+    made: float  # time.time() when it was made
+    session_id: str = ""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    error: Exception | None = None
+
+
+class RecentSessions:
+    """The request ids of the sessions one model made lately, for retries of their calls:
+    each kept `keep_seconds` (and no more than `keep` of them)."""
+
+    def __init__(self, keep_seconds: float = 600.0, keep: int = 65536) -> None:
+        self.keep_seconds = keep_seconds
+        self.keep = keep
+        self.entries: OrderedDict[str, Made] = OrderedDict()
+
+    def find(self, request_id: str, digest: bytes, now: float) -> Made | None:
+        self._trim(now)
+        found = self.entries.get(request_id)
+        if found is not None and found.digest != digest:
+            raise InvalidArgument(
+                f"request_id {request_id!r} was used before for a different request; "
+                "a retry must repeat the request exactly, a new request needs a new id"
+            )
+        return found
+
+    def begin(self, request_id: str, digest: bytes, now: float) -> Made:
+        entry = Made(digest, now)
+        self.entries[request_id] = entry
+        return entry
+
+    def finish(self, request_id: str, session_id: str) -> None:
+        entry = self.entries.get(request_id)
+        if entry is not None:
+            entry.session_id = session_id
+            entry.done.set()
+
+    def fail(self, request_id: str, error: Exception) -> None:
+        entry = self.entries.pop(request_id, None)
+        if entry is not None:
+            entry.error = error
+            entry.done.set()
+
+    def load(self, request_id: str, digest: bytes, session_id: str, made: float) -> None:
+        entry = Made(digest, made, session_id)
+        entry.done.set()
+        self.entries[request_id] = entry
+
+    def _trim(self, now: float) -> None:
+        while self.entries:
+            key, oldest = next(iter(self.entries.items()))
+            if len(self.entries) <= self.keep and now - oldest.made <= self.keep_seconds:
+                break
+            if not oldest.done.is_set():
+                break  # still running: its waiters need it
+            del self.entries[key]

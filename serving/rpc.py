@@ -102,6 +102,7 @@ class Admission:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.draining = False
+        self.unavailable: str | None = None  # why new calls are refused for now (the store)
         self.in_flight = 0  # calls (and streams) being handled; the drain waits for them
         self.duration_observers: dict[tuple[str, grpc.StatusCode], Callable[[float], None]] = {}
 
@@ -114,6 +115,8 @@ class Admission:
     def check_open(self) -> None:
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
+        if self.unavailable is not None:
+            raise Unavailable(f"{self.unavailable}; retry later")
 
     def reject(self, error: ServingError) -> None:
         self.metrics.rejected.labels(error.code.name.lower()).inc()

@@ -107,7 +107,7 @@ class Scheduler:
             if call is None:
                 continue
             if not call.started:
-                call.started = True
+                call.started, call.from_step = True, session.step
                 self.on_start(call)
             rows.append(Row(call, *call.next_row()))
             in_launch.add(session.id)
@@ -155,6 +155,7 @@ class Scheduler:
             self._landed(session)
             if call.finished:  # answered while this row was in flight (its session ended)
                 continue
+            call.ops.append((row.operation, row.argument))
             if call.take(output) or call.abandoned:
                 self._finish(call, result=session.step)
             if self.queues.get(session.id):

@@ -30,6 +30,9 @@ from memserve import __version__
 from models import checkpoint
 from protos import memserve_pb2
 from serving.config import ServerConfig
+from serving.durable import open_store
+from serving.durable.base import MemorySessionStore, SessionStore
+from serving.durable.committer import Committer, Durability
 from serving.engine import EngineSettings, ModelEngine
 from serving.metrics import Metrics
 from serving.rpc import add_to_server
@@ -77,6 +80,9 @@ class Server:
         self._temporary_park_dir: str | None = None
         self.exit_code = 0
         self._drain_task: asyncio.Future[None] | None = None
+        self.session_store: SessionStore = MemorySessionStore()
+        self.committer: Committer | None = None
+        self._health_updates: set[asyncio.Future[None]] = set()
 
     def load_models(self) -> None:
         """Load every configured model (default: all bundled ones) into an engine."""
@@ -87,7 +93,14 @@ class Server:
         park_dir = self.config.park_dir
         if not park_dir:
             park_dir = self._temporary_park_dir = tempfile.mkdtemp(prefix="memserve-park-")
-        store = ParkingStore(self.config.park_host_bytes, DirectoryStore(park_dir))
+        parking = ParkingStore(self.config.park_host_bytes, DirectoryStore(park_dir))
+        self.session_store = open_store(self.config.store)
+        if self.session_store.durable:
+            self.committer = Committer(
+                self.session_store,
+                self.config.durability_interval if self.config.durability == "interval" else None,
+            )
+        durability = Durability(self.committer, self.config.durability, self.config.snapshot_every)
         settings = EngineSettings(
             slots=self.config.slots,
             max_batch=self.config.max_batch,
@@ -118,7 +131,9 @@ class Server:
                     card = worker.wait_ready()
                 except (RuntimeError, MemoryError) as error:  # e.g. the pool does not fit
                     raise ValueError(f"cannot serve {name} on {device}: {error}") from error
-                engine = ModelEngine(name, card, worker, settings, self.table, store, self.metrics)
+                engine = ModelEngine(
+                    name, card, worker, settings, self.table, parking, self.metrics, durability
+                )
                 engine.on_failure = self.fail
                 self.engines[name] = engine
                 log.info(
@@ -167,6 +182,10 @@ class Server:
                 self.config.metrics_port, self.config.host, self.metrics.registry
             )
             self.metrics_port = self.metrics_http.server_port
+        self._adopt_stored_sessions()
+        if self.committer is not None:
+            self.committer.on_health = self._store_health
+            self.committer.start()
         for engine in self.engines.values():
             engine.start()
         await server.start()
@@ -186,6 +205,45 @@ class Server:
             },
         )
 
+    def _adopt_stored_sessions(self) -> None:
+        """Every session the store holds, known to its model's engine (states come later)."""
+        found = self.session_store.sessions()
+        adopted, elsewhere = 0, 0
+        for summary in found:
+            engine = self.engines.get(summary.model)
+            if engine is None:
+                elsewhere += 1  # left in the store for a server that serves its model
+                continue
+            engine.lifecycle.adopt(summary)
+            adopted += 1
+        for problem in self.session_store.problems():
+            log.warning(problem, extra={"event": "store_damage"})
+        log.info(
+            "session store opened",
+            extra={
+                "event": "store_opened",
+                "store": self.config.store,
+                "durability": self.config.durability if self.session_store.durable else "none",
+                "sessions": adopted,
+                "sessions_of_other_models": elsewhere,
+                "damaged": sum(1 for s in found if s.error is not None),
+            },
+        )
+
+    def _store_health(self, healthy: bool, why: str) -> None:
+        """The session store failed or came back: refuse calls meanwhile, say so in health."""
+        self.service.admission.unavailable = None if healthy else f"the session store: {why}"
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        if not self.service.admission.draining:
+            for service in ("", SERVICE_NAME):
+                task = asyncio.ensure_future(self.health.set(service, status))
+                self._health_updates.add(task)
+                task.add_done_callback(self._health_updates.discard)
+
     async def drain(self) -> None:
         """NOT_SERVING, refuse new calls, let calls in flight finish (up to grace), stop."""
         if self.service.admission.draining:
@@ -198,8 +256,11 @@ class Server:
         while self.service.admission.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         left = self.service.admission.in_flight
+        committed = 0
         for engine in self.engines.values():  # what is still queued is answered CANCELLED
-            await engine.stop()
+            committed += await engine.stop()
+        if self.committer is not None:
+            await self.committer.stop()
         if self.grpc_server is not None:
             await self.grpc_server.stop(0.5)
         if self.metrics_http is not None:
@@ -213,6 +274,7 @@ class Server:
                 "event": "stopped",
                 "seconds": round(time.monotonic() - started, 3),
                 "calls_cut_short": left,
+                "sessions_committed": committed,
             },
         )
         self.stopped.set()

@@ -5,18 +5,21 @@ a status code is `serving.rpc`'s.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
-from protos import memserve_pb2, memserve_pb2_grpc
+from protos import journal_pb2, memserve_pb2, memserve_pb2_grpc
 from serving import wire
 from serving.engine import ModelEngine
 from serving.errors import InvalidArgument, NotFound
 from serving.export import import_state
 from serving.generation import GenerateCall, Sampling
 from serving.metrics import Metrics
+from serving.requests import check_request_id
 from serving.rpc import Admission, unary
 from serving.sessions import Session, SessionTable
 
@@ -82,7 +85,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         engine = self.engine(request.model)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
         seed = request.seed if request.HasField("seed") else None
-        session = await engine.lifecycle.create(ttl, seed)
+        session = await engine.lifecycle.create(ttl, seed, *request_key(request))
         return self.session_info(session, engine)
 
     async def _step(self, request: memserve_pb2.StepRequest) -> memserve_pb2.StepResponse:
@@ -96,7 +99,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
             engine.settings.max_steps_per_call,
         )
         expected = request.expected_step if request.HasField("expected_step") else None
-        outputs, step = await engine.step(session, inputs, expected)
+        outputs, step = await engine.step(session, inputs, expected, *request_key(request))
         response = memserve_pb2.StepResponse(step=step)
         wire.encode_into(response.outputs, outputs)
         return response
@@ -139,7 +142,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
     ) -> memserve_pb2.SessionInfo:
         parent, engine = self.session(request.session_id)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
-        child = await engine.lifecycle.fork(parent, ttl)
+        child = await engine.lifecycle.fork(parent, ttl, *request_key(request))
         return self.session_info(child, engine)
 
     @unary("ExportSession")
@@ -157,7 +160,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         imported = import_state(request.state)
         engine = self.engine(imported.model)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
-        session = await engine.lifecycle.import_(imported, ttl)
+        session = await engine.lifecycle.import_(imported, ttl, *request_key(request))
         return self.session_info(session, engine)
 
     async def Generate(
@@ -179,21 +182,22 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
                     list(request.stop),
                 )
                 seed = request.seed if request.HasField("seed") else None
-                call = engine.generate(session, request.text, sampling, seed)
+                started = await engine.generate(
+                    session, request.text, sampling, seed, *request_key(request)
+                )
+                if isinstance(started, journal_pb2.Reply):  # a repeat: the reply again
+                    for text in started.pieces:
+                        yield memserve_pb2.GenerateResponse(text=text)
+                    yield memserve_pb2.GenerateResponse(done=started.done)
+                    return
+                call = started
                 last = None
                 async for piece in call.stream():
                     now = time.perf_counter()
                     (engine.observe_itl if last else engine.observe_ttft)(now - (last or start))
                     last = now
                     yield memserve_pb2.GenerateResponse(text=piece)
-                done = memserve_pb2.GenerateDone(
-                    finish_reason=call.finish_reason,
-                    prompt_tokens=len(call.prompt),
-                    completion_tokens=len(call.generated),
-                    text=call.text,
-                    step=call.result,
-                )
-                yield memserve_pb2.GenerateResponse(done=done)
+                yield memserve_pb2.GenerateResponse(done=call.done_message())
         finally:
             self.metrics.generations_in_flight.dec()
             if call is not None:
@@ -208,3 +212,16 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         session, engine = self.session(request.session_id)
         await engine.lifecycle.delete(session)
         return memserve_pb2.DeleteSessionResponse()
+
+
+def request_key(request: Any) -> tuple[str, bytes]:
+    """A request's id and the SHA-256 of everything else it asks (deterministic bytes), so
+    that a repeat with other contents is told apart; ("", b"") without an id."""
+    request_id: str = request.request_id
+    if not request_id:
+        return "", b""
+    check_request_id(request_id)
+    payload = type(request)()
+    payload.CopyFrom(request)
+    payload.ClearField("request_id")
+    return request_id, hashlib.sha256(payload.SerializeToString(deterministic=True)).digest()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from serving.errors import InvalidArgument, NotFound
+from serving.errors import InvalidArgument, NotFound, ServingError
+from serving.requests import RequestLog
 
 
 def new_session_id() -> str:
@@ -31,6 +32,9 @@ class Session:
     step: int = 0  # steps its state has taken
     slot: int | None = None  # its slot in the pool; None while parked
     seed: int | None = None
+    requests: RequestLog = field(default_factory=RequestLog)  # its recent request ids
+    logged_ops: int = 0  # operations run since its state was last written in whole
+    broken: ServingError | None = None  # why it cannot be served (a damaged store entry)
 
 
 class SessionTable:

@@ -17,6 +17,7 @@ parked between two of its calls' rows, so more busy sessions than slots take tur
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Collection
@@ -25,9 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from serving.errors import ResourceExhausted
+from serving.generation import GenerateCall
 from serving.logs import log_session
 from serving.metrics import Metrics
-from serving.protocol import HostState
+from serving.protocol import HostState, WriteSlot
 from serving.sessions import Session, SessionTable
 from serving.store import ParkingStore
 from serving.worker import host_state
@@ -44,9 +46,10 @@ class SlotMoves:
 
     park: list[tuple[Session, int]] = field(default_factory=list)  # session, slot it leaves
     restore: list[tuple[int, HostState]] = field(default_factory=list)  # slot, state to write
+    save: list[tuple[GenerateCall, int]] = field(default_factory=list)  # a turn's state before
 
     def __bool__(self) -> bool:
-        return bool(self.park or self.restore)
+        return bool(self.park or self.restore or self.save)
 
 
 class SlotManager:
@@ -59,6 +62,7 @@ class SlotManager:
         store: ParkingStore,
         worker: WorkerClient,
         busy: Callable[[Session], bool],
+        flying: Callable[[Session], bool],
         table: SessionTable,
         metrics: Metrics,
     ) -> None:
@@ -67,12 +71,17 @@ class SlotManager:
         self.store = store
         self.worker = worker
         self.busy = busy  # whether a session has calls queued
+        self.flying = flying  # whether a session has rows in launches in flight
         self.metrics = metrics
         self.free = list(range(capacity - 1, -1, -1))  # pop() gives slot 0 first
         self.active: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.parked: dict[str, Session] = {}
+        self.stored: dict[str, Session] = {}  # only in the session store: loaded when used
         self.transit: set[str] = set()  # parked by a launch in flight, not yet in the store
+        self.rollbacks: dict[str, State] = {}  # states to park instead of those in transit
         self.moves = SlotMoves()
+        # A state just went to the parking store (the engine may write it durably).
+        self.on_parked: Callable[[Session, State], None] = lambda session, state: None
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -82,15 +91,21 @@ class SlotManager:
             self.active.move_to_end(session.id)
 
     def residence(self, session: Session) -> str:
-        """ "active", "parked_host" or "parked_disk" (a state in transit counts as host)."""
+        """Where the session's state is: "active", "parked_host", "parked_disk" (a state in
+        transit counts as host), or "stored" (only in the session store, brought back on
+        its next call)."""
         if session.slot is not None:
             return "active"
+        if session.id in self.stored:
+            return "stored"
         return self.store.residence(session.id) or "parked_host"
 
     def count(self, residence: str) -> int:
-        """How many sessions are `residence` ("active", "parked_host", "parked_disk")."""
+        """How many sessions are `residence` (see `residence`)."""
         if residence == "active":
             return len(self.active)
+        if residence == "stored":
+            return len(self.stored)
         return sum(1 for s in list(self.parked.values()) if self.residence(s) == residence)
 
     def _attach(self, session: Session, slot: int) -> None:
@@ -107,11 +122,12 @@ class SlotManager:
         return slot
 
     def victim(self, exclude: Collection[str] = (), idle_only: bool = False) -> Session | None:
-        """Whom to park for a slot, outside `exclude`: the least recently used idle session,
-        else (unless `idle_only`) the least recently used busy one."""
+        """Whom to park for a slot, outside `exclude` and with no row in flight: the least
+        recently used idle session, else (unless `idle_only`) the least recently used busy
+        one."""
         busy = None
         for session in self.active.values():
-            if session.id in exclude:
+            if session.id in exclude or self.flying(session):
                 continue
             if not self.busy(session):
                 return session
@@ -143,6 +159,12 @@ class SlotManager:
         log_session(log, "restored", self.model, session.id, source=source)
         return True
 
+    def save(self, call: GenerateCall) -> None:
+        """Read the state of the call's session in the launch being assembled, before its
+        rows run (a Generate turn's state, to undo the turn if it does not finish)."""
+        assert call.session.slot is not None
+        self.moves.save.append((call, call.session.slot))
+
     def take_moves(self) -> SlotMoves:
         """The moves of the launch just assembled (and a clean slate for the next)."""
         moves, self.moves = self.moves, SlotMoves()
@@ -157,6 +179,7 @@ class SlotManager:
             if self.parked.get(session.id) is not session:
                 continue
             state = {name: torch.from_numpy(array) for name, array in arrays.items()}
+            state = self.rollbacks.pop(session.id, state)
             try:
                 self._store(session, state)
             except ResourceExhausted:
@@ -170,6 +193,19 @@ class SlotManager:
         """A launch that parked sessions failed: their states are gone with it."""
         for session, _ in parked:
             self.transit.discard(session.id)
+            self.rollbacks.pop(session.id, None)
+
+    def rollback(self, session: Session, state: State) -> None:
+        """Put back a session's state from before a turn, wherever the state is now: into
+        its slot (sent at once: the pipe keeps it behind every launch already sent), over its
+        parked state, or over the state a launch in flight is parking."""
+        if session.slot is not None:
+            answer = self.worker.send(WriteSlot(session.slot, host_state(state)))
+            answer.add_done_callback(_log_failure)
+        elif session.id in self.transit:
+            self.rollbacks[session.id] = state
+        elif session.id in self.parked:
+            self.store.park(session.id, state)
 
     # ------------------------------------------------------------------ outside a launch
 
@@ -199,6 +235,25 @@ class SlotManager:
         self._store(session, state, count=False)
         self.parked[session.id] = session
 
+    def add_stored(self, session: Session) -> None:
+        """A session whose state is only in the session store (after a restart)."""
+        self.stored[session.id] = session
+
+    def is_stored(self, session: Session) -> bool:
+        return session.id in self.stored
+
+    def unstore(self, session: Session, state: State) -> None:
+        """A stored session's state, brought back: parked until its call restores it."""
+        del self.stored[session.id]
+        self.store.park(session.id, state)
+        self.parked[session.id] = session
+
+    def unload(self, session: Session) -> None:
+        """Forget the session's state here (its commit failed: what is here is ahead of the
+        store), so that its next use brings it back from the session store."""
+        self.release(session)
+        self.stored[session.id] = session
+
     def read(self, session: Session) -> State:
         """A copy of a parked session's state (fork, export); active ones are read from the
         worker."""
@@ -206,6 +261,9 @@ class SlotManager:
 
     def release(self, session: Session) -> None:
         """A session ended: free its slot, or forget its parked state."""
+        self.rollbacks.pop(session.id, None)
+        if self.stored.pop(session.id, None) is not None:
+            return
         if session.slot is not None:
             self.free.append(session.slot)
             session.slot = None
@@ -230,3 +288,13 @@ class SlotManager:
             residence = self.store.residence(session.id) or "parked_host"
             self.metrics.evictions.labels(self.model, residence).inc()
             log_session(log, "parked", self.model, session.id, residence=residence)
+            self.on_parked(session, state)
+
+
+def _log_failure(answer: asyncio.Future[None]) -> None:
+    if not answer.cancelled() and answer.exception() is not None:
+        log.error(
+            "putting a state back failed",
+            exc_info=answer.exception(),
+            extra={"event": "rollback_failed"},
+        )

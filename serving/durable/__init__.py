@@ -7,22 +7,22 @@
 
 from __future__ import annotations
 
-from serving.durable.base import MemoryStore, SessionStore
+from serving.durable.base import MemorySessionStore, SessionStore
 
 
 def open_store(url: str) -> SessionStore:
     """The store a `--store` URL names; ValueError saying what is wrong with a bad one."""
     if url in ("", "memory"):
-        return MemoryStore()
+        return MemorySessionStore()
     if url.startswith("dir:"):
-        from serving.durable.directory import DirectoryStore
+        from serving.durable.directory import DirectorySessionStore
 
         path = url[len("dir:") :]
         if not path:
             raise ValueError("--store dir:PATH needs a directory, e.g. dir:/var/lib/memserve")
-        return DirectoryStore(path)
+        return DirectorySessionStore(path)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from serving.durable.redis_store import RedisStore
+        from serving.durable.redis_store import RedisSessionStore
 
-        return RedisStore(url)
+        return RedisSessionStore(url)
     raise ValueError(f"--store must be memory, dir:PATH or redis://HOST:PORT/DB, got {url!r}")

@@ -48,6 +48,9 @@ class SessionSummary:
     seed: int | None
     step: int
     error: str | None = None  # why it cannot be brought back, if it cannot
+    request_id: str = ""  # of the call that made it, for that call's retries
+    request_digest: bytes = b""
+    made: float = 0.0  # time.time() when it was made
 
 
 class SessionStore(ABC):
@@ -76,12 +79,16 @@ class SessionStore(ABC):
     def close(self) -> None:
         """Release what the store holds open."""
 
+    @abstractmethod
+    def probe(self) -> None:
+        """StoreUnavailable unless the store can be written now (after a failure)."""
+
     def problems(self) -> list[str]:
         """Damage found when the store was opened (for the log)."""
         return []
 
 
-class MemoryStore(SessionStore):
+class MemorySessionStore(SessionStore):
     """Nothing survives the process: the default, and today's behaviour."""
 
     durable = False
@@ -96,6 +103,9 @@ class MemoryStore(SessionStore):
         return set()
 
     def close(self) -> None:
+        return None
+
+    def probe(self) -> None:
         return None
 
 

@@ -74,7 +74,7 @@ class Entry:
         return [location for location in found if location is not None]
 
 
-class DirectoryStore(SessionStore):
+class DirectorySessionStore(SessionStore):
     """Sessions' records in segment files under one directory."""
 
     def __init__(
@@ -200,6 +200,9 @@ class DirectoryStore(SessionStore):
                     seed=created.seed if created and created.HasField("seed") else None,
                     step=entry.step,
                     error=entry.error,
+                    request_id=created.request_id if created else "",
+                    request_digest=created.request_digest if created else b"",
+                    made=created.unix_time if created else 0.0,
                 )
             )
         return summaries
@@ -394,6 +397,21 @@ class DirectoryStore(SessionStore):
             if entry.deleted is not None and entry.segments <= {entry.deleted.segment}:
                 self._account(before, [])  # nothing of it is left that a scan could misread
                 del self.entries[session_id]
+
+    def probe(self) -> None:
+        probe = self.path / "PROBE"
+        try:
+            descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(descriptor, b"probe")
+                os.fdatasync(descriptor)
+            finally:
+                os.close(descriptor)
+            probe.unlink()
+        except OSError as error:
+            raise StoreUnavailable(
+                f"cannot write the session store {self.path}: {error}"
+            ) from error
 
     def close(self) -> None:
         os.close(self.file)

@@ -90,7 +90,7 @@ return refused
 """
 
 
-class RedisStore(SessionStore):
+class RedisSessionStore(SessionStore):
     """Sessions' records in a Redis server (not Redis Cluster: a commit spans sessions)."""
 
     def __init__(
@@ -113,7 +113,7 @@ class RedisStore(SessionStore):
     def _key(self, session_id: str, name: str) -> str:
         return f"{self.prefix}{{{session_id}}}:{name}"
 
-    def ping(self) -> None:
+    def probe(self) -> None:
         """StoreUnavailable unless Redis answers."""
         try:
             self.redis.ping()
@@ -147,6 +147,9 @@ class RedisStore(SessionStore):
                     seed=summary.get("seed"),
                     step=step,
                     error=problem,
+                    request_id=summary.get("request_id", ""),
+                    request_digest=bytes.fromhex(summary.get("request_digest", "")),
+                    made=float(summary.get("made", 0.0)),
                 )
             )
         return summaries
@@ -203,6 +206,9 @@ class RedisStore(SessionStore):
                         "weights_digest": created.weights_digest,
                         "ttl": created.ttl_seconds,
                         "seed": created.seed if created.HasField("seed") else None,
+                        "request_id": created.request_id,
+                        "request_digest": created.request_digest.hex(),
+                        "made": created.unix_time,
                     }
                 )
             elif kind == "call":

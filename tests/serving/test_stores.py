@@ -17,9 +17,9 @@ import redis
 from bench.redis_server import RedisServer
 from protos import journal_pb2, memserve_pb2, tensors
 from serving.durable.base import SessionStore
-from serving.durable.directory import DirectoryStore
+from serving.durable.directory import DirectorySessionStore
 from serving.durable.records import HEADER, frame
-from serving.durable.redis_store import RedisStore
+from serving.durable.redis_store import RedisSessionStore
 from serving.errors import DataLoss
 
 # A store, and how to open it again as a restarted server would.
@@ -29,11 +29,11 @@ Reopen = Callable[[], SessionStore]
 @pytest.fixture(params=["dir", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[SessionStore, Reopen]]:
     if request.param == "dir":
-        opened: list[SessionStore] = [DirectoryStore(tmp_path / "store")]
+        opened: list[SessionStore] = [DirectorySessionStore(tmp_path / "store")]
 
         def reopen_directory() -> SessionStore:
             opened[-1].close()
-            opened.append(DirectoryStore(tmp_path / "store"))
+            opened.append(DirectorySessionStore(tmp_path / "store"))
             return opened[-1]
 
         yield opened[0], reopen_directory
@@ -44,9 +44,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Sess
         def reopen_redis() -> SessionStore:
             server.kill()  # kill -9: only what Redis fsynced survives
             server.start()
-            return RedisStore(server.url)
+            return RedisSessionStore(server.url)
 
-        yield RedisStore(server.url), reopen_redis
+        yield RedisSessionStore(server.url), reopen_redis
 
 
 def created(session_id: str, step: int = 0, state: bytes = b"") -> journal_pb2.Record:
@@ -148,16 +148,16 @@ def test_snapshots_supersede_calls_and_deletions_end_sessions(
 
 
 def test_a_second_server_cannot_open_the_directory(tmp_path: Path) -> None:
-    first = DirectoryStore(tmp_path)
+    first = DirectorySessionStore(tmp_path)
     with pytest.raises(ValueError, match="in use"):
-        DirectoryStore(tmp_path)
+        DirectorySessionStore(tmp_path)
     first.close()
-    DirectoryStore(tmp_path).close()  # free again once the first lets go
+    DirectorySessionStore(tmp_path).close()  # free again once the first lets go
 
 
 @pytest.mark.parametrize("cut", [1, HEADER.size - 1, HEADER.size + 3])
 def test_a_record_cut_short_at_the_end_is_truncated_and_reported(tmp_path: Path, cut: int) -> None:
-    store = DirectoryStore(tmp_path)
+    store = DirectorySessionStore(tmp_path)
     store.commit([created("a"), call("a", 0, 2)])
     store.commit([call("a", 2, 5)])
     store.close()
@@ -165,17 +165,17 @@ def test_a_record_cut_short_at_the_end_is_truncated_and_reported(tmp_path: Path,
     whole = last.stat().st_size
     tail = len(frame(call("a", 2, 5)))
     os.truncate(last, whole - tail + cut)  # the last write was cut `cut` bytes in
-    again = DirectoryStore(tmp_path)
+    again = DirectorySessionStore(tmp_path)
     assert again.load("a").step == 2  # the torn call is not half-applied
     assert len(again.problems()) == 1 and "cut short" in again.problems()[0]
     assert last.stat().st_size == whole - tail
     assert again.commit([call("a", 2, 3)]) == set()  # and writing goes on after it
     again.close()
-    assert DirectoryStore(tmp_path).load("a").step == 3
+    assert DirectorySessionStore(tmp_path).load("a").step == 3
 
 
 def test_a_flipped_byte_is_found_and_confined_to_its_session(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+    store = DirectorySessionStore(tmp_path)
     store.commit([created("a"), created("b")])
     store.commit([call("a", 0, 2), call("b", 0, 1)])
     store.commit([call("a", 2, 3)])
@@ -185,7 +185,7 @@ def test_a_flipped_byte_is_found_and_confined_to_its_session(tmp_path: Path) -> 
     victim = data.find(frame(call("a", 0, 2)))
     data[victim + HEADER.size + 20] ^= 0x40
     path.write_bytes(bytes(data))
-    again = DirectoryStore(tmp_path)
+    again = DirectorySessionStore(tmp_path)
     assert any("CRC" in problem for problem in again.problems())
     summaries = {s.session_id: s for s in again.sessions()}
     assert summaries["b"].error is None and again.load("b").step == 1
@@ -195,20 +195,20 @@ def test_a_flipped_byte_is_found_and_confined_to_its_session(tmp_path: Path) -> 
 
 
 def test_a_damaged_creation_record_makes_its_session_unloadable(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+    store = DirectorySessionStore(tmp_path)
     store.commit([created("a"), created("b")])
     store.close()
     path = segments(tmp_path)[0]
     data = bytearray(path.read_bytes())
     data[HEADER.size + 5] ^= 0x01  # inside a's creation record
     path.write_bytes(bytes(data))
-    again = DirectoryStore(tmp_path)
+    again = DirectorySessionStore(tmp_path)
     assert {s.session_id for s in again.sessions()} == {"b"}  # a's id is in the damage
     assert again.problems()
 
 
 def test_snapshots_and_deletions_let_the_cleaner_reclaim_segments(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path, segment_bytes=20_000)
+    store = DirectorySessionStore(tmp_path, segment_bytes=20_000)
     sessions = [f"s{i}" for i in range(6)]
     store.commit([created(s) for s in sessions])
     steps = dict.fromkeys(sessions, 0)
@@ -229,7 +229,7 @@ def test_snapshots_and_deletions_let_the_cleaner_reclaim_segments(tmp_path: Path
     on_disk = sum(p.stat().st_size for p in segments(tmp_path))
     assert on_disk < written / 2, (on_disk, written)
     store.close()
-    again = DirectoryStore(tmp_path, segment_bytes=20_000)
+    again = DirectorySessionStore(tmp_path, segment_bytes=20_000)
     assert {s.session_id: s.step for s in again.sessions()} == {s: steps[s] for s in sessions[1:]}
     loaded = again.load("s3")
     assert loaded.snapshot is not None and loaded.snapshot.step == 120
@@ -238,19 +238,19 @@ def test_snapshots_and_deletions_let_the_cleaner_reclaim_segments(tmp_path: Path
 
 
 def test_copies_left_by_an_interrupted_cleaning_are_read_once(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+    store = DirectorySessionStore(tmp_path)
     store.commit([created("a"), call("a", 0, 2, "r")])
     store.close()
     first = segments(tmp_path)[0]
     shutil.copy(first, tmp_path / "wal-00000007.log")  # copied forward, old one not deleted
-    again = DirectoryStore(tmp_path)
+    again = DirectorySessionStore(tmp_path)
     loaded = again.load("a")
     assert loaded.step == 2 and len(loaded.calls) == 1 and again.problems() == []
 
 
 def test_redis_values_damaged_are_found_per_session(tmp_path: Path) -> None:
     with RedisServer(tmp_path) as server:
-        store = RedisStore(server.url)
+        store = RedisSessionStore(server.url)
         store.commit([created("a"), created("b"), call("a", 0, 2), call("b", 0, 1)])
         raw = redis.Redis(unix_socket_path=str(server.socket))
         key = "memserve:{a}:calls"
@@ -271,7 +271,7 @@ def test_redis_down_is_unavailable_and_back_is_served(tmp_path: Path) -> None:
     from serving.durable.base import StoreUnavailable
 
     with RedisServer(tmp_path) as server:
-        store = RedisStore(server.url, timeout=2.0)
+        store = RedisSessionStore(server.url, timeout=2.0)
         store.commit([created("a")])
         server.kill()
         with pytest.raises(StoreUnavailable):
