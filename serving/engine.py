@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -181,7 +182,7 @@ class ModelEngine:
             enqueued=time.perf_counter(),
             prompt=prompt,
             sampling=sampling,
-            rng=np.random.default_rng(session.seed if seed is None else seed),
+            rng=np.random.default_rng(reply_seed(seed, session.seed, request_id)),
             tokenizer=tokenizer,
             latent_size=self.card.spec("z").shape[0],
             request_id=request_id,
@@ -305,3 +306,16 @@ def answered_step(answer: journal_pb2.Response, session: Session) -> tuple[np.nd
         f"request {answer.request_id!r} was {answer.cancelled or 'not a Step call'}; "
         f"the session is at step {session.step}"
     )
+
+
+def reply_seed(seed: int | None, session_seed: int | None, request_id: str) -> int | None:
+    """What a turn's randomness starts from: the request's seed, else the session's, else
+    one derived from the request id, so that a retry of the turn gives the same reply
+    (None: fresh entropy)."""
+    if seed is not None:
+        return seed
+    if session_seed is not None:
+        return session_seed
+    if request_id:
+        return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little")
+    return None
