@@ -113,6 +113,7 @@ class DirectorySessionStore(SessionStore):
             if p.name[len(PREFIX) : -len(SUFFIX)].isdigit()
         )
         records: dict[str, list[tuple[Location, journal_pb2.Record]]] = {}
+        damaged: list[tuple[str, bytes]] = []  # what was lost, and its bytes
         for segment in found:
             path = self._segment_path(segment)
             data = path.read_bytes()
@@ -127,8 +128,9 @@ class DirectorySessionStore(SessionStore):
                         os.truncate(path, item.start)
                         size = item.start
                     else:
-                        self._problem(f"{path.name}: bytes {item.start}-{item.end} unreadable: "
-                                      f"{item.why}")  # fmt: skip
+                        where = f"{path.name} bytes {item.start}-{item.end}"
+                        self._problem(f"{where} unreadable: {item.why}")
+                        damaged.append((where, data[item.start : item.end]))
                     continue
                 offset, length, record = item
                 location = Location(segment, offset, length)
@@ -142,6 +144,11 @@ class DirectorySessionStore(SessionStore):
             self.live_bytes[segment] = 0
         for session_id, items in records.items():
             entry = self._resolve(session_id, items)
+            # A damaged record names its session: ids are 128 random bits, never matched by
+            # chance. That session may have lost a step, so it is not served as it is.
+            hit = next((where for where, data in damaged if session_id.encode() in data), None)
+            if hit is not None and entry.deleted is None:
+                entry.error = f"a record of it is damaged ({hit})"
             self.entries[session_id] = entry
             for location in entry.live():
                 self.live_bytes[location.segment] += location.size
