@@ -34,6 +34,7 @@ from serving.errors import Cancelled, FailedPrecondition, NotFound, ServingError
 from serving.generation import GenerateCall, Sampling, prompt_tokens, require_text, text_tokenizer
 from serving.lifecycle import Lifecycle
 from serving.metrics import Metrics
+from serving.persistence import Persistence
 from serving.pipeline import Pipeline
 from serving.protocol import ModelCard
 from serving.scheduler import Scheduler
@@ -95,12 +96,16 @@ class ModelEngine:
             name, card.backend, worker, self.scheduler, self.slots, table, metrics,
             end=self.end, on_failure=lambda error: self.on_failure(error),
         )  # fmt: skip
+        self.persistence = Persistence(
+            name, card, table, self.slots, self.scheduler, self.pipeline, self.lock, self.end,
+            durability,
+        )  # fmt: skip
         self.lifecycle = Lifecycle(
             name, card, settings.session_ttl, settings.max_session_ttl, table, self.slots,
-            self.scheduler, self.pipeline, self.lock, self.end, metrics, durability,
+            self.scheduler, self.pipeline, self.lock, self.end, metrics, self.persistence,
         )  # fmt: skip
         self.answers = Answers(
-            durability.committer, durability.mode, self.slots, table, self.lifecycle.unload
+            durability.committer, durability.mode, self.slots, table, self.persistence.unload
         )
         self.scheduler.on_finish = self.answers.finished
         self._register_gauges()
@@ -122,7 +127,7 @@ class ModelEngine:
         already taken stay; with one, the call runs to its end whatever the caller does, and
         a repeat of the id gets its answer (`serving.requests`).
         """
-        await self.lifecycle.ensure_loaded(session)
+        await self.persistence.ensure_loaded(session)
         if request_id:
             earlier = await self._earlier(session, request_id, digest)
             if earlier is not None:
@@ -172,7 +177,7 @@ class ModelEngine:
         """
         tokenizer = require_text(self.tokenizer, self.card, self.name)
         prompt = prompt_tokens(tokenizer, text, self.settings.max_steps_per_call)
-        await self.lifecycle.ensure_loaded(session)
+        await self.persistence.ensure_loaded(session)
         if request_id:
             earlier = await self._earlier(session, request_id, digest)
             if earlier is not None:
@@ -241,7 +246,7 @@ class ModelEngine:
             with contextlib.suppress(WorkerGone):
                 await self.pipeline.land_all()
             self.scheduler.drop_all(Cancelled("the server shut down before this call ended"))
-        written = await self.lifecycle.checkpoint() if self.worker.alive else 0
+        written = await self.persistence.checkpoint() if self.worker.alive else 0
         self.worker.close()
         return written
 

@@ -214,7 +214,7 @@ class Server:
             if engine is None:
                 elsewhere += 1  # left in the store for a server that serves its model
                 continue
-            engine.lifecycle.adopt(summary)
+            engine.persistence.adopt(summary)
             adopted += 1
         for problem in self.session_store.problems():
             log.warning(problem, extra={"event": "store_damage"})
