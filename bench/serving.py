@@ -463,14 +463,16 @@ async def measure_level(
     target_name: str,
     shape: Shape,
     concurrency: int,
-    settings: Settings,
+    settings: LevelTiming,
     input_size: int,
     output_size: int,
     round_: int = 1,
+    workload_class: type[StepCalls] | None = None,
 ) -> LevelRow:
-    """C sessions calling in `shape` for the warm-up and the window; what completed in it."""
+    """C sessions calling in `shape` for the warm-up and the window; what completed in it.
+    `workload_class`: the workload's (default `StepCalls`)."""
     scraping = child.metrics_port >= 0
-    workload = StepCalls(shape, input_size, output_size)
+    workload = (workload_class or StepCalls)(shape, input_size, output_size)
     recorder, usage = await run_level(child, workload, concurrency, settings, scraping)
     seconds = recorder.window()
     batching = (
