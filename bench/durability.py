@@ -740,13 +740,19 @@ def open_store_seconds(url: str) -> dict[str, float]:
     of the restart that is the store's index (dir: reads every segment)."""
     from serving.durable import open_store
 
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     store = open_store(url)
-    opened = time.perf_counter()
+    opened, opened_cpu = time.perf_counter(), time.process_time()
     found = store.sessions()
-    listed = time.perf_counter()
+    listed, listed_cpu = time.perf_counter(), time.process_time()
     store.close()
-    return {"open_s": opened - began, "list_s": listed - opened, "sessions": len(found)}
+    return {
+        "open_s": opened - began,
+        "list_s": listed - opened,
+        "sessions": len(found),
+        "open_cpu_s": opened_cpu - cpu,
+        "list_cpu_s": listed_cpu - opened_cpu,
+    }
 
 
 def measure_recovery(kind: str, settings: Settings, work: Path, input_size: int) -> dict[str, Any]:
@@ -1063,8 +1069,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5, help="throughput rounds (median)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="measuring window per level")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per level")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measuring window per level")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per level")
     parser.add_argument("--channels", type=int, default=1, help="client channels (round robin)")
     parser.add_argument(
         "--concurrency",
