@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench import durability as bench
+from bench.durability_commits import APPEND_SIZES
+from bench.durability_recovery import recovery_verdict
 
 CONFIGS = ["memory", "dir-launch", "dir-interval", "redis-launch", "redis-interval"]
 SHAPES = {"unary_t1": (1, 2), "unary_t20": (20, 4)}  # steps per call, C
@@ -54,6 +57,7 @@ def test_tiny_run_writes_a_consistent_record(
         assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
         assert row["batching"]["launches"] > 0
         assert row["store_cpu_seconds"] >= 0 and row["disk_write_bytes"] >= 0
+        assert row["other_servers_sessions"] == 0  # every other server was quiet
         if config == "redis-launch":  # every acknowledged call went through a commit script
             assert row["redis_commits"] > 0 and row["redis_commit_mean_us"] > 0
         if not config.startswith("redis"):
@@ -81,7 +85,7 @@ def test_tiny_run_writes_a_consistent_record(
 
     # What a commit costs, and what a step logs.
     costs = record["commit_costs"]
-    assert [row["bytes"] for row in costs["appends"]] == list(bench.APPEND_SIZES)
+    assert [row["bytes"] for row in costs["appends"]] == list(APPEND_SIZES)
     launches = ["one_call_t1", "unary_t1", "unary_t20"]
     for rows in (costs["dir_commit"], costs["redis"]["always"]["commit"],
                  costs["redis"]["no"]["commit"]):  # fmt: skip
@@ -116,5 +120,33 @@ def test_tiny_run_writes_a_consistent_record(
     for kind, decided in recovery["stores"].items():
         [result] = [r for r in record["recovery"] if r["store"] == kind]
         assert decided["to_serving_s"] == result["restart"]["to_serving_s"]
+        restart = result["restart"]
+        assert decided["adopt_s"] == pytest.approx(
+            restart["to_serving_s"] - restart["to_model_loaded_s"]
+        )
+        assert decided["adopt_s"] >= 0 and decided["store_open_s"] > 0
+        assert decided["all_sessions_known"] and decided["first_calls_correct"]
         assert decided["pass"] == (decided["to_serving_s"] < 10.0)
     assert recovery["pass"] == all(d["pass"] for d in recovery["stores"].values())
+
+
+def test_a_recovery_that_lost_state_fails_however_fast() -> None:
+    """The recovery target is judged on the restart's time, and only a server that came back
+    whole passes: every session known, each first call answered at the right step."""
+
+    def result(store: str, adopted: int, wrong_step: int, errors: dict[str, int]) -> dict[str, Any]:
+        calls = {"calls": 10, "seconds": 0.5, "errors": errors, "wrong_step": wrong_step,
+                 "stalled": False}  # fmt: skip
+        return {"store": store, "sessions": 10, "adopted": adopted, "first_calls": calls,
+                "restart": {"to_serving_s": 3.0, "to_model_loaded_s": 2.9},
+                "start_empty": {"to_serving_s": 2.5},
+                "open_in_process": {"open_s": 0.25, "list_s": 0.05}}  # fmt: skip
+
+    whole = recovery_verdict([result("dir", 10, 0, {})])
+    decided = whole["stores"]["dir"]
+    assert whole["pass"] and decided["store_open_s"] == pytest.approx(0.3)
+    assert decided["adopt_s"] == pytest.approx(0.1)
+    assert decided["over_empty_start_s"] == pytest.approx(0.5)
+    for lost in (result("dir", 9, 0, {}), result("dir", 10, 3, {}),
+                 result("dir", 10, 0, {"NOT_FOUND": 1})):  # fmt: skip
+        assert not recovery_verdict([lost])["pass"]
