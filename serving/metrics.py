@@ -29,7 +29,7 @@ EVICTION_REASONS = ("expired", "parked_host", "parked_disk")
 RESTORE_SOURCES = ("host", "disk")
 REJECTION_REASONS = (
     "invalid_argument", "not_found", "failed_precondition", "resource_exhausted",
-    "unavailable", "cancelled", "internal",
+    "unavailable", "cancelled", "internal", "data_loss",
 )  # fmt: skip
 
 # `*_created` series double the series count and nothing here uses them.
@@ -129,6 +129,26 @@ class Metrics:
         )
         self.generations_in_flight = Gauge(
             "memserve_generations_in_flight", "Generate calls being answered", registry=r
+        )
+        self.store_commit_duration = Histogram(
+            "memserve_store_commit_duration_seconds",
+            "Time of one write to the session store (one fsync, one Redis round trip)",
+            ["store"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_commit_records = Histogram(
+            "memserve_store_commit_records",
+            "Records one write to the session store carries (group commit)",
+            ["store"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "memserve_store_up",
+            "1 while the session store takes writes, 0 while it is unavailable",
+            ["store"],
+            registry=r,
         )
         self.build_info = Info("memserve_build", "Versions this server runs", registry=r)
         self.build_info.info(

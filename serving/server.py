@@ -99,6 +99,7 @@ class Server:
             self.committer = Committer(
                 self.session_store,
                 self.config.durability_interval if self.config.durability == "interval" else None,
+                self.metrics,
             )
         durability = Durability(self.committer, self.config.durability, self.config.snapshot_every)
         settings = EngineSettings(
