@@ -130,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands)
 
+    keys = commands.add_parser(
+        "keys",
+        help="make API keys for --auth-keys",
+        description="Make API keys for a server's --auth-keys file (docs/security.md).",
+    )
+    key_commands = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    new_key = key_commands.add_parser(
+        "new",
+        help="print a fresh key, and the line that names it in the keys file",
+        description=(
+            "Print a fresh API key (256 random bits) for the client, and its SHA-256 as the "
+            "keys file writes it: put that in the tenant's keys list, keep the key itself "
+            "with the client only."
+        ),
+    )
+    new_key.set_defaults(handler=_new_key)
+
     from clients.chat import add_chat_parser
 
     add_chat_parser(commands)
@@ -164,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_recall_parser(eval_tasks)
     add_eval_dialogue_parser(eval_tasks)
     return parser
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    from serving.tenants import hash_key, new_key
+
+    key = new_key()
+    print(f"key:  {key}")
+    print(f'line: "{hash_key(key)}"')
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

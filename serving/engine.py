@@ -30,7 +30,13 @@ from protos import journal_pb2, tensors
 from serving.answers import Answers
 from serving.calls import Call, StepCall
 from serving.durable.committer import Durability
-from serving.errors import Cancelled, FailedPrecondition, NotFound, ServingError
+from serving.errors import (
+    Cancelled,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    ServingError,
+)
 from serving.generation import GenerateCall, Sampling, prompt_tokens, require_text, text_tokenizer
 from serving.lifecycle import Lifecycle
 from serving.metrics import Metrics
@@ -45,6 +51,8 @@ from serving.worker_client import WorkerClient, WorkerGone
 
 log = logging.getLogger("memserve.engine")
 
+QUEUE_PUSHBACK = 0.05  # seconds a call refused for a full queue should wait
+
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -57,6 +65,8 @@ class EngineSettings:
     max_session_ttl: float
     max_steps_per_call: int  # also the most tokens of a Generate call's text
     max_new_tokens: int  # the most tokens a Generate call may ask for
+    max_queued_calls: int = 4096  # calls queued or running on this model, at most
+    max_sessions: int = 1_000_000  # sessions of the whole server (every model), at most
 
 
 class ModelEngine:
@@ -104,6 +114,7 @@ class ModelEngine:
             name, card, settings.session_ttl, settings.max_session_ttl, table, self.slots,
             self.scheduler, self.pipeline, self.lock, self.end, metrics, self.persistence,
         )  # fmt: skip
+        self.lifecycle.max_sessions = settings.max_sessions
         self.answers = Answers(
             durability.committer, durability.mode, self.slots, table, self.persistence.unload
         )
@@ -168,6 +179,7 @@ class ModelEngine:
         seed: int | None,
         request_id: str = "",
         digest: bytes = b"",
+        charge: Callable[[int], None] = lambda steps: None,
     ) -> GenerateCall | journal_pb2.Reply:
         """Queue a Generate call on the session; iterate `call.stream()` for the reply. A
         repeat of a request id that answered gets that reply back instead.
@@ -177,6 +189,7 @@ class ModelEngine:
         """
         tokenizer = require_text(self.tokenizer, self.card, self.name)
         prompt = prompt_tokens(tokenizer, text, self.settings.max_steps_per_call)
+        charge(len(prompt) + 2 * sampling.max_tokens + 2)  # the turn's steps, at most
         await self.persistence.ensure_loaded(session)
         if request_id:
             earlier = await self._earlier(session, request_id, digest)
@@ -199,6 +212,12 @@ class ModelEngine:
     def _enqueue(self, call: Call) -> asyncio.Future[int]:
         try:
             self.table.check_live(call.session)
+            if self.scheduler.queued_calls >= self.settings.max_queued_calls:
+                raise ResourceExhausted(
+                    f"model {self.name!r} has {self.scheduler.queued_calls} calls queued, the "
+                    "most it takes (max_queued_calls)",
+                    retry_after=QUEUE_PUSHBACK,
+                )
         except ServingError as error:
             if call.request_id:
                 call.session.requests.fail(call.request_id, error)

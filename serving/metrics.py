@@ -150,6 +150,28 @@ class Metrics:
             ["store"],
             registry=r,
         )
+        # Per tenant: only the tenants of the keys file are labels (bounded), never a key.
+        self.tenant_requests = Counter(
+            "memserve_tenant_requests",
+            "Requests answered, by tenant and status code",
+            ["tenant", "code"],
+            registry=r,
+        )
+        self.tenant_rejected = Counter(
+            "memserve_tenant_requests_rejected",
+            "Requests refused without doing anything, by tenant and reason",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.tenant_sessions = Gauge(
+            "memserve_tenant_sessions", "Live sessions of each tenant", ["tenant"], registry=r
+        )
+        self.tenant_quota_used = Gauge(
+            "memserve_tenant_quota_used",
+            "How much of each quota a tenant uses now, as a fraction (1: at the quota)",
+            ["tenant", "quota"],
+            registry=r,
+        )
         self.build_info = Info("memserve_build", "Versions this server runs", registry=r)
         self.build_info.info(
             {

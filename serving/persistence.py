@@ -26,7 +26,7 @@ from serving.export import import_state
 from serving.logs import log_session
 from serving.pipeline import Pipeline
 from serving.protocol import ModelCard, Replay
-from serving.requests import RecentSessions, RequestLog
+from serving.requests import RecentSessions, RequestLog, scoped
 from serving.scheduler import Scheduler
 from serving.sessions import Session, SessionTable
 from serving.slots import SlotManager, State
@@ -79,6 +79,7 @@ class Persistence:
             last_used=time.monotonic(),
             step=summary.step,
             seed=summary.seed,
+            tenant=summary.tenant,
         )
         if summary.error is not None:
             session.broken = DataLoss(f"session {session.id} cannot be restored: {summary.error}")
@@ -89,7 +90,8 @@ class Persistence:
                 f"{self.card.weights_digest[:12]})"
             )
         if summary.request_id:
-            self.recent.load(summary.request_id, summary.request_digest, session.id, summary.made)
+            key = scoped(summary.tenant, summary.request_id)
+            self.recent.load(key, summary.request_digest, session.id, summary.made)
         self.slots.add_stored(session)
         self.table.add(session)
         return session

@@ -20,34 +20,47 @@ from serving.export import import_state
 from serving.generation import GenerateCall, Sampling
 from serving.metrics import Metrics
 from serving.requests import check_request_id
-from serving.rpc import Admission, unary
+from serving.rpc import Admission, current_tenant, unary
 from serving.sessions import Session, SessionTable
+from serving.tenants import Keys
 
 
 class MemServeService(memserve_pb2_grpc.MemServeServicer):
     """Routes each session's calls to the engine of its model."""
 
     def __init__(
-        self, engines: dict[str, ModelEngine], table: SessionTable, metrics: Metrics
+        self,
+        engines: dict[str, ModelEngine],
+        table: SessionTable,
+        metrics: Metrics,
+        keys: Keys | None = None,
     ) -> None:
         self.engines = engines
         self.table = table
         self.metrics = metrics
-        self.admission = Admission(metrics)
+        self.admission = Admission(metrics, keys)
 
     def engine(self, model: str) -> ModelEngine:
+        """The engine of a model the caller's tenant may use (NOT_FOUND as for an unknown
+        model otherwise)."""
+        tenant = current_tenant.get()
         engine = self.engines.get(model)
-        if engine is None:
+        if engine is None or not tenant.may_use(model):
             if not model:
                 raise InvalidArgument("model is empty")
-            raise NotFound(
-                f"no model {model!r} on this server (serving: {', '.join(self.engines)})"
-            )
+            visible = ", ".join(name for name in self.engines if tenant.may_use(name))
+            raise NotFound(f"no model {model!r} on this server (serving: {visible})")
         return engine
 
     def session(self, session_id: str) -> tuple[Session, ModelEngine]:
-        session = self.table.get(session_id)
+        """A session of the caller's tenant (another's answers as an id never made)."""
+        session = self.table.get(session_id, current_tenant.get().name)
         return session, self.engines[session.model]
+
+    def charge(self, steps: int) -> None:
+        """Spend `steps` of the caller's tenant's step rate (RESOURCE_EXHAUSTED if over)."""
+        tenant = current_tenant.get()
+        self.admission.usage_of(tenant).take_steps(tenant, steps)
 
     def session_info(self, session: Session, engine: ModelEngine) -> memserve_pb2.SessionInfo:
         return memserve_pb2.SessionInfo(
@@ -75,6 +88,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
                     state_bytes=engine.card.state_bytes,
                 )
                 for name, engine in self.engines.items()
+                if current_tenant.get().may_use(name)
             ]
         )
 
@@ -85,7 +99,8 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         engine = self.engine(request.model)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
         seed = request.seed if request.HasField("seed") else None
-        session = await engine.lifecycle.create(ttl, seed, *request_key(request))
+        tenant = current_tenant.get()
+        session = await engine.lifecycle.create(ttl, seed, tenant, *request_key(request))
         return self.session_info(session, engine)
 
     async def _step(self, request: memserve_pb2.StepRequest) -> memserve_pb2.StepResponse:
@@ -99,6 +114,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
             engine.settings.max_steps_per_call,
         )
         expected = request.expected_step if request.HasField("expected_step") else None
+        self.charge(len(inputs))
         outputs, step = await engine.step(session, inputs, expected, *request_key(request))
         response = memserve_pb2.StepResponse(step=step)
         wire.encode_into(response.outputs, outputs)
@@ -142,7 +158,9 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
     ) -> memserve_pb2.SessionInfo:
         parent, engine = self.session(request.session_id)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
-        child = await engine.lifecycle.fork(parent, ttl, *request_key(request))
+        child = await engine.lifecycle.fork(
+            parent, ttl, current_tenant.get(), *request_key(request)
+        )
         return self.session_info(child, engine)
 
     @unary("ExportSession")
@@ -160,7 +178,9 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         imported = import_state(request.state)
         engine = self.engine(imported.model)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
-        session = await engine.lifecycle.import_(imported, ttl, *request_key(request))
+        session = await engine.lifecycle.import_(
+            imported, ttl, current_tenant.get(), *request_key(request)
+        )
         return self.session_info(session, engine)
 
     async def Generate(
@@ -183,8 +203,9 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
                 )
                 seed = request.seed if request.HasField("seed") else None
                 started = await engine.generate(
-                    session, request.text, sampling, seed, *request_key(request)
-                )
+                    session, request.text, sampling, seed, *request_key(request),
+                    charge=self.charge,
+                )  # fmt: skip
                 if isinstance(started, journal_pb2.Reply):  # a repeat: the reply again
                     for text in started.pieces:
                         yield memserve_pb2.GenerateResponse(text=text)

@@ -51,6 +51,7 @@ class SessionSummary:
     request_id: str = ""  # of the call that made it, for that call's retries
     request_digest: bytes = b""
     made: float = 0.0  # time.time() when it was made
+    tenant: str = ""  # who made it
 
 
 class SessionStore(ABC):

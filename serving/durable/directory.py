@@ -147,6 +147,7 @@ class DirectorySessionStore(SessionStore):
                     request_id=created.request_id if created else "",
                     request_digest=created.request_digest if created else b"",
                     made=created.unix_time if created else 0.0,
+                    tenant=created.tenant if created else "",
                 )
             )
         return summaries

@@ -150,6 +150,7 @@ class RedisSessionStore(SessionStore):
                     request_id=summary.get("request_id", ""),
                     request_digest=bytes.fromhex(summary.get("request_digest", "")),
                     made=float(summary.get("made", 0.0)),
+                    tenant=summary.get("tenant", ""),
                 )
             )
         return summaries
@@ -209,6 +210,7 @@ class RedisSessionStore(SessionStore):
                         "request_id": created.request_id,
                         "request_digest": created.request_digest.hex(),
                         "made": created.unix_time,
+                        "tenant": created.tenant,
                     }
                 )
             elif kind == "call":

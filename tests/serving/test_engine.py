@@ -16,7 +16,7 @@ import safetensors.torch
 
 from kernels.backend import BACKEND_ENV
 from models import checkpoint
-from serving import server as server_module
+from serving import loading
 from serving.config import ServerConfig
 from serving.protocol import CopySlot, Launch, ReadSlot, Request, ResetSlot, WriteSlot
 from serving.server import Server
@@ -52,7 +52,7 @@ def front_end_without_weights() -> Iterator[None]:
         patch.setenv(BACKEND_ENV, "torch")
         patch.setattr(checkpoint, "load", no_weights)
         patch.setattr(safetensors.torch, "load_file", no_weights)
-        patch.setattr(server_module, "WorkerClient", RecordingWorker)
+        patch.setattr(loading, "WorkerClient", RecordingWorker)
         yield
 
 
