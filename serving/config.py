@@ -117,6 +117,14 @@ class ServerConfig:
             "help": "bytes of parked sessions park_dir may hold (suffixes as park_host_bytes)"
         },
     )
+    replica: str = field(
+        default="",
+        metadata={
+            "help": "this server's name as one replica of a cluster sharing a redis:// store: "
+            "it serves any session by bringing it back from the store, keeps one only while "
+            "it serves it, and leaves expiry to the store (docs/cluster.md)"
+        },
+    )
     store: str = field(
         default="memory",
         metadata={
@@ -192,6 +200,8 @@ class ServerConfig:
             raise ValueError(
                 f"store must be memory, dir:PATH or redis://HOST:PORT/DB, got {self.store!r}"
             )
+        if self.replica and not re.fullmatch(r"(redis|rediss|unix)://.+", self.store):
+            raise ValueError("replica needs a store the replicas share: redis://HOST:PORT/DB")
         if self.durability not in ("launch", "interval", "park"):
             raise ValueError(
                 f"durability must be launch, interval or park, got {self.durability!r}"

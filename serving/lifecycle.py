@@ -108,6 +108,7 @@ class Lifecycle:
             await self._place(session, self.worker.reset, self._initial_state)
         await self._commit_made(session, None, request_id, digest)
         log_session(log, "created", self.name, session.id, residence=self.slots.residence(session))
+        await self._hand_over(session)
         return session
 
     async def fork(
@@ -150,6 +151,7 @@ class Lifecycle:
             state = await self._state_of(child) if self.committer is not None else None
         await self._commit_made(child, state, request_id, digest)
         log_session(log, "forked", self.name, child.id, parent=parent.id)
+        await self._hand_over(child)
         return child
 
     async def import_(
@@ -198,6 +200,7 @@ class Lifecycle:
             await self._place(session, write, given)
         await self._commit_made(session, state, request_id, digest)
         log_session(log, "imported", self.name, session.id, step=session.step)
+        await self._hand_over(session)
         return session
 
     async def _under_id(
@@ -270,6 +273,14 @@ class Lifecycle:
                     self.end(session, "could not be committed")
             raise
 
+    async def _hand_over(self, session: Session) -> None:
+        """A cluster replica keeps no session it made: its calls go to the replica its id
+        hashes to, which brings it back from the store (docs/cluster.md)."""
+        if self.persistence.replica:
+            async with self.lock:
+                if self.table.live(session):
+                    self.persistence.forget(session, "was made here and handed to the store")
+
     # ------------------------------------------------------------------ reading, ending
 
     async def export(self, session: Session) -> tuple[bytes, int]:
@@ -298,7 +309,8 @@ class Lifecycle:
         log_session(log, "deleted", self.name, session.id)
 
     async def expire(self) -> None:
-        """End the sessions idle for longer than their TTL (none with calls queued)."""
+        """End the sessions idle for longer than their TTL (none with calls queued). A
+        cluster replica only forgets them: the shared store's own expiry ends them."""
         now = time.monotonic()
         slots = self.slots
         candidates = (*slots.active.values(), *slots.parked.values(), *slots.stored.values())
@@ -310,6 +322,9 @@ class Lifecycle:
                     if self.scheduler.has_calls(session) or not self.table.live(session):
                         continue
                     why = f"expired after {session.ttl:g} s idle"
+                    if self.persistence.replica:
+                        self.persistence.forget(session, f"idle here for {session.ttl:g} s")
+                        continue
                     self.end(session, why)
                     records.append(journal.deleted(session, why))
                     self.metrics.evictions.labels(self.name, "expired").inc()

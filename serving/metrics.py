@@ -7,6 +7,7 @@ Names follow GUIDE.md: prefix `memserve_`, base units, histograms, low-cardinali
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 
 import torch
 from prometheus_client import (
@@ -18,8 +19,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    Metric,
     disable_created_metrics,
 )
+from prometheus_client.registry import Collector
 
 from memserve import __version__
 
@@ -35,6 +38,37 @@ REJECTION_REASONS = (
 # `*_created` series double the series count and nothing here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 BATCH_BUCKETS = tuple(float(2**k) for k in range(11))  # 1 .. 1024 sessions
+
+
+class Relabelled(Collector):
+    """A registry's metrics with one more label on every sample: what a cluster replica
+    serves, so that its series stay apart from the other replicas' in one Prometheus."""
+
+    def __init__(self, registry: CollectorRegistry, label: str, value: str) -> None:
+        self.registry, self.label, self.value = registry, label, value
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            relabelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                relabelled.add_sample(
+                    sample.name,
+                    {**sample.labels, self.label: self.value},
+                    sample.value,
+                    sample.timestamp,
+                    sample.exemplar,
+                )
+            yield relabelled
+
+
+def served_registry(metrics: Metrics, replica: str) -> CollectorRegistry:
+    """The registry /metrics serves: the server's own, with `replica` on every series
+    when it is one replica of a cluster."""
+    if not replica:
+        return metrics.registry
+    served = CollectorRegistry(auto_describe=False)
+    served.register(Relabelled(metrics.registry, "replica", replica))
+    return served
 
 
 class Metrics:

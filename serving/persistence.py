@@ -64,6 +64,7 @@ class Persistence:
         self.committer: Committer | None = durability.committer
         self.mode = durability.mode
         self.snapshot_every = durability.snapshot_every
+        self.replica = durability.replica  # "" unless one replica of a cluster
         self.recent = RecentSessions()  # create/fork/import request ids (the lifecycle's)
         self.loading: dict[str, asyncio.Future[None]] = {}
         self.unloading: set[asyncio.Future[None]] = set()
@@ -141,7 +142,25 @@ class Persistence:
             session.requests.load(stored.responses)
             session.logged_ops = len(rows)
             self.slots.unstore(session, {n: torch.from_numpy(a) for n, a in arrays.items()})
+        if self.replica:  # this replica serves it now: its reads elsewhere must reload
+            claimed = await self.committer.run(self.committer.store.claim, session.id)
+            if claimed != stored.step:  # it moved on meanwhile: bring that back instead
+                async with self.lock:
+                    if self.table.live(session) and not self.scheduler.has_calls(session):
+                        self.slots.unload(session)
+                if claimed is None:
+                    raise NotFound(f"session {session.id} is no longer in the session store")
+                await self._load(session)
+                return
         log_session(log, "loaded", self.name, session.id, step=session.step, replayed=len(rows))
+
+    def forget(self, session: Session, why: str) -> None:
+        """Drop a session from this replica only; it goes on in the shared store. The caller
+        holds the lock."""
+        self.slots.release(session)
+        self.scheduler.drop(session, Unavailable(f"session {session.id} {why}; retry"))
+        self.table.forget(session)
+        log_session(log, "forgotten", self.name, session.id, why=why)
 
     def unload(self, session: Session, failure: Exception) -> None:
         """A commit of the session's failed: forget what is here, keep what the store has

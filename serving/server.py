@@ -33,7 +33,8 @@ from serving.durable.base import MemorySessionStore, SessionStore
 from serving.durable.committer import Committer, Durability
 from serving.engine import ModelEngine
 from serving.loading import load_engines, tls_credentials
-from serving.metrics import Metrics
+from serving.metrics import Metrics, served_registry
+from serving.replica import Replica
 from serving.rpc import add_to_server
 from serving.service import MemServeService
 from serving.sessions import SessionTable
@@ -77,7 +78,7 @@ class Server:
         park_dir = self.config.park_dir
         if not park_dir:
             park_dir = self._temporary_park_dir = tempfile.mkdtemp(prefix="memserve-park-")
-        self.session_store = open_store(self.config.store)
+        self.session_store = open_store(self.config.store, self.config.replica)
         if self.session_store.durable:
             interval = self.config.durability == "interval"
             self.committer = Committer(
@@ -85,13 +86,20 @@ class Server:
                 self.config.durability_interval if interval else None,
                 self.metrics,
             )
-        durability = Durability(self.committer, self.config.durability, self.config.snapshot_every)
+        durability = Durability(
+            self.committer, self.config.durability, self.config.snapshot_every,
+            self.config.replica,
+        )  # fmt: skip
         for name, engine in load_engines(
             self.config, park_dir, self.table, self.metrics, durability
         ).items():
             engine.on_failure = self.fail
             engine.lifecycle.parked_bytes = self.parked_bytes
             self.engines[name] = engine
+        if self.config.replica and self.committer is not None:
+            self.service.replica = Replica(
+                self.config.replica, self.committer, self.engines, self.table
+            )
 
     async def start(self) -> None:
         """Load the models, bind the ports and start serving."""
@@ -129,10 +137,13 @@ class Server:
             raise OSError(f"cannot listen on {address} (in use, or not an address here)")
         if self.config.metrics_port >= 0:
             self.metrics_http, _ = start_http_server(
-                self.config.metrics_port, self.config.metrics_host, self.metrics.registry
+                self.config.metrics_port,
+                self.config.metrics_host,
+                served_registry(self.metrics, self.config.replica),
             )
             self.metrics_port = self.metrics_http.server_port
-        self._adopt_stored_sessions()
+        if not self.config.replica:  # a replica finds sessions in the store as they are used
+            self._adopt_stored_sessions()
         self._watch_tenants()
         if self.committer is not None:
             self.committer.on_health = self._store_health
@@ -152,6 +163,7 @@ class Server:
                 "port": self.port,
                 "metrics_port": self.metrics_port,
                 "models": list(self.engines),
+                "replica": self.config.replica,
                 "kernel_backend": backend.describe(),
                 "tls": "mutual" if self.config.tls_client_ca else bool(self.config.tls_cert),
                 "auth": "open: any caller may use every session"

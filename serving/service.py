@@ -19,6 +19,7 @@ from serving.errors import InvalidArgument, NotFound
 from serving.export import import_state
 from serving.generation import GenerateCall, Sampling
 from serving.metrics import Metrics
+from serving.replica import Replica
 from serving.requests import check_request_id
 from serving.rpc import Admission, current_tenant, unary
 from serving.sessions import Session, SessionTable
@@ -39,6 +40,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         self.table = table
         self.metrics = metrics
         self.admission = Admission(metrics, keys)
+        self.replica: Replica | None = None  # set when the server is one replica of a cluster
 
     def engine(self, model: str) -> ModelEngine:
         """The engine of a model the caller's tenant may use (NOT_FOUND as for an unknown
@@ -52,10 +54,25 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
             raise NotFound(f"no model {model!r} on this server (serving: {visible})")
         return engine
 
-    def session(self, session_id: str) -> tuple[Session, ModelEngine]:
-        """A session of the caller's tenant (another's answers as an id never made)."""
-        session = self.table.get(session_id, current_tenant.get().name)
-        return session, self.engines[session.model]
+    async def session(self, session_id: str, read: bool = False) -> tuple[Session, ModelEngine]:
+        """A session of the caller's tenant (another's answers as an id never made). A
+        cluster replica finds one it does not hold in the shared store, and before a read
+        makes sure the copy it holds is the store's (`serving.replica`)."""
+        tenant = current_tenant.get().name
+        try:
+            session = self.table.get(session_id, tenant)
+        except NotFound:
+            if self.replica is None or not session_id:
+                raise
+            if await self.replica.find(session_id) is None:
+                raise
+            session = self.table.get(session_id, tenant)  # found: whose is it?
+        engine = self.engines[session.model]
+        if read and self.replica is not None:
+            session = await self.replica.check(session, engine)
+            if session.tenant != tenant:
+                self.table.get(session_id, tenant)  # raises as for an id never made
+        return session, engine
 
     def charge(self, steps: int) -> None:
         """Spend `steps` of the caller's tenant's step rate (RESOURCE_EXHAUSTED if over)."""
@@ -104,7 +121,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         return self.session_info(session, engine)
 
     async def _step(self, request: memserve_pb2.StepRequest) -> memserve_pb2.StepResponse:
-        session, engine = self.session(request.session_id)
+        session, engine = await self.session(request.session_id)
         if not request.HasField("inputs"):
             raise InvalidArgument("inputs is missing")
         inputs = wire.decode_steps(
@@ -149,14 +166,14 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
     async def GetSession(
         self, request: memserve_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> memserve_pb2.SessionInfo:
-        session, engine = self.session(request.session_id)
+        session, engine = await self.session(request.session_id, read=True)
         return self.session_info(session, engine)
 
     @unary("ForkSession")
     async def ForkSession(
         self, request: memserve_pb2.ForkSessionRequest, context: grpc.aio.ServicerContext
     ) -> memserve_pb2.SessionInfo:
-        parent, engine = self.session(request.session_id)
+        parent, engine = await self.session(request.session_id, read=True)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
         child = await engine.lifecycle.fork(
             parent, ttl, current_tenant.get(), *request_key(request)
@@ -167,7 +184,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
     async def ExportSession(
         self, request: memserve_pb2.ExportSessionRequest, context: grpc.aio.ServicerContext
     ) -> memserve_pb2.SessionState:
-        session, engine = self.session(request.session_id)
+        session, engine = await self.session(request.session_id, read=True)
         data, step = await engine.lifecycle.export(session)
         return memserve_pb2.SessionState(state=data, model=session.model, step=step)
 
@@ -192,7 +209,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         self.metrics.generations_in_flight.inc()
         try:
             async with self.admission.answering("Generate", request, context):
-                session, engine = self.session(request.session_id)
+                session, engine = await self.session(request.session_id)
                 sampling = Sampling.checked(
                     request.max_tokens,
                     engine.settings.max_new_tokens,
@@ -230,7 +247,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
     async def DeleteSession(
         self, request: memserve_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
     ) -> memserve_pb2.DeleteSessionResponse:
-        session, engine = self.session(request.session_id)
+        session, engine = await self.session(request.session_id)
         await engine.lifecycle.delete(session)
         return memserve_pb2.DeleteSessionResponse()
 

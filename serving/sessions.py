@@ -59,6 +59,12 @@ class SessionTable:
         while len(self.ended) > self.remember_ended:
             self.ended.popitem(last=False)
 
+    def forget(self, session: Session) -> None:
+        """Drop a session from this server only: it goes on in the shared store, where any
+        replica, this one too, finds it again (cluster replicas)."""
+        if self.sessions.pop(session.id, None) is session:
+            self.per_tenant[session.tenant] -= 1
+
     def live(self, session: Session) -> bool:
         """Whether `session` is still in the table (not ended since it was looked up)."""
         return self.sessions.get(session.id) is session

@@ -97,9 +97,9 @@ class SlotManager:
         its next call)."""
         if session.slot is not None:
             return "active"
-        if session.id in self.stored:
-            return "stored"
-        return self.store.residence(session.id) or "parked_host"
+        if session.id in self.parked:
+            return self.store.residence(session.id) or "parked_host"  # or in transit
+        return "stored"
 
     def count(self, residence: str) -> int:
         """How many sessions are `residence` (see `residence`)."""

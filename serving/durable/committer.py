@@ -38,6 +38,7 @@ class Durability:
     committer: Committer | None = None
     mode: str = "launch"
     snapshot_every: int = 1024
+    replica: str = ""  # one replica of a cluster sharing the store ("": a lone server)
 
 
 class Committer:
