@@ -315,6 +315,7 @@ class ModelEngine:
         m.slots_capacity.labels(name).set(self.settings.slots)
         m.slots_used.labels(name).set_function(lambda: len(slots.active))
         m.queue_length.labels(name).set_function(lambda: self.scheduler.queued_calls)
+        m.queue_capacity.labels(name).set(self.settings.max_queued_calls)
         m.sessions.labels(name, "active").set_function(lambda: len(slots.active))
         for residence in ("parked_host", "parked_disk", "stored"):
             m.sessions.labels(name, residence).set_function(
