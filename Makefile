@@ -84,7 +84,15 @@ lint: $(STAMP)  ## ruff
 typecheck: $(STAMP)  ## mypy, strict
 	$(BIN)/mypy
 
-pytest: $(STAMP) system-deps  ## the test suite alone
+# checkov (the Kubernetes manifests' misconfiguration checks) has many dependencies of its
+# own: it gets an environment of its own, so none of them moves one of memserve's.
+TOOLS := $(VENV)/tools
+$(TOOLS)/.installed: Makefile
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet 'checkov>=3.2'
+	touch $@
+
+pytest: $(STAMP) $(TOOLS)/.installed system-deps  ## the test suite alone
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A Triton release that breaks the kernels must fail here before it reaches a user, so the
