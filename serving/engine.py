@@ -65,6 +65,7 @@ class EngineSettings:
     max_session_ttl: float
     max_steps_per_call: int  # also the most tokens of a Generate call's text
     max_new_tokens: int  # the most tokens a Generate call may ask for
+    steps_per_launch: int = 1  # steps of a Step call one launch may run back to back
     max_queued_calls: int = 4096  # calls queued or running on this model, at most
     max_sessions: int = 1_000_000  # sessions of the whole server (every model), at most
 
@@ -97,7 +98,9 @@ class ModelEngine:
         self.tasks: list[asyncio.Task[None]] = []
         # Called when the model's process is gone; the server drains and exits non-zero.
         self.on_failure: Callable[[WorkerGone], None] = lambda error: None
-        self.scheduler = Scheduler(settings.max_batch, self._started)
+        self.scheduler = Scheduler(
+            settings.max_batch, self._started, steps_per_launch=settings.steps_per_launch
+        )
         self.slots = SlotManager(
             name, settings.slots, store, worker, self.scheduler.has_calls, self._flying,
             table, metrics,

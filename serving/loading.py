@@ -79,6 +79,7 @@ def load_engines(
     settings = EngineSettings(
         slots=config.slots,
         max_batch=config.max_batch,
+        steps_per_launch=config.steps_per_launch,
         max_queue_delay=config.max_queue_delay,
         session_ttl=config.session_ttl,
         max_session_ttl=config.max_session_ttl,
