@@ -94,7 +94,14 @@ pytest: $(STAMP) system-deps  ## the test suite alone
 test-triton-latest: $(STAMP)  ## the kernel tests again, under the newest Triton on PyPI
 	$(BIN)/python -m tests.kernels.newest_triton $(TRITON_LATEST) -q
 
-test: lint typecheck pytest test-triton-latest  ## lint, type-check, the whole suite, then the kernel tests under the newest Triton
+# The generated code in protos/ must run on every protobuf pyproject.toml declares (memserve
+# installs beside tritonclient, which holds protobuf below 7): it is imported and used under
+# the lowest and under PyPI's newest inside the range, each a `pip install --target` overlay
+# of protobuf alone, installed once per version.
+test-protobuf-range: $(STAMP)  ## protos/ imported and used under the lowest and highest protobuf declared
+	$(BIN)/python -m tests.protos.protobuf_range $(VENV)/protobuf-range
+
+test: lint typecheck pytest test-triton-latest test-protobuf-range  ## lint, type-check, the whole suite, the kernel tests under the newest Triton, protos/ across the protobuf range
 
 bench: $(STAMP)  ## kernel benchmark; writes JSON under bench/results/
 	$(BIN)/python bench/kernels.py
