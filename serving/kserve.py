@@ -1,0 +1,336 @@
+"""The RPC handlers of `inference.GRPCInferenceService`: the Open Inference Protocol (KServe
+v2) with Triton's sequence extension, on the same port and the same engines as memserve.v1.
+
+A sequence is a session: a request with `sequence_start` creates one (`lifecycle.create`),
+every request steps it (`engine.step`) or runs a dialogue turn (`engine.generate`), and
+`sequence_end` deletes it after its step, so sequences are batched, parked, durable and
+exactly-once (the request's `id` is its request id) like every other session. Names map to
+sessions in `serving.sequences`; messages to values in `serving.kserve_wire`; admission,
+status codes and timing are `serving.rpc`'s (`method` label ModelInfer etc.). On
+ModelStreamInfer an error answers its request with `error_message` and the stream goes on,
+as in Triton. docs/kserve.md has every mapping and what differs from Triton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+
+from memserve import __version__
+from protos import journal_pb2
+from protos.inference import grpc_service_pb2 as v2
+from serving import kserve_wire as wire
+from serving.engine import ModelEngine
+from serving.errors import InvalidArgument, NotFound
+from serving.generation import Sampling, prompt_tokens, require_text
+from serving.metrics import Metrics
+from serving.rpc import Admission, Malformed, lenient, unary
+from serving.sequences import SequenceSessions
+from serving.sessions import Session, SessionTable
+
+SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+EXTENSIONS = ("sequence", "sequence(string_id)", "model_configuration", "parameters")
+VERSION = "1"  # every model has this one version
+TENANT = ""  # sequence names are per tenant; "" until the server has tenants
+SESSION_PARAMETER = "memserve_session_id"  # on a START's response
+FINAL = wire.FINAL
+
+
+class MessageFailedError(Exception):
+    """One stream message's error, as its `error_message` (the stream goes on)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"[{code}] {details}")  # as tritonclient shows a unary call's error
+
+
+class MessageContext:
+    """What `rpc.Answering` aborts when a stream message fails: the message, not the stream."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise MessageFailedError(code, details)
+
+
+MESSAGE_CONTEXT = MessageContext()
+
+
+class KServeService:
+    """Routes v2 calls to the engine of their model; `admission` is memserve.v1's, so the
+    drain and the store's health refuse both APIs alike."""
+
+    def __init__(
+        self,
+        engines: dict[str, ModelEngine],
+        table: SessionTable,
+        metrics: Metrics,
+        admission: Admission,
+    ) -> None:
+        self.engines = engines
+        self.table = table
+        self.metrics = metrics
+        self.admission = admission
+        self.sequences = SequenceSessions(engines, table)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the methods implemented here; the protocol's others (repository, shared
+        memory, statistics, trace, log settings) answer UNIMPLEMENTED."""
+        descriptor = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+        factories = {False: grpc.unary_unary_rpc_method_handler,
+                     True: grpc.stream_stream_rpc_method_handler}  # fmt: skip
+        handlers = {
+            method.name: factories[method.client_streaming](
+                getattr(self, method.name),
+                request_deserializer=lenient(getattr(v2, method.input_type.name)),
+                response_serializer=getattr(v2, method.output_type.name).SerializeToString,
+            )
+            for method in descriptor.methods
+            if hasattr(self, method.name)
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    def adopt(self, request_id: str, session_id: str, made: float) -> None:
+        """A session found in the session store at start: if a START made it, its name."""
+        self.sequences.names.adopt(request_id, session_id, made)
+
+    def engine(self, model: str, version: str) -> ModelEngine:
+        engine = self.engines.get(model)
+        if engine is None:
+            if not model:
+                raise InvalidArgument("model_name is empty")
+            raise NotFound(
+                f"Request for unknown model: '{model}' is not found "
+                f"(serving: {', '.join(self.engines)})"
+            )
+        if version not in ("", VERSION):
+            raise NotFound(
+                f"Request for unknown model: '{model}' version {version} is not found "
+                f"(memserve serves version {VERSION} of each model)"
+            )
+        return engine
+
+    # ------------------------------------------------------------------ health, metadata
+
+    def _ready(self) -> bool:
+        return not self.admission.draining and self.admission.unavailable is None
+
+    async def _probe(self, method: str, answer: Any, context: Any, request: Any) -> Any:
+        """Liveness and readiness answer while draining (not ready), unlike other calls."""
+        start = time.perf_counter()
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request.type_name}")
+        self.admission.observe_duration(method, grpc.StatusCode.OK, time.perf_counter() - start)
+        return answer
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._probe("ServerLive", v2.ServerLiveResponse(live=True), context, request)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        ready = self._ready() and all(engine.worker.alive for engine in self.engines.values())
+        answer = v2.ServerReadyResponse(ready=ready)
+        return await self._probe("ServerReady", answer, context, request)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        engine = None if isinstance(request, Malformed) else self.engines.get(request.name)
+        version_known = engine is not None and request.version in ("", VERSION)
+        ready = version_known and self._ready() and engine is not None and engine.worker.alive
+        return await self._probe("ModelReady", v2.ModelReadyResponse(ready=ready), context, request)
+
+    @unary("ServerMetadata")
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return v2.ServerMetadataResponse(name="memserve", version=__version__,
+                                         extensions=EXTENSIONS)  # fmt: skip
+
+    @unary("ModelMetadata")
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        engine = self.engine(request.name, request.version)
+        return wire.model_metadata(engine.name, engine.card)
+
+    @unary("ModelConfig")
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        engine = self.engine(request.name, request.version)
+        return wire.model_config(engine.name, engine.card, engine.settings.session_ttl)
+
+    # ------------------------------------------------------------------ inference
+
+    @unary("ModelInfer")
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        """One request, one response (a dialogue model's whole reply in it)."""
+        answer = None
+        async with contextlib.aclosing(self._infer(request, streamed=False)) as responses:
+            async for response in responses:
+                answer = response
+        return answer
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """Requests answered as they finish, concurrently; those of one sequence in the
+        order they came. A dialogue reply comes as one response per piece (decoupled)."""
+        responses: asyncio.Queue[Any] = asyncio.Queue()
+        tails: dict[Hashable, asyncio.Task[None]] = {}  # each sequence's latest request
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any, after: asyncio.Task[None] | None) -> None:
+            if after is not None:
+                await asyncio.wait((after,))
+            answering = self.admission.answering("ModelStreamInfer", request, MESSAGE_CONTEXT)
+            out = self._infer(request, streamed=True)
+            try:
+                async with answering, contextlib.aclosing(out):
+                    async for response in out:
+                        responses.put_nowait(v2.ModelStreamInferResponse(infer_response=response))
+            except MessageFailedError as error:
+                responses.put_nowait(wire.failed(request, str(error)))
+
+        async def read() -> None:
+            async for request in request_iterator:
+                key = wire.order_key(request)
+                task = asyncio.create_task(answer(request, tails.get(key)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                if key is not None:
+                    tails[key] = task
+                    task.add_done_callback(functools.partial(forget, key))
+            if tasks:
+                await asyncio.wait(tasks)
+            responses.put_nowait(None)
+
+        def forget(key: Hashable, done: asyncio.Task[None]) -> None:
+            if tails.get(key) is done:
+                del tails[key]
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await responses.get()) is not None:
+                yield item
+            await reader
+        finally:
+            for task in (reader, *tasks):
+                task.cancel()
+
+    async def _infer(self, request: Any, streamed: bool) -> AsyncGenerator[Any, None]:
+        """Check everything, find or start the sequence's session, run the request on it."""
+        engine = self.engine(request.model_name, request.model_version)
+        name, card = engine.name, engine.card
+        control = wire.control(request.parameters, name)
+        request_id, digest = wire.request_key(request)
+        response = v2.ModelInferResponse(model_name=name, model_version=VERSION, id=request.id)
+        if wire.is_dialogue(card):
+            text = wire.text_input(request, name)
+            prompt_tokens(require_text(engine.tokenizer, card, name), text,
+                          engine.settings.max_steps_per_call)  # fmt: skip
+            parameters = wire.sampling_parameters(request.parameters)
+            sampling = Sampling.checked(
+                parameters.max_tokens, engine.settings.max_new_tokens, parameters.temperature,
+                parameters.top_k, parameters.top_p, [],
+            )  # fmt: skip
+            wanted = wire.wanted_outputs(request, (wire.REPLY, wire.STEP), name)
+        else:
+            inputs, batched = wire.step_inputs(
+                request, name, card.input_size, engine.settings.max_steps_per_call
+            )
+            wanted = wire.wanted_outputs(request, (wire.OUTPUT, wire.STEP), name)
+        session = await self.sequences.session(
+            engine, TENANT, control.sequence_id, control.start, request_id
+        )
+        if control.start:
+            response.parameters[SESSION_PARAMETER].string_param = session.id
+        if not wire.is_dialogue(card):
+            outputs, step = await engine.step(session, inputs, None, request_id, digest)
+            if control.end:
+                await self.sequences.end(engine, session)
+            if wire.OUTPUT in wanted:
+                shape = (1, *outputs.shape) if batched else outputs.shape
+                wire.add_fp32(response, wire.OUTPUT, outputs, shape)
+            if wire.STEP in wanted:
+                wire.add_int64(response, wire.STEP, step)
+            if streamed:
+                response.parameters[FINAL].bool_param = True
+            yield response
+            return
+        replies = self._reply(engine, session, text, sampling, parameters.seed, request_id,
+                              digest, control, response, wanted, streamed)  # fmt: skip
+        async with contextlib.aclosing(replies) as pieces:
+            async for piece in pieces:
+                yield piece
+
+    async def _reply(
+        self, engine: ModelEngine, session: Session, text: str, sampling: Sampling,
+        seed: int | None, request_id: str, digest: bytes, control: wire.Control,
+        template: Any, wanted: tuple[str, ...], streamed: bool,
+    ) -> AsyncGenerator[Any, None]:  # fmt: skip
+        """A dialogue turn: streamed, one response per piece and a final one with the
+        summary as parameters; else one response with the whole reply."""
+
+        def response(text: str | None, final: bool) -> Any:
+            message = v2.ModelInferResponse()
+            message.CopyFrom(template)
+            if text is not None and wire.REPLY in wanted:
+                wire.add_text(message, wire.REPLY, text)
+            if streamed:
+                message.parameters[FINAL].bool_param = final
+            return message
+
+        start = time.perf_counter()
+        call = None
+        self.metrics.generations_in_flight.inc()
+        try:
+            started = await engine.generate(session, text, sampling, seed, request_id, digest)
+            if isinstance(started, journal_pb2.Reply):  # a repeat: the reply again
+                for piece in started.pieces if streamed else ():
+                    yield response(piece, final=False)
+                done = started.done
+            else:
+                call = started
+                last = None
+                async for piece in call.stream():
+                    now = time.perf_counter()
+                    (engine.observe_itl if last else engine.observe_ttft)(now - (last or start))
+                    last = now
+                    if streamed:
+                        yield response(piece, final=False)
+                done = call.done_message()
+            if control.end:
+                await self.sequences.end(engine, session)
+            empty = streamed and control.empty_final  # Triton's flags-only final response
+            final = response(None if empty else ("" if streamed else done.text), final=True)
+            if wire.STEP in wanted and not empty:
+                wire.add_int64(final, wire.STEP, done.step)
+            final.parameters["finish_reason"].string_param = done.finish_reason
+            final.parameters["prompt_tokens"].int64_param = done.prompt_tokens
+            final.parameters["completion_tokens"].int64_param = done.completion_tokens
+            yield final
+        finally:
+            self.metrics.generations_in_flight.dec()
+            if call is not None:
+                self.metrics.generated_tokens.labels(session.model).inc(len(call.generated))
+                if call.future is not None and not call.future.done():
+                    call.future.cancel()  # the caller left: stop at the next launch
+
+
+def reflection_pool(files: Iterable[Any]) -> descriptor_pool.DescriptorPool:
+    """One pool with these files (and what they import) for server reflection: memserve.v1,
+    health and reflection live in protobuf's default pool, the v2 API in its own."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: Any) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
