@@ -17,11 +17,12 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
+import numpy as np
 
 from memserve import __version__
 from protos import journal_pb2
@@ -164,8 +165,11 @@ class KServeService:
     @unary("ModelInfer")
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         """One request, one response (a dialogue model's whole reply in it)."""
+        call = await self._prepare(request)
+        if call.turn is None:
+            return await self._step(call, streamed=False)
         answer = None
-        async with contextlib.aclosing(self._infer(request, streamed=False)) as responses:
+        async with contextlib.aclosing(self._reply(call, streamed=False)) as responses:
             async for response in responses:
                 answer = response
         return answer
@@ -182,12 +186,18 @@ class KServeService:
         async def answer(request: Any, after: asyncio.Task[None] | None) -> None:
             if after is not None:
                 await asyncio.wait((after,))
-            answering = self.admission.answering("ModelStreamInfer", request, MESSAGE_CONTEXT)
-            out = self._infer(request, streamed=True)
             try:
-                async with answering, contextlib.aclosing(out):
-                    async for response in out:
+                async with self.admission.answering("ModelStreamInfer", request, MESSAGE_CONTEXT):
+                    call = await self._prepare(request)
+                    if call.turn is None:
+                        response = await self._step(call, streamed=True)
                         responses.put_nowait(v2.ModelStreamInferResponse(infer_response=response))
+                        return
+                    async with contextlib.aclosing(self._reply(call, streamed=True)) as out:
+                        async for response in out:
+                            responses.put_nowait(
+                                v2.ModelStreamInferResponse(infer_response=response)
+                            )
             except MessageFailedError as error:
                 responses.put_nowait(wire.failed(request, str(error)))
 
@@ -217,13 +227,15 @@ class KServeService:
             for task in (reader, *tasks):
                 task.cancel()
 
-    async def _infer(self, request: Any, streamed: bool) -> AsyncGenerator[Any, None]:
-        """Check everything, find or start the sequence's session, run the request on it."""
+    async def _prepare(self, request: Any) -> Prepared:
+        """Check everything, then find or start the sequence's session (nothing is touched
+        before every check has passed)."""
         engine = self.engine(request.model_name, request.model_version)
         name, card = engine.name, engine.card
         control = wire.control(request.parameters, name)
         request_id, digest = wire.request_key(request)
-        response = v2.ModelInferResponse(model_name=name, model_version=VERSION, id=request.id)
+        turn = None
+        inputs, batched = None, False
         if wire.is_dialogue(card):
             text = wire.text_input(request, name)
             prompt_tokens(require_text(engine.tokenizer, card, name), text,
@@ -233,6 +245,7 @@ class KServeService:
                 parameters.max_tokens, engine.settings.max_new_tokens, parameters.temperature,
                 parameters.top_k, parameters.top_p, [],
             )  # fmt: skip
+            turn = wire.Turn(text, sampling, parameters.seed)
             wanted = wire.wanted_outputs(request, (wire.REPLY, wire.STEP), name)
         else:
             inputs, batched = wire.step_inputs(
@@ -242,38 +255,37 @@ class KServeService:
         session = await self.sequences.session(
             engine, TENANT, control.sequence_id, control.start, request_id
         )
+        response = v2.ModelInferResponse(model_name=name, model_version=VERSION, id=request.id)
         if control.start:
             response.parameters[SESSION_PARAMETER].string_param = session.id
-        if not wire.is_dialogue(card):
-            outputs, step = await engine.step(session, inputs, None, request_id, digest)
-            if control.end:
-                await self.sequences.end(engine, session)
-            if wire.OUTPUT in wanted:
-                shape = (1, *outputs.shape) if batched else outputs.shape
-                wire.add_fp32(response, wire.OUTPUT, outputs, shape)
-            if wire.STEP in wanted:
-                wire.add_int64(response, wire.STEP, step)
-            if streamed:
-                response.parameters[FINAL].bool_param = True
-            yield response
-            return
-        replies = self._reply(engine, session, text, sampling, parameters.seed, request_id,
-                              digest, control, response, wanted, streamed)  # fmt: skip
-        async with contextlib.aclosing(replies) as pieces:
-            async for piece in pieces:
-                yield piece
+        return Prepared(engine, session, control, request_id, digest, response, wanted,
+                        inputs, batched, turn)  # fmt: skip
 
-    async def _reply(
-        self, engine: ModelEngine, session: Session, text: str, sampling: Sampling,
-        seed: int | None, request_id: str, digest: bytes, control: wire.Control,
-        template: Any, wanted: tuple[str, ...], streamed: bool,
-    ) -> AsyncGenerator[Any, None]:  # fmt: skip
+    async def _step(self, call: Prepared, streamed: bool) -> Any:
+        engine, session, response = call.engine, call.session, call.response
+        assert call.inputs is not None
+        outputs, step = await engine.step(session, call.inputs, None, call.request_id,
+                                          call.digest)  # fmt: skip
+        if call.control.end:
+            await self.sequences.end(engine, session)
+        if wire.OUTPUT in call.wanted:
+            shape = (1, *outputs.shape) if call.batched else outputs.shape
+            wire.add_fp32(response, wire.OUTPUT, outputs, shape)
+        if wire.STEP in call.wanted:
+            wire.add_int64(response, wire.STEP, step)
+        if streamed:
+            response.parameters[FINAL].bool_param = True
+        return response
+
+    async def _reply(self, call: Prepared, streamed: bool) -> AsyncGenerator[Any, None]:
         """A dialogue turn: streamed, one response per piece and a final one with the
         summary as parameters; else one response with the whole reply."""
+        engine, session, turn, wanted = call.engine, call.session, call.turn, call.wanted
+        assert turn is not None
 
         def response(text: str | None, final: bool) -> Any:
             message = v2.ModelInferResponse()
-            message.CopyFrom(template)
+            message.CopyFrom(call.response)
             if text is not None and wire.REPLY in wanted:
                 wire.add_text(message, wire.REPLY, text)
             if streamed:
@@ -281,27 +293,28 @@ class KServeService:
             return message
 
         start = time.perf_counter()
-        call = None
+        generating = None
         self.metrics.generations_in_flight.inc()
         try:
-            started = await engine.generate(session, text, sampling, seed, request_id, digest)
+            started = await engine.generate(session, turn.text, turn.sampling, turn.seed,
+                                            call.request_id, call.digest)  # fmt: skip
             if isinstance(started, journal_pb2.Reply):  # a repeat: the reply again
                 for piece in started.pieces if streamed else ():
                     yield response(piece, final=False)
                 done = started.done
             else:
-                call = started
+                generating = started
                 last = None
-                async for piece in call.stream():
+                async for piece in generating.stream():
                     now = time.perf_counter()
                     (engine.observe_itl if last else engine.observe_ttft)(now - (last or start))
                     last = now
                     if streamed:
                         yield response(piece, final=False)
-                done = call.done_message()
-            if control.end:
+                done = generating.done_message()
+            if call.control.end:
                 await self.sequences.end(engine, session)
-            empty = streamed and control.empty_final  # Triton's flags-only final response
+            empty = streamed and call.control.empty_final  # Triton's flags-only final response
             final = response(None if empty else ("" if streamed else done.text), final=True)
             if wire.STEP in wanted and not empty:
                 wire.add_int64(final, wire.STEP, done.step)
@@ -311,26 +324,23 @@ class KServeService:
             yield final
         finally:
             self.metrics.generations_in_flight.dec()
-            if call is not None:
-                self.metrics.generated_tokens.labels(session.model).inc(len(call.generated))
-                if call.future is not None and not call.future.done():
-                    call.future.cancel()  # the caller left: stop at the next launch
+            if generating is not None:
+                self.metrics.generated_tokens.labels(session.model).inc(len(generating.generated))
+                if generating.future is not None and not generating.future.done():
+                    generating.future.cancel()  # the caller left: stop at the next launch
 
 
-def reflection_pool(files: Iterable[Any]) -> descriptor_pool.DescriptorPool:
-    """One pool with these files (and what they import) for server reflection: memserve.v1,
-    health and reflection live in protobuf's default pool, the v2 API in its own."""
-    pool = descriptor_pool.DescriptorPool()
-    added: set[str] = set()
+@dataclass(frozen=True)
+class Prepared:
+    """A checked request and its session: what running it needs."""
 
-    def add(file: Any) -> None:
-        if file.name in added:
-            return
-        for dependency in file.dependencies:
-            add(dependency)
-        pool.AddSerializedFile(file.serialized_pb)
-        added.add(file.name)
-
-    for file in files:
-        add(file)
-    return pool
+    engine: ModelEngine
+    session: Session
+    control: wire.Control
+    request_id: str
+    digest: bytes
+    response: Any  # the response so far (its id, model, version, session parameter)
+    wanted: tuple[str, ...]
+    inputs: np.ndarray | None  # a step model's [T, input_size]
+    batched: bool  # the inputs came as [1, T, input_size]
+    turn: wire.Turn | None  # a dialogue model's

@@ -18,6 +18,7 @@ import numpy as np
 from protos.inference import grpc_service_pb2 as v2
 from protos.inference import model_config_pb2
 from serving.errors import InvalidArgument
+from serving.generation import Sampling
 from serving.protocol import ModelCard
 from serving.requests import check_request_id
 from serving.rpc import Malformed
@@ -127,6 +128,15 @@ def sampling_parameters(parameters: Any) -> SamplingParameters:
         top_p=real("top_p"),
         seed=integer("seed", 2**64 - 1),
     )
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A dialogue request's text and sampling."""
+
+    text: str
+    sampling: Sampling
+    seed: int | None
 
 
 # ---------------------------------------------------------------------- input tensors

@@ -19,6 +19,7 @@ session it made) or is random.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import secrets
@@ -39,6 +40,7 @@ PREFIX = "kserve-seq:"
 KEY_CHARACTERS = 32  # 128 bits of SHA-256, hex
 
 
+@functools.lru_cache(maxsize=65536)  # a sequence's key is asked for at every request
 def sequence_key(tenant: str, model: str, sequence_id: SequenceId) -> str:
     """What a name is looked up by: a digest of (tenant, model, kind, id), so that ids of any
     length fit in a request id, and the tenant is part of it."""

@@ -30,6 +30,7 @@ from memserve import __version__
 from models import checkpoint
 from protos import memserve_pb2
 from protos.inference import grpc_service_pb2
+from protos.inference.pool import reflection_pool
 from serving import kserve
 from serving.config import ServerConfig
 from serving.durable import open_store
@@ -179,7 +180,7 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, kserve.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
             server,
-            pool=kserve.reflection_pool(module.DESCRIPTOR for module in files),
+            pool=reflection_pool(module.DESCRIPTOR for module in files),
         )
         address = f"{self.config.host}:{self.config.port}"
         try:

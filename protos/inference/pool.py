@@ -6,13 +6,15 @@ Triton's client (`tritonclient.grpc`), KServe's and MLServer's packages all regi
 a name there ("duplicate symbol 'inference.ServerLiveRequest'"): two of them cannot be
 imported by one process. So `make protos` points the generated `*_pb2.py` here (`privatize`,
 one import line), and memserve's copy of the protocol coexists with any other. The wire format
-does not involve the pool at all. `serving.kserve` gives server reflection this pool.
+does not involve the pool at all; server reflection gets one pool of both (`reflection_pool`).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import descriptor_pool
 
@@ -32,6 +34,26 @@ def privatize(generated: str) -> str:
     if generated.count(GENERATED_IMPORT) != 1:
         raise ValueError("not protoc's Python output: its descriptor_pool import is missing")
     return generated.replace(GENERATED_IMPORT, PRIVATE_IMPORT)
+
+
+def reflection_pool(files: Iterable[Any]) -> descriptor_pool.DescriptorPool:
+    """A new pool with these files (and what they import), for server reflection, which
+    looks in one pool: memserve.v1, health and reflection live in the default pool, the
+    inference API in this folder's."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: Any) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
 
 
 def main(paths: list[str]) -> int:
