@@ -13,11 +13,9 @@ as in Triton. docs/kserve.md has every mapping and what differs from Triton.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +29,7 @@ from serving import kserve_wire as wire
 from serving.engine import ModelEngine
 from serving.errors import InvalidArgument, NotFound
 from serving.generation import Sampling, prompt_tokens, require_text
+from serving.kserve_stream import answer_stream
 from serving.metrics import Metrics
 from serving.rpc import Admission, Malformed, lenient, unary
 from serving.sequences import SequenceSessions
@@ -165,9 +164,9 @@ class KServeService:
     @unary("ModelInfer")
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         """One request, one response (a dialogue model's whole reply in it)."""
-        call = await self._prepare(request)
+        call = await self._prepare(request, streamed=False)
         if call.turn is None:
-            return await self._step(call, streamed=False)
+            return await self._step(call)
         answer = None
         async with contextlib.aclosing(self._reply(call, streamed=False)) as responses:
             async for response in responses:
@@ -178,56 +177,31 @@ class KServeService:
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         """Requests answered as they finish, concurrently; those of one sequence in the
-        order they came. A dialogue reply comes as one response per piece (decoupled)."""
-        responses: asyncio.Queue[Any] = asyncio.Queue()
-        tails: dict[Hashable, asyncio.Task[None]] = {}  # each sequence's latest request
-        tasks: set[asyncio.Task[None]] = set()
+        order they came (`serving.kserve_stream`). A dialogue reply comes as one response
+        per piece (decoupled). An error answers its request, and the stream goes on."""
+        async with contextlib.aclosing(answer_stream(request_iterator, self._answer)) as out:
+            async for message in out:
+                yield message
 
-        async def answer(request: Any, after: asyncio.Task[None] | None) -> None:
-            if after is not None:
-                await asyncio.wait((after,))
-            try:
-                async with self.admission.answering("ModelStreamInfer", request, MESSAGE_CONTEXT):
-                    call = await self._prepare(request)
-                    if call.turn is None:
-                        response = await self._step(call, streamed=True)
-                        responses.put_nowait(v2.ModelStreamInferResponse(infer_response=response))
-                        return
-                    async with contextlib.aclosing(self._reply(call, streamed=True)) as out:
-                        async for response in out:
-                            responses.put_nowait(
-                                v2.ModelStreamInferResponse(infer_response=response)
-                            )
-            except MessageFailedError as error:
-                responses.put_nowait(wire.failed(request, str(error)))
-
-        async def read() -> None:
-            async for request in request_iterator:
-                key = wire.order_key(request)
-                task = asyncio.create_task(answer(request, tails.get(key)))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                if key is not None:
-                    tails[key] = task
-                    task.add_done_callback(functools.partial(forget, key))
-            if tasks:
-                await asyncio.wait(tasks)
-            responses.put_nowait(None)
-
-        def forget(key: Hashable, done: asyncio.Task[None]) -> None:
-            if tails.get(key) is done:
-                del tails[key]
-
-        reader = asyncio.create_task(read())
+    async def _answer(self, request: Any) -> AsyncGenerator[Any, None]:
+        """One stream request's messages: its response(s), or its error."""
+        result = None
         try:
-            while (item := await responses.get()) is not None:
-                yield item
-            await reader
-        finally:
-            for task in (reader, *tasks):
-                task.cancel()
+            async with self.admission.answering("ModelStreamInfer", request, MESSAGE_CONTEXT):
+                call = await self._prepare(request, streamed=True)
+                if call.turn is None:
+                    await self._step(call)
+                    result = call.message  # sent after it is timed, as StepStream's
+                else:
+                    async with contextlib.aclosing(self._reply(call, streamed=True)) as out:
+                        async for message in out:
+                            yield message
+        except MessageFailedError as error:
+            result = wire.failed(request, str(error))
+        if result is not None:
+            yield result
 
-    async def _prepare(self, request: Any) -> Prepared:
+    async def _prepare(self, request: Any, streamed: bool) -> Prepared:
         """Check everything, then find or start the sequence's session (nothing is touched
         before every check has passed)."""
         engine = self.engine(request.model_name, request.model_version)
@@ -255,13 +229,17 @@ class KServeService:
         session = await self.sequences.session(
             engine, TENANT, control.sequence_id, control.start, request_id
         )
-        response = v2.ModelInferResponse(model_name=name, model_version=VERSION, id=request.id)
+        # On a stream the response is built inside its ModelStreamInferResponse (no copy).
+        message = v2.ModelStreamInferResponse() if streamed else v2.ModelInferResponse()
+        response = message.infer_response if streamed else message
+        response.model_name, response.model_version, response.id = name, VERSION, request.id
         if control.start:
             response.parameters[SESSION_PARAMETER].string_param = session.id
-        return Prepared(engine, session, control, request_id, digest, response, wanted,
-                        inputs, batched, turn)  # fmt: skip
+        return Prepared(engine, session, control, request_id, digest, message, response,
+                        streamed, wanted, inputs, batched, turn)  # fmt: skip
 
-    async def _step(self, call: Prepared, streamed: bool) -> Any:
+    async def _step(self, call: Prepared) -> Any:
+        """A step model's request; returns its response (filled in `call.message`)."""
         engine, session, response = call.engine, call.session, call.response
         assert call.inputs is not None
         outputs, step = await engine.step(session, call.inputs, None, call.request_id,
@@ -273,23 +251,24 @@ class KServeService:
             wire.add_fp32(response, wire.OUTPUT, outputs, shape)
         if wire.STEP in call.wanted:
             wire.add_int64(response, wire.STEP, step)
-        if streamed:
+        if call.streamed:
             response.parameters[FINAL].bool_param = True
         return response
 
     async def _reply(self, call: Prepared, streamed: bool) -> AsyncGenerator[Any, None]:
-        """A dialogue turn: streamed, one response per piece and a final one with the
-        summary as parameters; else one response with the whole reply."""
+        """A dialogue turn: streamed, one ModelStreamInferResponse per piece and a final one
+        with the summary as parameters; else one response with the whole reply."""
         engine, session, turn, wanted = call.engine, call.session, call.turn, call.wanted
         assert turn is not None
 
         def response(text: str | None, final: bool) -> Any:
-            message = v2.ModelInferResponse()
-            message.CopyFrom(call.response)
+            message = v2.ModelStreamInferResponse() if streamed else v2.ModelInferResponse()
+            answer = message.infer_response if streamed else message
+            answer.CopyFrom(call.response)
             if text is not None and wire.REPLY in wanted:
-                wire.add_text(message, wire.REPLY, text)
+                wire.add_text(answer, wire.REPLY, text)
             if streamed:
-                message.parameters[FINAL].bool_param = final
+                answer.parameters[FINAL].bool_param = final
             return message
 
         start = time.perf_counter()
@@ -315,13 +294,14 @@ class KServeService:
             if call.control.end:
                 await self.sequences.end(engine, session)
             empty = streamed and call.control.empty_final  # Triton's flags-only final response
-            final = response(None if empty else ("" if streamed else done.text), final=True)
+            last_message = response(None if empty else ("" if streamed else done.text), True)
+            final = last_message.infer_response if streamed else last_message
             if wire.STEP in wanted and not empty:
                 wire.add_int64(final, wire.STEP, done.step)
             final.parameters["finish_reason"].string_param = done.finish_reason
             final.parameters["prompt_tokens"].int64_param = done.prompt_tokens
             final.parameters["completion_tokens"].int64_param = done.completion_tokens
-            yield final
+            yield last_message
         finally:
             self.metrics.generations_in_flight.dec()
             if generating is not None:
@@ -330,7 +310,7 @@ class KServeService:
                     generating.future.cancel()  # the caller left: stop at the next launch
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # built for every request: no frozen-dataclass setattr
 class Prepared:
     """A checked request and its session: what running it needs."""
 
@@ -339,7 +319,9 @@ class Prepared:
     control: wire.Control
     request_id: str
     digest: bytes
-    response: Any  # the response so far (its id, model, version, session parameter)
+    message: Any  # what is sent: the response, or on a stream its ModelStreamInferResponse
+    response: Any  # the ModelInferResponse so far (id, model, version, session parameter)
+    streamed: bool
     wanted: tuple[str, ...]
     inputs: np.ndarray | None  # a step model's [T, input_size]
     batched: bool  # the inputs came as [1, T, input_size]
