@@ -183,23 +183,32 @@ class KServeService:
             async for message in out:
                 yield message
 
-    async def _answer(self, request: Any) -> AsyncGenerator[Any, None]:
-        """One stream request's messages: its response(s), or its error."""
-        result = None
+    async def _answer(self, request: Any) -> Any:
+        """One stream request's answer: a step model's response (or error), one message, as
+        cheaply as StepStream answers; a dialogue turn's messages, as an async generator."""
+        engine = None if isinstance(request, Malformed) else self.engines.get(request.model_name)
+        if engine is not None and wire.is_dialogue(engine.card):
+            return self._answer_turn(request)
         try:
             async with self.admission.answering("ModelStreamInfer", request, MESSAGE_CONTEXT):
                 call = await self._prepare(request, streamed=True)
-                if call.turn is None:
-                    await self._step(call)
-                    result = call.message  # sent after it is timed, as StepStream's
-                else:
-                    async with contextlib.aclosing(self._reply(call, streamed=True)) as out:
-                        async for message in out:
-                            yield message
+                await self._step(call)
         except MessageFailedError as error:
-            result = wire.failed(request, str(error))
-        if result is not None:
-            yield result
+            return wire.failed(request, str(error))
+        return call.message  # sent after it is timed, as StepStream's
+
+    async def _answer_turn(self, request: Any) -> AsyncGenerator[Any, None]:
+        failure = None
+        try:
+            async with self.admission.answering("ModelStreamInfer", request, MESSAGE_CONTEXT):
+                call = await self._prepare(request, streamed=True)
+                async with contextlib.aclosing(self._reply(call, streamed=True)) as out:
+                    async for message in out:
+                        yield message
+        except MessageFailedError as error:
+            failure = wire.failed(request, str(error))
+        if failure is not None:
+            yield failure
 
     async def _prepare(self, request: Any, streamed: bool) -> Prepared:
         """Check everything, then find or start the sequence's session (nothing is touched

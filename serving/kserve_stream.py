@@ -14,12 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Hashable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any
 
 from serving.kserve_wire import order_key
 
-Answer = Callable[[Any], AsyncGenerator[Any, None]]  # one request -> its messages
+# One request -> its one message, or an async generator of its messages (a dialogue turn).
+Answer = Callable[[Any], Awaitable[Any]]
+
+
+async def messages_of(answer: Any) -> AsyncGenerator[Any, None]:
+    async with contextlib.aclosing(answer) as messages:
+        async for message in messages:
+            yield message
 
 
 async def answer_stream(requests: AsyncIterator[Any], answer: Answer) -> AsyncGenerator[Any, None]:
@@ -34,9 +41,12 @@ async def answer_stream(requests: AsyncIterator[Any], answer: Answer) -> AsyncGe
                 async for message in messages:
                     yield message
             return
-        async with contextlib.aclosing(answer(request)) as messages:
-            async for message in messages:
+        answered = await answer(request)
+        if isinstance(answered, AsyncGenerator):
+            async for message in messages_of(answered):
                 yield message
+        else:
+            yield answered
 
 
 async def concurrently(
@@ -50,9 +60,12 @@ async def concurrently(
     async def run(request: Any, after: asyncio.Task[None] | None) -> None:
         if after is not None and not after.done():
             await asyncio.wait((after,))
-        async with contextlib.aclosing(answer(request)) as messages:
-            async for message in messages:
+        answered = await answer(request)
+        if isinstance(answered, AsyncGenerator):
+            async for message in messages_of(answered):
                 ready.put_nowait(message)
+        else:
+            ready.put_nowait(answered)
 
     def start(request: Any) -> None:
         key = order_key(request)
