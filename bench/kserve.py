@@ -26,11 +26,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ahead of bench/
@@ -238,6 +241,74 @@ def median_rate(rows: list[LevelRow], api: str, shape: str, concurrency: int) ->
     )  # fmt: skip
 
 
+# ---------------------------------------------------------------------------- handlers
+
+
+class StubEngine:
+    """What the handlers ask of an engine, answering a step at once: the handlers' own cost."""
+
+    name = MODEL
+
+    def __init__(self, input_size: int, output_size: int) -> None:
+        self.card = SimpleNamespace(model_type="ntm", input_size=input_size,
+                                    output_size=output_size, text_operations=False,
+                                    tokenizer_json=None)  # fmt: skip
+        self.settings = SimpleNamespace(max_steps_per_call=64, session_ttl=600.0)
+        self.outputs = np.zeros((1, output_size), np.float32)
+
+    async def step(self, *args: Any) -> tuple[np.ndarray, int]:
+        return self.outputs, 1
+
+
+async def handler_costs(requests: int = 20000) -> dict[str, float]:
+    """CPU microseconds per request of each API's handler in this process (decode, check,
+    route, encode, serialize; the engine stubbed): the protocol's own cost, which other load
+    on the machine hardly disturbs."""
+    from protos import memserve_pb2, tensors
+    from serving.kserve import KServeService
+    from serving.metrics import Metrics
+    from serving.service import MemServeService
+    from serving.sessions import Session as ServerSession
+    from serving.sessions import SessionTable
+
+    table, metrics = SessionTable(), Metrics()
+    engines: dict[str, Any] = {MODEL: StubEngine(9, 8)}
+    session = ServerSession(id="0" * 32, model=MODEL, ttl=600.0, last_used=0.0)
+    table.add(session)
+    v1 = MemServeService(engines, table, metrics)
+    v2 = KServeService(engines, table, metrics, v1.admission)
+    inputs = np.random.default_rng(0).random((1, 9), dtype=np.float32)
+    step = memserve_pb2.StepRequest(session_id=session.id, inputs=tensors.encode(inputs))
+    infer = v2_workload("unary", memserve_pb2.ModelInfo(input_size=9, output_size=8))
+    model_infer = infer.infer_request(Session(session.id, 0), used=1)
+
+    async def repeated(request: Any) -> AsyncIterator[Any]:
+        for _ in range(requests):
+            yield request
+
+    async def unary(handler: Any, request: Any) -> None:
+        for _ in range(requests):
+            (await handler(request, None)).SerializeToString()
+
+    async def stream(handler: Any, request: Any) -> None:
+        async for message in handler(repeated(request), None):
+            message.SerializeToString()
+
+    runs: dict[str, Callable[[], Awaitable[None]]] = {
+        "v1 Step": lambda: unary(v1.Step, step),
+        "v2 ModelInfer": lambda: unary(v2.ModelInfer, model_infer),
+        "v1 StepStream": lambda: stream(v1.StepStream, step),
+        "v2 ModelStreamInfer": lambda: stream(v2.ModelStreamInfer, model_infer),
+    }
+    costs: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(3):  # interleaved; the median of three
+        for name, run in runs.items():
+            start = time.process_time()
+            await run()
+            costs[name].append((time.process_time() - start) / requests * 1e6)
+    return {name: statistics.median(values) for name, values in costs.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -252,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     timing = Timing(args.channels, args.warmup, args.seconds)
     started = time.monotonic()
+    handlers = asyncio.run(handler_costs())
+    for name, cost in handlers.items():
+        print(f"handler {name:20} {cost:6.1f} CPU us/request (engine stubbed)")
     rows = asyncio.run(run(args.levels, args.rounds, timing))
     verdicts = ratios(rows, args.levels, args.rounds)
     print(f"\n{'shape':8} {'C':>4} {'v1 steps/s':>11} {'v2 steps/s':>11} {'v2/v1':>6}  target"
@@ -274,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             "server_command": server_command(True)[1:],
             "seconds_taken": round(time.monotonic() - started, 1),
         },
+        "handler_cpu_us_per_request": handlers,
         "levels": [{**asdict(row), "ok": row.ok} for row in rows],
         "ratios": verdicts,
     }
