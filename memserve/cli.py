@@ -213,9 +213,11 @@ def _healthcheck(args: argparse.Namespace) -> int:
     )
     with channel:
         try:
-            status = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            ).status
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                .status
+            )
         except grpc.RpcError as error:
             print(f"{args.target}: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
