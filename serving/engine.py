@@ -8,9 +8,10 @@ which answers the calls that are done. Creating, forking, importing, exporting, 
 expiring sessions is `Lifecycle`'s.
 
 Continuous batching: each launch takes the head call of up to `max_batch` ready sessions in
-turn and advances each by ONE row (a step, or one token of a Generate); a call of T steps
-takes T launches, other sessions interleave with it, and calls that arrive while launches are
-in flight join the next one. Everything that touches the pool or the session bookkeeping
+turn and advances each by ONE row (up to `steps_per_launch` steps of a Step call, or one
+token of a Generate); a call of T steps takes ceil(T / steps_per_launch) launches, other
+sessions interleave with it, and calls that arrive while launches are in flight join the
+next one. Everything that touches the pool or the session bookkeeping
 holds `self.lock`, an asyncio lock on the event loop's thread.
 """
 
@@ -30,13 +31,20 @@ from protos import journal_pb2, tensors
 from serving.answers import Answers
 from serving.calls import Call, StepCall
 from serving.durable.committer import Durability
-from serving.errors import Cancelled, FailedPrecondition, NotFound, ServingError
+from serving.errors import (
+    Cancelled,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    ServingError,
+)
 from serving.generation import GenerateCall, Sampling, prompt_tokens, require_text, text_tokenizer
 from serving.lifecycle import Lifecycle
 from serving.metrics import Metrics
 from serving.persistence import Persistence
 from serving.pipeline import Pipeline
 from serving.protocol import ModelCard
+from serving.pushback import Pushback
 from serving.scheduler import Scheduler
 from serving.sessions import Session, SessionTable
 from serving.slots import SlotManager
@@ -57,6 +65,9 @@ class EngineSettings:
     max_session_ttl: float
     max_steps_per_call: int  # also the most tokens of a Generate call's text
     max_new_tokens: int  # the most tokens a Generate call may ask for
+    steps_per_launch: int = 1  # steps of a Step call one launch may run back to back
+    max_queued_calls: int = 4096  # calls queued or running on this model, at most
+    max_sessions: int = 1_000_000  # sessions of the whole server (every model), at most
 
 
 class ModelEngine:
@@ -83,11 +94,14 @@ class ModelEngine:
         self.worker = worker
         self.tokenizer = text_tokenizer(card)
         self.lock = asyncio.Lock()
+        self.pushback = Pushback()  # how long a call refused for a full queue should wait
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         # Called when the model's process is gone; the server drains and exits non-zero.
         self.on_failure: Callable[[WorkerGone], None] = lambda error: None
-        self.scheduler = Scheduler(settings.max_batch, self._started)
+        self.scheduler = Scheduler(
+            settings.max_batch, self._started, steps_per_launch=settings.steps_per_launch
+        )
         self.slots = SlotManager(
             name, settings.slots, store, worker, self.scheduler.has_calls, self._flying,
             table, metrics,
@@ -104,6 +118,7 @@ class ModelEngine:
             name, card, settings.session_ttl, settings.max_session_ttl, table, self.slots,
             self.scheduler, self.pipeline, self.lock, self.end, metrics, self.persistence,
         )  # fmt: skip
+        self.lifecycle.max_sessions = settings.max_sessions
         self.answers = Answers(
             durability.committer, durability.mode, self.slots, table, self.persistence.unload
         )
@@ -168,6 +183,7 @@ class ModelEngine:
         seed: int | None,
         request_id: str = "",
         digest: bytes = b"",
+        charge: Callable[[int], None] = lambda steps: None,
     ) -> GenerateCall | journal_pb2.Reply:
         """Queue a Generate call on the session; iterate `call.stream()` for the reply. A
         repeat of a request id that answered gets that reply back instead.
@@ -177,6 +193,7 @@ class ModelEngine:
         """
         tokenizer = require_text(self.tokenizer, self.card, self.name)
         prompt = prompt_tokens(tokenizer, text, self.settings.max_steps_per_call)
+        charge(len(prompt) + 2 * sampling.max_tokens + 2)  # the turn's steps, at most
         await self.persistence.ensure_loaded(session)
         if request_id:
             earlier = await self._earlier(session, request_id, digest)
@@ -199,10 +216,17 @@ class ModelEngine:
     def _enqueue(self, call: Call) -> asyncio.Future[int]:
         try:
             self.table.check_live(call.session)
+            if self.scheduler.queued_calls >= self.settings.max_queued_calls:
+                raise ResourceExhausted(
+                    f"model {self.name!r} has {self.scheduler.queued_calls} calls queued, the "
+                    "most it takes (max_queued_calls)",
+                    retry_after=self.pushback.refused(),
+                )
         except ServingError as error:
             if call.request_id:
                 call.session.requests.fail(call.request_id, error)
             raise
+        self.pushback.admitted()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _: setattr(call, "abandoned", True))
         call.future = future
@@ -296,8 +320,9 @@ class ModelEngine:
         m.slots_capacity.labels(name).set(self.settings.slots)
         m.slots_used.labels(name).set_function(lambda: len(slots.active))
         m.queue_length.labels(name).set_function(lambda: self.scheduler.queued_calls)
+        m.queue_capacity.labels(name).set(self.settings.max_queued_calls)
         m.sessions.labels(name, "active").set_function(lambda: len(slots.active))
-        for residence in ("parked_host", "parked_disk"):
+        for residence in ("parked_host", "parked_disk", "stored"):
             m.sessions.labels(name, residence).set_function(
                 lambda residence=residence: slots.count(residence)  # type: ignore[misc]
             )

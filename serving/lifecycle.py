@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -22,17 +23,18 @@ import torch
 from models.state import validate_state
 from serving import journal
 from serving.durable.committer import Committer
-from serving.errors import FailedPrecondition, InvalidArgument, Unavailable
+from serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from serving.export import ImportedState, export_state
 from serving.logs import log_session
 from serving.metrics import Metrics
 from serving.persistence import Persistence, log_failure
 from serving.pipeline import Pipeline
 from serving.protocol import ModelCard
-from serving.requests import RequestLog
+from serving.requests import RequestLog, scoped
 from serving.scheduler import Scheduler
 from serving.sessions import Session, SessionTable, new_session_id
 from serving.slots import SlotManager, State
+from serving.tenants import OPEN_TENANT, Tenant
 
 log = logging.getLogger("memserve.lifecycle")
 
@@ -70,6 +72,10 @@ class Lifecycle:
         self.persistence = persistence
         self.committer: Committer | None = persistence.committer
         self.recent = persistence.recent
+        # Bounds shared by every model, and a tenant's state bytes outside the slots (the
+        # engine's sum over models), set by the engine.
+        self.max_sessions = 1_000_000
+        self.parked_bytes: Callable[[str], int] = lambda tenant: 0
 
     def check_ttl(self, ttl: float | None) -> float:
         if ttl is None:
@@ -81,33 +87,52 @@ class Lifecycle:
     # ------------------------------------------------------------------ beginnings
 
     async def create(
-        self, ttl: float | None, seed: int | None, request_id: str = "", digest: bytes = b""
+        self,
+        ttl: float | None,
+        seed: int | None,
+        tenant: Tenant = OPEN_TENANT,
+        request_id: str = "",
+        digest: bytes = b"",
     ) -> Session:
         """A new session at step 0 in the model's initial state."""
-        earlier = await self._earlier(request_id, digest)
-        if earlier is not None:
-            return earlier
-        session = self._new_session(self.check_ttl(ttl), step=0, seed=seed)
+        made = partial(self._create, ttl, seed, tenant, request_id, digest)
+        return await self._under_id(tenant, request_id, digest, made)
+
+    async def _create(
+        self, ttl: float | None, seed: int | None, tenant: Tenant, request_id: str, digest: bytes
+    ) -> Session:
+        self._check_room(tenant)
+        session = self._new_session(self.check_ttl(ttl), step=0, seed=seed, tenant=tenant)
         async with self.lock:
             await self.pipeline.land_all()
             await self._place(session, self.worker.reset, self._initial_state)
         await self._commit_made(session, None, request_id, digest)
         log_session(log, "created", self.name, session.id, residence=self.slots.residence(session))
+        await self._hand_over(session)
         return session
 
     async def fork(
-        self, parent: Session, ttl: float | None, request_id: str = "", digest: bytes = b""
+        self,
+        parent: Session,
+        ttl: float | None,
+        tenant: Tenant = OPEN_TENANT,
+        request_id: str = "",
+        digest: bytes = b"",
     ) -> Session:
         """A new session holding a copy of `parent`'s state and step count."""
-        earlier = await self._earlier(request_id, digest)
-        if earlier is not None:
-            return earlier
+        made = partial(self._fork, parent, ttl, tenant, request_id, digest)
+        return await self._under_id(tenant, request_id, digest, made)
+
+    async def _fork(
+        self, parent: Session, ttl: float | None, tenant: Tenant, request_id: str, digest: bytes
+    ) -> Session:
+        self._check_room(tenant)
         ttl = self.check_ttl(ttl) if ttl is not None else parent.ttl
         await self.persistence.ensure_loaded(parent)
         async with self.lock:
             await self.pipeline.land_all()  # the parent's count must include its rows in flight
             self.table.check_live(parent)
-            child = self._new_session(ttl, step=parent.step, seed=parent.seed)
+            child = self._new_session(ttl, step=parent.step, seed=parent.seed, tenant=tenant)
             child.requests = RequestLog()
             source = parent.slot
             if source is None:  # parked: the child starts parked with a copy
@@ -126,12 +151,14 @@ class Lifecycle:
             state = await self._state_of(child) if self.committer is not None else None
         await self._commit_made(child, state, request_id, digest)
         log_session(log, "forked", self.name, child.id, parent=parent.id)
+        await self._hand_over(child)
         return child
 
     async def import_(
         self,
         imported: ImportedState,
         ttl: float | None,
+        tenant: Tenant = OPEN_TENANT,
         request_id: str = "",
         digest: bytes = b"",
     ) -> Session:
@@ -147,11 +174,20 @@ class Lifecycle:
             validate_state(self.card.state_specs, imported.tensors)
         except ValueError as error:
             raise InvalidArgument(f"state does not fit model {self.name!r}: {error}") from error
-        earlier = await self._earlier(request_id, digest)
-        if earlier is not None:
-            return earlier
+        made = partial(self._import, imported, ttl, tenant, request_id, digest)
+        return await self._under_id(tenant, request_id, digest, made)
+
+    async def _import(
+        self,
+        imported: ImportedState,
+        ttl: float,
+        tenant: Tenant,
+        request_id: str,
+        digest: bytes,
+    ) -> Session:
+        self._check_room(tenant)
         state = imported.tensors
-        session = self._new_session(ttl, step=imported.step, seed=None)
+        session = self._new_session(ttl, step=imported.step, seed=None, tenant=tenant)
 
         async def write(slot: int) -> None:
             await self.worker.write(slot, state)
@@ -164,22 +200,61 @@ class Lifecycle:
             await self._place(session, write, given)
         await self._commit_made(session, state, request_id, digest)
         log_session(log, "imported", self.name, session.id, step=session.step)
+        await self._hand_over(session)
         return session
 
-    async def _earlier(self, request_id: str, digest: bytes) -> Session | None:
-        """The session an earlier call with this request id made (waiting for it if it is
-        still making it), or None after noting that this call makes one under the id."""
+    async def _under_id(
+        self,
+        tenant: Tenant,
+        request_id: str,
+        digest: bytes,
+        make: Callable[[], Awaitable[Session]],
+    ) -> Session:
+        """`make()` a session, or, for a repeat of a request id, the session the first call
+        made (waiting for it if it is still being made). Whatever happens to `make`, the id
+        is settled: its repeats get the session, or the error to retry after. Ids are the
+        tenant's: another tenant's same id is another request."""
         if not request_id:
-            return None
-        now = time.time()
-        earlier = self.recent.find(request_id, digest, now)
-        if earlier is None:
-            self.recent.begin(request_id, digest, now)
-            return None
-        await earlier.done.wait()
-        if earlier.error is not None:
-            raise earlier.error
-        return self.table.get(earlier.session_id)
+            return await make()
+        now, key = time.time(), scoped(tenant.name, request_id)
+        earlier = self.recent.find(key, digest, now)
+        if earlier is not None:
+            await earlier.done.wait()
+            if earlier.error is not None:
+                raise earlier.error
+            return self.table.get(earlier.session_id, tenant.name)
+        self.recent.begin(key, digest, now)
+        try:
+            session = await make()
+        except BaseException as error:
+            if not isinstance(error, Exception):  # cancelled: its repeat should run
+                error = Unavailable("the first call with this request id was cut short; retry")
+            self.recent.fail(key, error)
+            raise
+        self.recent.finish(key, session.id)
+        return session
+
+    def _check_room(self, tenant: Tenant) -> None:
+        """RESOURCE_EXHAUSTED, naming the bound, if one more session is too many: for the
+        server (max_sessions), or for the tenant (its max_sessions, max_parked_bytes)."""
+        if len(self.table) >= self.max_sessions:
+            raise ResourceExhausted(
+                f"the server holds {len(self.table)} sessions, the most it takes (max_sessions)"
+            )
+        if tenant.max_sessions is not None and self.table.per_tenant[tenant.name] >= (
+            tenant.max_sessions
+        ):
+            raise ResourceExhausted(
+                f"tenant {tenant.name!r} holds {tenant.max_sessions} sessions, its "
+                "max_sessions quota"
+            )
+        if tenant.max_parked_bytes is not None:
+            parked = self.parked_bytes(tenant.name) + self.card.state_bytes
+            if parked > tenant.max_parked_bytes:
+                raise ResourceExhausted(
+                    f"tenant {tenant.name!r} would hold more than its max_parked_bytes quota "
+                    f"({tenant.max_parked_bytes} bytes) outside the slots"
+                )
 
     async def _commit_made(
         self, session: Session, state: State | None, request_id: str, digest: bytes
@@ -192,15 +267,19 @@ class Lifecycle:
                 )
                 if session.id in await self.committer.commit([record]):
                     raise Unavailable(f"the session store refused new session {session.id}")
-        except Exception as error:
+        except Exception:
             async with self.lock:
                 if self.table.live(session):
                     self.end(session, "could not be committed")
-            if request_id:
-                self.recent.fail(request_id, error)
             raise
-        if request_id:
-            self.recent.finish(request_id, session.id)
+
+    async def _hand_over(self, session: Session) -> None:
+        """A cluster replica keeps no session it made: its calls go to the replica its id
+        hashes to, which brings it back from the store (docs/cluster.md)."""
+        if self.persistence.replica:
+            async with self.lock:
+                if self.table.live(session):
+                    self.persistence.forget(session, "was made here and handed to the store")
 
     # ------------------------------------------------------------------ reading, ending
 
@@ -230,7 +309,8 @@ class Lifecycle:
         log_session(log, "deleted", self.name, session.id)
 
     async def expire(self) -> None:
-        """End the sessions idle for longer than their TTL (none with calls queued)."""
+        """End the sessions idle for longer than their TTL (none with calls queued). A
+        cluster replica only forgets them: the shared store's own expiry ends them."""
         now = time.monotonic()
         slots = self.slots
         candidates = (*slots.active.values(), *slots.parked.values(), *slots.stored.values())
@@ -242,6 +322,9 @@ class Lifecycle:
                     if self.scheduler.has_calls(session) or not self.table.live(session):
                         continue
                     why = f"expired after {session.ttl:g} s idle"
+                    if self.persistence.replica:
+                        self.persistence.forget(session, f"idle here for {session.ttl:g} s")
+                        continue
                     self.end(session, why)
                     records.append(journal.deleted(session, why))
                     self.metrics.evictions.labels(self.name, "expired").inc()
@@ -252,7 +335,7 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ helpers
 
-    def _new_session(self, ttl: float, step: int, seed: int | None) -> Session:
+    def _new_session(self, ttl: float, step: int, seed: int | None, tenant: Tenant) -> Session:
         return Session(
             id=new_session_id(),
             model=self.name,
@@ -260,6 +343,7 @@ class Lifecycle:
             last_used=time.monotonic(),
             step=step,
             seed=seed,
+            tenant=tenant.name,
         )
 
     async def _initial_state(self) -> State:

@@ -26,7 +26,7 @@ from serving.export import import_state
 from serving.logs import log_session
 from serving.pipeline import Pipeline
 from serving.protocol import ModelCard, Replay
-from serving.requests import RecentSessions, RequestLog
+from serving.requests import RecentSessions, RequestLog, scoped
 from serving.scheduler import Scheduler
 from serving.sessions import Session, SessionTable
 from serving.slots import SlotManager, State
@@ -64,6 +64,7 @@ class Persistence:
         self.committer: Committer | None = durability.committer
         self.mode = durability.mode
         self.snapshot_every = durability.snapshot_every
+        self.replica = durability.replica  # "" unless one replica of a cluster
         self.recent = RecentSessions()  # create/fork/import request ids (the lifecycle's)
         self.loading: dict[str, asyncio.Future[None]] = {}
         self.unloading: set[asyncio.Future[None]] = set()
@@ -79,6 +80,7 @@ class Persistence:
             last_used=time.monotonic(),
             step=summary.step,
             seed=summary.seed,
+            tenant=summary.tenant,
         )
         if summary.error is not None:
             session.broken = DataLoss(f"session {session.id} cannot be restored: {summary.error}")
@@ -89,7 +91,8 @@ class Persistence:
                 f"{self.card.weights_digest[:12]})"
             )
         if summary.request_id:
-            self.recent.load(summary.request_id, summary.request_digest, session.id, summary.made)
+            key = scoped(summary.tenant, summary.request_id)
+            self.recent.load(key, summary.request_digest, session.id, summary.made)
         self.slots.add_stored(session)
         self.table.add(session)
         return session
@@ -139,7 +142,25 @@ class Persistence:
             session.requests.load(stored.responses)
             session.logged_ops = len(rows)
             self.slots.unstore(session, {n: torch.from_numpy(a) for n, a in arrays.items()})
+        if self.replica:  # this replica serves it now: its reads elsewhere must reload
+            claimed = await self.committer.run(self.committer.store.claim, session.id)
+            if claimed != stored.step:  # it moved on meanwhile: bring that back instead
+                async with self.lock:
+                    if self.table.live(session) and not self.scheduler.has_calls(session):
+                        self.slots.unload(session)
+                if claimed is None:
+                    raise NotFound(f"session {session.id} is no longer in the session store")
+                await self._load(session)
+                return
         log_session(log, "loaded", self.name, session.id, step=session.step, replayed=len(rows))
+
+    def forget(self, session: Session, why: str) -> None:
+        """Drop a session from this replica only; it goes on in the shared store. The caller
+        holds the lock."""
+        self.slots.release(session)
+        self.scheduler.drop(session, Unavailable(f"session {session.id} {why}; retry"))
+        self.table.forget(session)
+        log_session(log, "forgotten", self.name, session.id, why=why)
 
     def unload(self, session: Session, failure: Exception) -> None:
         """A commit of the session's failed: forget what is here, keep what the store has

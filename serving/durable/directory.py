@@ -130,26 +130,34 @@ class DirectorySessionStore(SessionStore):
         return record
 
     def sessions(self) -> list[SessionSummary]:
-        summaries = []
-        for session_id, entry in self.entries.items():
-            if entry.deleted is not None:
-                continue
-            created = entry.summary
-            summaries.append(
-                SessionSummary(
-                    session_id=session_id,
-                    model=created.model if created else "",
-                    weights_digest=created.weights_digest if created else "",
-                    ttl=created.ttl_seconds if created else 0.0,
-                    seed=created.seed if created and created.HasField("seed") else None,
-                    step=entry.step,
-                    error=entry.error,
-                    request_id=created.request_id if created else "",
-                    request_digest=created.request_digest if created else b"",
-                    made=created.unix_time if created else 0.0,
-                )
-            )
-        return summaries
+        return [
+            self._summary(session_id, entry)
+            for session_id, entry in self.entries.items()
+            if entry.deleted is None
+        ]
+
+    def summary(self, session_id: str) -> SessionSummary | None:
+        entry = self.entries.get(session_id)
+        if entry is None or entry.deleted is not None:
+            return None
+        return self._summary(session_id, entry)
+
+    @staticmethod
+    def _summary(session_id: str, entry: Entry) -> SessionSummary:
+        created = entry.summary
+        return SessionSummary(
+            session_id=session_id,
+            model=created.model if created else "",
+            weights_digest=created.weights_digest if created else "",
+            ttl=created.ttl_seconds if created else 0.0,
+            seed=created.seed if created and created.HasField("seed") else None,
+            step=entry.step,
+            error=entry.error,
+            request_id=created.request_id if created else "",
+            request_digest=created.request_digest if created else b"",
+            made=created.unix_time if created else 0.0,
+            tenant=created.tenant if created else "",
+        )
 
     def load(self, session_id: str) -> StoredSession:
         entry = self.entries.get(session_id)
