@@ -16,6 +16,7 @@ import numpy as np
 from bench.child_server import ServerProcess
 from protos import memserve_pb2, memserve_pb2_grpc
 from serving import wire
+from serving.config import ServerConfig
 from tests.prometheus_server import (
     JOB,
     poll,
@@ -27,7 +28,7 @@ from tests.prometheus_server import (
 
 MODEL = "ntm-copy"
 SESSIONS = 3
-STEPS_PER_CALL = 2
+STEPS_PER_CALL = 10  # more than one launch of steps_per_launch (8)
 QUERY_SECONDS = 60.0
 P99_STEP_LATENCY = (
     "histogram_quantile(0.99, sum by (le) "
@@ -76,13 +77,15 @@ def test_prometheus_scrapes_server(tmp_path: Path) -> None:
             target = f'job="{JOB}",instance="127.0.0.1:{server.metrics_port}"'
             assert scalar(base, f"up{{{target}}}") == 1
 
-            # Stepping has stopped: a later scrape must show exactly what this test did.
+            # Stepping has stopped: a later scrape must show exactly what this test did. The
+            # calls ran one at a time: each took its launches of one session.
+            launches_per_call = math.ceil(STEPS_PER_CALL / ServerConfig().steps_per_launch)
             expected = {
                 f'sum(memserve_request_duration_seconds_count{{{target},method="Step"}})': calls,
                 f'memserve_request_duration_seconds_count{{{target},method="Step",code="OK"}}': (
                     calls
                 ),
-                f'memserve_batch_size_sum{{{target},model="{MODEL}"}}': calls * STEPS_PER_CALL,
+                f'memserve_batch_size_sum{{{target},model="{MODEL}"}}': calls * launches_per_call,
                 f'memserve_sessions{{{target},model="{MODEL}",state="active"}}': SESSIONS,
                 f'memserve_request_duration_seconds_count{{{target},method="CreateSession"}}': (
                     SESSIONS
