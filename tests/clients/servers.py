@@ -1,6 +1,7 @@
 """What the client tests share: a real server with ntm-copy and the small VMED of
-tests/tiny_vmed.py, the in-process reference's tolerance, channel options that skip any
-proxy, and client subprocesses whose output a test can wait for."""
+tests/tiny_vmed.py, how served outputs compare with the in-process reference (bit for bit),
+channel options that skip any proxy, and client subprocesses whose output a test can wait
+for."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ TINY = "vmed-tiny"  # the small VMED: replies always run to max_tokens
 LIMIT = 120  # --max-new-tokens of the test servers
 MAX_STEPS = 256  # --max-steps-per-call of the test servers
 DIRECT = [("grpc.enable_http_proxy", 0)]  # straight to loopback, whatever http_proxy says
-TOLERANCE = 1e-6  # max abs difference between served and in-process outputs (as tests/serving)
 
 
 @contextmanager
@@ -50,9 +50,15 @@ def torch_backend() -> Iterator[None]:
         yield
 
 
-def close_to(served: np.ndarray, expected: np.ndarray) -> bool:
-    """Whether served outputs equal the in-process reference's, within TOLERANCE."""
-    return served.shape == expected.shape and float(np.abs(served - expected).max()) <= TOLERANCE
+def same_bits(served: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether served outputs are the in-process reference's, bit for bit: the server is
+    batch-invariant (docs/serving.md, "Guarantees"), so a session's outputs do not depend
+    on what else shares its launches."""
+    return (
+        served.shape == expected.shape
+        and served.dtype == expected.dtype
+        and np.array_equal(served, expected)
+    )
 
 
 def subprocess_env() -> dict[str, str]:
