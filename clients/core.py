@@ -143,11 +143,13 @@ class GenerationCore(ABC):
         self._heard = ""  # the text the current attempt has sent so far
         self._resuming = False  # the current attempt has not yet caught up with `_given`
         self._expired = False  # the current attempt waited past the policy's attempt_timeout
+        self._answered = False  # the current attempt has had a message
         self._call: Any = self._open()
 
     def _open(self) -> Any:
         """Start an attempt: the same request (the same request id) every time."""
         self._heard, self._expired, self._resuming = "", False, bool(self._given)
+        self._answered = False
         return self.client.stub.Generate(
             self.request, timeout=self._deadline.remaining(), metadata=self.client.metadata
         )
@@ -175,8 +177,11 @@ class GenerationCore(ABC):
             if self.cancelled:
                 self._end()
                 return None
+            # An attempt's time limit runs to its first message only: later, a reply pauses
+            # as long as it took to decode while it is written into memory, before its end.
+            limit = None if self._answered else self.client.retry.attempt_timeout
             try:
-                message = await self._receive(self.client.retry.attempt_timeout)
+                message = await self._receive(limit)
             except grpc.RpcError as rpc_error:
                 if self.cancelled:
                     self._end()
@@ -186,6 +191,7 @@ class GenerationCore(ABC):
                 )  # fmt: skip
             else:
                 if message is not None:
+                    self._answered = True
                     piece = self._take(message)
                     if piece is not None or self._ended:
                         return piece
@@ -202,7 +208,7 @@ class GenerationCore(ABC):
     def _expiry(self) -> MemserveError:
         return MemserveError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"no message of the reply within {self.client.retry.attempt_timeout:g} s "
+            f"no answer within {self.client.retry.attempt_timeout:g} s "
             "(RetryPolicy.attempt_timeout)",
             self.attempts,
         )

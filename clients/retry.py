@@ -86,15 +86,17 @@ class RetryPolicy:
     turned away together do not come back together. `attempts` counts the first try too:
     1 turns retries off.
 
-    `attempt_timeout`: the most one attempt waits for the server's next message (a unary
-    call's reply; a Generate reply's next piece, counted only while the caller waits for
-    it), within what is left of the call's deadline; past it the attempt ends with
-    DEADLINE_EXCEEDED and is retried if the call is safe to repeat. 10 s by default: far
-    above what a healthy server takes between two messages (one launch per token or step),
-    below the 30 s default deadline, so a stuck connection or server leaves time for other
-    attempts. A Step that needs longer than this (T steps under heavy load) is not run
-    again by its retry, which waits for it on the server. None: an attempt may take all the
-    call's time, and only UNAVAILABLE is retried.
+    `attempt_timeout`: the most one attempt waits for the server's answer (a unary call's
+    reply; a Generate attempt's first message, counted while the caller waits for it), within
+    what is left of the call's deadline, as gRPC's per-attempt receive timeout; past it the
+    attempt ends with DEADLINE_EXCEEDED and is retried if the call is safe to repeat. Once a
+    reply streams, only the call's deadline bounds it: a reply pauses before its end while it
+    is written into memory, about as long as it took to decode. 10 s by default: far above
+    what a healthy server takes to answer (a launch per step or token, milliseconds each),
+    below the 30 s default deadline, so that a stuck server or connection leaves time for
+    other attempts. A Step that takes longer (many steps under heavy load) is not run again
+    by its retry, which waits for it on the server; raise the limit for such calls, or set
+    None: an attempt may then take all the call's time, and DEADLINE_EXCEEDED is final.
     """
 
     attempts: int = 4

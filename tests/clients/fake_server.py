@@ -115,8 +115,8 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
 
     def hold(self, method: str) -> Hold:
         """Hold the next call of `method` (ListModels, CreateSession, Step, a StepStream
-        request, DeleteSession) after its work, or a Generate after its first piece, until
-        released."""
+        request, DeleteSession) after its work, or a Generate after its first piece (or
+        before it: "GenerateStart"), until released."""
         hold = self.holds[method] = Hold()
         self.every_hold.append(hold)
         return hold
@@ -262,6 +262,7 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
                 yield memserve_pb2.GenerateResponse(text=piece)
             yield memserve_pb2.GenerateResponse(done=done)
             return
+        self._held("GenerateStart")
         step = self._session(request.session_id, context)
         with self.lock:
             pieces = self.replies.pop(0) if self.replies else ["you", " said", ": ", request.text]
