@@ -6,11 +6,12 @@ for."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 
@@ -153,3 +154,86 @@ class Watched:
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             if stream is not None:
                 stream.close()
+
+
+class Relay:
+    """A TCP relay on a loopback port that stays, to a server that may not: what a client
+    given `target` reaches is whichever server the test `point`s it at (a load balancer in
+    front of a server that is killed and started again on another port). While it points
+    nowhere (`point(None)`), new connections wait, accepted, for a server; connections to
+    a server that dies are closed, as the server's own would be."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.backend: int | None = None
+        self.condition = threading.Condition()
+        self.closed = False
+        self.connections: set[socket.socket] = set()
+        threading.Thread(target=self._accept, name="relay", daemon=True).start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def point(self, port: int | None) -> None:
+        """Relay new connections to the server on `port` (None: make them wait)."""
+        with self.condition:
+            self.backend = port
+            self.condition.notify_all()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.backend is not None or self.closed)
+            port = self.backend
+            if self.closed or port is None:
+                client.close()
+                return
+        try:
+            server = socket.create_connection(("127.0.0.1", port))
+        except OSError:  # the server died meanwhile: as if it had refused
+            client.close()
+            return
+        with self.condition:
+            self.connections.update((client, server))
+        back = threading.Thread(target=self._pump, args=(server, client), daemon=True)
+        back.start()
+        self._pump(client, server)
+        back.join()
+        with self.condition:
+            self.connections.difference_update((client, server))
+        client.close()
+        server.close()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        """Copy one direction until it ends; then end both (a connection is all or none)."""
+        with suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with suppress(OSError):  # already shut
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with self.condition:
+            self.closed = True
+            self.condition.notify_all()
+            connections = list(self.connections)
+        self.listener.close()
+        for connection in connections:
+            with suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> Relay:
+        return self
+
+    def __exit__(self, *details: object) -> None:
+        self.close()
