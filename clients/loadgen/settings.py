@@ -40,6 +40,8 @@ class Settings:
     plot_path: Path | None = None
     tls: TLS | None = None  # None: plaintext
     token: str | None = field(default=None, repr=False)
+    attempts: int = 1  # of a request; 1: no retries
+    attempt_timeout: float | None = None  # seconds an attempt may wait for its answer
     # step
     steps: int = 0
     steps_per_call: int = 0
@@ -82,6 +84,8 @@ class Settings:
             "max_outstanding": self.max_outstanding,
             "drain_timeout_s": self.drain_timeout,
             "timeout_s": self.timeout,
+            "attempts": self.attempts,
+            "attempt_timeout_s": self.attempt_timeout,
             "connect_timeout_s": self.connect_timeout,
             "channels": self.channels,
             "seed": self.seed,

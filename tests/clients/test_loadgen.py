@@ -238,6 +238,84 @@ def test_refused_requests_are_counted_by_status_code(
     assert settled_counts(server, before, sent) == sent
 
 
+def fake_loadgen(fake: FakeServer, workload: str, out: Path, *args: str) -> dict[str, Any]:
+    """`memserve loadgen WORKLOAD` against the stand-in server, one session at a time; its
+    JSON."""
+    code = main(["loadgen", workload, "--target", fake.target(), "--model", "fake",
+                 "--no-metrics", "--no-progress", "--concurrency", "1", "--warmup", "0",
+                 "--json", str(out), *args])  # fmt: skip
+    assert code == 0
+    record: dict[str, Any] = json.loads(out.read_text())
+    return record
+
+
+def test_a_retried_step_is_recorded_once_and_runs_once(tmp_path: Path) -> None:
+    """Two attempts of the first Step run and lose their replies (UNAVAILABLE): the third,
+    with the same request id, is answered from the server's log. The request counts once
+    (OK), the three attempts as calls; every request has an id of its own."""
+    fake = FakeServer()
+    try:
+        fake.service.fail_next("Step", 2, lose_replies=True)
+        record = fake_loadgen(fake, "step", tmp_path / "step.json", "--requests", "4",
+                              "--steps", "4", "--attempts", "3")  # fmt: skip
+        ids = fake.service.ids("Step")
+    finally:
+        fake.stop()
+    (level,) = record["levels"]
+    assert level["requests"]["ok"] == level["requests"]["issued"] == 4
+    assert level["requests"]["errors"] == {} and level["latency_ms"]["count"] == 4
+    assert record["requests_sent"]["Step"] == {"OK": 4, "UNAVAILABLE": 2}
+    assert ids[0] == ids[1] == ids[2] and len(set(ids)) == len(ids) - 2 == 4
+    assert record["settings"]["attempts"] == 3
+    created = fake.service.ids("CreateSession")
+    assert len(created) == len(set(created)) and all(created)
+
+
+def test_without_attempts_a_lost_step_is_an_error(tmp_path: Path) -> None:
+    fake = FakeServer()
+    try:
+        fake.service.fail_next("Step", 1, lose_replies=True)
+        record = fake_loadgen(fake, "step", tmp_path / "step.json", "--requests", "2")
+    finally:
+        fake.stop()
+    (level,) = record["levels"]
+    assert level["requests"]["errors"] == {"UNAVAILABLE": 1}
+    assert record["requests_sent"]["Step"]["UNAVAILABLE"] == 1
+
+
+def test_a_resumed_reply_is_recorded_once_with_its_pieces_once(tmp_path: Path) -> None:
+    """The first turn is cut after two pieces; its retry replies from the start: the turn
+    counts once, with four pieces (three gaps), not six."""
+    fake = FakeServer()
+    try:
+        fake.service.cut_replies = [2]
+        record = fake_loadgen(fake, "chat", tmp_path / "chat.json", "--requests", "1",
+                              "--turns", "1", "--attempts", "2")  # fmt: skip
+        ids = fake.service.ids("Generate")
+    finally:
+        fake.stop()
+    (level,) = record["levels"]
+    assert level["requests"]["ok"] == 1 and level["requests"]["errors"] == {}
+    assert level["ttft_ms"]["count"] == 1 and level["itl_ms"]["count"] == 3
+    assert level["tokens"]["completion"] == 4
+    assert record["requests_sent"]["Generate"] == {"OK": 1, "UNAVAILABLE": 1}
+    assert ids[0] == ids[1]
+
+
+def test_a_retry_that_replies_otherwise_is_an_invalid_response(tmp_path: Path) -> None:
+    fake = FakeServer()
+    try:
+        fake.service.replies = [["you", " said", ": ", "hi"], ["they", " said", ": ", "hi"]]
+        fake.service.cut_replies = [2]
+        record = fake_loadgen(fake, "chat", tmp_path / "chat.json", "--requests", "1",
+                              "--turns", "1", "--attempts", "2")  # fmt: skip
+    finally:
+        fake.stop()
+    (level,) = record["levels"]
+    assert level["requests"]["errors"] == {"INVALID_RESPONSE": 1}
+    assert "replied otherwise" in level["requests"]["error_details"]["INVALID_RESPONSE"]
+
+
 def test_unknown_model_fails_early_with_the_served_models(
     server: ServerProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
