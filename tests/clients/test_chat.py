@@ -1,7 +1,8 @@
 """`memserve chat` as a user runs it, stdin piped, against a real server with the small
 VMED: replies stream, every slash command works, Ctrl-C at the prompt ends it, errors are
 one clear line, and --help tells the truth. (Ctrl-C during a reply needs a reply that
-waits: test_interrupts.py holds one on the stand-in server.)"""
+waits: test_interrupts.py holds one on the stand-in server; a reply cut short and resumed,
+the stand-in server too.)"""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from bench.child_server import ServerProcess
 from clients import Client, MemserveError
 from clients.chat import COMMANDS, add_chat_parser, run_chat
 from memserve.cli import build_parser
+from tests.clients.fake_server import FakeServer
 from tests.clients.servers import DIRECT, LIMIT, ROOT, TINY, Watched, served, subprocess_env
 
 
@@ -146,6 +148,23 @@ def test_a_failed_turn_still_ends_its_line(server: ServerProcess) -> None:
     lines = result.stdout.split("\n")
     assert lines[0] == "" and lines[-2:] == ["", ""] and len(lines) == 3 + len(COMMANDS)
     assert result.stderr.count(f"max_tokens must be between 1 and {LIMIT}") == 2
+
+
+def test_a_reply_cut_short_is_resumed_and_shown_once(fake: FakeServer) -> None:
+    """The connection breaks after the first two pieces of the first reply: the chat (the
+    library) sends the turn again with its request id and shows the rest; every line is
+    shown once, and every turn had an id of its own."""
+    fake.service.cut_replies = [2]
+    result = subprocess.run(
+        [sys.executable, "-m", "memserve", "chat", "--target", fake.target(), "--model",
+         "fake"],
+        input="hello there\nand you\n", cwd=ROOT, env=subprocess_env(), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "you said: hello there\nyou said: and you\n"
+    ids = fake.service.ids("Generate")
+    assert len(ids) == 3 and ids[0] == ids[1] != ids[2]
 
 
 def chat_parser() -> argparse.ArgumentParser:
