@@ -143,9 +143,6 @@ class AsyncGeneration(GenerationCore):
     async def result(self) -> GenerateDone:
         return await self._result()
 
-    def _stop_watching(self) -> None:
-        pass  # each read's timer is cancelled as the read ends
-
 
 class AsyncStepStream(StepStreamCore):
     """`StepStream` for asyncio: `await stream.step(inputs)`; `await stream.close()`."""

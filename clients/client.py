@@ -12,6 +12,8 @@ its I/O blocks, so each of the core's coroutines runs to its end at once (`finis
 
 from __future__ import annotations
 
+import functools
+import itertools
 import queue
 import threading
 import time
@@ -48,6 +50,11 @@ class Client(ClientCore):
     """
 
     grpc_module = grpc
+
+    @functools.cached_property
+    def watchdog(self) -> Watchdog:
+        """What times the reads of this client's replies (see `RetryPolicy.attempt_timeout`)."""
+        return Watchdog()
 
     async def _attempt(self, method: str, request: Any, timeout: Seconds) -> Any:
         return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
@@ -132,6 +139,7 @@ class Client(ClientCore):
     def close(self) -> None:
         """Cancel the step streams still open, then close the channel."""
         self._cancel_streams()
+        self.watchdog.stop()
         self.channel.close()
 
     def __enter__(self) -> Client:
@@ -149,35 +157,19 @@ class Generation(GenerationCore):
     handler too): the iteration then ends quietly and `done` stays None. `result()` waits
     for the end and returns `done`."""
 
-    def __init__(
-        self,
-        client: Client,
-        request: memserve_pb2.GenerateRequest,
-        timeout: Seconds,
-        on_end: Callable[[GenerateDone | None], None] | None = None,
-    ) -> None:
-        super().__init__(client, request, timeout, on_end)
-        self._watchdog: Watchdog | None = None
+    client: Client
 
     async def _receive(self, limit: Seconds) -> memserve_pb2.GenerateResponse | None:
         call = self._call
-        if limit is not None:
-            if self._watchdog is None:
-                self._watchdog = Watchdog()
-                weakref.finalize(self, self._watchdog.stop)
-            self._watchdog.arm(limit, lambda: self._expire(call))
+        timer = None if limit is None else self.client.watchdog.arm(limit, call, self._expire)
         try:
             message: memserve_pb2.GenerateResponse = next(call)
         except StopIteration:
             return None
         finally:
-            if self._watchdog is not None:
-                self._watchdog.disarm()
+            if timer is not None:
+                self.client.watchdog.disarm(timer)
         return message
-
-    def _stop_watching(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.stop()
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -195,48 +187,60 @@ class Generation(GenerationCore):
 
 
 class Watchdog:
-    """A thread that runs a callback once a wait that was `arm`ed outlasts its time, unless
-    `disarm` came first: the time limit of a blocking read, which gRPC's blocking streams
-    do not have. It holds nothing of its owner between waits; `stop` ends it."""
+    """One thread per client that gives up the reads that outlast their time: gRPC's
+    blocking streams have no read timeout. `arm` a read's limit before it, `disarm` it
+    after; a limit that runs out calls `on_expiry(call)` (which cancels the call, so the
+    read ends). The thread starts with the first read that needs it and ends with `stop`
+    (the client's close)."""
 
     def __init__(self) -> None:
         self.condition = threading.Condition()
-        self.armed: tuple[float, Callable[[], None]] | None = None  # (end, callback)
+        self.armed: dict[int, tuple[float, Any, Callable[[Any], None]]] = {}
+        self.keys = itertools.count()
+        self.thread: threading.Thread | None = None
         self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="memserve-watchdog", daemon=True)
-        self.thread.start()
 
-    def arm(self, seconds: float, on_expiry: Callable[[], None]) -> None:
+    def arm(self, seconds: float, call: Any, on_expiry: Callable[[Any], None]) -> int:
         with self.condition:
-            self.armed = (time.monotonic() + seconds, on_expiry)
+            key = next(self.keys)
+            self.armed[key] = (time.monotonic() + seconds, call, on_expiry)
+            if self.thread is None and not self.stopped:
+                self.thread = threading.Thread(
+                    target=self._run, name="memserve-watchdog", daemon=True
+                )
+                self.thread.start()
             self.condition.notify()
+            return key
 
-    def disarm(self) -> None:
+    def disarm(self, key: int) -> None:
         with self.condition:
-            self.armed = None
+            self.armed.pop(key, None)
 
     def stop(self) -> None:
         with self.condition:
-            self.stopped, self.armed = True, None
+            self.stopped = True
+            self.armed.clear()
             self.condition.notify()
 
     def _run(self) -> None:
         while True:
             with self.condition:
-                while not self.stopped:
-                    if self.armed is None:
+                while True:
+                    if self.stopped:
+                        return
+                    if not self.armed:
                         self.condition.wait()
                         continue
-                    end, on_expiry = self.armed
+                    key, (end, call, on_expiry) = min(
+                        self.armed.items(), key=lambda item: item[1][0]
+                    )
                     left = end - time.monotonic()
                     if left <= 0:
-                        self.armed = None
+                        del self.armed[key]
                         break
                     self.condition.wait(left)
-                else:
-                    return
-            on_expiry()  # outside the lock: it cancels a gRPC call
-            del on_expiry
+            on_expiry(call)  # outside the lock: it cancels a gRPC call
+            del call, on_expiry
 
 
 class StepStream(StepStreamCore):

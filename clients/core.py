@@ -276,13 +276,8 @@ class GenerationCore(ABC):
         if self._ended:
             return
         self._ended = True
-        self._stop_watching()
         if self._on_end is not None:
             self._on_end(self.done)
-
-    @abstractmethod
-    def _stop_watching(self) -> None:
-        """The reply has ended: let go of what timed its attempts (the face's, if any)."""
 
     def cancel(self) -> None:
         """Stop the reply (from another thread or a signal handler too): the iteration ends
