@@ -96,7 +96,7 @@ class ClientCore(ABC):
         deadline = Deadline(self._deadline(timeout))
         attempt = 1
         while True:
-            limit = self.retry.attempt_limit(deadline)
+            limit = self.retry.attempt_limit(deadline, attempt)
             try:
                 reply = await self._attempt(call.method, call.request, limit)
             except grpc.RpcError as rpc_error:
@@ -179,7 +179,9 @@ class GenerationCore(ABC):
                 return None
             # An attempt's time limit runs to its first message only: later, a reply pauses
             # as long as it took to decode while it is written into memory, before its end.
-            limit = None if self._answered else self.client.retry.attempt_timeout
+            policy = self.client.retry
+            last = self.attempts >= policy.attempts  # it may take all the time left
+            limit = None if self._answered or last else policy.attempt_timeout
             try:
                 message = await self._receive(limit)
             except grpc.RpcError as rpc_error:

@@ -94,9 +94,10 @@ class RetryPolicy:
     is written into memory, about as long as it took to decode. 10 s by default: far above
     what a healthy server takes to answer (a launch per step or token, milliseconds each),
     below the 30 s default deadline, so that a stuck server or connection leaves time for
-    other attempts. A Step that takes longer (many steps under heavy load) is not run again
-    by its retry, which waits for it on the server; raise the limit for such calls, or set
-    None: an attempt may then take all the call's time, and DEADLINE_EXCEEDED is final.
+    other attempts. The last attempt has no limit but the deadline (with `attempts=1`,
+    none). A Step that takes longer (many steps under heavy load) is not run again by its
+    retry, which waits for it on the server; raise the limit for such calls, or set None:
+    an attempt may then take all the call's time, and DEADLINE_EXCEEDED is final.
     """
 
     attempts: int = 4
@@ -121,11 +122,13 @@ class RetryPolicy:
         full = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
         return full * (1 - self.jitter * random.random())
 
-    def attempt_limit(self, deadline: Deadline) -> float | None:
-        """The time limit of the next attempt: `attempt_timeout` or what is left of the
-        call's deadline, whichever ends first (None: neither)."""
+    def attempt_limit(self, deadline: Deadline, attempt: int) -> float | None:
+        """The time limit of attempt number `attempt` (1 for the first): `attempt_timeout`
+        or what is left of the call's deadline, whichever ends first (None: neither). The
+        last attempt the policy allows has all that is left: cutting it short could only
+        turn a call that would succeed into a failure."""
         remaining = deadline.remaining()
-        if self.attempt_timeout is None:
+        if self.attempt_timeout is None or attempt >= self.attempts:
             return remaining
         return self.attempt_timeout if remaining is None else min(remaining, self.attempt_timeout)
 

@@ -374,7 +374,7 @@ class GrpcTarget:
         while True:
             try:
                 info = await stub.CreateSession(
-                    request, timeout=self.retry.attempt_limit(deadline),
+                    request, timeout=self.retry.attempt_limit(deadline, attempt),
                     metadata=self.connection.metadata,
                 )  # fmt: skip
             except grpc.aio.AioRpcError as error:
@@ -430,7 +430,7 @@ class GrpcTarget:
         while True:
             try:
                 outcome = await self.workload.call(
-                    session, self.retry.attempt_limit(deadline), self.connection.metadata
+                    session, self.retry.attempt_limit(deadline, attempt), self.connection.metadata
                 )
             except grpc.aio.AioRpcError as error:
                 code, detail = code_name(error), error.details() or ""

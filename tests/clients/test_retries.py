@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from clients import AsyncClient, MemserveError, RetryPolicy
+from clients import NO_RETRIES, AsyncClient, MemserveError, RetryPolicy
 from tests.clients.faces import Face
 from tests.clients.fake_server import FakeServer
 from tests.clients.servers import DIRECT
@@ -370,6 +370,26 @@ def test_each_attempt_has_the_policy_s_time_limit_within_the_call_s(
     assert len(lefts) == 3 and all(left is not None for left in lefts)
     assert 1.0 < lefts[0] <= sent_within(2.0) and lefts[1] <= sent_within(1.0)  # type: ignore[operator]
     assert 1.0 < lefts[2] <= sent_within(2.0)  # type: ignore[operator]
+
+
+def test_the_last_attempt_has_all_the_time_left(fake: FakeServer, face: Face) -> None:
+    """An attempt that no other may follow is not cut short: with two attempts the second
+    has what is left of the call's deadline; with one (NO_RETRIES) the call's deadline is
+    the attempt's, none at all for a call without one."""
+    two = RetryPolicy(attempts=2, initial_backoff=0.01, attempt_timeout=2.0)
+    fake.service.fail_next("ListModels", 1)
+
+    async def body() -> None:
+        async with client_of(face, fake, timeout=30, retry=two) as client:
+            await client.list_models()  # fails once, then succeeds
+        async with client_of(face, fake, timeout=None, retry=NO_RETRIES) as single:
+            await single.list_models()
+
+    face.run(body)
+    first, second, single = seconds_left(fake, "ListModels")
+    assert first is not None and first <= sent_within(2.0)
+    assert second is not None and 20.0 < second <= sent_within(30.0)
+    assert single is None
 
 
 @pytest.mark.parametrize("method", ["Step", "ListModels"])
