@@ -41,10 +41,12 @@ from tests.tiny_vmed import tiny_vmed
 
 LONG = 1000  # steps of the Step cut short: seconds of work, so that it is cut mid-way
 REPLY = 1000  # tokens of the reply cut short (the small VMED always runs to max_tokens)
-# Patient enough to ride out a restart (seconds): attempts meet UNAVAILABLE while the server
-# is gone, and wait at the relay while the next one starts.
-PATIENT = RetryPolicy(attempts=100, initial_backoff=0.05, max_backoff=0.5, attempt_timeout=120)
-HASTY_ATTEMPTS = RetryPolicy(attempts=100, initial_backoff=0.05, max_backoff=0.5,
+# Patient enough to ride out a restart, however long a busy machine makes it: the call's
+# deadline bounds the attempts, not their number (while the server is gone, gRPC fails
+# them at once, for as long as its own reconnection backoff lasts).
+PATIENT = RetryPolicy(attempts=10_000, initial_backoff=0.05, max_backoff=1.0,
+                      attempt_timeout=120)  # fmt: skip
+HASTY_ATTEMPTS = RetryPolicy(attempts=10_000, initial_backoff=0.05, max_backoff=1.0,
                              attempt_timeout=1.0)  # fmt: skip
 CALL_SECONDS = 600.0
 WAIT_SECONDS = 120.0  # the most a test waits for what it waits for (only a failing one)
@@ -74,15 +76,21 @@ class Durable:
         self.relay.point(server.port)
         return server
 
-    def restart(self) -> None:
+    def restart(self, session_id: str, committed: int) -> None:
         """kill -9, then a new server on the same store; the relay holds new connections
         in between (calls in flight through it fail with UNAVAILABLE, as the server's own
-        connections would)."""
+        connections would). Before the relay lets clients reach the new server, check that
+        the session's step count there, what the store had, is `committed`: the call cut
+        short was indeed not committed before the kill (else it was not cut at all)."""
         self.relay.point(None)
         os.kill(self.server.pid, signal.SIGKILL)
         self.server.wait(WAIT_SECONDS)
         self.server.stop()  # closes its channels
-        self.server = self._start()
+        self.server = ServerProcess(self.logs, *self.args)
+        self.server.start()
+        found = self.steps_of(session_id)
+        assert found == committed, f"the call was committed ({found} steps) before the kill"
+        self.relay.point(self.server.port)
         self.restarts += 1
 
     def steps_of(self, session_id: str) -> int:
@@ -196,7 +204,7 @@ def test_a_step_cut_by_a_kill_runs_once_when_retried(
             assert same_bits(await session.step(first), reference.step(first))
             stepping = face.begin(lambda: session.step(long))
             await face.aside(lambda: durable.wait_for_steps(session.id, 3, 3 + LONG))
-            await face.aside(durable.restart)
+            await face.aside(lambda: durable.restart(session.id, committed=3))
             assert same_bits(await stepping(), reference.step(long))
             assert session.step_count == reference.steps == 3 + LONG
             assert (await session.info()).step == reference.steps
@@ -222,7 +230,8 @@ def test_a_reply_cut_by_a_kill_resumes_as_one_uninterrupted_reply(
             before = await session.export()
             generation = session.generate(text, max_tokens=REPLY)
             pieces = [await generation.__anext__()]  # the reply streams
-            await face.aside(durable.restart)
+            committed = session.step_count  # the count before the turn
+            await face.aside(lambda: durable.restart(session.id, committed))
             pieces += [piece async for piece in generation]
             done = generation.done
             assert done is not None and generation.attempts >= 2
