@@ -130,6 +130,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands)
 
+    check = commands.add_parser(
+        "healthcheck",
+        help="exit 0 if a server answers SERVING on grpc.health.v1 (a container's probe)",
+        description=(
+            "Ask a memserve server's grpc.health.v1 service for its status: exit 0 if it is "
+            "SERVING, 1 otherwise (not serving, unreachable, too slow). For a container's "
+            "HEALTHCHECK; Kubernetes probes gRPC health natively."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    check.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    check.add_argument("--service", default="", help="service name ('': the whole server)")
+    check.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+    check.add_argument(
+        "--tls", action="store_true", help="speak TLS (the server's --tls-cert), system roots"
+    )
+    check.set_defaults(handler=_healthcheck)
+
+    keys = commands.add_parser(
+        "keys",
+        help="make API keys for --auth-keys",
+        description="Make API keys for a server's --auth-keys file (docs/security.md).",
+    )
+    key_commands = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    new_key = key_commands.add_parser(
+        "new",
+        help="print a fresh key, and the line that names it in the keys file",
+        description=(
+            "Print a fresh API key (256 random bits) for the client, and its SHA-256 as the "
+            "keys file writes it: put that in the tenant's keys list, keep the key itself "
+            "with the client only."
+        ),
+    )
+    new_key.set_defaults(handler=_new_key)
+
     from clients.chat import add_chat_parser
 
     add_chat_parser(commands)
@@ -164,6 +199,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_recall_parser(eval_tasks)
     add_eval_dialogue_parser(eval_tasks)
     return parser
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    options = [("grpc.enable_http_proxy", 0)]
+    channel = (
+        grpc.secure_channel(args.target, grpc.ssl_channel_credentials(), options)
+        if args.tls
+        else grpc.insecure_channel(args.target, options)
+    )
+    with channel:
+        try:
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                .status
+            )
+        except grpc.RpcError as error:
+            print(f"{args.target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(f"{args.target}: {name}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    from serving.tenants import hash_key, new_key
+
+    key = new_key()
+    print(f"key:  {key}")
+    print(f'line: "{hash_key(key)}"')
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,7 +50,7 @@ class Response(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., request_digest: _Optional[bytes] = ..., step: _Optional[_Union[_memserve_pb2.StepResponse, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., cancelled: _Optional[str] = ...) -> None: ...
 
 class SessionCreated(_message.Message):
-    __slots__ = ("session_id", "model", "weights_digest", "ttl_seconds", "seed", "step", "state", "request_id", "request_digest", "unix_time")
+    __slots__ = ("session_id", "model", "weights_digest", "ttl_seconds", "seed", "step", "state", "request_id", "request_digest", "unix_time", "tenant")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class SessionCreated(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     weights_digest: str
@@ -71,7 +72,8 @@ class SessionCreated(_message.Message):
     request_id: str
     request_digest: bytes
     unix_time: float
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., step: _Optional[int] = ..., state: _Optional[bytes] = ..., request_id: _Optional[str] = ..., request_digest: _Optional[bytes] = ..., unix_time: _Optional[float] = ...) -> None: ...
+    tenant: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., weights_digest: _Optional[str] = ..., ttl_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., step: _Optional[int] = ..., state: _Optional[bytes] = ..., request_id: _Optional[str] = ..., request_digest: _Optional[bytes] = ..., unix_time: _Optional[float] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class CallCommitted(_message.Message):
     __slots__ = ("session_id", "from_step", "to_step", "operations", "response")

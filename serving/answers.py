@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 
@@ -48,6 +49,7 @@ class Answers:
         self.slots = slots
         self.table = table
         self.unload = unload  # forget a session whose commit failed (the engine's)
+        self.committing: Counter[str] = Counter()  # commits in flight, per session
 
     def finished(self, call: Call) -> None:
         session = call.session
@@ -65,11 +67,18 @@ class Answers:
             self._reply(call)
             return
         committed = self.committer.commit([record])
+        self.committing[session.id] += 1
+        committed.add_done_callback(partial(self._landed, session.id))
         if self.wait_for_commit:
             committed.add_done_callback(partial(self._committed, call, True))
         else:
             committed.add_done_callback(partial(self._committed, call, False))
             self._reply(call)
+
+    def _landed(self, session_id: str, done: asyncio.Future[set[str]]) -> None:
+        self.committing[session_id] -= 1
+        if not self.committing[session_id]:
+            del self.committing[session_id]
 
     def _committed(self, call: Call, answer: bool, done: asyncio.Future[set[str]]) -> None:
         failure = commit_failure(call.session, done)

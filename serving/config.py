@@ -38,6 +38,10 @@ class ServerConfig:
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0: any free port)"})
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "address the plain-HTTP /metrics endpoint listens on"},
+    )
     metrics_port: int = field(
         default=9464,
         metadata={
@@ -47,6 +51,14 @@ class ServerConfig:
     )
     slots: int = field(default=256, metadata={"help": "active sessions per model (pool size)"})
     max_batch: int = field(default=256, metadata={"help": "most sessions in one launch"})
+    steps_per_launch: int = field(
+        default=8,
+        metadata={
+            "help": "most steps of one Step call a launch runs back to back, for calls of "
+            "T > 1 (1: one step per launch; more: fewer round trips to the model, a longer "
+            "wait for the sessions that share the launch)"
+        },
+    )
     max_queue_delay: float = field(
         default=0.0,
         metadata={
@@ -78,6 +90,47 @@ class ServerConfig:
         metadata={
             "help": "directory for sessions parked to disk (default: a temporary "
             "directory removed at exit)"
+        },
+    )
+    tls_cert: str = field(
+        default="",
+        metadata={"help": "PEM certificate chain: serve gRPC over TLS (with tls_key)"},
+    )
+    tls_key: str = field(default="", metadata={"help": "PEM private key of tls_cert"})
+    tls_client_ca: str = field(
+        default="",
+        metadata={
+            "help": "PEM CA certificates: require client certificates signed by them "
+            "(mutual TLS; needs tls_cert)"
+        },
+    )
+    auth_keys: str = field(
+        default="",
+        metadata={
+            "help": "TOML file of tenants, their API key hashes and quotas: every call then "
+            "needs authorization: Bearer KEY (re-read on SIGHUP; default: an open server)"
+        },
+    )
+    max_sessions: int = field(
+        default=1_000_000,
+        metadata={"help": "sessions the whole server holds, at most (active, parked, stored)"},
+    )
+    max_queued_calls: int = field(
+        default=4096,
+        metadata={"help": "calls queued or running per model, at most; more are refused at once"},
+    )
+    park_disk_bytes: int = field(
+        default=8 << 30,
+        metadata={
+            "help": "bytes of parked sessions park_dir may hold (suffixes as park_host_bytes)"
+        },
+    )
+    replica: str = field(
+        default="",
+        metadata={
+            "help": "this server's name as one replica of a cluster sharing a redis:// store: "
+            "it serves any session by bringing it back from the store, keeps one only while "
+            "it serves it, and leaves expiry to the store (docs/cluster.md)"
         },
     )
     store: str = field(
@@ -137,10 +190,13 @@ class ServerConfig:
             "port",
             "slots",
             "max_batch",
+            "steps_per_launch",
             "max_steps_per_call",
             "max_new_tokens",
             "threads",
             "snapshot_every",
+            "max_sessions",
+            "max_queued_calls",
         ):
             low = 0 if name in ("port", "threads") else 1
             if getattr(self, name) < low:
@@ -153,6 +209,8 @@ class ServerConfig:
             raise ValueError(
                 f"store must be memory, dir:PATH or redis://HOST:PORT/DB, got {self.store!r}"
             )
+        if self.replica and not re.fullmatch(r"(redis|rediss|unix)://.+", self.store):
+            raise ValueError("replica needs a store the replicas share: redis://HOST:PORT/DB")
         if self.durability not in ("launch", "interval", "park"):
             raise ValueError(
                 f"durability must be launch, interval or park, got {self.durability!r}"
@@ -171,8 +229,15 @@ class ServerConfig:
                 f"session_ttl ({self.session_ttl:g}) exceeds max_session_ttl "
                 f"({self.max_session_ttl:g})"
             )
-        if self.park_host_bytes < 0:
-            raise ValueError(f"park_host_bytes must be >= 0, got {self.park_host_bytes}")
+        if self.park_host_bytes < 0 or self.park_disk_bytes < 0:
+            raise ValueError(
+                f"park_host_bytes and park_disk_bytes must be >= 0, got "
+                f"{self.park_host_bytes} and {self.park_disk_bytes}"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_queue_delay > 1.0:
@@ -208,7 +273,7 @@ def parse_value(name: str, value: Any, source: str) -> Any:
             if not all(isinstance(item, str) for item in items):
                 raise ValueError("must be a list of strings")
             return tuple(item.strip() for item in items if item.strip())
-        if name == "park_host_bytes":
+        if name in ("park_host_bytes", "park_disk_bytes"):
             return (
                 value
                 if isinstance(value, int) and not isinstance(value, bool)

@@ -30,10 +30,17 @@ from protos import journal_pb2, tensors
 from serving.answers import Answers
 from serving.calls import Call, StepCall
 from serving.durable.committer import Durability
-from serving.errors import Cancelled, FailedPrecondition, NotFound, ServingError
+from serving.errors import (
+    Cancelled,
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    ServingError,
+)
 from serving.generation import GenerateCall, Sampling, prompt_tokens, require_text, text_tokenizer
 from serving.lifecycle import Lifecycle
 from serving.metrics import Metrics
+from serving.persistence import Persistence
 from serving.pipeline import Pipeline
 from serving.protocol import ModelCard
 from serving.scheduler import Scheduler
@@ -43,6 +50,8 @@ from serving.store import ParkingStore
 from serving.worker_client import WorkerClient, WorkerGone
 
 log = logging.getLogger("memserve.engine")
+
+QUEUE_PUSHBACK = 0.05  # seconds a call refused for a full queue should wait
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,9 @@ class EngineSettings:
     max_session_ttl: float
     max_steps_per_call: int  # also the most tokens of a Generate call's text
     max_new_tokens: int  # the most tokens a Generate call may ask for
+    steps_per_launch: int = 1  # steps of a Step call one launch may run back to back
+    max_queued_calls: int = 4096  # calls queued or running on this model, at most
+    max_sessions: int = 1_000_000  # sessions of the whole server (every model), at most
 
 
 class ModelEngine:
@@ -86,7 +98,9 @@ class ModelEngine:
         self.tasks: list[asyncio.Task[None]] = []
         # Called when the model's process is gone; the server drains and exits non-zero.
         self.on_failure: Callable[[WorkerGone], None] = lambda error: None
-        self.scheduler = Scheduler(settings.max_batch, self._started)
+        self.scheduler = Scheduler(
+            settings.max_batch, self._started, steps_per_launch=settings.steps_per_launch
+        )
         self.slots = SlotManager(
             name, settings.slots, store, worker, self.scheduler.has_calls, self._flying,
             table, metrics,
@@ -95,12 +109,17 @@ class ModelEngine:
             name, card.backend, worker, self.scheduler, self.slots, table, metrics,
             end=self.end, on_failure=lambda error: self.on_failure(error),
         )  # fmt: skip
+        self.persistence = Persistence(
+            name, card, table, self.slots, self.scheduler, self.pipeline, self.lock, self.end,
+            durability,
+        )  # fmt: skip
         self.lifecycle = Lifecycle(
             name, card, settings.session_ttl, settings.max_session_ttl, table, self.slots,
-            self.scheduler, self.pipeline, self.lock, self.end, metrics, durability,
+            self.scheduler, self.pipeline, self.lock, self.end, metrics, self.persistence,
         )  # fmt: skip
+        self.lifecycle.max_sessions = settings.max_sessions
         self.answers = Answers(
-            durability.committer, durability.mode, self.slots, table, self.lifecycle.unload
+            durability.committer, durability.mode, self.slots, table, self.persistence.unload
         )
         self.scheduler.on_finish = self.answers.finished
         self._register_gauges()
@@ -122,7 +141,7 @@ class ModelEngine:
         already taken stay; with one, the call runs to its end whatever the caller does, and
         a repeat of the id gets its answer (`serving.requests`).
         """
-        await self.lifecycle.ensure_loaded(session)
+        await self.persistence.ensure_loaded(session)
         if request_id:
             earlier = await self._earlier(session, request_id, digest)
             if earlier is not None:
@@ -163,6 +182,7 @@ class ModelEngine:
         seed: int | None,
         request_id: str = "",
         digest: bytes = b"",
+        charge: Callable[[int], None] = lambda steps: None,
     ) -> GenerateCall | journal_pb2.Reply:
         """Queue a Generate call on the session; iterate `call.stream()` for the reply. A
         repeat of a request id that answered gets that reply back instead.
@@ -172,7 +192,8 @@ class ModelEngine:
         """
         tokenizer = require_text(self.tokenizer, self.card, self.name)
         prompt = prompt_tokens(tokenizer, text, self.settings.max_steps_per_call)
-        await self.lifecycle.ensure_loaded(session)
+        charge(len(prompt) + 2 * sampling.max_tokens + 2)  # the turn's steps, at most
+        await self.persistence.ensure_loaded(session)
         if request_id:
             earlier = await self._earlier(session, request_id, digest)
             if earlier is not None:
@@ -194,6 +215,12 @@ class ModelEngine:
     def _enqueue(self, call: Call) -> asyncio.Future[int]:
         try:
             self.table.check_live(call.session)
+            if self.scheduler.queued_calls >= self.settings.max_queued_calls:
+                raise ResourceExhausted(
+                    f"model {self.name!r} has {self.scheduler.queued_calls} calls queued, the "
+                    "most it takes (max_queued_calls)",
+                    retry_after=QUEUE_PUSHBACK,
+                )
         except ServingError as error:
             if call.request_id:
                 call.session.requests.fail(call.request_id, error)
@@ -241,7 +268,7 @@ class ModelEngine:
             with contextlib.suppress(WorkerGone):
                 await self.pipeline.land_all()
             self.scheduler.drop_all(Cancelled("the server shut down before this call ended"))
-        written = await self.lifecycle.checkpoint() if self.worker.alive else 0
+        written = await self.persistence.checkpoint() if self.worker.alive else 0
         self.worker.close()
         return written
 
@@ -291,8 +318,9 @@ class ModelEngine:
         m.slots_capacity.labels(name).set(self.settings.slots)
         m.slots_used.labels(name).set_function(lambda: len(slots.active))
         m.queue_length.labels(name).set_function(lambda: self.scheduler.queued_calls)
+        m.queue_capacity.labels(name).set(self.settings.max_queued_calls)
         m.sessions.labels(name, "active").set_function(lambda: len(slots.active))
-        for residence in ("parked_host", "parked_disk"):
+        for residence in ("parked_host", "parked_disk", "stored"):
             m.sessions.labels(name, residence).set_function(
                 lambda residence=residence: slots.count(residence)  # type: ignore[misc]
             )

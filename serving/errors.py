@@ -35,9 +35,15 @@ class FailedPrecondition(ServingError):
 
 
 class ResourceExhausted(ServingError):
-    """No slot and nothing that can be parked to free one."""
+    """A bound or quota reached: no slot and nothing to park, a full queue, a tenant's
+    quota. `retry_after` (seconds) says when waiting helps; it goes to the client as
+    `grpc-retry-pushback-ms`."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(ServingError):
@@ -56,3 +62,9 @@ class DataLoss(ServingError):
     """A session's stored records are damaged: it cannot be brought back as it was."""
 
     code = grpc.StatusCode.DATA_LOSS
+
+
+class Unauthenticated(ServingError):
+    """No API key, or one this server does not know (never saying which keys exist)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED

@@ -35,6 +35,7 @@ def created(
         request_id=request_id,
         request_digest=digest,
         unix_time=time.time(),
+        tenant=session.tenant,
     )
     if session.seed is not None:
         record.seed = session.seed

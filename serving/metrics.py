@@ -7,6 +7,7 @@ Names follow GUIDE.md: prefix `memserve_`, base units, histograms, low-cardinali
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 
 import torch
 from prometheus_client import (
@@ -18,8 +19,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    Metric,
     disable_created_metrics,
 )
+from prometheus_client.registry import Collector
 
 from memserve import __version__
 
@@ -29,12 +32,43 @@ EVICTION_REASONS = ("expired", "parked_host", "parked_disk")
 RESTORE_SOURCES = ("host", "disk")
 REJECTION_REASONS = (
     "invalid_argument", "not_found", "failed_precondition", "resource_exhausted",
-    "unavailable", "cancelled", "internal",
+    "unavailable", "cancelled", "internal", "data_loss",
 )  # fmt: skip
 
 # `*_created` series double the series count and nothing here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 BATCH_BUCKETS = tuple(float(2**k) for k in range(11))  # 1 .. 1024 sessions
+
+
+class Relabelled(Collector):
+    """A registry's metrics with one more label on every sample: what a cluster replica
+    serves, so that its series stay apart from the other replicas' in one Prometheus."""
+
+    def __init__(self, registry: CollectorRegistry, label: str, value: str) -> None:
+        self.registry, self.label, self.value = registry, label, value
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            relabelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                relabelled.add_sample(
+                    sample.name,
+                    {**sample.labels, self.label: self.value},
+                    sample.value,
+                    sample.timestamp,
+                    sample.exemplar,
+                )
+            yield relabelled
+
+
+def served_registry(metrics: Metrics, replica: str) -> CollectorRegistry:
+    """The registry /metrics serves: the server's own, with `replica` on every series
+    when it is one replica of a cluster."""
+    if not replica:
+        return metrics.registry
+    served = CollectorRegistry(auto_describe=False)
+    served.register(Relabelled(metrics.registry, "replica", replica))
+    return served
 
 
 class Metrics:
@@ -88,6 +122,24 @@ class Metrics:
         self.queue_length = Gauge(
             "memserve_queue_length", "Step calls waiting or running", ["model"], registry=r
         )
+        self.queue_capacity = Gauge(
+            "memserve_queue_capacity",
+            "Calls a model takes queued or running before it refuses more (max_queued_calls)",
+            ["model"],
+            registry=r,
+        )
+        self.park_bytes = Gauge(
+            "memserve_park_bytes",
+            "Bytes of parked session states, by tier (host, disk)",
+            ["tier"],
+            registry=r,
+        )
+        self.park_capacity_bytes = Gauge(
+            "memserve_park_capacity_bytes",
+            "Bytes each parking tier may hold (park_host_bytes, park_disk_bytes)",
+            ["tier"],
+            registry=r,
+        )
         self.evictions = Counter(
             "memserve_session_evictions",
             "Sessions moved out of a slot or ended by the server (reason: expired, "
@@ -129,6 +181,48 @@ class Metrics:
         )
         self.generations_in_flight = Gauge(
             "memserve_generations_in_flight", "Generate calls being answered", registry=r
+        )
+        self.store_commit_duration = Histogram(
+            "memserve_store_commit_duration_seconds",
+            "Time of one write to the session store (one fsync, one Redis round trip)",
+            ["store"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_commit_records = Histogram(
+            "memserve_store_commit_records",
+            "Records one write to the session store carries (group commit)",
+            ["store"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "memserve_store_up",
+            "1 while the session store takes writes, 0 while it is unavailable",
+            ["store"],
+            registry=r,
+        )
+        # Per tenant: only the tenants of the keys file are labels (bounded), never a key.
+        self.tenant_requests = Counter(
+            "memserve_tenant_requests",
+            "Requests answered, by tenant and status code",
+            ["tenant", "code"],
+            registry=r,
+        )
+        self.tenant_rejected = Counter(
+            "memserve_tenant_requests_rejected",
+            "Requests refused without doing anything, by tenant and reason",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.tenant_sessions = Gauge(
+            "memserve_tenant_sessions", "Live sessions of each tenant", ["tenant"], registry=r
+        )
+        self.tenant_quota_used = Gauge(
+            "memserve_tenant_quota_used",
+            "How much of each quota a tenant uses now, as a fraction (1: at the quota)",
+            ["tenant", "quota"],
+            registry=r,
         )
         self.build_info = Info("memserve_build", "Versions this server runs", registry=r)
         self.build_info.info(

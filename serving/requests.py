@@ -25,6 +25,11 @@ from serving.errors import InvalidArgument
 MAX_REQUEST_ID = 128
 
 
+def scoped(tenant: str, request_id: str) -> str:
+    """A request id as one tenant's: two tenants' same id are two requests."""
+    return f"{tenant}\x00{request_id}"
+
+
 def check_request_id(request_id: str) -> None:
     if len(request_id) > MAX_REQUEST_ID:
         raise InvalidArgument(

@@ -1,11 +1,14 @@
 """How every request is answered, whatever its RPC: parsed leniently, admitted (not while
-the server drains), counted in flight, its `ServingError` turned into its status code and
-message, and timed into `memserve_request_duration_seconds{method,code}` (StepStream: every
-message). `add_to_server` registers a servicer's methods with the lenient parser.
+the server drains or its store is down; with keys, only a tenant's, within its concurrent
+calls), counted in flight, its `ServingError` turned into its status code and message (with
+`grpc-retry-pushback-ms` when waiting helps), and timed into
+`memserve_request_duration_seconds{method,code}` (StepStream: every message).
+`add_to_server` registers a servicer's methods with the lenient parser.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,10 +19,17 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from serving.errors import InvalidArgument, ServingError, Unavailable
+from serving.errors import InvalidArgument, ResourceExhausted, ServingError, Unavailable
 from serving.metrics import Metrics
+from serving.tenants import OPEN_TENANT, Keys, Tenant, Usage
 
 log = logging.getLogger("memserve.rpc")
+
+# The tenant of the request being answered, for the handlers (set by `Answering`).
+current_tenant: contextvars.ContextVar[Tenant] = contextvars.ContextVar(
+    "current_tenant", default=OPEN_TENANT
+)
+CONCURRENCY_PUSHBACK = 0.05  # seconds a caller over its concurrent-call quota should wait
 
 
 Request = TypeVar("Request")
@@ -97,13 +107,17 @@ def add_to_server(servicer: object, messages: Any, service: str, server: grpc.ai
 
 
 class Admission:
-    """Which requests are let in, and the count of those being answered."""
+    """Which requests are let in: not while draining or while the session store is down;
+    with keys (`--auth-keys`), only those of a tenant, and no more of its calls at once than
+    its quota. Counts the requests being answered (the drain waits for them)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, keys: Keys | None = None) -> None:
         self.metrics = metrics
+        self.keys = keys  # None: an open server, every caller the one tenant ""
         self.draining = False
         self.unavailable: str | None = None  # why new calls are refused for now (the store)
         self.in_flight = 0  # calls (and streams) being handled; the drain waits for them
+        self.usage: dict[str, Usage] = {}
         self.duration_observers: dict[tuple[str, grpc.StatusCode], Callable[[float], None]] = {}
 
     def answering(
@@ -118,8 +132,27 @@ class Admission:
         if self.unavailable is not None:
             raise Unavailable(f"{self.unavailable}; retry later")
 
-    def reject(self, error: ServingError) -> None:
-        self.metrics.rejected.labels(error.code.name.lower()).inc()
+    def authenticate(self, context: grpc.aio.ServicerContext) -> Tenant:
+        """The caller's tenant (UNAUTHENTICATED without a key this server knows)."""
+        if self.keys is None:
+            return OPEN_TENANT
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                authorization = value if isinstance(value, str) else value.decode()
+        return self.keys.authenticate(authorization)
+
+    def usage_of(self, tenant: Tenant) -> Usage:
+        usage = self.usage.get(tenant.name)
+        if usage is None:
+            usage = self.usage[tenant.name] = Usage()
+        return usage
+
+    def reject(self, error: ServingError, tenant: Tenant | None) -> None:
+        reason = error.code.name.lower()
+        self.metrics.rejected.labels(reason).inc()
+        if tenant is not None and tenant.name:
+            self.metrics.tenant_rejected.labels(tenant.name, reason).inc()
 
     def observe_duration(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """memserve_request_duration_seconds{method,code}, each label pair looked up once."""
@@ -138,7 +171,7 @@ class Answering:
     A class rather than `contextlib.asynccontextmanager`, which costs a generator and two
     more coroutines on every call and every stream message."""
 
-    __slots__ = ("admission", "context", "method", "request", "start")
+    __slots__ = ("admission", "context", "method", "request", "start", "tenant", "token")
 
     def __init__(
         self,
@@ -152,6 +185,8 @@ class Answering:
         self.request = request
         self.context = context
         self.start = 0.0
+        self.tenant: Tenant | None = None  # once authenticated and counted
+        self.token: contextvars.Token[Tenant] | None = None
 
     async def __aenter__(self) -> None:
         self.start = time.perf_counter()
@@ -159,6 +194,18 @@ class Answering:
         admission.in_flight += 1
         try:
             admission.check_open()
+            tenant = admission.authenticate(self.context)
+            usage = admission.usage_of(tenant)
+            limit = tenant.max_concurrent_calls
+            if limit is not None and usage.calls >= limit:
+                raise ResourceExhausted(
+                    f"tenant {tenant.name!r} has {limit} calls in progress, its "
+                    "max_concurrent_calls quota",
+                    retry_after=CONCURRENCY_PUSHBACK,
+                )
+            usage.calls += 1
+            self.tenant = tenant
+            self.token = current_tenant.set(tenant)
             check_parsed(self.request)
         except ServingError as error:  # __aexit__ does not run when __aenter__ raises
             await self.__aexit__(type(error), error, None)  # aborts the call
@@ -174,7 +221,11 @@ class Answering:
                 return False
             if isinstance(error, ServingError):
                 code = error.code
-                admission.reject(error)
+                admission.reject(error, self.tenant)
+                wait = getattr(error, "retry_after", None)
+                if wait is not None:  # gRPC's retry policies honour this
+                    pushback = (("grpc-retry-pushback-ms", str(max(1, round(wait * 1000)))),)
+                    self.context.set_trailing_metadata(pushback)
                 await self.context.abort(code, str(error))
             elif isinstance(error, Exception):  # a bug: say so, as INTERNAL, and log it
                 code = grpc.StatusCode.INTERNAL
@@ -189,4 +240,10 @@ class Answering:
             return False
         finally:
             admission.in_flight -= 1
+            if self.tenant is not None:
+                admission.usage_of(self.tenant).calls -= 1
+                if self.token is not None:
+                    current_tenant.reset(self.token)
+                if self.tenant.name:
+                    admission.metrics.tenant_requests.labels(self.tenant.name, code.name).inc()
             admission.observe_duration(self.method, code, time.perf_counter() - self.start)

@@ -1,5 +1,5 @@
-"""Start, serve and drain: the models' engines, the gRPC server (MemServe, health,
-reflection) and the Prometheus endpoint, for `memserve serve`.
+"""Start, serve and drain: the models' engines, the gRPC server (MemServe, the v2 inference
+API of `serving.kserve`, health, reflection) and the Prometheus endpoint, for `memserve serve`.
 
 Shutdown on SIGTERM or SIGINT: health turns NOT_SERVING at once (load balancers stop
 sending), new calls get UNAVAILABLE, calls in flight get up to `grace` seconds to finish,
@@ -11,55 +11,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import signal
 import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
 from kernels import backend
 from memserve import __version__
-from models import checkpoint
 from protos import memserve_pb2
+from protos.inference import grpc_service_pb2
+from protos.inference.pool import reflection_pool
+from serving import kserve
 from serving.config import ServerConfig
 from serving.durable import open_store
 from serving.durable.base import MemorySessionStore, SessionStore
 from serving.durable.committer import Committer, Durability
-from serving.engine import EngineSettings, ModelEngine
-from serving.metrics import Metrics
+from serving.engine import ModelEngine
+from serving.loading import load_engines, tls_credentials
+from serving.metrics import Metrics, served_registry
+from serving.replica import Replica
 from serving.rpc import add_to_server
 from serving.service import MemServeService
 from serving.sessions import SessionTable
-from serving.store import DirectoryStore, ParkingStore
-from serving.worker_client import WorkerClient
+from serving.tenants import Keys, Tenant
 
 log = logging.getLogger("memserve.server")
 
 SERVICE_NAME = memserve_pb2.DESCRIPTOR.services_by_name["MemServe"].full_name
+HEALTH_NAMES = ("", SERVICE_NAME, kserve.SERVICE_NAME)  # the server's and each API's
 # Large enough for an exported DNC session with a big link matrix.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-
-
-def model_name(spec: str) -> str:
-    """The name a model is served under: the bundled name, or the directory's name."""
-    return spec if spec in checkpoint.bundled_names() else Path(spec).resolve().name
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {setting!r} asked for, but this machine has no CUDA device")
-    return device
+MAX_PENDING_REQUESTS = 1 << 30  # effectively none: every call received is answered
+MAX_STREAMS_PER_CONNECTION = 4096
 
 
 class Server:
@@ -72,7 +63,11 @@ class Server:
         self.engines: dict[str, ModelEngine] = {}
         self.grpc_server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
-        self.service = MemServeService(self.engines, self.table, self.metrics)
+        self.keys = Keys.load(config.auth_keys) if config.auth_keys else None
+        self.service = MemServeService(self.engines, self.table, self.metrics, self.keys)
+        self.kserve = kserve.KServeService(
+            self.engines, self.table, self.metrics, self.service.admission
+        )
         self.metrics_http: Any = None
         self.port = 0
         self.metrics_port = -1
@@ -85,75 +80,33 @@ class Server:
         self._health_updates: set[asyncio.Future[None]] = set()
 
     def load_models(self) -> None:
-        """Load every configured model (default: all bundled ones) into an engine."""
-        specs = list(self.config.models) or checkpoint.bundled_names()
-        if not specs:
-            raise ValueError("no models to serve: pass --models (none are bundled)")
-        device = pick_device(self.config.device)
+        """Open the session store and load every configured model (default: all bundled
+        ones) into an engine."""
         park_dir = self.config.park_dir
         if not park_dir:
             park_dir = self._temporary_park_dir = tempfile.mkdtemp(prefix="memserve-park-")
-        parking = ParkingStore(self.config.park_host_bytes, DirectoryStore(park_dir))
-        self.session_store = open_store(self.config.store)
+        self.session_store = open_store(self.config.store, self.config.replica)
         if self.session_store.durable:
+            interval = self.config.durability == "interval"
             self.committer = Committer(
                 self.session_store,
-                self.config.durability_interval if self.config.durability == "interval" else None,
+                self.config.durability_interval if interval else None,
+                self.metrics,
             )
-        durability = Durability(self.committer, self.config.durability, self.config.snapshot_every)
-        settings = EngineSettings(
-            slots=self.config.slots,
-            max_batch=self.config.max_batch,
-            max_queue_delay=self.config.max_queue_delay,
-            session_ttl=self.config.session_ttl,
-            max_session_ttl=self.config.max_session_ttl,
-            max_steps_per_call=self.config.max_steps_per_call,
-            max_new_tokens=self.config.max_new_tokens,
-        )
-        # Intra-op threads per model process. OpenMP threads spin between operations, so
-        # more threads than free cores stall every step: one core stays with this process.
-        threads = self.config.threads or max(1, ((os.cpu_count() or 1) - 1) // len(specs))
-        workers: dict[str, tuple[Path, WorkerClient]] = {}
-        try:
-            for spec in specs:  # every worker loads its model at once
-                name = model_name(spec)
-                if name in workers:
-                    raise ValueError(f"two models would be served as {name!r}; rename a directory")
-                directory = checkpoint.resolve(spec)
-                workers[name] = (
-                    directory,
-                    WorkerClient(
-                        directory, str(device), settings.slots, threads, self.config.model_nice
-                    ),
-                )
-            for name, (directory, worker) in workers.items():
-                try:
-                    card = worker.wait_ready()
-                except (RuntimeError, MemoryError) as error:  # e.g. the pool does not fit
-                    raise ValueError(f"cannot serve {name} on {device}: {error}") from error
-                engine = ModelEngine(
-                    name, card, worker, settings, self.table, parking, self.metrics, durability
-                )
-                engine.on_failure = self.fail
-                self.engines[name] = engine
-                log.info(
-                    "model loaded",
-                    extra={
-                        "event": "model_loaded",
-                        "model": name,
-                        "type": card.model_type,
-                        "path": str(directory),
-                        "device": str(device),
-                        "backend": card.backend,
-                        "slots": settings.slots,
-                        "state_bytes": card.state_bytes,
-                        "pid": worker.pid,
-                    },
-                )
-        except BaseException:
-            for _, worker in workers.values():
-                worker.close()
-            raise
+        durability = Durability(
+            self.committer, self.config.durability, self.config.snapshot_every,
+            self.config.replica,
+        )  # fmt: skip
+        for name, engine in load_engines(
+            self.config, park_dir, self.table, self.metrics, durability
+        ).items():
+            engine.on_failure = self.fail
+            engine.lifecycle.parked_bytes = self.parked_bytes
+            self.engines[name] = engine
+        if self.config.replica and self.committer is not None:
+            self.service.replica = Replica(
+                self.config.replica, self.committer, self.engines, self.table
+            )
 
     async def start(self) -> None:
         """Load the models, bind the ports and start serving."""
@@ -163,26 +116,46 @@ class Server:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
+                # gRPC cancels calls received beyond this many not yet taken by the server
+                # (1000 by default): a burst of calls on one channel came back CANCELLED,
+                # uncounted. memserve takes every call and refuses what is too much itself,
+                # answering RESOURCE_EXHAUSTED and counting it.
+                ("grpc.server.max_pending_requests", MAX_PENDING_REQUESTS),
+                # and holds each connection to this many calls at once: more wait in the
+                # client, visibly, rather than in this server's memory
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             ]
         )
         add_to_server(self.service, memserve_pb2, "MemServe", server)
+        self.kserve.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        files = (memserve_pb2, grpc_service_pb2, health_pb2, reflection_pb2)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, kserve.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+            pool=reflection_pool(module.DESCRIPTOR for module in files),
         )
         address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = server.add_insecure_port(address)
+            credentials = tls_credentials(self.config)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as error:
             raise OSError(f"cannot listen on {address}: {error}") from error
         if self.port == 0:
             raise OSError(f"cannot listen on {address} (in use, or not an address here)")
         if self.config.metrics_port >= 0:
             self.metrics_http, _ = start_http_server(
-                self.config.metrics_port, self.config.host, self.metrics.registry
+                self.config.metrics_port,
+                self.config.metrics_host,
+                served_registry(self.metrics, self.config.replica),
             )
             self.metrics_port = self.metrics_http.server_port
-        self._adopt_stored_sessions()
+        if not self.config.replica:  # a replica finds sessions in the store as they are used
+            self._adopt_stored_sessions()
+        self._watch_tenants()
         if self.committer is not None:
             self.committer.on_health = self._store_health
             self.committer.start()
@@ -190,7 +163,7 @@ class Server:
             engine.start()
         await server.start()
         self.grpc_server = server
-        for service in ("", SERVICE_NAME):
+        for service in HEALTH_NAMES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
@@ -201,9 +174,56 @@ class Server:
                 "port": self.port,
                 "metrics_port": self.metrics_port,
                 "models": list(self.engines),
+                "replica": self.config.replica,
                 "kernel_backend": backend.describe(),
+                "tls": "mutual" if self.config.tls_client_ca else bool(self.config.tls_cert),
+                "auth": "open: any caller may use every session"
+                if self.keys is None
+                else f"API keys of {len(self.keys.tenants)} tenants",
             },
         )
+
+    def parked_bytes(self, tenant: str) -> int:
+        """State bytes of a tenant's sessions outside the slots, over every model."""
+        return sum(e.slots.outside[tenant] * e.card.state_bytes for e in self.engines.values())
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read the keys file again; sessions stay as they are. A file that does not
+        read leaves the keys as they were, and says why."""
+        if not self.config.auth_keys:
+            log.info("SIGHUP ignored: no --auth-keys file", extra={"event": "keys_reload"})
+            return
+        try:
+            keys = Keys.load(self.config.auth_keys)
+        except ValueError as error:
+            log.error(f"keys not reloaded: {error}", extra={"event": "keys_reload_failed"})
+            return
+        self.keys = self.service.admission.keys = keys
+        self._watch_tenants()
+        log.info(
+            "keys reloaded",
+            extra={"event": "keys_reloaded", "tenants": sorted(keys.tenants)},
+        )
+
+    def _watch_tenants(self) -> None:
+        """Per-tenant gauges for the tenants of the keys file (and only them)."""
+        if self.keys is None:
+            return
+        for name, tenant in self.keys.tenants.items():
+            sessions = partial(self.table.per_tenant.__getitem__, name)
+            self.metrics.tenant_sessions.labels(name).set_function(sessions)
+            calls = partial(self._tenant_calls, tenant)
+            for quota, limit, used in (
+                ("max_sessions", tenant.max_sessions, sessions),
+                ("max_parked_bytes", tenant.max_parked_bytes, partial(self.parked_bytes, name)),
+                ("max_concurrent_calls", tenant.max_concurrent_calls, calls),
+            ):
+                if limit is not None:
+                    gauge = self.metrics.tenant_quota_used.labels(name, quota)
+                    gauge.set_function(partial(_fraction, used, limit))
+
+    def _tenant_calls(self, tenant: Tenant) -> int:
+        return self.service.admission.usage_of(tenant).calls
 
     def _adopt_stored_sessions(self) -> None:
         """Every session the store holds, known to its model's engine (states come later)."""
@@ -214,7 +234,8 @@ class Server:
             if engine is None:
                 elsewhere += 1  # left in the store for a server that serves its model
                 continue
-            engine.lifecycle.adopt(summary)
+            engine.persistence.adopt(summary)
+            self.kserve.adopt(summary.request_id, summary.session_id, summary.made)
             adopted += 1
         for problem in self.session_store.problems():
             log.warning(problem, extra={"event": "store_damage"})
@@ -239,7 +260,7 @@ class Server:
             else (health_pb2.HealthCheckResponse.NOT_SERVING)
         )
         if not self.service.admission.draining:
-            for service in ("", SERVICE_NAME):
+            for service in HEALTH_NAMES:
                 task = asyncio.ensure_future(self.health.set(service, status))
                 self._health_updates.add(task)
                 task.add_done_callback(self._health_updates.discard)
@@ -303,6 +324,7 @@ class Server:
 
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(number, on_signal, number)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
         await self.stopped.wait()
         return self.exit_code
 
@@ -310,3 +332,7 @@ class Server:
 def serve(config: ServerConfig) -> int:
     """Run a server with `config` until it is told to stop; returns the exit code."""
     return asyncio.run(Server(config).run())
+
+
+def _fraction(used: Callable[[], float], limit: float) -> float:
+    return used() / limit

@@ -19,35 +19,65 @@ from serving.errors import InvalidArgument, NotFound
 from serving.export import import_state
 from serving.generation import GenerateCall, Sampling
 from serving.metrics import Metrics
+from serving.replica import Replica
 from serving.requests import check_request_id
-from serving.rpc import Admission, unary
+from serving.rpc import Admission, current_tenant, unary
 from serving.sessions import Session, SessionTable
+from serving.tenants import Keys
 
 
 class MemServeService(memserve_pb2_grpc.MemServeServicer):
     """Routes each session's calls to the engine of its model."""
 
     def __init__(
-        self, engines: dict[str, ModelEngine], table: SessionTable, metrics: Metrics
+        self,
+        engines: dict[str, ModelEngine],
+        table: SessionTable,
+        metrics: Metrics,
+        keys: Keys | None = None,
     ) -> None:
         self.engines = engines
         self.table = table
         self.metrics = metrics
-        self.admission = Admission(metrics)
+        self.admission = Admission(metrics, keys)
+        self.replica: Replica | None = None  # set when the server is one replica of a cluster
 
     def engine(self, model: str) -> ModelEngine:
+        """The engine of a model the caller's tenant may use (NOT_FOUND as for an unknown
+        model otherwise)."""
+        tenant = current_tenant.get()
         engine = self.engines.get(model)
-        if engine is None:
+        if engine is None or not tenant.may_use(model):
             if not model:
                 raise InvalidArgument("model is empty")
-            raise NotFound(
-                f"no model {model!r} on this server (serving: {', '.join(self.engines)})"
-            )
+            visible = ", ".join(name for name in self.engines if tenant.may_use(name))
+            raise NotFound(f"no model {model!r} on this server (serving: {visible})")
         return engine
 
-    def session(self, session_id: str) -> tuple[Session, ModelEngine]:
-        session = self.table.get(session_id)
-        return session, self.engines[session.model]
+    async def session(self, session_id: str, read: bool = False) -> tuple[Session, ModelEngine]:
+        """A session of the caller's tenant (another's answers as an id never made). A
+        cluster replica finds one it does not hold in the shared store, and before a read
+        makes sure the copy it holds is the store's (`serving.replica`)."""
+        tenant = current_tenant.get().name
+        try:
+            session = self.table.get(session_id, tenant)
+        except NotFound:
+            if self.replica is None or not session_id:
+                raise
+            if await self.replica.find(session_id) is None:
+                raise
+            session = self.table.get(session_id, tenant)  # found: whose is it?
+        engine = self.engines[session.model]
+        if read and self.replica is not None:
+            session = await self.replica.check(session, engine)
+            if session.tenant != tenant:
+                self.table.get(session_id, tenant)  # raises as for an id never made
+        return session, engine
+
+    def charge(self, steps: int) -> None:
+        """Spend `steps` of the caller's tenant's step rate (RESOURCE_EXHAUSTED if over)."""
+        tenant = current_tenant.get()
+        self.admission.usage_of(tenant).take_steps(tenant, steps)
 
     def session_info(self, session: Session, engine: ModelEngine) -> memserve_pb2.SessionInfo:
         return memserve_pb2.SessionInfo(
@@ -75,6 +105,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
                     state_bytes=engine.card.state_bytes,
                 )
                 for name, engine in self.engines.items()
+                if current_tenant.get().may_use(name)
             ]
         )
 
@@ -85,11 +116,12 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         engine = self.engine(request.model)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
         seed = request.seed if request.HasField("seed") else None
-        session = await engine.lifecycle.create(ttl, seed, *request_key(request))
+        tenant = current_tenant.get()
+        session = await engine.lifecycle.create(ttl, seed, tenant, *request_key(request))
         return self.session_info(session, engine)
 
     async def _step(self, request: memserve_pb2.StepRequest) -> memserve_pb2.StepResponse:
-        session, engine = self.session(request.session_id)
+        session, engine = await self.session(request.session_id)
         if not request.HasField("inputs"):
             raise InvalidArgument("inputs is missing")
         inputs = wire.decode_steps(
@@ -99,6 +131,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
             engine.settings.max_steps_per_call,
         )
         expected = request.expected_step if request.HasField("expected_step") else None
+        self.charge(len(inputs))
         outputs, step = await engine.step(session, inputs, expected, *request_key(request))
         response = memserve_pb2.StepResponse(step=step)
         wire.encode_into(response.outputs, outputs)
@@ -133,23 +166,25 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
     async def GetSession(
         self, request: memserve_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> memserve_pb2.SessionInfo:
-        session, engine = self.session(request.session_id)
+        session, engine = await self.session(request.session_id, read=True)
         return self.session_info(session, engine)
 
     @unary("ForkSession")
     async def ForkSession(
         self, request: memserve_pb2.ForkSessionRequest, context: grpc.aio.ServicerContext
     ) -> memserve_pb2.SessionInfo:
-        parent, engine = self.session(request.session_id)
+        parent, engine = await self.session(request.session_id, read=True)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
-        child = await engine.lifecycle.fork(parent, ttl, *request_key(request))
+        child = await engine.lifecycle.fork(
+            parent, ttl, current_tenant.get(), *request_key(request)
+        )
         return self.session_info(child, engine)
 
     @unary("ExportSession")
     async def ExportSession(
         self, request: memserve_pb2.ExportSessionRequest, context: grpc.aio.ServicerContext
     ) -> memserve_pb2.SessionState:
-        session, engine = self.session(request.session_id)
+        session, engine = await self.session(request.session_id, read=True)
         data, step = await engine.lifecycle.export(session)
         return memserve_pb2.SessionState(state=data, model=session.model, step=step)
 
@@ -160,7 +195,9 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         imported = import_state(request.state)
         engine = self.engine(imported.model)
         ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
-        session = await engine.lifecycle.import_(imported, ttl, *request_key(request))
+        session = await engine.lifecycle.import_(
+            imported, ttl, current_tenant.get(), *request_key(request)
+        )
         return self.session_info(session, engine)
 
     async def Generate(
@@ -172,7 +209,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
         self.metrics.generations_in_flight.inc()
         try:
             async with self.admission.answering("Generate", request, context):
-                session, engine = self.session(request.session_id)
+                session, engine = await self.session(request.session_id)
                 sampling = Sampling.checked(
                     request.max_tokens,
                     engine.settings.max_new_tokens,
@@ -183,8 +220,9 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
                 )
                 seed = request.seed if request.HasField("seed") else None
                 started = await engine.generate(
-                    session, request.text, sampling, seed, *request_key(request)
-                )
+                    session, request.text, sampling, seed, *request_key(request),
+                    charge=self.charge,
+                )  # fmt: skip
                 if isinstance(started, journal_pb2.Reply):  # a repeat: the reply again
                     for text in started.pieces:
                         yield memserve_pb2.GenerateResponse(text=text)
@@ -209,7 +247,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
     async def DeleteSession(
         self, request: memserve_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
     ) -> memserve_pb2.DeleteSessionResponse:
-        session, engine = self.session(request.session_id)
+        session, engine = await self.session(request.session_id)
         await engine.lifecycle.delete(session)
         return memserve_pb2.DeleteSessionResponse()
 

@@ -9,7 +9,7 @@ to sessions and remembers recently ended ones so NOT_FOUND can say why.
 from __future__ import annotations
 
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from serving.errors import InvalidArgument, NotFound, ServingError
@@ -32,28 +32,38 @@ class Session:
     step: int = 0  # steps its state has taken
     slot: int | None = None  # its slot in the pool; None while parked
     seed: int | None = None
+    tenant: str = ""  # who made it; only they reach it ("" on a server without keys)
     requests: RequestLog = field(default_factory=RequestLog)  # its recent request ids
     logged_ops: int = 0  # operations run since its state was last written in whole
     broken: ServingError | None = None  # why it cannot be served (a damaged store entry)
 
 
 class SessionTable:
-    """Every live session of the server by id, across models."""
+    """Every live session of the server by id, across models and tenants."""
 
     def __init__(self, remember_ended: int = 65536) -> None:
         self.sessions: dict[str, Session] = {}
-        self.ended: OrderedDict[str, str] = OrderedDict()  # id -> why, for NOT_FOUND messages
+        self.ended: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id -> (tenant, why)
         self.remember_ended = remember_ended
+        self.per_tenant: Counter[str] = Counter()  # live sessions of each tenant
 
     def add(self, session: Session) -> None:
         self.sessions[session.id] = session
+        self.per_tenant[session.tenant] += 1
 
     def remove(self, session: Session, why: str) -> None:
         """Forget a session; later lookups answer NOT_FOUND saying `why` (e.g. "expired")."""
-        self.sessions.pop(session.id, None)
-        self.ended[session.id] = why
+        if self.sessions.pop(session.id, None) is session:
+            self.per_tenant[session.tenant] -= 1
+        self.ended[session.id] = (session.tenant, why)
         while len(self.ended) > self.remember_ended:
             self.ended.popitem(last=False)
+
+    def forget(self, session: Session) -> None:
+        """Drop a session from this server only: it goes on in the shared store, where any
+        replica, this one too, finds it again (cluster replicas)."""
+        if self.sessions.pop(session.id, None) is session:
+            self.per_tenant[session.tenant] -= 1
 
     def live(self, session: Session) -> bool:
         """Whether `session` is still in the table (not ended since it was looked up)."""
@@ -62,16 +72,18 @@ class SessionTable:
     def check_live(self, session: Session) -> None:
         """NOT_FOUND, saying why, if the session ended since it was looked up."""
         if not self.live(session):
-            self.get(session.id)  # raises, saying why
+            self.get(session.id, session.tenant)  # raises, saying why
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, tenant: str = "") -> Session:
+        """The live session `session_id` of `tenant`. Another tenant's session, live or
+        ended, answers exactly as an id that never existed: the same code and message."""
         session = self.sessions.get(session_id)
-        if session is not None:
+        if session is not None and session.tenant == tenant:
             return session
         if not session_id:
             raise InvalidArgument("session_id is empty")
-        why = self.ended.get(session_id)
-        if why is not None:
+        owner, why = self.ended.get(session_id, ("", ""))
+        if why and owner == tenant:
             raise NotFound(f"session {session_id} {why}")
         raise NotFound(f"no session {session_id!r} on this server")
 

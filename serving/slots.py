@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -77,6 +77,7 @@ class SlotManager:
         self.active: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self.parked: dict[str, Session] = {}
         self.stored: dict[str, Session] = {}  # only in the session store: loaded when used
+        self.outside: Counter[str] = Counter()  # parked or stored sessions, per tenant
         self.transit: set[str] = set()  # parked by a launch in flight, not yet in the store
         self.rollbacks: dict[str, State] = {}  # states to park instead of those in transit
         self.moves = SlotMoves()
@@ -96,9 +97,9 @@ class SlotManager:
         its next call)."""
         if session.slot is not None:
             return "active"
-        if session.id in self.stored:
-            return "stored"
-        return self.store.residence(session.id) or "parked_host"
+        if session.id in self.parked:
+            return self.store.residence(session.id) or "parked_host"  # or in transit
+        return "stored"
 
     def count(self, residence: str) -> int:
         """How many sessions are `residence` (see `residence`)."""
@@ -110,7 +111,8 @@ class SlotManager:
 
     def _attach(self, session: Session, slot: int) -> None:
         session.slot = slot
-        self.parked.pop(session.id, None)
+        if self.parked.pop(session.id, None) is not None:
+            self.outside[session.tenant] -= 1
         self.active[session.id] = session
 
     def _detach(self, session: Session) -> int:
@@ -119,6 +121,7 @@ class SlotManager:
         session.slot = None
         del self.active[session.id]
         self.parked[session.id] = session
+        self.outside[session.tenant] += 1
         return slot
 
     def victim(self, exclude: Collection[str] = (), idle_only: bool = False) -> Session | None:
@@ -234,10 +237,12 @@ class SlotManager:
         """A new session that starts parked."""
         self._store(session, state, count=False)
         self.parked[session.id] = session
+        self.outside[session.tenant] += 1
 
     def add_stored(self, session: Session) -> None:
         """A session whose state is only in the session store (after a restart)."""
         self.stored[session.id] = session
+        self.outside[session.tenant] += 1
 
     def is_stored(self, session: Session) -> bool:
         return session.id in self.stored
@@ -253,6 +258,7 @@ class SlotManager:
         store), so that its next use brings it back from the session store."""
         self.release(session)
         self.stored[session.id] = session
+        self.outside[session.tenant] += 1
 
     def read(self, session: Session) -> State:
         """A copy of a parked session's state (fork, export); active ones are read from the
@@ -263,13 +269,15 @@ class SlotManager:
         """A session ended: free its slot, or forget its parked state."""
         self.rollbacks.pop(session.id, None)
         if self.stored.pop(session.id, None) is not None:
+            self.outside[session.tenant] -= 1
             return
         if session.slot is not None:
             self.free.append(session.slot)
             session.slot = None
             self.active.pop(session.id, None)
             return
-        self.parked.pop(session.id, None)
+        if self.parked.pop(session.id, None) is not None:
+            self.outside[session.tenant] -= 1
         try:
             self.store.delete(session.id)
         except OSError:  # the file stays behind; the session ends regardless

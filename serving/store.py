@@ -87,15 +87,27 @@ class DirectoryStore(StateStore):
     residence = "parked_disk"
     SUFFIX = ".safetensors"
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], budget: int | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.keys: set[str] = set()
+        self.budget = budget  # bytes of states it may hold (None: as many as fit)
+        self.sizes: dict[str, int] = {}
+        self.bytes = 0
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self.sizes)
 
     def path(self, key: str) -> Path:
         return self.directory / (key + self.SUFFIX)
 
     def put(self, key: str, state: dict[str, Tensor]) -> None:
+        size = nbytes(state)
+        if self.budget is not None and self.bytes - self.sizes.get(key, 0) + size > self.budget:
+            raise ResourceExhausted(
+                f"the park directory holds {self.bytes} bytes of parked sessions, the most "
+                f"it may (park_disk_bytes = {self.budget})"
+            )
         temporary = self.directory / (key + ".tmp")
         try:
             save_file({name: t.contiguous() for name, t in state.items()}, temporary)
@@ -106,27 +118,28 @@ class DirectoryStore(StateStore):
             raise ResourceExhausted(
                 f"cannot park a session to {self.directory}: {error}"
             ) from error
-        self.keys.add(key)
+        self.bytes += size - self.sizes.get(key, 0)
+        self.sizes[key] = size
 
     def pop(self, key: str) -> dict[str, Tensor]:
-        if key not in self.keys:
+        if key not in self.sizes:
             raise KeyError(key)
         path = self.path(key)
         state = load_file(path)
         path.unlink()
-        self.keys.discard(key)
+        self.bytes -= self.sizes.pop(key)
         return state
 
     def delete(self, key: str) -> None:
-        if key in self.keys:
-            self.keys.discard(key)
+        if key in self.sizes:
+            self.bytes -= self.sizes.pop(key)
             self.path(key).unlink(missing_ok=True)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.keys
+        return key in self.sizes
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.sizes)
 
 
 class ParkingStore:
@@ -145,16 +158,25 @@ class ParkingStore:
         return None
 
     def can_park(self, size: int) -> bool:
-        """Whether a state of `size` bytes has somewhere to go."""
-        return self.disk is not None or self.host.bytes + size <= self.host_budget
+        """Whether a state of `size` bytes has somewhere to go (host memory, or the disk
+        within its budget after host memory's oldest move there)."""
+        if self.host.bytes + size <= self.host_budget:
+            return True
+        disk = self.disk
+        return disk is not None and (disk.budget is None or disk.bytes + size <= disk.budget)
 
     def park(self, key: str, state: dict[str, Tensor]) -> list[str]:
         """Keep `state`; returns the keys moved from host memory to disk to make room."""
         size = nbytes(state)
         if not self.can_park(size):
+            where = (
+                "no park directory is configured"
+                if self.disk is None
+                else f"the park directory is full (park_disk_bytes = {self.disk.budget})"
+            )
             raise ResourceExhausted(
-                f"the host parking budget ({self.host_budget} bytes) is full and no park "
-                "directory is configured"
+                f"the host parking budget (park_host_bytes = {self.host_budget}) is full and "
+                f"{where}"
             )
         if self.disk is not None and size > self.host_budget:
             self.disk.put(key, state)

@@ -39,6 +39,7 @@ class Settings:
     csv_path: Path | None = None
     plot_path: Path | None = None
     tls: TLS | None = None  # None: plaintext
+    protocol: str = "memserve"  # or "kserve": the v2 inference API (clients/loadgen/kserve.py)
     token: str | None = field(default=None, repr=False)
     attempts: int = 1  # of a request; 1: no retries
     attempt_timeout: float | None = None  # seconds an attempt may wait for its answer
@@ -73,6 +74,7 @@ class Settings:
         """The settings as JSON-friendly values (the prompts as their count and source)."""
         record: dict[str, Any] = {
             "workload": self.workload,
+            "protocol": self.protocol,
             "model": self.model,
             "target": self.target,
             "mode": self.mode,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from serving.durable.base import MemorySessionStore, SessionStore
 
 
-def open_store(url: str) -> SessionStore:
+def open_store(url: str, replica: str = "") -> SessionStore:
     """The store a `--store` URL names; ValueError saying what is wrong with a bad one."""
     if url in ("", "memory"):
         return MemorySessionStore()
@@ -24,5 +24,5 @@ def open_store(url: str) -> SessionStore:
     if url.startswith(("redis://", "rediss://", "unix://")):
         from serving.durable.redis_store import RedisSessionStore
 
-        return RedisSessionStore(url)
+        return RedisSessionStore(url, replica=replica)
     raise ValueError(f"--store must be memory, dir:PATH or redis://HOST:PORT/DB, got {url!r}")

@@ -51,16 +51,37 @@ class SessionSummary:
     request_id: str = ""  # of the call that made it, for that call's retries
     request_digest: bytes = b""
     made: float = 0.0  # time.time() when it was made
+    tenant: str = ""  # who made it
 
 
 class SessionStore(ABC):
-    """The committed history of every session of a server."""
+    """The committed history of every session of a server (of a cluster, if `shared`)."""
 
     durable: bool = True
+    shared: bool = False  # whether several servers may use it at once (replicas)
 
     @abstractmethod
     def sessions(self) -> list[SessionSummary]:
         """Every session the store holds (not deleted), as of the last commit."""
+
+    def summary(self, session_id: str) -> SessionSummary | None:
+        """One session's summary (None if the store does not hold it)."""
+        return next((s for s in self.sessions() if s.session_id == session_id), None)
+
+    def committed_step(self, session_id: str) -> int | None:
+        """The session's committed step (None if the store does not hold it)."""
+        found = self.summary(session_id)
+        return None if found is None else found.step
+
+    def owner(self, session_id: str) -> tuple[int, str] | None:
+        """The session's committed step and the replica that last committed or claimed it
+        (a store that is not shared has no owners: "")."""
+        step = self.committed_step(session_id)
+        return None if step is None else (step, "")
+
+    def claim(self, session_id: str) -> int | None:
+        """Record this server as the session's owner; its committed step (None: absent)."""
+        return self.committed_step(session_id)
 
     @abstractmethod
     def load(self, session_id: str) -> StoredSession:

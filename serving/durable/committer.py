@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 from protos import journal_pb2
 from serving.durable.base import SessionStore, StoreUnavailable, record_session
+from serving.metrics import Metrics
 
 log = logging.getLogger("memserve.store")
 
@@ -36,14 +38,23 @@ class Durability:
     committer: Committer | None = None
     mode: str = "launch"
     snapshot_every: int = 1024
+    replica: str = ""  # one replica of a cluster sharing the store ("": a lone server)
 
 
 class Committer:
     """The one writer of a session store."""
 
-    def __init__(self, store: SessionStore, interval: float | None = None) -> None:
+    def __init__(
+        self, store: SessionStore, interval: float | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.store = store
         self.interval = interval
+        kind = type(store).__name__.removesuffix("SessionStore").lower()
+        metrics = metrics or Metrics()
+        self.observe_seconds = metrics.store_commit_duration.labels(kind).observe
+        self.observe_records = metrics.store_commit_records.labels(kind).observe
+        self.up = metrics.store_up.labels(kind)
+        self.up.set(1)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="memserve-store")
         self.waiting: list[tuple[list[journal_pb2.Record], asyncio.Future[set[str]]]] = []
         self.wake = asyncio.Event()
@@ -92,6 +103,7 @@ class Committer:
             self.wake.clear()
             batch, self.waiting = self.waiting, []
             records = [record for records, _ in batch for record in records]
+            started = time.perf_counter()
             try:
                 refused = await self.run(self.store.commit, records) if records else set()
             except Exception as error:
@@ -105,6 +117,9 @@ class Committer:
                         future.set_exception(failure)
                 await self._until_healthy(failure)
                 continue
+            if records:
+                self.observe_seconds(time.perf_counter() - started)
+                self.observe_records(len(records))
             self.commits += 1
             for records, future in batch:
                 if not future.done():
@@ -113,6 +128,7 @@ class Committer:
     async def _until_healthy(self, failure: StoreUnavailable) -> None:
         """Mark the store unhealthy, then probe it until it answers."""
         self.healthy = False
+        self.up.set(0)
         log.error(str(failure), extra={"event": "store_unavailable"})
         self.on_health(False, str(failure))
         for _, future in self.waiting:
@@ -127,6 +143,7 @@ class Committer:
                 log.debug("store still unavailable: %s", error)
                 continue
             self.healthy = True
+            self.up.set(1)
             log.info("session store available again", extra={"event": "store_available"})
             self.on_health(True, "")
             return

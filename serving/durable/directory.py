@@ -23,7 +23,6 @@ import fcntl
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from protos import journal_pb2
@@ -35,6 +34,7 @@ from serving.durable.base import (
     StoreUnavailable,
     record_session,
 )
+from serving.durable.index import Entry, Location, resolve, without_state
 from serving.durable.records import CorruptRecordError, Damage, frame, read_frame, scan
 from serving.errors import DataLoss
 
@@ -42,36 +42,6 @@ log = logging.getLogger("memserve.store")
 
 SEGMENT_BYTES = 64 << 20
 PREFIX, SUFFIX = "wal-", ".log"
-
-
-@dataclass(frozen=True)
-class Location:
-    segment: int
-    offset: int
-    size: int
-
-
-@dataclass
-class Entry:
-    """Where one session's records are, and what they say."""
-
-    created: Location | None = None
-    summary: journal_pb2.SessionCreated | None = None  # the creation without its state
-    snapshot: Location | None = None
-    snapshot_step: int = -1
-    calls: dict[int, tuple[Location, int]] = field(default_factory=dict)  # from -> (at, to)
-    step: int = 0
-    deleted: Location | None = None
-    segments: set[int] = field(default_factory=set)  # every segment with a record of it
-    error: str | None = None
-
-    def live(self) -> list[Location]:
-        """The records a scan needs to find this session as it is. A deletion's tombstone
-        is needed while another segment holds records of the session."""
-        if self.deleted is not None:
-            return [self.deleted] if self.segments - {self.deleted.segment} else []
-        found = [self.created, self.snapshot, *(at for at, _ in self.calls.values())]
-        return [location for location in found if location is not None]
 
 
 class DirectorySessionStore(SessionStore):
@@ -113,6 +83,7 @@ class DirectorySessionStore(SessionStore):
             if p.name[len(PREFIX) : -len(SUFFIX)].isdigit()
         )
         records: dict[str, list[tuple[Location, journal_pb2.Record]]] = {}
+        damaged: list[tuple[str, bytes]] = []  # what was lost, and its bytes
         for segment in found:
             path = self._segment_path(segment)
             data = path.read_bytes()
@@ -127,8 +98,9 @@ class DirectorySessionStore(SessionStore):
                         os.truncate(path, item.start)
                         size = item.start
                     else:
-                        self._problem(f"{path.name}: bytes {item.start}-{item.end} unreadable: "
-                                      f"{item.why}")  # fmt: skip
+                        where = f"{path.name} bytes {item.start}-{item.end}"
+                        self._problem(f"{where} unreadable: {item.why}")
+                        damaged.append((where, data[item.start : item.end]))
                     continue
                 offset, length, record = item
                 location = Location(segment, offset, length)
@@ -141,43 +113,15 @@ class DirectorySessionStore(SessionStore):
             self.sizes[segment] = size
             self.live_bytes[segment] = 0
         for session_id, items in records.items():
-            entry = self._resolve(session_id, items)
+            entry = resolve(items)
+            # A damaged record names its session: ids are 128 random bits, never matched by
+            # chance. That session may have lost a step, so it is not served as it is.
+            hit = next((where for where, data in damaged if session_id.encode() in data), None)
+            if hit is not None and entry.deleted is None:
+                entry.error = f"a record of it is damaged ({hit})"
             self.entries[session_id] = entry
             for location in entry.live():
                 self.live_bytes[location.segment] += location.size
-
-    def _resolve(self, session_id: str, items: list[tuple[Location, journal_pb2.Record]]) -> Entry:
-        """One session's index entry from its records, whatever order they were found in."""
-        entry = Entry()
-        calls: dict[tuple[int, int], Location] = {}
-        for location, record in items:
-            kind = record.WhichOneof("record")
-            if kind == "created":
-                entry.created, entry.summary = location, _without_state(record.created)
-            elif kind == "snapshot" and record.snapshot.step > entry.snapshot_step:
-                entry.snapshot, entry.snapshot_step = location, record.snapshot.step
-            elif kind == "call":
-                key = (record.call.from_step, record.call.to_step)
-                calls[key] = max(calls.get(key, location), location, key=_newest)
-            elif kind == "deleted":
-                entry.deleted = location
-        entry.segments = {location.segment for location, _ in items}
-        if entry.deleted is not None:
-            return entry
-        if entry.summary is None:
-            entry.error = "its creation record is missing or damaged"
-            return entry
-        step = max(entry.snapshot_step, int(entry.summary.step))
-        for (start, end), location in sorted(calls.items()):
-            if end <= step:
-                continue  # before the snapshot: no longer needed
-            if start != step:
-                entry.error = f"the store is missing its steps {step} to {start}"
-                break
-            entry.calls[start] = (location, end)
-            step = end
-        entry.step = step
-        return entry
 
     def _read(self, location: Location) -> journal_pb2.Record:
         with open(self._segment_path(location.segment), "rb") as handle:
@@ -186,26 +130,34 @@ class DirectorySessionStore(SessionStore):
         return record
 
     def sessions(self) -> list[SessionSummary]:
-        summaries = []
-        for session_id, entry in self.entries.items():
-            if entry.deleted is not None:
-                continue
-            created = entry.summary
-            summaries.append(
-                SessionSummary(
-                    session_id=session_id,
-                    model=created.model if created else "",
-                    weights_digest=created.weights_digest if created else "",
-                    ttl=created.ttl_seconds if created else 0.0,
-                    seed=created.seed if created and created.HasField("seed") else None,
-                    step=entry.step,
-                    error=entry.error,
-                    request_id=created.request_id if created else "",
-                    request_digest=created.request_digest if created else b"",
-                    made=created.unix_time if created else 0.0,
-                )
-            )
-        return summaries
+        return [
+            self._summary(session_id, entry)
+            for session_id, entry in self.entries.items()
+            if entry.deleted is None
+        ]
+
+    def summary(self, session_id: str) -> SessionSummary | None:
+        entry = self.entries.get(session_id)
+        if entry is None or entry.deleted is not None:
+            return None
+        return self._summary(session_id, entry)
+
+    @staticmethod
+    def _summary(session_id: str, entry: Entry) -> SessionSummary:
+        created = entry.summary
+        return SessionSummary(
+            session_id=session_id,
+            model=created.model if created else "",
+            weights_digest=created.weights_digest if created else "",
+            ttl=created.ttl_seconds if created else 0.0,
+            seed=created.seed if created and created.HasField("seed") else None,
+            step=entry.step,
+            error=entry.error,
+            request_id=created.request_id if created else "",
+            request_digest=created.request_digest if created else b"",
+            made=created.unix_time if created else 0.0,
+            tenant=created.tenant if created else "",
+        )
 
     def load(self, session_id: str) -> StoredSession:
         entry = self.entries.get(session_id)
@@ -313,7 +265,7 @@ class DirectorySessionStore(SessionStore):
         before = entry.live()
         entry.segments.add(location.segment)
         if kind == "created":
-            entry.created, entry.summary = location, _without_state(record.created)
+            entry.created, entry.summary = location, without_state(record.created)
             entry.step = record.created.step
         elif kind == "call":
             entry.calls[record.call.from_step] = (location, record.call.to_step)
@@ -416,17 +368,6 @@ class DirectorySessionStore(SessionStore):
     def close(self) -> None:
         os.close(self.file)
         self._lock.close()
-
-
-def _newest(location: Location) -> tuple[int, int]:
-    return location.segment, location.offset
-
-
-def _without_state(created: journal_pb2.SessionCreated) -> journal_pb2.SessionCreated:
-    summary = journal_pb2.SessionCreated()
-    summary.CopyFrom(created)
-    summary.ClearField("state")
-    return summary
 
 
 def _sync_directory(path: Path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.exceptions import RedisError
@@ -36,13 +36,24 @@ from serving.errors import DataLoss
 
 PREFIX = "memserve:"
 
-# ARGV: prefix, then per record: kind, session id, a, b, framed record. created: a = its
-# step, b = its summary; call: a = from, b = to; snapshot: a = its step.
+# ARGV: prefix, then per record: kind, session id, a, b, c, framed record. created: a = its
+# step, b = its summary, c = its TTL in ms; call: a = from, b = to; snapshot: a = its step.
+# Every record written refreshes the session's keys' expiry to its TTL: a session that is
+# not used for its TTL expires in Redis, for every replica at once.
 COMMIT = """
-local prefix = ARGV[1]
+local prefix, replica = ARGV[1], ARGV[2]
 local refused, bad = {}, {}
-for i = 2, #ARGV, 5 do
-  local kind, id, a, b, record = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+local function refresh(key)
+  local ttl = tonumber(redis.call('HGET', key .. 'meta', 'ttl'))
+  if ttl and ttl > 0 then
+    for _, name in ipairs({'meta', 'created', 'snap', 'calls', 'ends'}) do
+      redis.call('PEXPIRE', key .. name, ttl)
+    end
+  end
+end
+for i = 3, #ARGV, 6 do
+  local kind, id, a, b, c = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local record = ARGV[i + 5]
   local key = prefix .. '{' .. id .. '}:'
   local ok = not bad[id]
   local exists = redis.call('EXISTS', key .. 'meta') == 1
@@ -50,7 +61,7 @@ for i = 2, #ARGV, 5 do
     ok = not exists
     if ok then
       redis.call('SET', key .. 'created', record)
-      redis.call('HSET', key .. 'meta', 'step', a, 'snap', -1, 'summary', b)
+      redis.call('HSET', key .. 'meta', 'step', a, 'snap', -1, 'summary', b, 'ttl', c)
       redis.call('SADD', prefix .. 'sessions', id)
     end
   elseif ok and kind == 'call' then
@@ -81,6 +92,10 @@ for i = 2, #ARGV, 5 do
       redis.call('SREM', prefix .. 'sessions', id)
     end
   end
+  if ok and kind ~= 'deleted' then
+    refresh(key)
+    redis.call('HSET', key .. 'meta', 'owner', replica)
+  end
   if not ok and not bad[id] then
     bad[id] = true
     refused[#refused + 1] = id
@@ -90,14 +105,30 @@ return refused
 """
 
 
+CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+return redis.call('HGET', KEYS[1], 'step')
+"""
+
+
 class RedisSessionStore(SessionStore):
-    """Sessions' records in a Redis server (not Redis Cluster: a commit spans sessions)."""
+    """Sessions' records in a Redis server (not Redis Cluster: a commit spans sessions),
+    which several memserve replicas may share."""
+
+    shared = True
 
     def __init__(
-        self, url: str, prefix: str = PREFIX, responses: int = RESPONSES_KEPT, timeout: float = 5.0
+        self,
+        url: str,
+        prefix: str = PREFIX,
+        responses: int = RESPONSES_KEPT,
+        timeout: float = 5.0,
+        replica: str = "",
     ) -> None:
         self.url = url
         self.prefix = prefix
+        self.replica = replica  # who commits: the owner every write records
         self.responses = responses
         try:
             self.redis = redis.Redis.from_url(
@@ -106,6 +137,7 @@ class RedisSessionStore(SessionStore):
         except ValueError as error:
             raise ValueError(f"--store {url!r} is not a Redis URL: {error}") from error
         self.commit_script = self.redis.register_script(COMMIT)
+        self.claim_script = self.redis.register_script(CLAIM)
 
     def _unreachable(self, error: RedisError) -> StoreUnavailable:
         return StoreUnavailable(f"the session store {self.url} cannot be used: {error}")
@@ -128,31 +160,44 @@ class RedisSessionStore(SessionStore):
             for session_id in ids:
                 pipe.hgetall(self._key(session_id, "meta"))
             metas: list[dict[bytes, bytes]] = pipe.execute()
+            expired = [session_id for session_id, meta in zip(ids, metas, strict=True) if not meta]
+            if expired:  # their keys expired (TTL): forget them in the set too
+                self.redis.srem(self.prefix + "sessions", *expired)
         except RedisError as error:
             raise self._unreachable(error) from error
-        summaries = []
-        for session_id, meta in zip(ids, metas, strict=True):
-            problem = None
-            try:
-                summary: dict[str, Any] = json.loads(meta[b"summary"])
-                step = int(meta[b"step"])
-            except (KeyError, ValueError) as damage:
-                summary, step, problem = {}, 0, f"its summary is damaged: {damage}"
-            summaries.append(
-                SessionSummary(
-                    session_id=session_id,
-                    model=summary.get("model", ""),
-                    weights_digest=summary.get("weights_digest", ""),
-                    ttl=float(summary.get("ttl", 0.0)),
-                    seed=summary.get("seed"),
-                    step=step,
-                    error=problem,
-                    request_id=summary.get("request_id", ""),
-                    request_digest=bytes.fromhex(summary.get("request_digest", "")),
-                    made=float(summary.get("made", 0.0)),
-                )
-            )
-        return summaries
+        return [_summary(i, meta) for i, meta in zip(ids, metas, strict=True) if meta]
+
+    def summary(self, session_id: str) -> SessionSummary | None:
+        try:
+            meta = cast(dict[bytes, bytes], self.redis.hgetall(self._key(session_id, "meta")))
+        except RedisError as error:
+            raise self._unreachable(error) from error
+        return _summary(session_id, meta) if meta else None
+
+    def committed_step(self, session_id: str) -> int | None:
+        try:
+            step = self.redis.hget(self._key(session_id, "meta"), "step")
+        except RedisError as error:
+            raise self._unreachable(error) from error
+        return None if step is None else int(step)
+
+    def owner(self, session_id: str) -> tuple[int, str] | None:
+        """The session's committed step and the replica that last committed or claimed it
+        (None if the store does not hold it)."""
+        try:
+            step, owner = self.redis.hmget(self._key(session_id, "meta"), ["step", "owner"])
+        except RedisError as error:
+            raise self._unreachable(error) from error
+        return None if step is None else (int(step), _text(owner or b""))
+
+    def claim(self, session_id: str) -> int | None:
+        """Record this replica as the session's owner (it just loaded it); its committed
+        step, or None if the store does not hold it."""
+        try:
+            step = self.claim_script(keys=[self._key(session_id, "meta")], args=[self.replica])
+        except RedisError as error:
+            raise self._unreachable(error) from error
+        return None if step is None else int(step)
 
     def load(self, session_id: str) -> StoredSession:
         try:
@@ -192,14 +237,15 @@ class RedisSessionStore(SessionStore):
     def commit(self, records: Sequence[journal_pb2.Record]) -> set[str]:
         if not records:
             return set()
-        arguments: list[Any] = [self.prefix]
+        arguments: list[Any] = [self.prefix, self.replica]
         for record in records:
             kind = record.WhichOneof("record")
             a: Any = ""
             b: Any = ""
+            c: Any = ""
             if kind == "created":
                 created = record.created
-                a = created.step
+                a, c = created.step, max(1, round(created.ttl_seconds * 1000))
                 b = json.dumps(
                     {
                         "model": created.model,
@@ -209,13 +255,14 @@ class RedisSessionStore(SessionStore):
                         "request_id": created.request_id,
                         "request_digest": created.request_digest.hex(),
                         "made": created.unix_time,
+                        "tenant": created.tenant,
                     }
                 )
             elif kind == "call":
                 a, b = record.call.from_step, record.call.to_step
             elif kind == "snapshot":
                 a = record.snapshot.step
-            arguments += [kind, record_session(record), str(a), str(b), frame(record)]
+            arguments += [kind, record_session(record), str(a), str(b), str(c), frame(record)]
         try:
             refused = self.commit_script(args=arguments)
         except RedisError as error:
@@ -228,3 +275,26 @@ class RedisSessionStore(SessionStore):
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _summary(session_id: str, meta: dict[bytes, bytes]) -> SessionSummary:
+    """A session's summary from its `meta` hash (an error in it if the hash is damaged)."""
+    problem = None
+    try:
+        summary: dict[str, Any] = json.loads(meta[b"summary"])
+        step = int(meta[b"step"])
+    except (KeyError, ValueError) as damage:
+        summary, step, problem = {}, 0, f"its summary is damaged: {damage}"
+    return SessionSummary(
+        session_id=session_id,
+        model=summary.get("model", ""),
+        weights_digest=summary.get("weights_digest", ""),
+        ttl=float(summary.get("ttl", 0.0)),
+        seed=summary.get("seed"),
+        step=step,
+        error=problem,
+        request_id=summary.get("request_id", ""),
+        request_digest=bytes.fromhex(summary.get("request_digest", "")),
+        made=float(summary.get("made", 0.0)),
+        tenant=summary.get("tenant", ""),
+    )

@@ -16,7 +16,7 @@ import safetensors.torch
 
 from kernels.backend import BACKEND_ENV
 from models import checkpoint
-from serving import server as server_module
+from serving import loading
 from serving.config import ServerConfig
 from serving.protocol import CopySlot, Launch, ReadSlot, Request, ResetSlot, WriteSlot
 from serving.server import Server
@@ -52,7 +52,7 @@ def front_end_without_weights() -> Iterator[None]:
         patch.setenv(BACKEND_ENV, "torch")
         patch.setattr(checkpoint, "load", no_weights)
         patch.setattr(safetensors.torch, "load_file", no_weights)
-        patch.setattr(server_module, "WorkerClient", RecordingWorker)
+        patch.setattr(loading, "WorkerClient", RecordingWorker)
         yield
 
 
@@ -74,7 +74,7 @@ def test_sessions_are_made_in_the_worker_and_only_parking_carries_state(
             first = await lifecycle.create(None, None)
             assert worker.take() == ["ResetSlot"]
             await engine.step(first, rng.random((3, 9), dtype=np.float32), None)
-            assert worker.take() == ["Launch"] * 3
+            assert worker.take() == ["Launch"]  # three steps back to back in one launch
             child = await lifecycle.fork(first, None)  # the second slot was free
             assert worker.take() == ["CopySlot"]
             assert child.step == first.step == 3

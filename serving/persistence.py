@@ -1,0 +1,236 @@
+"""A session's records in the session store, beyond its beginning and end: sessions found
+in the store after a restart (adopted: known at once, their state brought back on first use,
+by replaying the calls after their snapshot in the worker), sessions unloaded when a commit
+of theirs fails (the store is right, this server is ahead), and snapshots (a session's whole
+state, so that bringing it back replays little): when an idle session is parked, at drain,
+and in the expiry sweep for idle active sessions, once it has run `snapshot_every` steps
+since its last one; with `--durability park`, at every park and at drain, since nothing
+else is written then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from serving import journal
+from serving.durable.base import SessionSummary
+from serving.durable.committer import Committer, Durability
+from serving.durable.records import replay_row
+from serving.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
+from serving.export import import_state
+from serving.logs import log_session
+from serving.pipeline import Pipeline
+from serving.protocol import ModelCard, Replay
+from serving.requests import RecentSessions, RequestLog, scoped
+from serving.scheduler import Scheduler
+from serving.sessions import Session, SessionTable
+from serving.slots import SlotManager, State
+from serving.worker import host_state
+
+log = logging.getLogger("memserve.persistence")
+
+SNAPSHOTS_PER_SWEEP = 8  # idle sessions written in whole per expiry sweep, at most
+
+
+class Persistence:
+    """One model's sessions and the session store, past their beginnings and ends."""
+
+    def __init__(
+        self,
+        name: str,
+        card: ModelCard,
+        table: SessionTable,
+        slots: SlotManager,
+        scheduler: Scheduler,
+        pipeline: Pipeline,
+        lock: asyncio.Lock,
+        end: Callable[[Session, str], None],
+        durability: Durability,
+    ) -> None:
+        self.name = name
+        self.card = card
+        self.table = table
+        self.slots = slots
+        self.worker = slots.worker
+        self.scheduler = scheduler
+        self.pipeline = pipeline
+        self.lock = lock
+        self.end = end
+        self.committer: Committer | None = durability.committer
+        self.mode = durability.mode
+        self.snapshot_every = durability.snapshot_every
+        self.replica = durability.replica  # "" unless one replica of a cluster
+        self.recent = RecentSessions()  # create/fork/import request ids (the lifecycle's)
+        self.loading: dict[str, asyncio.Future[None]] = {}
+        self.unloading: set[asyncio.Future[None]] = set()
+        slots.on_parked = self.parked
+
+    def adopt(self, summary: SessionSummary) -> Session:
+        """A session found in the store at start: known at once, its state brought back on
+        first use. One that cannot be (damaged, other weights) answers why, every time."""
+        session = Session(
+            id=summary.session_id,
+            model=self.name,
+            ttl=summary.ttl,
+            last_used=time.monotonic(),
+            step=summary.step,
+            seed=summary.seed,
+            tenant=summary.tenant,
+        )
+        if summary.error is not None:
+            session.broken = DataLoss(f"session {session.id} cannot be restored: {summary.error}")
+        elif summary.weights_digest != self.card.weights_digest:
+            session.broken = FailedPrecondition(
+                f"session {session.id} was made with other weights of model {self.name!r} "
+                f"(digest {summary.weights_digest[:12]}, this server has "
+                f"{self.card.weights_digest[:12]})"
+            )
+        if summary.request_id:
+            key = scoped(summary.tenant, summary.request_id)
+            self.recent.load(key, summary.request_digest, session.id, summary.made)
+        self.slots.add_stored(session)
+        self.table.add(session)
+        return session
+
+    async def ensure_loaded(self, session: Session) -> None:
+        """Bring a stored session's state back (once, whoever asks first)."""
+        if session.broken is not None:
+            raise session.broken
+        if not self.slots.is_stored(session):
+            return
+        loading = self.loading.get(session.id)
+        if loading is None:
+            loading = self.loading[session.id] = asyncio.ensure_future(self._load(session))
+            loading.add_done_callback(lambda _: self.loading.pop(session.id, None))
+        await asyncio.shield(loading)
+
+    async def _load(self, session: Session) -> None:
+        """The stored snapshot (or creation) with the calls after it replayed in the worker,
+        alone, which gives the bits the batched launches gave."""
+        assert self.committer is not None
+        try:
+            stored = await self.committer.run(self.committer.store.load, session.id)
+        except KeyError:
+            async with self.lock:
+                if self.table.live(session):
+                    self.end(session, "is no longer in the session store")
+            raise NotFound(f"session {session.id} is no longer in the session store") from None
+        except DataLoss as error:
+            session.broken = error
+            raise
+        base = stored.snapshot.state if stored.snapshot is not None else stored.created.state
+        start = stored.snapshot.step if stored.snapshot is not None else stored.created.step
+        rows = tuple(replay_row(op) for call in stored.calls for op in call.operations)
+        if start + len(rows) != stored.step:
+            session.broken = DataLoss(
+                f"session {session.id} cannot be restored: its records hold {len(rows)} steps "
+                f"after step {start}, not the {stored.step - start} its count says"
+            )
+            raise session.broken
+        initial = host_state(import_state(base).tensors) if base else None
+        arrays = await self.worker.send(Replay(initial, rows))
+        async with self.lock:
+            if not self.slots.is_stored(session) or not self.table.live(session):
+                return
+            session.step = stored.step
+            session.requests = RequestLog()
+            session.requests.load(stored.responses)
+            session.logged_ops = len(rows)
+            self.slots.unstore(session, {n: torch.from_numpy(a) for n, a in arrays.items()})
+        if self.replica:  # this replica serves it now: its reads elsewhere must reload
+            claimed = await self.committer.run(self.committer.store.claim, session.id)
+            if claimed != stored.step:  # it moved on meanwhile: bring that back instead
+                async with self.lock:
+                    if self.table.live(session) and not self.scheduler.has_calls(session):
+                        self.slots.unload(session)
+                if claimed is None:
+                    raise NotFound(f"session {session.id} is no longer in the session store")
+                await self._load(session)
+                return
+        log_session(log, "loaded", self.name, session.id, step=session.step, replayed=len(rows))
+
+    def forget(self, session: Session, why: str) -> None:
+        """Drop a session from this replica only; it goes on in the shared store. The caller
+        holds the lock."""
+        self.slots.release(session)
+        self.scheduler.drop(session, Unavailable(f"session {session.id} {why}; retry"))
+        self.table.forget(session)
+        log_session(log, "forgotten", self.name, session.id, why=why)
+
+    def unload(self, session: Session, failure: Exception) -> None:
+        """A commit of the session's failed: forget what is here, keep what the store has
+        (the next call brings it back from there)."""
+        task = asyncio.ensure_future(self._unload(session, failure))
+        self.unloading.add(task)
+        task.add_done_callback(self.unloading.discard)
+
+    async def _unload(self, session: Session, failure: Exception) -> None:
+        async with self.lock:
+            await self.pipeline.land_all()
+            if not self.table.live(session) or self.slots.is_stored(session):
+                return
+            self.scheduler.drop(session, Unavailable(f"session {session.id}: {failure}"))
+            self.slots.unload(session)
+        log_session(log, "unloaded", self.name, session.id, why=str(failure))
+
+    def parked(self, session: Session, state: State) -> None:
+        """A state went to the parking store: write it durably if it is due."""
+        due = self.mode == "park" or session.logged_ops >= self.snapshot_every
+        idle = not self.scheduler.has_calls(session)  # mid-call states are not committed
+        if self.committer is not None and session.logged_ops and due and idle:
+            self._snapshot(session, state)
+
+    def _snapshot(self, session: Session, state: State) -> asyncio.Future[set[str]]:
+        assert self.committer is not None
+        session.logged_ops = 0
+        record = journal.snapshot(session, self.card.weights_digest, state)
+        done = self.committer.commit([record])
+        done.add_done_callback(log_failure)
+        return done
+
+    async def snapshot_idle(self) -> None:
+        """A few idle active sessions that are due, written in whole."""
+        if self.committer is None or self.mode == "park":
+            return
+        due = [
+            s for s in self.slots.active.values()
+            if s.logged_ops >= self.snapshot_every and not self.scheduler.has_calls(s)
+        ][:SNAPSHOTS_PER_SWEEP]  # fmt: skip
+        if not due:
+            return
+        async with self.lock:
+            await self.pipeline.land_all()
+            for session in due:
+                if session.slot is not None and not self.scheduler.has_calls(session):
+                    self._snapshot(session, await self.worker.read(session.slot))
+
+    async def _state_of(self, session: Session) -> State:
+        if session.slot is None:
+            return self.slots.read(session)
+        return await self.worker.read(session.slot)
+
+    async def checkpoint(self) -> int:
+        """At drain: every session with steps since its last snapshot written in whole (none
+        has calls any more). Returns how many."""
+        if self.committer is None:
+            return 0
+        written = 0
+        async with self.lock:
+            for session in [*self.slots.active.values(), *self.slots.parked.values()]:
+                if session.logged_ops and self.table.live(session):
+                    self._snapshot(session, await self._state_of(session))
+                    written += 1
+        await self.committer.flush()
+        return written
+
+
+def log_failure(done: asyncio.Future[set[str]]) -> None:
+    """For commits nobody waits on: say when one failed."""
+    if not done.cancelled() and done.exception() is not None:
+        log.error("a background commit failed: %s", done.exception(),
+                  extra={"event": "commit_failed"})  # fmt: skip
