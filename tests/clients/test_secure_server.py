@@ -22,7 +22,7 @@ from memserve.cli import main
 from models.base import MemoryModel
 from serving.tenants import hash_key, new_key
 from tests.clients.faces import Face
-from tests.clients.servers import DIRECT, ROOT, TINY, close_to, served, subprocess_env
+from tests.clients.servers import DIRECT, ROOT, TINY, same_bits, served, subprocess_env
 from tests.serving.certificates import Pki, make_pki
 from tests.serving.client import metric, scrape
 from tests.serving.conftest import Reference, random_inputs
@@ -69,14 +69,14 @@ def test_the_library_steps_over_mutual_tls_with_a_key(
             async with await client.session("ntm-copy") as session:
                 for steps in (1, 12):  # 12: over a launch's default eight
                     inputs = random_inputs(rng, steps, 9)
-                    assert close_to(await session.step(inputs), reference.step(inputs))
+                    assert same_bits(await session.step(inputs), reference.step(inputs))
                 async with session.step_stream() as stream:
                     inputs = random_inputs(rng, 1, 9)
-                    assert close_to((await stream.step(inputs)).outputs, reference.step(inputs))
+                    assert same_bits((await stream.step(inputs)).outputs, reference.step(inputs))
                 twin = reference.fork()
                 async with await session.fork() as child:
                     inputs = random_inputs(rng, 3, 9)
-                    assert close_to(await child.step(inputs), twin.step(inputs))
+                    assert same_bits(await child.step(inputs), twin.step(inputs))
                 copy = await client.import_session(await session.export())
                 assert copy.step == reference.steps
                 await client.delete_session(copy.session_id)
