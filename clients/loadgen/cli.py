@@ -172,10 +172,10 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     where.add_argument(
         "--attempts", type=positive_int, default=1, metavar="N",
-        help="most attempts of a request (and of a CreateSession): one after UNAVAILABLE "
-        "(or an attempt past --attempt-timeout) sends it again with its request id, so the "
-        "server runs it once; every attempt is counted as a call, the request once. 1: no "
-        "retries",
+        help="most attempts of a request (and of a CreateSession, a DeleteSession): one "
+        "after UNAVAILABLE (or an attempt past --attempt-timeout) sends it again with its "
+        "request id, so the server runs it once; every attempt is counted as a call, the "
+        "request once. 1: no retries (the only choice with --protocol kserve)",
     )  # fmt: skip
     where.add_argument(
         "--attempt-timeout", type=positive_float, metavar="SECONDS",

@@ -13,6 +13,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from clients.channel import TLS
 
+# Why --protocol kserve takes no retries (Settings refuses them, GrpcTarget too).
+KSERVE_NO_RETRIES = (
+    "--attempts and --attempt-timeout are for --protocol memserve only: a v2 request's "
+    "retry is not safe to count on (the load generator sends no request id with it, and a "
+    "repeat of a sequence's last request, sequence_end, is refused once the sequence has "
+    "ended, even when the first attempt ran); use --protocol memserve to measure retries"
+)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -55,6 +63,10 @@ class Settings:
     top_k: int = 0
     top_p: float | None = None
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.protocol == "kserve" and (self.attempts > 1 or self.attempt_timeout is not None):
+            raise ValueError(KSERVE_NO_RETRIES)
 
     @property
     def mode(self) -> str:

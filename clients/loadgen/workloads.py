@@ -5,10 +5,12 @@ the schedules drive and which counts every call by method and status code. The b
 
 Every request (and CreateSession) carries a fresh request id from the client library
 (`clients.retry.new_request_id`), and is retried as the library's `RetryPolicy` says (off
-unless --attempts asks for it): each attempt is a call, counted as the server counts it;
+unless --attempts asks for it; DeleteSession is retried too, and a retry that finds the
+session gone has deleted it): each attempt is a call, counted as the server counts it;
 the request is recorded once, with its final outcome, its latency from its intended start
 to that outcome, and a Generate reply's pieces as they first arrived (a retry replays the
-reply from its start: what was already heard is skipped).
+reply from its start: what was already heard is skipped). The v2 workloads (`kserve.py`)
+send no request ids and are never retried (settings.KSERVE_NO_RETRIES says why).
 
 Stubs of `grpc.aio` straight from `protos/`, tensors through `protos/tensors.py`: nothing of
 the server is imported, and a request costs the client as little as it can.
@@ -28,7 +30,7 @@ from clients.channel import ChannelOption, Metadata, call_metadata, channel_opti
 from clients.errors import MemserveError
 from clients.loadgen.recording import INVALID_RESPONSE, OK, CallCounts, Outcome, Recorder
 from clients.loadgen.schedule import Session, SessionRefused, now
-from clients.loadgen.settings import Settings
+from clients.loadgen.settings import KSERVE_NO_RETRIES, Settings
 from clients.messages import DIALOGUE_TYPES
 from clients.retry import NO_RETRIES, Deadline, RetryPolicy, new_request_id
 from protos import memserve_pb2, memserve_pb2_grpc, tensors
@@ -383,7 +385,8 @@ class GrpcTarget:
     """The schedules' `Target` over gRPC for one level: every call counted into the level's
     recorder by method and status code (a call we cancel counts as CANCELLED). `timeout`:
     every request's deadline in seconds, its retries included (None: none); `retry`: when
-    a request (or CreateSession) is tried again (default: never)."""
+    a request (or CreateSession, DeleteSession) is tried again (default: never; never for a
+    workload of v2 sequences, whose requests carry no request id)."""
 
     def __init__(
         self,
@@ -393,6 +396,8 @@ class GrpcTarget:
         timeout: float | None,
         retry: RetryPolicy = NO_RETRIES,
     ) -> None:
+        if workload.sequences and retry.attempts > 1:
+            raise ValueError(KSERVE_NO_RETRIES)
         self.connection = connection
         self.workload = workload
         self.recorder = recorder
@@ -444,7 +449,8 @@ class GrpcTarget:
         self, error: grpc.aio.AioRpcError, attempt: int, deadline: Deadline, method: str
     ) -> float | None:
         """Seconds to wait before the next attempt, or None to give up (every request is
-        named by its request id, so any failure the policy retries may be retried)."""
+        named by its request id, and deleting twice deletes once, so any failure the policy
+        retries may be retried)."""
         failure = MemserveError(error.code(), error.details() or "", attempt)
         return self.retry.delay(failure, deadline.remaining(), method)
 
@@ -458,17 +464,30 @@ class GrpcTarget:
             return
         start = now()
         request = memserve_pb2.DeleteSessionRequest(session_id=session.session_id)
-        try:
-            await session.stub.DeleteSession(
-                request, timeout=self.timeout, metadata=self.connection.metadata
-            )
-        except grpc.aio.AioRpcError as error:
-            self.calls.add("DeleteSession", code_name(error), error.details() or "")
-            return
-        except asyncio.CancelledError:
-            self.calls.add("DeleteSession", "CANCELLED")
-            raise
-        self.calls.add("DeleteSession", OK)
+        deadline = Deadline(self.timeout)
+        attempt = 1
+        while True:
+            try:
+                await session.stub.DeleteSession(
+                    request, timeout=self.retry.attempt_limit(deadline, attempt),
+                    metadata=self.connection.metadata,
+                )  # fmt: skip
+            except grpc.aio.AioRpcError as error:
+                code = code_name(error)
+                self.calls.add("DeleteSession", code, error.details() or "")
+                if code == "NOT_FOUND" and attempt > 1:
+                    break  # an earlier attempt deleted it, and its reply was lost
+                delay = self._retry_after(error, attempt, deadline, "DeleteSession")
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            except asyncio.CancelledError:
+                self.calls.add("DeleteSession", "CANCELLED")
+                raise
+            self.calls.add("DeleteSession", OK)
+            break
         self.recorder.session_calls["DeleteSession"].record(now() - start)
 
     async def _end(self, session: Session) -> None:

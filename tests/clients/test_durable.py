@@ -18,29 +18,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import struct
 import threading
-import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from safetensors.numpy import load as safe_load
 
-from bench.child_server import ServerProcess
 from bench.redis_server import RedisServer
 from clients import AsyncClient, AsyncGeneration, RetryPolicy
 from models.base import MemoryModel
-from protos import memserve_pb2
 from tests.clients.faces import Face
-from tests.clients.servers import DIRECT, TINY, Relay, same_bits
+from tests.clients.servers import DIRECT, LONG, REPLY, TINY, WAIT_SECONDS, Durable, same_bits
 from tests.serving.conftest import Reference, random_inputs
-from tests.tiny_vmed import tiny_vmed
 
-LONG = 1000  # steps of the Step cut short: seconds of work, so that it is cut mid-way
-REPLY = 1000  # tokens of the reply cut short (the small VMED always runs to max_tokens)
 # Patient enough to ride out a restart, however long a busy machine makes it: the call's
 # deadline bounds the attempts, not their number (while the server is gone, gRPC fails
 # them at once, for as long as its own reconnection backoff lasts).
@@ -49,68 +41,6 @@ PATIENT = RetryPolicy(attempts=10_000, initial_backoff=0.05, max_backoff=1.0,
 HASTY_ATTEMPTS = RetryPolicy(attempts=10_000, initial_backoff=0.05, max_backoff=1.0,
                              attempt_timeout=1.0)  # fmt: skip
 CALL_SECONDS = 600.0
-WAIT_SECONDS = 120.0  # the most a test waits for what it waits for (only a failing one)
-
-
-class Durable:
-    """memserve (ntm-copy and the small VMED) on a store that outlives it, behind a relay:
-    `restart` kills it with SIGKILL and starts another on the same store."""
-
-    def __init__(
-        self, tmp_path_factory: pytest.TempPathFactory, store: str, redis: RedisServer | None
-    ) -> None:
-        self.redis = redis  # the store's redis-server, if it is one
-        model, _ = tiny_vmed(tmp_path_factory.mktemp("model") / TINY)
-        self.logs = tmp_path_factory.mktemp("server")
-        self.args = (
-            "--models", f"ntm-copy,{model}", "--store", store, "--durability", "launch",
-            "--max-steps-per-call", str(LONG), "--max-new-tokens", str(REPLY),
-        )  # fmt: skip
-        self.relay = Relay()
-        self.server = self._start()
-        self.restarts = 0
-
-    def _start(self) -> ServerProcess:
-        server = ServerProcess(self.logs, *self.args)
-        server.start()
-        self.relay.point(server.port)
-        return server
-
-    def restart(self, session_id: str, committed: int) -> None:
-        """kill -9, then a new server on the same store; the relay holds new connections
-        in between (calls in flight through it fail with UNAVAILABLE, as the server's own
-        connections would). Before the relay lets clients reach the new server, check that
-        the session's step count there, what the store had, is `committed`: the call cut
-        short was indeed not committed before the kill (else it was not cut at all)."""
-        self.relay.point(None)
-        os.kill(self.server.pid, signal.SIGKILL)
-        self.server.wait(WAIT_SECONDS)
-        self.server.stop()  # closes its channels
-        self.server = ServerProcess(self.logs, *self.args)
-        self.server.start()
-        found = self.steps_of(session_id)
-        assert found == committed, f"the call was committed ({found} steps) before the kill"
-        self.relay.point(self.server.port)
-        self.restarts += 1
-
-    def steps_of(self, session_id: str) -> int:
-        """The session's step count as the server has it now (steps taken, committed or
-        not)."""
-        request = memserve_pb2.GetSessionRequest(session_id=session_id)
-        return int(self.server.stub().GetSession(request, timeout=WAIT_SECONDS).step)
-
-    def wait_for_steps(self, session_id: str, above: int, below: int) -> int:
-        """Wait until the session's step count is past `above`, and return it: it must be
-        under `below` (the call has started, and has not finished)."""
-        deadline = time.monotonic() + WAIT_SECONDS
-        while (steps := self.steps_of(session_id)) <= above:
-            assert time.monotonic() < deadline, "the call never started"
-        assert steps < below, f"the call ended ({steps} steps) before it could be cut"
-        return steps
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.relay.close()
 
 
 @pytest.fixture(scope="module", params=["dir", "redis"])
