@@ -119,7 +119,10 @@ class RetryPolicy:
 
     def backoff(self, retry: int) -> float:
         """Seconds to wait before retry number `retry` (1 for the second attempt)."""
-        full = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
+        try:
+            full = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
+        except OverflowError:  # retry ~1000 of a policy bounded by its deadline, not a count
+            full = self.max_backoff if self.initial_backoff > 0 else 0.0
         return full * (1 - self.jitter * random.random())
 
     def attempt_limit(self, deadline: Deadline, attempt: int) -> float | None:

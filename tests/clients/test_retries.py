@@ -148,6 +148,10 @@ def test_backoff_grows_exponentially_up_to_its_cap_with_bounded_jitter() -> None
     jittered = RetryPolicy(initial_backoff=0.1, multiplier=2.0, max_backoff=0.5, jitter=0.5)
     waits = [jittered.backoff(3) for _ in range(200)]
     assert all(0.2 <= wait <= 0.4 for wait in waits) and len(set(waits)) > 100
+    # A policy bounded by its deadline, not a count (memserve chat's): retry 5000 still
+    # waits the cap, where the growth alone is past any float.
+    assert exact.backoff(5000) == 0.5
+    assert RetryPolicy(initial_backoff=0.0, jitter=0.0).backoff(5000) == 0.0
     with pytest.raises(ValueError):
         RetryPolicy(attempts=0)
 
