@@ -3,7 +3,7 @@ attempts of a call with UNAVAILABLE (optionally after doing the work, as when a 
 lost on the way back), cut a Generate reply after some pieces, reply differently to a retry,
 hold a call's reply at a chosen point until the test lets it go (to interrupt the client
 while it waits, or let an attempt's time run out), record every call's metadata, request
-id and the deadline it arrived with, and listen with TLS.
+id and the deadline it arrived with. (TLS and keys: a real server, test_secure_server.py.)
 
 It is a real gRPC server on a loopback port with a small in-memory session table: steps
 double their inputs, Generate echoes the text. Its one model, "fake", is listed as a
@@ -14,14 +14,11 @@ runs nothing, unless `remember` is off.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -286,65 +283,18 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         return [method for method, metadata in self.metadata if key in metadata]
 
 
-@dataclass(frozen=True)
-class Certificates:
-    """PEM files: a server certificate for the name `memserve.test` only (not 127.0.0.1),
-    and a client certificate; each self-signed, so each is its own root."""
-
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-    @classmethod
-    def make(cls, directory: Path) -> Certificates:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            raise FileNotFoundError("openssl")
-        for name, subject in (("server", "memserve.test"), ("client", "memserve-client")):
-            subprocess.run(
-                [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-                 "-keyout", str(directory / f"{name}.key"),
-                 "-out", str(directory / f"{name}.pem"),
-                 "-subj", f"/CN={subject}", "-addext", f"subjectAltName=DNS:{subject}"],
-                check=True, capture_output=True, timeout=60,
-            )  # fmt: skip
-        return cls(
-            directory / "server.pem",
-            directory / "server.key",
-            directory / "client.pem",
-            directory / "client.key",
-        )
-
-
 class FakeServer:
-    """A `FakeMemServe` on loopback: `port` plaintext, `tls_port` TLS, `mtls_port` TLS that
-    requires the client certificate (when started with certificates)."""
+    """A `FakeMemServe` on a loopback port."""
 
-    def __init__(self, certificates: Certificates | None = None) -> None:
+    def __init__(self) -> None:
         self.service = FakeMemServe()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         memserve_pb2_grpc.add_MemServeServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
         self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.tls_port = self.mtls_port = 0
-        if certificates is not None:
-            pair = [(certificates.server_key.read_bytes(), certificates.server_cert.read_bytes())]
-            self.tls_port = self.server.add_secure_port(
-                "127.0.0.1:0", grpc.ssl_server_credentials(pair)
-            )
-            self.mtls_port = self.server.add_secure_port(
-                "127.0.0.1:0",
-                grpc.ssl_server_credentials(
-                    pair,
-                    root_certificates=certificates.client_cert.read_bytes(),
-                    require_client_auth=True,
-                ),
-            )
         self.server.start()
 
-    def target(self, port: int | None = None) -> str:
-        return f"127.0.0.1:{port or self.port}"
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.service.release_all()
