@@ -52,7 +52,7 @@ class Client(ClientCore):
     grpc_module = grpc
 
     @functools.cached_property
-    def watchdog(self) -> Watchdog:
+    def _watchdog(self) -> Watchdog:
         """What times the reads of this client's replies (see `RetryPolicy.attempt_timeout`)."""
         return Watchdog()
 
@@ -139,7 +139,7 @@ class Client(ClientCore):
     def close(self) -> None:
         """Cancel the step streams still open, then close the channel."""
         self._cancel_streams()
-        self.watchdog.stop()
+        self._watchdog.stop()
         self.channel.close()
 
     def __enter__(self) -> Client:
@@ -161,14 +161,14 @@ class Generation(GenerationCore):
 
     async def _receive(self, limit: Seconds) -> memserve_pb2.GenerateResponse | None:
         call = self._call
-        timer = None if limit is None else self.client.watchdog.arm(limit, call, self._expire)
+        timer = None if limit is None else self.client._watchdog.arm(limit, call, self._expire)
         try:
             message: memserve_pb2.GenerateResponse = next(call)
         except StopIteration:
             return None
         finally:
             if timer is not None:
-                self.client.watchdog.disarm(timer)
+                self.client._watchdog.disarm(timer)
         return message
 
     def __iter__(self) -> Iterator[str]:
