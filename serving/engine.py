@@ -8,9 +8,10 @@ which answers the calls that are done. Creating, forking, importing, exporting, 
 expiring sessions is `Lifecycle`'s.
 
 Continuous batching: each launch takes the head call of up to `max_batch` ready sessions in
-turn and advances each by ONE row (a step, or one token of a Generate); a call of T steps
-takes T launches, other sessions interleave with it, and calls that arrive while launches are
-in flight join the next one. Everything that touches the pool or the session bookkeeping
+turn and advances each by ONE row (up to `steps_per_launch` steps of a Step call, or one
+token of a Generate); a call of T steps takes ceil(T / steps_per_launch) launches, other
+sessions interleave with it, and calls that arrive while launches are in flight join the
+next one. Everything that touches the pool or the session bookkeeping
 holds `self.lock`, an asyncio lock on the event loop's thread.
 """
 
@@ -43,6 +44,7 @@ from serving.metrics import Metrics
 from serving.persistence import Persistence
 from serving.pipeline import Pipeline
 from serving.protocol import ModelCard
+from serving.pushback import Pushback
 from serving.scheduler import Scheduler
 from serving.sessions import Session, SessionTable
 from serving.slots import SlotManager
@@ -50,8 +52,6 @@ from serving.store import ParkingStore
 from serving.worker_client import WorkerClient, WorkerGone
 
 log = logging.getLogger("memserve.engine")
-
-QUEUE_PUSHBACK = 0.05  # seconds a call refused for a full queue should wait
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ class ModelEngine:
         self.worker = worker
         self.tokenizer = text_tokenizer(card)
         self.lock = asyncio.Lock()
+        self.pushback = Pushback()  # how long a call refused for a full queue should wait
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         # Called when the model's process is gone; the server drains and exits non-zero.
@@ -219,12 +220,13 @@ class ModelEngine:
                 raise ResourceExhausted(
                     f"model {self.name!r} has {self.scheduler.queued_calls} calls queued, the "
                     "most it takes (max_queued_calls)",
-                    retry_after=QUEUE_PUSHBACK,
+                    retry_after=self.pushback.refused(),
                 )
         except ServingError as error:
             if call.request_id:
                 call.session.requests.fail(call.request_id, error)
             raise
+        self.pushback.admitted()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _: setattr(call, "abandoned", True))
         call.future = future

@@ -30,8 +30,9 @@ from serving.engine import ModelEngine
 from serving.errors import InvalidArgument, NotFound
 from serving.generation import Sampling, prompt_tokens, require_text
 from serving.kserve_stream import answer_stream
+from serving.malformed import Malformed, lenient
 from serving.metrics import Metrics
-from serving.rpc import Admission, Malformed, current_tenant, lenient, unary
+from serving.rpc import Admission, current_tenant, unary
 from serving.sequences import SequenceSessions
 from serving.sessions import Session, SessionTable
 

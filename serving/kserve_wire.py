@@ -20,9 +20,9 @@ from protos.inference import grpc_service_pb2 as v2
 from protos.inference import model_config_pb2
 from serving.errors import InvalidArgument
 from serving.generation import Sampling
+from serving.malformed import Malformed
 from serving.protocol import ModelCard
 from serving.requests import check_request_id
-from serving.rpc import Malformed
 from serving.sequences import SequenceId
 
 INPUT, OUTPUT, STEP, TEXT, REPLY = "INPUT", "OUTPUT", "STEP", "TEXT", "REPLY"
