@@ -12,7 +12,7 @@
 | `core.py` | what both faces do: deadlines, retries, step bookkeeping, streams, Generate |
 | `calls.py` | every unary RPC as a `Call`: its request and how its reply reads |
 | `errors.py` | `MemserveError`, the one exception of a failed call |
-| `retry.py` | `RetryPolicy`: which calls are repeated after UNAVAILABLE, and when |
+| `retry.py` | `RetryPolicy`: which calls are repeated, after what, and when; request ids |
 | `channel.py` | `TLS`, channel options, the bearer token's metadata |
 | `messages.py` | requests, replies as dataclasses, numpy/torch <-> wire tensors, `Sampling` |
 | `options.py` | the default target; command-line checks and connection options (no grpc) |

@@ -1,6 +1,6 @@
 """The asyncio client: `AsyncClient` is `Client` (clients/client.py) with `await`, on
-`grpc.aio`. Same methods, same deadlines, retries and errors, the same session bookkeeping
-(both faces run `clients/core.py`); create it inside the event loop that uses it.
+`grpc.aio`. Same methods, same deadlines, request ids, retries and errors, the same session
+bookkeeping (both faces run `clients/core.py`); create it inside the event loop that uses it.
 
     async with AsyncClient("127.0.0.1:50051") as client:
         async with await client.session("ntm-copy") as session:
@@ -46,23 +46,27 @@ class AsyncClient(ClientCore):
 
     async def create_session(
         self, model: str, *, ttl_seconds: Seconds = None, seed: int | None = None,
-        timeout: Seconds = None,
+        timeout: Seconds = None, request_id: str | None = None,
     ) -> SessionInfo:  # fmt: skip
-        return await self._call(calls.create_session(model, ttl_seconds, seed), timeout)
+        call = calls.create_session(model, ttl_seconds, seed, request_id)
+        return await self._call(call, timeout)
 
     async def session(
         self, model: str, *, ttl_seconds: Seconds = None, seed: int | None = None,
-        timeout: Seconds = None,
+        timeout: Seconds = None, request_id: str | None = None,
     ) -> AsyncSession:  # fmt: skip
         """A new session of `model`: `async with await client.session(model) as session`."""
-        info = await self.create_session(model, ttl_seconds=ttl_seconds, seed=seed, timeout=timeout)
+        info = await self.create_session(
+            model, ttl_seconds=ttl_seconds, seed=seed, timeout=timeout, request_id=request_id
+        )
         return AsyncSession(self, info)
 
     async def step(
         self, session_id: str, inputs: Array, *, expected_step: int | None = None,
-        timeout: Seconds = None,
+        timeout: Seconds = None, request_id: str | None = None,
     ) -> Stepped[Array]:  # fmt: skip
-        return await self._call(calls.step(session_id, inputs, expected_step), timeout)
+        call = calls.step(session_id, inputs, expected_step, request_id)
+        return await self._call(call, timeout)
 
     def step_stream(self, session_id: str, *, timeout: Seconds = None) -> AsyncStepStream:
         return AsyncStepStream(self, session_id, timeout)
@@ -71,26 +75,30 @@ class AsyncClient(ClientCore):
         return await self._call(calls.get_session(session_id), timeout)
 
     async def fork_session(
-        self, session_id: str, *, ttl_seconds: Seconds = None, timeout: Seconds = None
-    ) -> SessionInfo:
-        return await self._call(calls.fork_session(session_id, ttl_seconds), timeout)
+        self, session_id: str, *, ttl_seconds: Seconds = None, timeout: Seconds = None,
+        request_id: str | None = None,
+    ) -> SessionInfo:  # fmt: skip
+        return await self._call(calls.fork_session(session_id, ttl_seconds, request_id), timeout)
 
     async def export_session(self, session_id: str, *, timeout: Seconds = None) -> SessionState:
         return await self._call(calls.export_session(session_id), timeout)
 
     async def import_session(
-        self, state: bytes, *, ttl_seconds: Seconds = None, timeout: Seconds = None
-    ) -> SessionInfo:
-        return await self._call(calls.import_session(state, ttl_seconds), timeout)
+        self, state: bytes, *, ttl_seconds: Seconds = None, timeout: Seconds = None,
+        request_id: str | None = None,
+    ) -> SessionInfo:  # fmt: skip
+        return await self._call(calls.import_session(state, ttl_seconds, request_id), timeout)
 
     async def delete_session(self, session_id: str, *, timeout: Seconds = None) -> None:
         await self._call(calls.delete_session(session_id), timeout)
 
     def generate(
-        self, session_id: str, text: str, *, timeout: Seconds = None, **sampling: Unpack[Sampling]
-    ) -> AsyncGeneration:
+        self, session_id: str, text: str, *, timeout: Seconds = None,
+        request_id: str | None = None, **sampling: Unpack[Sampling],
+    ) -> AsyncGeneration:  # fmt: skip
         """The reply to `text`: `async for piece in client.generate(...)`."""
-        return AsyncGeneration(self._generate_call(session_id, text, sampling, timeout))
+        request = calls.generate(session_id, text, sampling, request_id)
+        return AsyncGeneration(self, request, timeout)
 
     async def close(self) -> None:
         """Cancel the step streams still open, then close the channel."""
@@ -107,13 +115,20 @@ class AsyncClient(ClientCore):
 class AsyncGeneration(GenerationCore):
     """`Generation` for asyncio: `async for piece in generation`, then `done`."""
 
-    async def _receive(self) -> memserve_pb2.GenerateResponse | None:
+    async def _receive(self, limit: Seconds) -> memserve_pb2.GenerateResponse | None:
+        call = self._call
+        timer = None
+        if limit is not None:
+            timer = asyncio.get_running_loop().call_later(limit, self._expire, call)
         try:
-            message = await self._call.read()
+            message = await call.read()
         except asyncio.CancelledError:
-            if not self.cancelled:
+            if not (self.cancelled or self._expired):
                 raise  # the task itself is cancelled
             return None  # grpc.aio answers a read after cancel() with CancelledError
+        finally:
+            if timer is not None:
+                timer.cancel()
         return None if message is grpc.aio.EOF else message
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -205,20 +220,26 @@ class AsyncSession(SessionCore[AsyncClient]):
     async def info(self, *, timeout: Seconds = None) -> SessionInfo:
         return await self._info(timeout)
 
-    async def step(self, inputs: Array, *, timeout: Seconds = None) -> Array:
-        return await self._step(inputs, timeout)
+    async def step(
+        self, inputs: Array, *, timeout: Seconds = None, request_id: str | None = None
+    ) -> Array:
+        return await self._step(inputs, timeout, request_id)
 
     def step_stream(self, *, timeout: Seconds = None) -> AsyncStepStream:
         return AsyncStepStream(self.client, self.id, timeout, session=self)
 
     def generate(
-        self, text: str, *, timeout: Seconds = None, **sampling: Unpack[Sampling]
-    ) -> AsyncGeneration:
-        call = self._generate_call(text, sampling, timeout)
-        return AsyncGeneration(call, on_end=self._generated)
+        self, text: str, *, timeout: Seconds = None, request_id: str | None = None,
+        **sampling: Unpack[Sampling],
+    ) -> AsyncGeneration:  # fmt: skip
+        request = self._generate_request(text, sampling, request_id)
+        return AsyncGeneration(self.client, request, timeout, on_end=self._generated)
 
-    async def fork(self, *, ttl_seconds: Seconds = None, timeout: Seconds = None) -> AsyncSession:
-        return AsyncSession(self.client, await self._fork(ttl_seconds, timeout))
+    async def fork(
+        self, *, ttl_seconds: Seconds = None, timeout: Seconds = None,
+        request_id: str | None = None,
+    ) -> AsyncSession:  # fmt: skip
+        return AsyncSession(self.client, await self._fork(ttl_seconds, timeout, request_id))
 
     async def export(self, *, timeout: Seconds = None) -> bytes:
         return await self._export(timeout)

@@ -38,6 +38,12 @@ DEFAULT_TOP_P = 0.9
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_TIMEOUT = 60.0
 CLEANUP_TIMEOUT = 10.0  # the most each deletion at the end may take (Ctrl-C cannot cut it)
+# Once the chat has started, a call that fails in a way the library retries (UNAVAILABLE: the
+# server restarting, its store down; an attempt past its time limit) is tried again until
+# its deadline (--timeout), at most this long apart, not the library's default four times:
+# a server restart takes seconds. At the start, a server that is not there is reported at
+# once (the library's default policy).
+RIDE_OUT_BACKOFF = 1.0
 
 COMMANDS = {
     "/help": "list these commands",
@@ -145,6 +151,7 @@ def describe(error: MemserveError, target: str) -> str:
 def run_chat(args: argparse.Namespace) -> int:
     """The chat, until the input ends, /quit or Ctrl-C at the prompt; the exit status."""
     from clients.client import Client
+    from clients.retry import RetryPolicy
 
     client = Client(
         args.target,
@@ -158,6 +165,8 @@ def run_chat(args: argparse.Namespace) -> int:
             if isinstance(session, str):
                 print(f"memserve chat: error: {session}", file=sys.stderr)
                 return EXIT_CANNOT_START
+            # Bounded by each call's deadline, not by a count (see RIDE_OUT_BACKOFF).
+            client.retry = RetryPolicy(attempts=sys.maxsize, max_backoff=RIDE_OUT_BACKOFF)
             chat = Chat(client, session, args, sys.stdin, sys.stdout, sys.stderr)
             try:
                 return chat.run()

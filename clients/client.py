@@ -3,14 +3,19 @@
 `with` block ends. `clients/aio.py` is the same for asyncio.
 
 Every call has a deadline (the client's `timeout`, or the call's own), is retried on
-UNAVAILABLE when it is safe to repeat (`clients/retry.py`), and fails with `MemserveError`.
+UNAVAILABLE or an attempt's DEADLINE_EXCEEDED when it is safe to repeat (`clients/retry.py`:
+the calls that change something carry a request id, so the server runs them once), and
+fails with `MemserveError`.
 What it does is `clients/core.py`, shared with the asyncio face; this module only waits:
 its I/O blocks, so each of the core's coroutines runs to its end at once (`finish`).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import queue
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -25,6 +30,8 @@ from clients.messages import Array, GenerateDone, ModelInfo, SessionInfo, Sessio
 from protos import memserve_pb2
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from typing_extensions import Unpack
 
     from clients.messages import Sampling
@@ -44,6 +51,11 @@ class Client(ClientCore):
 
     grpc_module = grpc
 
+    @functools.cached_property
+    def _watchdog(self) -> Watchdog:
+        """What times the reads of this client's replies (see `RetryPolicy.attempt_timeout`)."""
+        return Watchdog()
+
     async def _attempt(self, method: str, request: Any, timeout: Seconds) -> Any:
         return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
 
@@ -55,26 +67,33 @@ class Client(ClientCore):
 
     def create_session(
         self, model: str, *, ttl_seconds: Seconds = None, seed: int | None = None,
-        timeout: Seconds = None,
+        timeout: Seconds = None, request_id: str | None = None,
     ) -> SessionInfo:  # fmt: skip
-        return finish(self._call(calls.create_session(model, ttl_seconds, seed), timeout))
+        """A new session. `request_id` names the call (default: a fresh random one), so
+        that its retries make one session; the same below for step, fork_session,
+        import_session and generate."""
+        call = calls.create_session(model, ttl_seconds, seed, request_id)
+        return finish(self._call(call, timeout))
 
     def session(
         self, model: str, *, ttl_seconds: Seconds = None, seed: int | None = None,
-        timeout: Seconds = None,
+        timeout: Seconds = None, request_id: str | None = None,
     ) -> Session:  # fmt: skip
         """A new session of `model`, deleted when its `with` block ends."""
-        info = self.create_session(model, ttl_seconds=ttl_seconds, seed=seed, timeout=timeout)
+        info = self.create_session(
+            model, ttl_seconds=ttl_seconds, seed=seed, timeout=timeout, request_id=request_id
+        )
         return Session(self, info)
 
     def step(
         self, session_id: str, inputs: Array, *, expected_step: int | None = None,
-        timeout: Seconds = None,
+        timeout: Seconds = None, request_id: str | None = None,
     ) -> Stepped[Array]:  # fmt: skip
-        """Run `inputs` `[T, input_size]` through the session: T steps in order. With
-        `expected_step` the server refuses (FAILED_PRECONDITION) unless the session is at
-        that step count, and the call is retried on UNAVAILABLE; without it, never."""
-        return finish(self._call(calls.step(session_id, inputs, expected_step), timeout))
+        """Run `inputs` `[T, input_size]` through the session: T steps in order, once, even
+        when the call is retried (its request id). With `expected_step` the server refuses
+        (FAILED_PRECONDITION) unless the session is at that step count."""
+        call = calls.step(session_id, inputs, expected_step, request_id)
+        return finish(self._call(call, timeout))
 
     def step_stream(self, session_id: str, *, timeout: Seconds = None) -> StepStream:
         """One long-lived StepStream call for the session; `timeout` bounds the whole
@@ -85,34 +104,42 @@ class Client(ClientCore):
         return finish(self._call(calls.get_session(session_id), timeout))
 
     def fork_session(
-        self, session_id: str, *, ttl_seconds: Seconds = None, timeout: Seconds = None
-    ) -> SessionInfo:
+        self, session_id: str, *, ttl_seconds: Seconds = None, timeout: Seconds = None,
+        request_id: str | None = None,
+    ) -> SessionInfo:  # fmt: skip
         """A new session whose state is a copy of this one's; the two evolve apart."""
-        return finish(self._call(calls.fork_session(session_id, ttl_seconds), timeout))
+        call = calls.fork_session(session_id, ttl_seconds, request_id)
+        return finish(self._call(call, timeout))
 
     def export_session(self, session_id: str, *, timeout: Seconds = None) -> SessionState:
         return finish(self._call(calls.export_session(session_id), timeout))
 
     def import_session(
-        self, state: bytes, *, ttl_seconds: Seconds = None, timeout: Seconds = None
-    ) -> SessionInfo:
+        self, state: bytes, *, ttl_seconds: Seconds = None, timeout: Seconds = None,
+        request_id: str | None = None,
+    ) -> SessionInfo:  # fmt: skip
         """A new session from `export_session(...).state` (of this server or another)."""
-        return finish(self._call(calls.import_session(state, ttl_seconds), timeout))
+        call = calls.import_session(state, ttl_seconds, request_id)
+        return finish(self._call(call, timeout))
 
     def delete_session(self, session_id: str, *, timeout: Seconds = None) -> None:
         finish(self._call(calls.delete_session(session_id), timeout))
 
     def generate(
-        self, session_id: str, text: str, *, timeout: Seconds = None, **sampling: Unpack[Sampling]
-    ) -> Generation:
+        self, session_id: str, text: str, *, timeout: Seconds = None,
+        request_id: str | None = None, **sampling: Unpack[Sampling],
+    ) -> Generation:  # fmt: skip
         """Start a dialogue model's reply to `text`: iterate the returned `Generation` for
         its pieces. Sampling options (`Sampling`: max_tokens, temperature, top_k, top_p,
-        seed, stop) that are not given take the server's defaults."""
-        return Generation(self._generate_call(session_id, text, sampling, timeout))
+        seed, stop) that are not given take the server's defaults. `timeout` covers the
+        whole reply, retries included."""
+        request = calls.generate(session_id, text, sampling, request_id)
+        return Generation(self, request, timeout)
 
     def close(self) -> None:
         """Cancel the step streams still open, then close the channel."""
         self._cancel_streams()
+        self._watchdog.stop()
         self.channel.close()
 
     def __enter__(self) -> Client:
@@ -124,15 +151,24 @@ class Client(ClientCore):
 
 class Generation(GenerationCore):
     """A reply being generated: iterate it for the text pieces as they are decoded; then
-    `done` holds how it ended. `cancel()` stops it (from another thread or a signal handler
-    too): the iteration then ends quietly and `done` stays None. `result()` waits for the
-    end and returns `done`."""
+    `done` holds how it ended. A call that fails in a way the client's `RetryPolicy`
+    retries is sent again with the same request id and resumed: the iteration goes on where
+    it was, without repeating a piece. `cancel()` stops it (from another thread or a signal
+    handler too): the iteration then ends quietly and `done` stays None. `result()` waits
+    for the end and returns `done`."""
 
-    async def _receive(self) -> memserve_pb2.GenerateResponse | None:
+    client: Client
+
+    async def _receive(self, limit: Seconds) -> memserve_pb2.GenerateResponse | None:
+        call = self._call
+        timer = None if limit is None else self.client._watchdog.arm(limit, call, self._expire)
         try:
-            message: memserve_pb2.GenerateResponse = next(self._call)
+            message: memserve_pb2.GenerateResponse = next(call)
         except StopIteration:
             return None
+        finally:
+            if timer is not None:
+                self.client._watchdog.disarm(timer)
         return message
 
     def __iter__(self) -> Iterator[str]:
@@ -148,6 +184,63 @@ class Generation(GenerationCore):
         """The end of the reply (the rest of the pieces are consumed); MemserveError
         CANCELLED if it was cancelled."""
         return finish(self._result())
+
+
+class Watchdog:
+    """One thread per client that gives up the reads that outlast their time: gRPC's
+    blocking streams have no read timeout. `arm` a read's limit before it, `disarm` it
+    after; a limit that runs out calls `on_expiry(call)` (which cancels the call, so the
+    read ends). The thread starts with the first read that needs it and ends with `stop`
+    (the client's close)."""
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition()
+        self.armed: dict[int, tuple[float, Any, Callable[[Any], None]]] = {}
+        self.keys = itertools.count()
+        self.thread: threading.Thread | None = None
+        self.stopped = False
+
+    def arm(self, seconds: float, call: Any, on_expiry: Callable[[Any], None]) -> int:
+        with self.condition:
+            key = next(self.keys)
+            self.armed[key] = (time.monotonic() + seconds, call, on_expiry)
+            if self.thread is None and not self.stopped:
+                self.thread = threading.Thread(
+                    target=self._run, name="memserve-watchdog", daemon=True
+                )
+                self.thread.start()
+            self.condition.notify()
+            return key
+
+    def disarm(self, key: int) -> None:
+        with self.condition:
+            self.armed.pop(key, None)
+
+    def stop(self) -> None:
+        with self.condition:
+            self.stopped = True
+            self.armed.clear()
+            self.condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.condition:
+                while True:
+                    if self.stopped:
+                        return
+                    if not self.armed:
+                        self.condition.wait()
+                        continue
+                    key, (end, call, on_expiry) = min(
+                        self.armed.items(), key=lambda item: item[1][0]
+                    )
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        del self.armed[key]
+                        break
+                    self.condition.wait(left)
+            on_expiry(call)  # outside the lock: it cancels a gRPC call
+            del call, on_expiry
 
 
 class StepStream(StepStreamCore):
@@ -228,22 +321,30 @@ class Session(SessionCore[Client]):
         """The session as the server sees it now (and its step count, taken over)."""
         return finish(self._info(timeout))
 
-    def step(self, inputs: Array, *, timeout: Seconds = None) -> Array:
-        """The outputs `[T, output_size]` of inputs `[T, input_size]`."""
-        return finish(self._step(inputs, timeout))
+    def step(
+        self, inputs: Array, *, timeout: Seconds = None, request_id: str | None = None
+    ) -> Array:
+        """The outputs `[T, output_size]` of inputs `[T, input_size]`, run once however
+        often the call is retried."""
+        return finish(self._step(inputs, timeout, request_id))
 
     def step_stream(self, *, timeout: Seconds = None) -> StepStream:
         return StepStream(self.client, self.id, timeout, session=self)
 
     def generate(
-        self, text: str, *, timeout: Seconds = None, **sampling: Unpack[Sampling]
-    ) -> Generation:
+        self, text: str, *, timeout: Seconds = None, request_id: str | None = None,
+        **sampling: Unpack[Sampling],
+    ) -> Generation:  # fmt: skip
         """The reply to `text` (see `Client.generate`); the step count follows it."""
-        return Generation(self._generate_call(text, sampling, timeout), on_end=self._generated)
+        request = self._generate_request(text, sampling, request_id)
+        return Generation(self.client, request, timeout, on_end=self._generated)
 
-    def fork(self, *, ttl_seconds: Seconds = None, timeout: Seconds = None) -> Session:
+    def fork(
+        self, *, ttl_seconds: Seconds = None, timeout: Seconds = None,
+        request_id: str | None = None,
+    ) -> Session:  # fmt: skip
         """A new session continuing from this one's state; both evolve independently."""
-        return Session(self.client, finish(self._fork(ttl_seconds, timeout)))
+        return Session(self.client, finish(self._fork(ttl_seconds, timeout, request_id)))
 
     def export(self, *, timeout: Seconds = None) -> bytes:
         """The state as bytes that `Client.import_session` turns into a new session."""

@@ -75,6 +75,7 @@ class ClientCore(ABC):
             self.channel = self.grpc_module.secure_channel(target, credentials, all_options)
         self.stub: Any = memserve_pb2_grpc.MemServeStub(self.channel)  # type: ignore[no-untyped-call]
         self.streams: weakref.WeakSet[StepStreamCore] = weakref.WeakSet()  # open ones
+        self.closed = False
 
     def _deadline(self, timeout: float | None) -> float | None:
         """A call's deadline in seconds: its own `timeout`, else the client's."""
@@ -90,12 +91,14 @@ class ClientCore(ABC):
 
     async def _call(self, call: Call[R], timeout: float | None) -> R:
         """`call` within its deadline, its attempts and the waits between them together,
-        tried again after UNAVAILABLE as far as `retry` allows; MemserveError if it fails."""
+        each attempt within the policy's `attempt_timeout` too, tried again as far as
+        `retry` allows (`clients/retry.py`); MemserveError if it fails."""
         deadline = Deadline(self._deadline(timeout))
         attempt = 1
         while True:
+            limit = self.retry.attempt_limit(deadline, attempt)
             try:
-                reply = await self._attempt(call.method, call.request, deadline.remaining())
+                reply = await self._attempt(call.method, call.request, limit)
             except grpc.RpcError as rpc_error:
                 error = MemserveError.from_rpc(rpc_error, attempt)
             else:
@@ -106,72 +109,182 @@ class ClientCore(ABC):
             await self._pause(delay)
             attempt += 1
 
-    def _generate_call(
-        self, session_id: str, text: str, sampling: Sampling, timeout: float | None
-    ) -> Any:
-        """A Generate call, started; its deadline covers the whole reply."""
-        request = messages.generate_request(session_id, text, sampling)
-        return self.stub.Generate(request, timeout=self._deadline(timeout), metadata=self.metadata)
-
     def _cancel_streams(self) -> None:
         """Cancel the step streams still open (before the channel closes)."""
+        self.closed = True
         for stream in list(self.streams):
             stream.cancel()
 
 
 class GenerationCore(ABC):
-    """A reply being generated (see `Generation`); the face reads the call's messages."""
+    """A reply being generated (see `Generation`): one Generate call, retried as far as the
+    client's `RetryPolicy` allows, and resumed: a retry gets the whole reply again from its
+    start (the server's answer to a repeated request id, or the same reply made again by a
+    turn that was undone), of which the pieces the caller already has are skipped. The face
+    reads the call's messages (`_receive`)."""
 
     def __init__(
-        self, call: Any, on_end: Callable[[GenerateDone | None], None] | None = None
+        self,
+        client: ClientCore,
+        request: memserve_pb2.GenerateRequest,
+        timeout: float | None,
+        on_end: Callable[[GenerateDone | None], None] | None = None,
     ) -> None:
-        self._call = call
+        self.client = client
+        self.request = request
+        self.request_id: str = request.request_id
+        self._deadline = Deadline(client._deadline(timeout))
         self._on_end = on_end
         self._ended = False
         self.done: GenerateDone | None = None
         self.cancelled = False
+        self.attempts = 1
+        self._given = ""  # the text handed to the caller so far
+        self._heard = ""  # the text the current attempt has sent so far
+        self._resuming = False  # the current attempt has not yet caught up with `_given`
+        self._expired = False  # the current attempt waited past the policy's attempt_timeout
+        self._answered = False  # the current attempt has had a message
+        self._call: Any = self._open()
+
+    def _open(self) -> Any:
+        """Start an attempt: the same request (the same request id) every time."""
+        self._heard, self._expired, self._resuming = "", False, bool(self._given)
+        self._answered = False
+        return self.client.stub.Generate(
+            self.request, timeout=self._deadline.remaining(), metadata=self.client.metadata
+        )
 
     @abstractmethod
-    async def _receive(self) -> memserve_pb2.GenerateResponse | None:
-        """The call's next message; None at its end (or once `cancel` ended it)."""
+    async def _receive(self, limit: float | None) -> memserve_pb2.GenerateResponse | None:
+        """The current attempt's next message; None at its end (or once `cancel` or
+        `_expire` ended it). After `limit` seconds without one (None: no limit), the face
+        calls `_expire`."""
+
+    def _expire(self, call: Any) -> None:
+        """`call` waited past the attempt's time limit: end it (and retry, if allowed)."""
+        if call is self._call and not self._ended:
+            self._expired = True
+            call.cancel()
 
     async def _next_piece(self) -> str | None:
         """The next piece of text; None when the reply has ended (`done` says how, or it was
-        cancelled). A cancelled reply ends at once, even if more of it had already arrived."""
-        if self._ended:
-            return None
-        if self.cancelled:
-            self._end()
-            return None
-        try:
-            message = await self._receive()
-        except grpc.RpcError as rpc_error:
-            self._end()
-            if self.cancelled:
+        cancelled). A cancelled reply ends at once, even if more of it had already arrived.
+        An attempt that fails in a way the policy retries is followed by another, whose
+        reply is read from its start: what the caller already has is skipped."""
+        while True:
+            if self._ended:
                 return None
-            raise MemserveError.from_rpc(rpc_error) from None
-        if message is None:
-            self._end()
             if self.cancelled:
+                self._end()
                 return None
-            raise messages.ended_early()
+            # An attempt's time limit runs to its first message only: later, a reply pauses
+            # as long as it took to decode while it is written into memory, before its end.
+            policy = self.client.retry
+            last = self.attempts >= policy.attempts  # it may take all the time left
+            limit = None if self._answered or last else policy.attempt_timeout
+            try:
+                message = await self._receive(limit)
+            except grpc.RpcError as rpc_error:
+                if self.cancelled:
+                    self._end()
+                    return None
+                error = self._expiry() if self._expired else MemserveError.from_rpc(
+                    rpc_error, self.attempts
+                )  # fmt: skip
+            else:
+                if message is not None:
+                    self._answered = True
+                    piece = self._take(message)
+                    if piece is not None or self._ended:
+                        return piece
+                    continue  # a piece the caller already has
+                if self.cancelled:
+                    self._end()
+                    return None
+                if not self._expired:
+                    self._end()
+                    raise messages.ended_early()
+                error = self._expiry()
+            await self._retry(error)
+
+    def _expiry(self) -> MemserveError:
+        return MemserveError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"no answer within {self.client.retry.attempt_timeout:g} s "
+            "(RetryPolicy.attempt_timeout)",
+            self.attempts,
+        )
+
+    def _take(self, message: memserve_pb2.GenerateResponse) -> str | None:
+        """What of `message` is new to the caller: a piece of text (None while a retry
+        replays what the caller has); None at the final message, which ends the reply."""
         piece = messages.piece_or_done(message)
         if isinstance(piece, GenerateDone):
+            if len(self._heard) < len(self._given):
+                raise self._diverged(piece)
             self.done = piece
             self._end()
             return None
-        return piece
+        if not self._resuming:
+            self._heard += piece
+            self._given += piece
+            return piece
+        heard = self._heard = self._heard + piece
+        if len(heard) <= len(self._given):
+            if not self._given.startswith(heard):
+                raise self._diverged(None)
+            return None
+        if not heard.startswith(self._given):
+            raise self._diverged(None)
+        fresh = heard[len(self._given) :]
+        self._given, self._resuming = heard, False
+        return fresh
+
+    def _diverged(self, done: GenerateDone | None) -> MemserveError:
+        """The retried reply is not the one the caller was given: stop (the server undoes a
+        turn that has not finished), and say so."""
+        self._call.cancel()
+        self._end()
+        if done is None:
+            fate = "it was cancelled, so the server undoes the turn"
+        else:
+            fate = f"the turn finished with the reply {done.text!r}"
+        return MemserveError(
+            grpc.StatusCode.ABORTED,
+            f"attempt {self.attempts} of Generate (request id {self.request_id}) replied "
+            f"differently from the text already received ({self._given!r}, then "
+            f"{self._heard!r}): {fate}. A retried turn replies the same only with the same "
+            "seed and history on a server with the same weights",
+            self.attempts,
+        )
+
+    async def _retry(self, error: MemserveError) -> None:
+        """After the current attempt failed with `error`: wait, then start the next one;
+        or raise the error to give up with."""
+        if self.client.closed:
+            self._end()
+            raise error
+        try:
+            delay = self.client.retry.after_failure("Generate", self.request, error, self._deadline)
+        except MemserveError:
+            self._end()
+            raise
+        await self.client._pause(delay or 0.0)
+        if not self.cancelled:
+            self.attempts += 1
+            self._call = self._open()
 
     def _end(self) -> None:
+        if self._ended:
+            return
         self._ended = True
         if self._on_end is not None:
             self._on_end(self.done)
 
     def cancel(self) -> None:
         """Stop the reply (from another thread or a signal handler too): the iteration ends
-        quietly and `done` stays None. The server stops at its next launch and does not
-        write the partial reply into the session's memory (the user's text may be, in part
-        or whole)."""
+        quietly and `done` stays None. The server stops at its next launch and undoes the
+        turn: the session is as it was before the call (step count included)."""
         self.cancelled = True
         self._call.cancel()
 
@@ -275,27 +388,35 @@ class SessionCore(Generic[ClientT]):
         self.step_count, self.stale = info.step, False
         return info
 
-    async def _step(self, inputs: Array, timeout: float | None) -> Array:
+    async def _step(self, inputs: Array, timeout: float | None, request_id: str | None) -> Array:
+        """The outputs of `inputs`; the step count is the one the server answered, which
+        for a retry answered from the server's log is the count after the first attempt."""
         expected = await self._synced_step(timeout)
+        call = calls.step(self.id, inputs, expected, request_id)
         try:
-            result = await self.client._call(calls.step(self.id, inputs, expected), timeout)
+            result = await self.client._call(call, timeout)
         except BaseException:  # failed, or interrupted: the steps may have run
             self.stale = True
             raise
         self.step_count = result.step
         return result.outputs
 
-    def _generate_call(self, text: str, sampling: Sampling, timeout: float | None) -> Any:
-        call = self.client._generate_call(self.id, text, sampling, timeout)
+    def _generate_request(
+        self, text: str, sampling: Sampling, request_id: str | None
+    ) -> memserve_pb2.GenerateRequest:
         self.stale = True  # until the reply's end says where the session is
-        return call
+        return calls.generate(self.id, text, sampling, request_id)
 
     def _generated(self, done: GenerateDone | None) -> None:
         if done is not None:
             self.step_count, self.stale = done.step, False
 
-    async def _fork(self, ttl_seconds: float | None, timeout: float | None) -> SessionInfo:
-        return await self.client._call(calls.fork_session(self.id, ttl_seconds), timeout)
+    async def _fork(
+        self, ttl_seconds: float | None, timeout: float | None, request_id: str | None
+    ) -> SessionInfo:
+        return await self.client._call(
+            calls.fork_session(self.id, ttl_seconds, request_id), timeout
+        )
 
     async def _export(self, timeout: float | None) -> bytes:
         state = await self.client._call(calls.export_session(self.id), timeout)

@@ -153,10 +153,14 @@ def stepped(response: memserve_pb2.StepResponse, like: Array) -> Stepped[Array]:
 
 
 def step_request(
-    session_id: str, inputs: Array, expected_step: int | None
+    session_id: str, inputs: Array, expected_step: int | None, request_id: str = ""
 ) -> memserve_pb2.StepRequest:
+    """A Step (or StepStream) request; `request_id` names it for retries ("" : none)."""
     return memserve_pb2.StepRequest(
-        session_id=session_id, inputs=encode_inputs(inputs), expected_step=expected_step
+        session_id=session_id,
+        inputs=encode_inputs(inputs),
+        expected_step=expected_step,
+        request_id=request_id,
     )
 
 
@@ -174,11 +178,13 @@ class Sampling(TypedDict, total=False):
 
 
 def generate_request(
-    session_id: str, text: str, sampling: Sampling
+    session_id: str, text: str, sampling: Sampling, request_id: str = ""
 ) -> memserve_pb2.GenerateRequest:
+    """A Generate request; `request_id` names the turn for retries ("": none)."""
     return memserve_pb2.GenerateRequest(
         session_id=session_id,
         text=text,
+        request_id=request_id,
         max_tokens=sampling.get("max_tokens", 0),
         temperature=sampling.get("temperature"),
         top_k=sampling.get("top_k", 0),

@@ -167,7 +167,20 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     where.add_argument(
         "--timeout", type=positive_float, default=60.0, metavar="SECONDS",
-        help="deadline of every call; a call past it counts as DEADLINE_EXCEEDED",
+        help="deadline of every call (a request's retries included); a call past it counts "
+        "as DEADLINE_EXCEEDED",
+    )  # fmt: skip
+    where.add_argument(
+        "--attempts", type=positive_int, default=1, metavar="N",
+        help="most attempts of a request (and of a CreateSession, a DeleteSession): one "
+        "after UNAVAILABLE (or an attempt past --attempt-timeout) sends it again with its "
+        "request id, so the server runs it once; every attempt is counted as a call, the "
+        "request once. 1: no retries (the only choice with --protocol kserve)",
+    )  # fmt: skip
+    where.add_argument(
+        "--attempt-timeout", type=positive_float, metavar="SECONDS",
+        help="with --attempts: the most an attempt waits for its answer (a reply's first "
+        "message) before it is sent again (default: no limit but --timeout)",
     )  # fmt: skip
     options.add_connection_options(where)
 
@@ -351,6 +364,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_outstanding=args.max_outstanding,
         drain_timeout=args.drain_timeout,
         timeout=args.timeout,
+        attempts=args.attempts,
+        attempt_timeout=args.attempt_timeout,
         connect_timeout=args.connect_timeout,
         channels=args.channels,
         seed=args.seed,

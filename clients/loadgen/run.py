@@ -34,6 +34,7 @@ from clients.loadgen.workloads import (
     Workload,
     make_workload,
 )
+from clients.retry import RetryPolicy
 from protos import memserve_pb2
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports it
@@ -95,7 +96,8 @@ async def run_level(
     """One level of the sweep, as its JSON record."""
     recorder = Recorder(workload.method)
     level = Level(level_label(settings, value), recorder, interrupted)
-    target = GrpcTarget(connection, workload, recorder, settings.timeout)
+    retry = RetryPolicy(attempts=settings.attempts, attempt_timeout=settings.attempt_timeout)
+    target = GrpcTarget(connection, workload, recorder, settings.timeout, retry)
     plan = Plan(
         warmup=settings.warmup,
         duration=settings.duration,

@@ -50,6 +50,8 @@ class Session:
     used: int = 0  # requests made so far
     gone: bool = False  # the server said NOT_FOUND: nothing to delete
     stream: Any = None  # a call the workload keeps open on it (StepStream), if any
+    request_id: str = ""  # names the request under way on it; its retries send it again
+    reply: Any = None  # what a Generate request under way has received, over its attempts
 
 
 class Target(Protocol):

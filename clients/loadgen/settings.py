@@ -13,6 +13,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from clients.channel import TLS
 
+# Why --protocol kserve takes no retries (Settings refuses them, GrpcTarget too).
+KSERVE_NO_RETRIES = (
+    "--attempts and --attempt-timeout are for --protocol memserve only: a v2 request's "
+    "retry is not safe to count on (the load generator sends no request id with it, and a "
+    "repeat of a sequence's last request, sequence_end, is refused once the sequence has "
+    "ended, even when the first attempt ran); use --protocol memserve to measure retries"
+)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -41,6 +49,8 @@ class Settings:
     tls: TLS | None = None  # None: plaintext
     protocol: str = "memserve"  # or "kserve": the v2 inference API (clients/loadgen/kserve.py)
     token: str | None = field(default=None, repr=False)
+    attempts: int = 1  # of a request; 1: no retries
+    attempt_timeout: float | None = None  # seconds an attempt may wait for its answer
     # step
     steps: int = 0
     steps_per_call: int = 0
@@ -53,6 +63,10 @@ class Settings:
     top_k: int = 0
     top_p: float | None = None
     stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.protocol == "kserve" and (self.attempts > 1 or self.attempt_timeout is not None):
+            raise ValueError(KSERVE_NO_RETRIES)
 
     @property
     def mode(self) -> str:
@@ -84,6 +98,8 @@ class Settings:
             "max_outstanding": self.max_outstanding,
             "drain_timeout_s": self.drain_timeout,
             "timeout_s": self.timeout,
+            "attempts": self.attempts,
+            "attempt_timeout_s": self.attempt_timeout,
             "connect_timeout_s": self.connect_timeout,
             "channels": self.channels,
             "seed": self.seed,

@@ -3,6 +3,15 @@
 the schedules drive and which counts every call by method and status code. The benchmarks
 (`bench/`) drive their own workloads (`Workload`) through the same target and schedules.
 
+Every request (and CreateSession) carries a fresh request id from the client library
+(`clients.retry.new_request_id`), and is retried as the library's `RetryPolicy` says (off
+unless --attempts asks for it; DeleteSession is retried too, and a retry that finds the
+session gone has deleted it): each attempt is a call, counted as the server counts it;
+the request is recorded once, with its final outcome, its latency from its intended start
+to that outcome, and a Generate reply's pieces as they first arrived (a retry replays the
+reply from its start: what was already heard is skipped). The v2 workloads (`kserve.py`)
+send no request ids and are never retried (settings.KSERVE_NO_RETRIES says why).
+
 Stubs of `grpc.aio` straight from `protos/`, tensors through `protos/tensors.py`: nothing of
 the server is imported, and a request costs the client as little as it can.
 """
@@ -18,10 +27,12 @@ import grpc
 import numpy as np
 
 from clients.channel import ChannelOption, Metadata, call_metadata, channel_options
+from clients.errors import MemserveError
 from clients.loadgen.recording import INVALID_RESPONSE, OK, CallCounts, Outcome, Recorder
 from clients.loadgen.schedule import Session, SessionRefused, now
-from clients.loadgen.settings import Settings
+from clients.loadgen.settings import KSERVE_NO_RETRIES, Settings
 from clients.messages import DIALOGUE_TYPES
+from clients.retry import NO_RETRIES, Deadline, RetryPolicy, new_request_id
 from protos import memserve_pb2, memserve_pb2_grpc, tensors
 
 if TYPE_CHECKING:
@@ -236,10 +247,23 @@ def step_outcome(
     return Outcome(OK, done, steps=steps)
 
 
-async def reply_outcome(stream: Any, invalid: str) -> Outcome:
+class Heard:
+    """What a Generate request has received over its attempts: the reply's text and when
+    each piece of it first arrived."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.pieces: list[float] = []
+
+
+async def reply_outcome(stream: Any, invalid: str, heard: Heard | None = None) -> Outcome:
     """A Generate call read to its end: OK with when each text piece came and what the final
-    message says, or `invalid` if that message is missing or is not last."""
-    pieces: list[float] = []
+    message says, or `invalid` if that message is missing or is not last, or if the reply
+    does not continue what an earlier attempt of the request heard (`heard`, kept up to
+    date: the pieces of a retry that replay it are not counted again)."""
+    heard = heard if heard is not None else Heard()
+    first = not heard.pieces  # no earlier attempt of the request heard anything
+    replayed = ""  # this attempt's text so far
     done: memserve_pb2.GenerateDone | None = None
     finished = 0.0
     late = False
@@ -250,14 +274,22 @@ async def reply_outcome(stream: Any, invalid: str) -> Outcome:
         elif message.HasField("done"):
             done, finished = message.done, moment
         else:
-            pieces.append(moment)
+            replayed += message.text
+            known = min(len(replayed), len(heard.text))
+            if replayed[:known] != heard.text[:known]:
+                return Outcome(invalid, moment, "a retry replied otherwise than its first attempt")
+            if first or len(replayed) > len(heard.text):
+                heard.text = replayed
+                heard.pieces.append(moment)
     if done is None or late:
         what = "a message after the final one" if late else "no final message"
         return Outcome(invalid, now(), f"the stream sent {what}")
+    if len(replayed) < len(heard.text):
+        return Outcome(invalid, finished, "a retry replied otherwise than its first attempt")
     return Outcome(
         OK,
         finished,
-        pieces=pieces,
+        pieces=list(heard.pieces),
         completion_tokens=done.completion_tokens,
         prompt_tokens=done.prompt_tokens,
         finish_reason=done.finish_reason or "?",
@@ -285,7 +317,9 @@ class StepWorkload(Workload):
 
     async def call(self, session: Session, timeout: float | None, metadata: Metadata) -> Outcome:
         index = (session.sequence * self.settings.steps + session.used) % len(self.inputs)
-        request = memserve_pb2.StepRequest(session_id=session.session_id, inputs=self.inputs[index])
+        request = memserve_pb2.StepRequest(
+            session_id=session.session_id, inputs=self.inputs[index], request_id=session.request_id
+        )
         response = await session.stub.Step(request, timeout=timeout, metadata=metadata)
         return step_outcome(response, self.settings.steps_per_call, self.output_size,
                             INVALID_RESPONSE)  # fmt: skip
@@ -318,6 +352,7 @@ class ChatWorkload(Workload):
             max_tokens=settings.max_tokens,
             top_k=settings.top_k,
             stop=list(settings.stop),
+            request_id=session.request_id,
         )
         if settings.temperature is not None:
             request.temperature = settings.temperature
@@ -328,7 +363,9 @@ class ChatWorkload(Workload):
     async def call(self, session: Session, timeout: float | None, metadata: Metadata) -> Outcome:
         request = self.generate_request(session)
         stream = session.stub.Generate(request, timeout=timeout, metadata=metadata)
-        return await reply_outcome(stream, INVALID_RESPONSE)
+        if session.reply is None:
+            session.reply = Heard()
+        return await reply_outcome(stream, INVALID_RESPONSE, session.reply)
 
 
 def make_workload(settings: Settings, info: memserve_pb2.ModelInfo) -> Workload:
@@ -347,7 +384,9 @@ def make_workload(settings: Settings, info: memserve_pb2.ModelInfo) -> Workload:
 class GrpcTarget:
     """The schedules' `Target` over gRPC for one level: every call counted into the level's
     recorder by method and status code (a call we cancel counts as CANCELLED). `timeout`:
-    every call's deadline in seconds (None: none)."""
+    every request's deadline in seconds, its retries included (None: none); `retry`: when
+    a request (or CreateSession, DeleteSession) is tried again (default: never; never for a
+    workload of v2 sequences, whose requests carry no request id)."""
 
     def __init__(
         self,
@@ -355,12 +394,16 @@ class GrpcTarget:
         workload: Workload,
         recorder: Recorder,
         timeout: float | None,
+        retry: RetryPolicy = NO_RETRIES,
     ) -> None:
+        if workload.sequences and retry.attempts > 1:
+            raise ValueError(KSERVE_NO_RETRIES)
         self.connection = connection
         self.workload = workload
         self.recorder = recorder
         self.calls = recorder.calls
         self.timeout = timeout
+        self.retry = retry
         self.ready: deque[Session] = deque()  # made by `prepare`, for the first sessions
 
     async def prepare(self, count: int) -> None:
@@ -376,20 +419,40 @@ class GrpcTarget:
         if self.workload.sequences:  # its first request starts it
             return Session(self.workload.name(sequence), sequence, stub)
         start = now()
-        try:
-            info = await stub.CreateSession(
-                self.workload.session_request(sequence), timeout=self.timeout,
-                metadata=self.connection.metadata,
-            )  # fmt: skip
-        except grpc.aio.AioRpcError as error:
-            self.calls.add("CreateSession", code_name(error), error.details() or "")
-            raise SessionRefused(code_name(error), error.details() or "") from None
-        except asyncio.CancelledError:
-            self.calls.add("CreateSession", "CANCELLED")
-            raise
+        request = self.workload.session_request(sequence)
+        request.request_id = new_request_id()
+        deadline = Deadline(self.timeout)
+        attempt = 1
+        while True:
+            try:
+                info = await stub.CreateSession(
+                    request, timeout=self.retry.attempt_limit(deadline, attempt),
+                    metadata=self.connection.metadata,
+                )  # fmt: skip
+            except grpc.aio.AioRpcError as error:
+                self.calls.add("CreateSession", code_name(error), error.details() or "")
+                delay = self._retry_after(error, attempt, deadline, "CreateSession")
+                if delay is None:
+                    raise SessionRefused(code_name(error), error.details() or "") from None
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            except asyncio.CancelledError:
+                self.calls.add("CreateSession", "CANCELLED")
+                raise
+            break
         self.calls.add("CreateSession", OK)
         self.recorder.session_calls["CreateSession"].record(now() - start)
         return Session(info.session_id, sequence, stub)
+
+    def _retry_after(
+        self, error: grpc.aio.AioRpcError, attempt: int, deadline: Deadline, method: str
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up (every request is
+        named by its request id, and deleting twice deletes once, so any failure the policy
+        retries may be retried)."""
+        failure = MemserveError(error.code(), error.details() or "", attempt)
+        return self.retry.delay(failure, deadline.remaining(), method)
 
     async def close_session(self, session: Session) -> None:
         await self.workload.release(session)
@@ -401,17 +464,30 @@ class GrpcTarget:
             return
         start = now()
         request = memserve_pb2.DeleteSessionRequest(session_id=session.session_id)
-        try:
-            await session.stub.DeleteSession(
-                request, timeout=self.timeout, metadata=self.connection.metadata
-            )
-        except grpc.aio.AioRpcError as error:
-            self.calls.add("DeleteSession", code_name(error), error.details() or "")
-            return
-        except asyncio.CancelledError:
-            self.calls.add("DeleteSession", "CANCELLED")
-            raise
-        self.calls.add("DeleteSession", OK)
+        deadline = Deadline(self.timeout)
+        attempt = 1
+        while True:
+            try:
+                await session.stub.DeleteSession(
+                    request, timeout=self.retry.attempt_limit(deadline, attempt),
+                    metadata=self.connection.metadata,
+                )  # fmt: skip
+            except grpc.aio.AioRpcError as error:
+                code = code_name(error)
+                self.calls.add("DeleteSession", code, error.details() or "")
+                if code == "NOT_FOUND" and attempt > 1:
+                    break  # an earlier attempt deleted it, and its reply was lost
+                delay = self._retry_after(error, attempt, deadline, "DeleteSession")
+                if delay is None:
+                    return
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            except asyncio.CancelledError:
+                self.calls.add("DeleteSession", "CANCELLED")
+                raise
+            self.calls.add("DeleteSession", OK)
+            break
         self.recorder.session_calls["DeleteSession"].record(now() - start)
 
     async def _end(self, session: Session) -> None:
@@ -428,17 +504,30 @@ class GrpcTarget:
         self.calls.add(method, OK)
 
     async def request(self, session: Session, intended: float) -> Outcome:
+        """One request, tried again as `retry` allows with the same request id; its
+        outcome (recorded once by the schedule) is the last attempt's."""
         method = self.workload.method
-        try:
-            outcome = await self.workload.call(session, self.timeout, self.connection.metadata)
-        except grpc.aio.AioRpcError as error:
-            code, detail = code_name(error), error.details() or ""
-            self.calls.add(method, code, detail)
-            if code == "NOT_FOUND":
-                session.gone = True
-            return Outcome(code, now(), detail)
-        except asyncio.CancelledError:
-            self.calls.add(method, "CANCELLED")
-            raise
-        self.calls.add(method, OK)  # the server answered OK, whatever the answer held
-        return outcome
+        session.request_id, session.reply = new_request_id(), None
+        deadline = Deadline(self.timeout)
+        attempt = 1
+        while True:
+            try:
+                outcome = await self.workload.call(
+                    session, self.retry.attempt_limit(deadline, attempt), self.connection.metadata
+                )
+            except grpc.aio.AioRpcError as error:
+                code, detail = code_name(error), error.details() or ""
+                self.calls.add(method, code, detail)
+                delay = self._retry_after(error, attempt, deadline, method)
+                if delay is None:
+                    if code == "NOT_FOUND":
+                        session.gone = True
+                    return Outcome(code, now(), detail)
+                await asyncio.sleep(delay)
+                attempt += 1
+                continue
+            except asyncio.CancelledError:
+                self.calls.add(method, "CANCELLED")
+                raise
+            self.calls.add(method, OK)  # the server answered OK, whatever the answer held
+            return outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from models import checkpoint
 from models.base import MemoryModel
@@ -15,9 +16,16 @@ from tests.clients.servers import torch_backend
 
 @pytest.fixture(scope="module")
 def ntm() -> Iterator[MemoryModel]:
-    """ntm-copy in process, stepped on the PyTorch backend as the servers step it."""
-    with torch_backend():
-        yield checkpoint.load("ntm-copy")
+    """ntm-copy in process, stepped on the PyTorch backend as the servers step it, on one
+    thread: a step is too small to gain from more, and on a busy machine (the servers the
+    tests start share it) more threads only wait for each other, many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch_backend():
+            yield checkpoint.load("ntm-copy")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import concurrent.futures
 import inspect
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 import pytest
@@ -43,6 +44,7 @@ TWINS: dict[type, type] = {
     Generation: AsyncGeneration,
 }
 END = object()
+T = TypeVar("T")
 
 
 def wrapped(value: Any) -> Any:
@@ -140,6 +142,38 @@ class Face:
                 await start()
             interrupter.join()
         hold.release.set()
+
+    def begin(self, start: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+        """Start a call and go on while it runs (a task in the asyncio face, a thread in
+        the blocking one); returns what waits for its result."""
+        if self.name == "asyncio":
+            task = asyncio.ensure_future(start())
+
+            async def task_result() -> T:
+                return await task
+
+            return task_result
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(finish(cast(Any, start())))
+            except BaseException as error:  # handed to the waiter, Ctrl-C included
+                future.set_exception(error)
+
+        threading.Thread(target=run, daemon=True).start()
+
+        async def thread_result() -> T:
+            return future.result(timeout=600)
+
+        return thread_result
+
+    async def aside(self, work: Callable[[], T]) -> T:
+        """`work()`, which blocks, without blocking the asyncio face's event loop (the calls
+        it has begun go on meanwhile)."""
+        if self.name == "asyncio":
+            return await asyncio.to_thread(work)
+        return work()
 
     async def status(self, stream: AsyncStepStream) -> grpc.StatusCode:
         """How the StepStream call under a stream ended (it must have ended)."""

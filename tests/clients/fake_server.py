@@ -1,24 +1,24 @@
 """A stand-in MemServe for what a real server cannot be made to do on cue: fail the first
 attempts of a call with UNAVAILABLE (optionally after doing the work, as when a reply is
-lost on the way back), hold a call's reply at a chosen point until the test lets it go (to
-interrupt the client while it waits), record every call's metadata and the deadline it
-arrived with, and listen with TLS.
+lost on the way back), cut a Generate reply after some pieces, reply differently to a retry,
+hold a call's reply at a chosen point until the test lets it go (to interrupt the client
+while it waits, or let an attempt's time run out), record every call's metadata, request
+id and the deadline it arrived with. (TLS and keys: a real server, test_secure_server.py.)
 
 It is a real gRPC server on a loopback port with a small in-memory session table: steps
 double their inputs, Generate echoes the text. Its one model, "fake", is listed as a
-dialogue model (type vmed), since it answers Generate.
+dialogue model (type vmed), since it answers Generate. Like memserve, it answers a repeated
+request id with the first call's answer (Generate: the reply again from its start) and
+runs nothing, unless `remember` is off.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -50,7 +50,13 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
 
     def __init__(self) -> None:
         self.failures: Counter[str] = Counter()
+        self.failure_codes: dict[str, grpc.StatusCode] = {}
         self.lose_replies: set[str] = set()
+        self.remember = True  # answer a repeated request id from `answers`
+        self.answers: dict[tuple[str, str], tuple[bytes, Any]] = {}  # (method, id): (asked, answer)
+        self.request_ids: list[tuple[str, str]] = []  # (method, request_id) of every attempt
+        self.cut_replies: list[int] = []  # Generate attempts to cut after this many pieces
+        self.replies: list[list[str]] = []  # Generate attempts to answer with these pieces
         self.holds: dict[str, Hold] = {}  # by method, until its next call takes it
         self.every_hold: list[Hold] = []
         self.attempts: Counter[str] = Counter()
@@ -59,18 +65,55 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         self.steps: dict[str, int] = {}
         self.lock = threading.Lock()
 
-    def fail_next(self, method: str, count: int, lose_replies: bool = False) -> None:
-        """Fail the next `count` attempts of `method` with UNAVAILABLE; with `lose_replies`,
-        after doing their work."""
+    def fail_next(
+        self,
+        method: str,
+        count: int,
+        lose_replies: bool = False,
+        code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+    ) -> None:
+        """Fail the next `count` attempts of `method` with `code` (UNAVAILABLE); with
+        `lose_replies`, after doing their work."""
         with self.lock:
             self.failures[method] = self.attempts[method] + count
+            self.failure_codes[method] = code
             if lose_replies:
                 self.lose_replies.add(method)
 
+    def ids(self, method: str) -> list[str]:
+        """The request id each attempt of `method` carried, in order."""
+        return [request_id for name, request_id in self.request_ids if name == method]
+
+    def _earlier(self, method: str, request: Any, context: Context) -> Any:
+        """The answer of an earlier call with this request's id (INVALID_ARGUMENT if it
+        asked otherwise), or None."""
+        if not request.request_id or not self.remember:
+            return None
+        asked = self._asked(request)
+        with self.lock:
+            found = self.answers.get((method, request.request_id))
+        if found is None:
+            return None
+        if found[0] != asked:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fake: request id reused")
+        return found[1]
+
+    def _answered(self, method: str, request: Any, answer: Any) -> None:
+        if request.request_id:
+            with self.lock:
+                self.answers[(method, request.request_id)] = (self._asked(request), answer)
+
+    @staticmethod
+    def _asked(request: Any) -> bytes:
+        payload = type(request)()
+        payload.CopyFrom(request)
+        payload.ClearField("request_id")
+        return bytes(payload.SerializeToString(deterministic=True))
+
     def hold(self, method: str) -> Hold:
         """Hold the next call of `method` (ListModels, CreateSession, Step, a StepStream
-        request, DeleteSession) after its work, or a Generate after its first piece, until
-        released."""
+        request, DeleteSession) after its work, or a Generate after its first piece (or
+        before it: "GenerateStart"), until released."""
         hold = self.holds[method] = Hold()
         self.every_hold.append(hold)
         return hold
@@ -86,16 +129,20 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         for hold in self.every_hold:
             hold.release.set()
 
-    def _attempt(self, method: str, context: Context) -> bool:
-        """Count and record an attempt; whether it is to fail with UNAVAILABLE."""
+    def _attempt(self, method: str, context: Context, request: Any = None) -> bool:
+        """Count and record an attempt; whether it is to fail (UNAVAILABLE, unless
+        `fail_next` said otherwise)."""
         with self.lock:
             self.attempts[method] += 1
             self.metadata.append((method, dict(context.invocation_metadata())))
+            if request is not None and hasattr(request, "request_id"):
+                self.request_ids.append((method, request.request_id))
             left = context.time_remaining()  # gRPC's "infinite future" without a deadline
             self.deadlines.append((method, None if left is None or left > NO_DEADLINE else left))
             failing = self.attempts[method] <= self.failures[method]
         if failing and method not in self.lose_replies:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "fake: draining")
+            code = self.failure_codes.get(method, grpc.StatusCode.UNAVAILABLE)
+            context.abort(code, "fake: draining")
         return failing
 
     def _lose_reply(self, context: Context) -> None:
@@ -136,16 +183,18 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         return memserve_pb2.ListModelsResponse(models=[model])
 
     def CreateSession(self, request: Any, context: Context) -> memserve_pb2.SessionInfo:  # noqa: N802
-        failing = self._attempt("CreateSession", context)
-        info = self._new(request.model)
+        failing = self._attempt("CreateSession", context, request)
+        info = self._earlier("CreateSession", request, context) or self._new(request.model)
+        self._answered("CreateSession", request, info)
         self._held("CreateSession")
         if failing:
             self._lose_reply(context)
         return info
 
     def Step(self, request: Any, context: Context) -> memserve_pb2.StepResponse:  # noqa: N802
-        failing = self._attempt("Step", context)
-        response = self._step(request, context)
+        failing = self._attempt("Step", context, request)
+        response = self._earlier("Step", request, context) or self._step(request, context)
+        self._answered("Step", request, response)
         self._held("Step")
         if failing:
             self._lose_reply(context)
@@ -165,8 +214,14 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         return memserve_pb2.SessionInfo(session_id=request.session_id, model="fake", step=step)
 
     def ForkSession(self, request: Any, context: Context) -> memserve_pb2.SessionInfo:  # noqa: N802
-        self._attempt("ForkSession", context)
-        return self._new("fake", self._session(request.session_id, context))
+        failing = self._attempt("ForkSession", context, request)
+        info = self._earlier("ForkSession", request, context) or self._new(
+            "fake", self._session(request.session_id, context)
+        )
+        self._answered("ForkSession", request, info)
+        if failing:
+            self._lose_reply(context)
+        return info
 
     def ExportSession(self, request: Any, context: Context) -> memserve_pb2.SessionState:  # noqa: N802
         self._attempt("ExportSession", context)
@@ -174,8 +229,14 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         return memserve_pb2.SessionState(state=str(step).encode(), model="fake", step=step)
 
     def ImportSession(self, request: Any, context: Context) -> memserve_pb2.SessionInfo:  # noqa: N802
-        self._attempt("ImportSession", context)
-        return self._new("fake", int(request.state.decode()))
+        failing = self._attempt("ImportSession", context, request)
+        info = self._earlier("ImportSession", request, context) or self._new(
+            "fake", int(request.state.decode())
+        )
+        self._answered("ImportSession", request, info)
+        if failing:
+            self._lose_reply(context)
+        return info
 
     def DeleteSession(self, request: Any, context: Context) -> memserve_pb2.DeleteSessionResponse:  # noqa: N802
         failing = self._attempt("DeleteSession", context)
@@ -187,10 +248,25 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         return memserve_pb2.DeleteSessionResponse()
 
     def Generate(self, request: Any, context: Context) -> Iterator[memserve_pb2.GenerateResponse]:  # noqa: N802
-        self._attempt("Generate", context)
+        """The pieces "you", " said", ": ", text (or the next of `replies`), then the done
+        message; an attempt in `cut_replies` ends UNAVAILABLE after that many pieces, its turn
+        undone (as memserve undoes a turn cut short)."""
+        self._attempt("Generate", context, request)
+        earlier = self._earlier("Generate", request, context)
+        if earlier is not None:
+            pieces, done = earlier
+            for piece in pieces:
+                yield memserve_pb2.GenerateResponse(text=piece)
+            yield memserve_pb2.GenerateResponse(done=done)
+            return
+        self._held("GenerateStart")
         step = self._session(request.session_id, context)
-        pieces = ["you", " said", ": ", request.text]
+        with self.lock:
+            pieces = self.replies.pop(0) if self.replies else ["you", " said", ": ", request.text]
+            cut = self.cut_replies.pop(0) if self.cut_replies else None
         for number, piece in enumerate(pieces):
+            if number == cut:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "fake: the connection broke")
             yield memserve_pb2.GenerateResponse(text=piece)
             if number == 0:
                 self._held("Generate")
@@ -199,6 +275,7 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
             finish_reason="eos", completion_tokens=len(pieces), text="".join(pieces),
             step=self.steps[request.session_id],
         )  # fmt: skip
+        self._answered("Generate", request, (pieces, done))
         yield memserve_pb2.GenerateResponse(done=done)
 
     def calls_with(self, key: str) -> list[str]:
@@ -206,65 +283,18 @@ class FakeMemServe(memserve_pb2_grpc.MemServeServicer):
         return [method for method, metadata in self.metadata if key in metadata]
 
 
-@dataclass(frozen=True)
-class Certificates:
-    """PEM files: a server certificate for the name `memserve.test` only (not 127.0.0.1),
-    and a client certificate; each self-signed, so each is its own root."""
-
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-    @classmethod
-    def make(cls, directory: Path) -> Certificates:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            raise FileNotFoundError("openssl")
-        for name, subject in (("server", "memserve.test"), ("client", "memserve-client")):
-            subprocess.run(
-                [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-                 "-keyout", str(directory / f"{name}.key"),
-                 "-out", str(directory / f"{name}.pem"),
-                 "-subj", f"/CN={subject}", "-addext", f"subjectAltName=DNS:{subject}"],
-                check=True, capture_output=True, timeout=60,
-            )  # fmt: skip
-        return cls(
-            directory / "server.pem",
-            directory / "server.key",
-            directory / "client.pem",
-            directory / "client.key",
-        )
-
-
 class FakeServer:
-    """A `FakeMemServe` on loopback: `port` plaintext, `tls_port` TLS, `mtls_port` TLS that
-    requires the client certificate (when started with certificates)."""
+    """A `FakeMemServe` on a loopback port."""
 
-    def __init__(self, certificates: Certificates | None = None) -> None:
+    def __init__(self) -> None:
         self.service = FakeMemServe()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         memserve_pb2_grpc.add_MemServeServicer_to_server(self.service, self.server)  # type: ignore[no-untyped-call]
         self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.tls_port = self.mtls_port = 0
-        if certificates is not None:
-            pair = [(certificates.server_key.read_bytes(), certificates.server_cert.read_bytes())]
-            self.tls_port = self.server.add_secure_port(
-                "127.0.0.1:0", grpc.ssl_server_credentials(pair)
-            )
-            self.mtls_port = self.server.add_secure_port(
-                "127.0.0.1:0",
-                grpc.ssl_server_credentials(
-                    pair,
-                    root_certificates=certificates.client_cert.read_bytes(),
-                    require_client_auth=True,
-                ),
-            )
         self.server.start()
 
-    def target(self, port: int | None = None) -> str:
-        return f"127.0.0.1:{port or self.port}"
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.service.release_all()

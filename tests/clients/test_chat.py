@@ -1,7 +1,9 @@
 """`memserve chat` as a user runs it, stdin piped, against a real server with the small
 VMED: replies stream, every slash command works, Ctrl-C at the prompt ends it, errors are
-one clear line, and --help tells the truth. (Ctrl-C during a reply needs a reply that
-waits: test_interrupts.py holds one on the stand-in server.)"""
+one clear line, a reply cut by the server's kill -9 and restart is resumed and shown once,
+and --help tells the truth. (Ctrl-C during a reply needs a reply that waits:
+test_interrupts.py holds one on the stand-in server; a reply cut short after chosen pieces,
+the stand-in server too.)"""
 
 from __future__ import annotations
 
@@ -20,7 +22,17 @@ from bench.child_server import ServerProcess
 from clients import Client, MemserveError
 from clients.chat import COMMANDS, add_chat_parser, run_chat
 from memserve.cli import build_parser
-from tests.clients.servers import DIRECT, LIMIT, ROOT, TINY, Watched, served, subprocess_env
+from tests.clients.fake_server import FakeServer
+from tests.clients.servers import (
+    DIRECT,
+    LIMIT,
+    ROOT,
+    TINY,
+    Durable,
+    Watched,
+    served,
+    subprocess_env,
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +158,62 @@ def test_a_failed_turn_still_ends_its_line(server: ServerProcess) -> None:
     lines = result.stdout.split("\n")
     assert lines[0] == "" and lines[-2:] == ["", ""] and len(lines) == 3 + len(COMMANDS)
     assert result.stderr.count(f"max_tokens must be between 1 and {LIMIT}") == 2
+
+
+def test_a_reply_cut_short_is_resumed_and_shown_once(fake: FakeServer) -> None:
+    """The connection breaks after the first two pieces of the first reply: the chat (the
+    library) sends the turn again with its request id and shows the rest; every line is
+    shown once, and every turn had an id of its own."""
+    fake.service.cut_replies = [2]
+    result = subprocess.run(
+        [sys.executable, "-m", "memserve", "chat", "--target", fake.target(), "--model",
+         "fake"],
+        input="hello there\nand you\n", cwd=ROOT, env=subprocess_env(), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "you said: hello there\nyou said: and you\n"
+    ids = fake.service.ids("Generate")
+    assert len(ids) == 3 and ids[0] == ids[1] != ids[2]
+
+
+@pytest.fixture(scope="module")
+def durable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Durable]:
+    """A server on a directory store, behind a relay, to kill and start again."""
+    server = Durable(tmp_path_factory, f"dir:{tmp_path_factory.mktemp('store')}", None)
+    yield server
+    server.stop()
+
+
+def test_a_reply_cut_by_a_restart_is_resumed_and_shown_once(durable: Durable) -> None:
+    """The server is killed with SIGKILL while the first reply streams and started again on
+    its store (behind the relay, where the chat's target stays; while no server is there,
+    connections are refused, so attempts fail at once, many more than the library's default
+    four): the chat (the library) sends the line again with its request id, for as long as
+    its --timeout allows, and shows the rest of the reply. What it prints is, byte for
+    byte, what a chat never cut prints for the same lines with the same --seed: each reply
+    once, on its own line."""
+    command = [sys.executable, "-m", "memserve", "chat", "--target", durable.relay.target,
+               "--model", TINY, "--max-tokens", "200", "--seed", "3", "--timeout",
+               "600"]  # fmt: skip
+    lines = ["tell me a long story", "and another one"]
+    with Watched(command) as chat:
+        chat.send(lines[0])
+        chat.wait_for(lambda: bool(chat.text()))  # the reply streams
+        shown = chat.text()
+        durable.restart(None, refuse=True)
+        chat.send(lines[1])
+        assert chat.finish(600) == 0, chat.text("stderr")
+        resumed, stderr = chat.text(), chat.text("stderr")
+    assert stderr == ""
+    first = resumed.split("\n")[0]
+    assert first.startswith(shown) and len(shown) < len(first)  # cut, and shown to its end
+    whole = subprocess.run(
+        command, input="".join(f"{line}\n" for line in lines), cwd=ROOT, env=subprocess_env(),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    assert resumed == whole.stdout and resumed.count("\n") == 2
 
 
 def chat_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ from tests.clients.servers import (
     MAX_STEPS,
     ROOT,
     TINY,
-    close_to,
+    same_bits,
     served,
     subprocess_env,
 )
@@ -107,12 +107,12 @@ def test_numpy_steps_equal_the_model_in_process(
                 inputs = random_inputs(rng, steps, 9)
                 outputs = await session.step(inputs)
                 assert isinstance(outputs, np.ndarray) and outputs.dtype == np.float32
-                assert close_to(outputs, reference.step(inputs))
+                assert same_bits(outputs, reference.step(inputs))
                 assert session.step_count == reference.steps
             outputs[0, 0] = 1.0  # the library hands out writable arrays
             inputs = random_inputs(rng, 2, 9).astype(np.float64)  # sent as float32
             result = await client.step(session.id, inputs, expected_step=reference.steps)
-            assert close_to(result.outputs, reference.step(inputs.astype(np.float32)))
+            assert same_bits(result.outputs, reference.step(inputs.astype(np.float32)))
             # A step around the session object: the session must re-read its count.
             assert session.step_count == reference.steps - 2
             assert result.step == reference.steps == (await session.info()).step
@@ -130,7 +130,7 @@ def test_torch_in_gives_torch_out(server: ServerProcess, face: Face, ntm: Memory
             outputs = await session.step(inputs)
             assert isinstance(outputs, torch.Tensor) and outputs.dtype == torch.float32
             expected = reference.step(inputs.detach().float().numpy())
-            assert close_to(outputs.numpy(), expected)
+            assert same_bits(outputs.numpy(), expected)
             result = await client.step(session.id, torch.zeros(1, 9))
             assert isinstance(result.outputs, torch.Tensor) and result.step == 5
 
@@ -156,7 +156,7 @@ def test_cuda_inputs_give_cuda_outputs(server: ServerProcess, face: Face, ntm: M
             inputs = torch.rand(3, 9, device="cuda")
             outputs = await session.step(inputs)
             assert isinstance(outputs, torch.Tensor) and outputs.device == inputs.device
-            assert close_to(outputs.cpu().numpy(), reference.step(inputs.cpu().numpy()))
+            assert same_bits(outputs.cpu().numpy(), reference.step(inputs.cpu().numpy()))
 
     face.run(body)
 
@@ -267,11 +267,11 @@ def test_step_stream_matches_the_model_in_process(
                 for steps in (1, 3, 1, 7):
                     inputs = random_inputs(rng, steps, 9)
                     result = await stream.step(inputs)
-                    assert close_to(result.outputs, reference.step(inputs))
+                    assert same_bits(result.outputs, reference.step(inputs))
                     assert result.step == reference.steps == session.step_count
             assert stream.closed and await face.status(stream) == grpc.StatusCode.OK
             inputs = random_inputs(rng, 2, 9)  # unary steps continue where the stream stopped
-            assert close_to(await session.step(inputs), reference.step(inputs))
+            assert same_bits(await session.step(inputs), reference.step(inputs))
 
             raw = client.step_stream(session.id)  # the raw stream: no expected_step
             assert (await raw.step(torch.zeros(1, 9))).step == reference.steps + 1
@@ -294,14 +294,14 @@ def test_fork_evolves_independently(server: ServerProcess, face: Face, ntm: Memo
     async def body() -> None:
         async with connect(face, server) as client, await client.session("ntm-copy") as parent:
             first = random_inputs(rng, 4, 9)
-            assert close_to(await parent.step(first), parent_reference.step(first))
+            assert same_bits(await parent.step(first), parent_reference.step(first))
             child_reference = parent_reference.fork()
             async with await parent.fork(ttl_seconds=60) as child:
                 assert child.id != parent.id and child.step_count == 4
                 for _ in range(2):
                     one, other = random_inputs(rng, 3, 9), random_inputs(rng, 2, 9)
-                    assert close_to(await child.step(one), child_reference.step(one))
-                    assert close_to(await parent.step(other), parent_reference.step(other))
+                    assert same_bits(await child.step(one), child_reference.step(one))
+                    assert same_bits(await parent.step(other), parent_reference.step(other))
                 assert (child.step_count, parent.step_count) == (10, 8)
             raw = await client.fork_session(parent.id, ttl_seconds=30)
             assert (raw.step, raw.model, raw.ttl_seconds) == (8, "ntm-copy", 30)

@@ -18,7 +18,6 @@ import re
 import signal
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,15 @@ from clients.loadgen.schedule import (
 )
 from memserve.cli import build_parser, main
 from tests.clients.fake_server import FakeServer
-from tests.clients.servers import MAX_STEPS, TINY, Watched, served
+from tests.clients.servers import (
+    MAX_STEPS,
+    TINY,
+    Watched,
+    served,
+    server_counts,
+    settled_counts,
+)
 
-REQUESTS = "memserve_request_duration_seconds_count"
 METHODS = ("ListModels", "CreateSession", "Step", "Generate", "DeleteSession")
 # The progress line of a level in its window: its label, seconds measured, requests ok.
 MEASURING = re.compile(r"(\S+) measuring\s+\[[#.]+\]\s+([\d.]+)/[\d.]+ s\s+(\d+) ok ")
@@ -59,33 +64,6 @@ def loadgen(server: ServerProcess, workload: str, *args: str) -> int:
     """`memserve loadgen WORKLOAD` in this process, pointed at `server`."""
     return main(["loadgen", workload, "--target", server.target, "--metrics-url",
                  server.metrics_url, "--no-progress", *args])  # fmt: skip
-
-
-def server_counts(server: ServerProcess) -> dict[tuple[str, str], float]:
-    """The server's answered calls so far by (method, code)."""
-    return {
-        (dict(labels)["method"], dict(labels)["code"]): value
-        for (name, labels), value in server_metrics.scrape(server.metrics_url).items()
-        if name == REQUESTS
-    }
-
-
-def settled_counts(
-    server: ServerProcess, before: dict[tuple[str, str], float], sent: dict[str, dict[str, int]]
-) -> dict[str, dict[str, int]]:
-    """What the server counted since `before`, read again for a moment while it differs from
-    `sent` (a streamed call is counted just after its last message leaves)."""
-    deadline = time.monotonic() + 60
-    while True:
-        after = server_counts(server)
-        counted: dict[str, dict[str, int]] = {}
-        for (method, code), value in after.items():
-            delta = round(value - before.get((method, code), 0.0))
-            if delta:
-                counted.setdefault(method, {})[code] = delta
-        if counted == sent or time.monotonic() > deadline:
-            return counted
-        time.sleep(0.1)
 
 
 def free_port() -> int:
@@ -264,6 +242,135 @@ def test_refused_requests_are_counted_by_status_code(
     sent = record["requests_sent"]
     assert "OK" not in sent["Step"]
     assert settled_counts(server, before, sent) == sent
+
+
+def fake_loadgen(fake: FakeServer, workload: str, out: Path, *args: str) -> dict[str, Any]:
+    """`memserve loadgen WORKLOAD` against the stand-in server, one session at a time; its
+    JSON."""
+    code = main(["loadgen", workload, "--target", fake.target(), "--model", "fake",
+                 "--no-metrics", "--no-progress", "--concurrency", "1", "--warmup", "0",
+                 "--json", str(out), *args])  # fmt: skip
+    assert code == 0
+    record: dict[str, Any] = json.loads(out.read_text())
+    return record
+
+
+def test_a_retried_step_is_recorded_once_and_runs_once(tmp_path: Path) -> None:
+    """Two attempts of the first Step run and lose their replies (UNAVAILABLE): the third,
+    with the same request id, is answered from the server's log. The request counts once
+    (OK), the three attempts as calls; every request has an id of its own."""
+    fake = FakeServer()
+    try:
+        fake.service.fail_next("Step", 2, lose_replies=True)
+        record = fake_loadgen(fake, "step", tmp_path / "step.json", "--requests", "4",
+                              "--steps", "4", "--attempts", "3")  # fmt: skip
+        ids = fake.service.ids("Step")
+    finally:
+        fake.stop()
+    (level,) = record["levels"]
+    assert level["requests"]["ok"] == level["requests"]["issued"] == 4
+    assert level["requests"]["errors"] == {} and level["latency_ms"]["count"] == 4
+    assert record["requests_sent"]["Step"] == {"OK": 4, "UNAVAILABLE": 2}
+    assert ids[0] == ids[1] == ids[2] and len(set(ids)) == len(ids) - 2 == 4
+    assert record["settings"]["attempts"] == 3
+    created = fake.service.ids("CreateSession")
+    assert len(created) == len(set(created)) and all(created)
+
+
+def test_without_attempts_a_lost_step_is_an_error(tmp_path: Path) -> None:
+    fake = FakeServer()
+    try:
+        fake.service.fail_next("Step", 1, lose_replies=True)
+        record = fake_loadgen(fake, "step", tmp_path / "step.json", "--requests", "2")
+    finally:
+        fake.stop()
+    (level,) = record["levels"]
+    assert level["requests"]["errors"] == {"UNAVAILABLE": 1}
+    assert record["requests_sent"]["Step"]["UNAVAILABLE"] == 1
+
+
+def test_a_resumed_reply_is_recorded_once_with_its_pieces_once(tmp_path: Path) -> None:
+    """The first turn is cut after two pieces; its retry replies from the start: the turn
+    counts once, with four pieces (three gaps), not six."""
+    fake = FakeServer()
+    try:
+        fake.service.cut_replies = [2]
+        record = fake_loadgen(fake, "chat", tmp_path / "chat.json", "--requests", "1",
+                              "--turns", "1", "--attempts", "2")  # fmt: skip
+        ids = fake.service.ids("Generate")
+    finally:
+        fake.stop()
+    (level,) = record["levels"]
+    assert level["requests"]["ok"] == 1 and level["requests"]["errors"] == {}
+    assert level["ttft_ms"]["count"] == 1 and level["itl_ms"]["count"] == 3
+    assert level["tokens"]["completion"] == 4
+    assert record["requests_sent"]["Generate"] == {"OK": 1, "UNAVAILABLE": 1}
+    assert ids[0] == ids[1]
+
+
+def test_a_retry_that_replies_otherwise_is_an_invalid_response(tmp_path: Path) -> None:
+    fake = FakeServer()
+    try:
+        fake.service.replies = [["you", " said", ": ", "hi"], ["they", " said", ": ", "hi"]]
+        fake.service.cut_replies = [2]
+        record = fake_loadgen(fake, "chat", tmp_path / "chat.json", "--requests", "1",
+                              "--turns", "1", "--attempts", "2")  # fmt: skip
+    finally:
+        fake.stop()
+    (level,) = record["levels"]
+    assert level["requests"]["errors"] == {"INVALID_RESPONSE": 1}
+    assert "replied otherwise" in level["requests"]["error_details"]["INVALID_RESPONSE"]
+
+
+def test_a_delete_whose_reply_was_lost_is_retried_and_the_session_is_gone(
+    tmp_path: Path,
+) -> None:
+    """DeleteSession deletes, then loses its reply (UNAVAILABLE): the retry finds the
+    session gone (NOT_FOUND), which is what it asked for. Both attempts are counted, as
+    the server counts them; no session is left behind."""
+    fake = FakeServer()
+    try:
+        fake.service.fail_next("DeleteSession", 1, lose_replies=True)
+        record = fake_loadgen(fake, "step", tmp_path / "step.json", "--requests", "2",
+                              "--steps", "2", "--attempts", "2")  # fmt: skip
+        left = dict(fake.service.steps)
+    finally:
+        fake.stop()
+    assert record["requests_sent"]["DeleteSession"] == {"UNAVAILABLE": 1, "NOT_FOUND": 1}
+    assert left == {}
+
+
+def test_the_kserve_protocol_refuses_retries(capsys: pytest.CaptureFixture[str]) -> None:
+    """The v2 requests carry no request id, and a repeat of a sequence's last request is
+    refused once the sequence has ended: --attempts and --attempt-timeout are refused with
+    --protocol kserve (status 2, before anything is sent), and so are retries given to the
+    target of a v2 workload directly."""
+    for option in (("--attempts", "3"), ("--attempt-timeout", "5")):
+        code = main(["loadgen", "step", "--protocol", "kserve", "--target", "127.0.0.1:1",
+                     "--no-metrics", *option])  # fmt: skip
+        assert code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("memserve loadgen: error: --attempts and --attempt-timeout")
+        assert "sequence_end" in error and "--protocol memserve" in error
+    from clients.loadgen.kserve import KServeStep
+    from clients.loadgen.workloads import Connection, GrpcTarget
+    from clients.retry import RetryPolicy
+
+    args = build_parser().parse_args(["loadgen", "step", "--protocol", "kserve"])
+    settings = loadgen_cli.settings_from(args)
+    assert settings.attempts == 1 and settings.protocol == "kserve"
+    workload = KServeStep(settings, argparse.Namespace(input_size=9, output_size=9))
+
+    async def target() -> None:
+        connection = Connection("127.0.0.1:1", 1, protocol="kserve")
+        try:
+            with pytest.raises(ValueError, match="--protocol memserve only"):
+                GrpcTarget(connection, workload, Recorder("ModelInfer"), 10.0,
+                           RetryPolicy(attempts=2))  # fmt: skip
+        finally:
+            await connection.close()
+
+    asyncio.run(target())
 
 
 def test_unknown_model_fails_early_with_the_served_models(

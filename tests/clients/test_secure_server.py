@@ -1,7 +1,9 @@
 """The clients against a real server that asks for mutual TLS and an API key: the library
-(both faces), `memserve chat` and `memserve loadgen` connect with a CA, a client certificate
-and a key, their calls come out as in process, and what the server refuses comes back as the
-status it sent. The certificates are made by `openssl` (tests/serving/certificates.py)."""
+(both faces), `memserve chat` and `memserve loadgen` connect with a CA, a client certificate,
+the name the server's certificate carries and a key, every call carries the key (the server
+refuses one without), their calls come out as in process, a server certificate that does
+not check out is refused, and what the server refuses comes back as the status it sent. The
+certificates are made by `openssl` (tests/serving/certificates.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from memserve.cli import main
 from models.base import MemoryModel
 from serving.tenants import hash_key, new_key
 from tests.clients.faces import Face
-from tests.clients.servers import DIRECT, ROOT, TINY, close_to, served, subprocess_env
+from tests.clients.servers import DIRECT, ROOT, TINY, same_bits, served, subprocess_env
 from tests.serving.certificates import Pki, make_pki
 from tests.serving.client import metric, scrape
 from tests.serving.conftest import Reference, random_inputs
@@ -69,17 +71,18 @@ def test_the_library_steps_over_mutual_tls_with_a_key(
             async with await client.session("ntm-copy") as session:
                 for steps in (1, 12):  # 12: over a launch's default eight
                     inputs = random_inputs(rng, steps, 9)
-                    assert close_to(await session.step(inputs), reference.step(inputs))
+                    assert same_bits(await session.step(inputs), reference.step(inputs))
                 async with session.step_stream() as stream:
                     inputs = random_inputs(rng, 1, 9)
-                    assert close_to((await stream.step(inputs)).outputs, reference.step(inputs))
+                    assert same_bits((await stream.step(inputs)).outputs, reference.step(inputs))
                 twin = reference.fork()
                 async with await session.fork() as child:
                     inputs = random_inputs(rng, 3, 9)
-                    assert close_to(await child.step(inputs), twin.step(inputs))
+                    assert same_bits(await child.step(inputs), twin.step(inputs))
                 copy = await client.import_session(await session.export())
                 assert copy.step == reference.steps
                 await client.delete_session(copy.session_id)
+                assert (await session.info()).step == reference.steps
             async with await client.session(TINY) as chat:
                 reply = await chat.generate("hello", max_tokens=4).result()
                 assert reply.completion_tokens == 4
@@ -90,15 +93,33 @@ def test_the_library_steps_over_mutual_tls_with_a_key(
 def test_what_the_server_refuses_comes_back_as_its_status(
     server: ServerProcess, pki: Pki, face: Face
 ) -> None:
+    """The server's certificate names 127.0.0.1 and localhost, signed by the test's CA: a
+    client that asks for it as localhost (`server_name`, the target being an IP) gets in;
+    one that asks for another name, or checks it against gRPC's default roots instead of
+    the CA, refuses it (UNAVAILABLE) before any call, as the server refuses a client
+    without its certificate; a missing or unknown key is the server's UNAUTHENTICATED."""
     anonymous = TLS.from_files(pki.ca)  # the server's CA, but no client certificate
+
+    def named(name: str) -> TLS:
+        return TLS.from_files(pki.ca, pki.client_cert, pki.client_key, server_name=name)
+
+    default_roots = TLS(
+        certificate_chain=pki.client_cert.read_bytes(), private_key=pki.client_key.read_bytes()
+    )
     cases: list[tuple[dict[str, Any], grpc.StatusCode]] = [
         (dict(tls=mutual(pki)), grpc.StatusCode.UNAUTHENTICATED),  # no key
         (dict(tls=mutual(pki), token=new_key()), grpc.StatusCode.UNAUTHENTICATED),
         (dict(tls=anonymous, token=KEY), grpc.StatusCode.UNAVAILABLE),  # handshake refused
         (dict(token=KEY), grpc.StatusCode.UNAVAILABLE),  # plaintext to a TLS port
+        (dict(tls=named("elsewhere.test"), token=KEY), grpc.StatusCode.UNAVAILABLE),
+        (dict(tls=default_roots, token=KEY), grpc.StatusCode.UNAVAILABLE),  # an unknown CA
     ]
 
     async def body() -> None:
+        async with face.client(
+            server.target, tls=named("localhost"), token=KEY, timeout=30, options=DIRECT
+        ) as client:
+            assert {model.name for model in await client.list_models()} == {"ntm-copy", TINY}
         for options, code in cases:
             async with face.client(
                 server.target, timeout=30, retry=NO_RETRY, options=DIRECT, **options
@@ -116,7 +137,7 @@ def test_chat_talks_over_mutual_tls_with_a_key_from_the_environment(
     result = subprocess.run(
         [sys.executable, "-m", "memserve", "chat", "--target", server.target, "--model", TINY,
          "--ca", str(pki.ca), "--cert", str(pki.client_cert), "--key", str(pki.client_key),
-         "--max-tokens", "5"],
+         "--server-name", "localhost", "--max-tokens", "5"],
         input="hello there\n", cwd=ROOT, env={**subprocess_env(), "MEMSERVE_TOKEN": KEY},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -147,13 +168,14 @@ def test_loadgen_counts_what_the_server_counts_over_mutual_tls(
     out = tmp_path / "run.json"
     code = main(["loadgen", "step", "--target", server.target, "--model", "ntm-copy",
                  "--ca", str(pki.ca), "--cert", str(pki.client_cert), "--key",
-                 str(pki.client_key), "--token", KEY, "--no-metrics", "--no-progress",
+                 str(pki.client_key), "--server-name", "localhost", "--token", KEY,
+                 "--no-metrics", "--no-progress",
                  "--concurrency", "2", "--warmup", "0", "--requests", "10", "--steps", "20",
                  "--json", str(out)])  # fmt: skip
     assert code == 0
     record = json.loads(out.read_text())
     assert record["levels"][0]["requests"]["ok"] == 10
     assert record["settings"]["tls"] is True and record["settings"]["token_sent"] is True
-    assert KEY not in out.read_text()
+    assert KEY not in out.read_text() and "--token '***'" in record["command"]
     steps, tenant, every = (after - first for after, first in zip(answered(), before, strict=True))
     assert steps == 10 and tenant == every  # every call was the tenant's, and counted
