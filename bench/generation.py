@@ -63,7 +63,7 @@ from clients.channel import Metadata  # noqa: E402
 from clients.loadgen import server_metrics  # noqa: E402
 from clients.loadgen.recording import Outcome  # noqa: E402
 from clients.loadgen.schedule import Session  # noqa: E402
-from clients.loadgen.workloads import Workload, reply_outcome  # noqa: E402
+from clients.loadgen.workload import Workload, reply_outcome  # noqa: E402
 from protos import memserve_pb2  # noqa: E402
 
 MODEL = "vmed-chat"

@@ -52,11 +52,13 @@ from bench.serving import (  # noqa: E402
     write_record,
 )
 from clients.channel import Metadata  # noqa: E402
+from clients.loadgen.connection import Connection  # noqa: E402
 from clients.loadgen.kserve import KServeStep  # noqa: E402
 from clients.loadgen.recording import INVALID_RESPONSE, Outcome, Recorder  # noqa: E402
 from clients.loadgen.schedule import Level, Plan, Session, closed_loop, now  # noqa: E402
 from clients.loadgen.settings import Settings as LoadgenSettings  # noqa: E402
-from clients.loadgen.workloads import Connection, GrpcTarget, Workload  # noqa: E402
+from clients.loadgen.workload import Workload  # noqa: E402
+from clients.loadgen.workloads import GrpcTarget  # noqa: E402
 
 TARGET_RATIO = 0.85  # v2 session-steps/s over v1's, same call shape and C
 SHAPES = {"unary": (Shape("unary_t1", "Step", 1), "ModelInfer"),

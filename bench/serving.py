@@ -60,9 +60,11 @@ sys.path.insert(0, str(ROOT))  # ahead of bench/, whose serving.py is this file
 from bench.child_server import ChildServer  # noqa: E402
 from clients.channel import Metadata  # noqa: E402
 from clients.loadgen import server_metrics  # noqa: E402
+from clients.loadgen.connection import Connection  # noqa: E402
 from clients.loadgen.recording import Outcome, Recorder  # noqa: E402
 from clients.loadgen.schedule import Level, Plan, Session, closed_loop  # noqa: E402
-from clients.loadgen.workloads import Connection, GrpcTarget, Workload, step_outcome  # noqa: E402
+from clients.loadgen.workload import Workload, step_outcome  # noqa: E402
+from clients.loadgen.workloads import GrpcTarget  # noqa: E402
 from protos import memserve_pb2, memserve_pb2_grpc, tensors  # noqa: E402
 
 MODEL = "ntm-copy"

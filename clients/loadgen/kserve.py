@@ -20,7 +20,7 @@ from clients.channel import Metadata
 from clients.loadgen.recording import INVALID_RESPONSE, OK, Outcome
 from clients.loadgen.schedule import Session, now
 from clients.loadgen.settings import Settings
-from clients.loadgen.workloads import Workload
+from clients.loadgen.workload import Workload
 from protos import memserve_pb2
 from protos.inference import grpc_service_pb2 as v2
 from protos.inference import grpc_service_pb2_grpc

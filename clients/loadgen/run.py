@@ -23,17 +23,13 @@ import grpc
 import numpy as np
 
 from clients.loadgen import report, server_metrics
+from clients.loadgen.connection import Connection, LoadgenError
 from clients.loadgen.progress import Progress
 from clients.loadgen.recording import CallCounts, Recorder
 from clients.loadgen.schedule import Level, Plan, closed_loop, now, open_loop
 from clients.loadgen.settings import Settings
-from clients.loadgen.workloads import (
-    Connection,
-    GrpcTarget,
-    LoadgenError,
-    Workload,
-    make_workload,
-)
+from clients.loadgen.workload import Workload
+from clients.loadgen.workloads import GrpcTarget, make_workload
 from clients.retry import RetryPolicy
 from protos import memserve_pb2
 

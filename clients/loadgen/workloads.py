@@ -1,7 +1,8 @@
 """The workloads over gRPC: `step` (K Step calls of T random inputs per session) and `chat`
-(K streamed Generate turns per session), the connection they share, and `GrpcTarget`, which
-the schedules drive and which counts every call by method and status code. The benchmarks
-(`bench/`) drive their own workloads (`Workload`) through the same target and schedules.
+(K streamed Generate turns per session), and `GrpcTarget`, which the schedules drive over a
+`Connection` (connection.py) and which counts every call by method and status code. The
+benchmarks (`bench/`) drive their own workloads (`Workload`, workload.py) through the same
+target and schedules.
 
 Every request (and CreateSession) carries a fresh request id from the client library
 (`clients.retry.new_request_id`), and is retried as the library's `RetryPolicy` says (off
@@ -20,23 +21,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from clients.channel import ChannelOption, Metadata, call_metadata, channel_options
+from clients.channel import Metadata
 from clients.errors import MemserveError
-from clients.loadgen.recording import INVALID_RESPONSE, OK, CallCounts, Outcome, Recorder
+from clients.loadgen import kserve
+from clients.loadgen.connection import Connection, code_name
+from clients.loadgen.recording import INVALID_RESPONSE, OK, Outcome, Recorder
 from clients.loadgen.schedule import Session, SessionRefused, now
 from clients.loadgen.settings import KSERVE_NO_RETRIES, Settings
-from clients.messages import DIALOGUE_TYPES
+from clients.loadgen.workload import Heard, Workload, reply_outcome, step_outcome
 from clients.retry import NO_RETRIES, Deadline, RetryPolicy, new_request_id
-from protos import memserve_pb2, memserve_pb2_grpc, tensors
-
-if TYPE_CHECKING:
-    from clients.channel import TLS
+from protos import memserve_pb2, tensors
 
 INPUT_VARIANTS = 64  # step: distinct input tensors, drawn once, cycled through
 
@@ -72,228 +70,6 @@ PROMPTS = (
     "i watch a lot of movies , mostly comedies .",
     "how old are you ?",
 )
-
-
-class LoadgenError(Exception):
-    """The run cannot start (the server is unreachable, the model unknown, ...)."""
-
-
-def code_name(error: grpc.aio.AioRpcError) -> str:
-    return str(error.code().name)
-
-
-# ---------------------------------------------------------------------------- connection
-
-
-class Connection:
-    """Channels to the server (sessions use them round robin), the metadata of every call
-    (the bearer token) and the sequence numbers of its sessions. `options` are the
-    channels' options, whole."""
-
-    def __init__(
-        self,
-        target: str,
-        channels: int,
-        options: Sequence[ChannelOption] = (),
-        tls: TLS | None = None,
-        token: str | None = None,
-        protocol: str = "memserve",
-    ) -> None:
-        self.target = target
-        self.protocol = protocol
-        self.metadata: Metadata = call_metadata(token)
-        if tls is None:
-            self.channels = [grpc.aio.insecure_channel(target, options=list(options)) for _ in
-                             range(channels)]  # fmt: skip
-        else:
-            credentials = tls.credentials()
-            self.channels = [grpc.aio.secure_channel(target, credentials, list(options)) for _
-                             in range(channels)]  # fmt: skip
-        self.stubs: list[Any] = [
-            memserve_pb2_grpc.MemServeStub(channel)  # type: ignore[no-untyped-call]
-            for channel in self.channels
-        ]
-        if protocol == "kserve":  # the v2 inference API's stubs instead (clients/loadgen/kserve)
-            from clients.loadgen.kserve import inference_stub
-
-            self.stubs = [inference_stub(channel) for channel in self.channels]
-        self.sessions = 0
-
-    @classmethod
-    def of(cls, settings: Settings) -> Connection:
-        """The load generator's connection: straight to the server, one TCP connection per
-        channel."""
-        options = channel_options(settings.tls, [
-            ("grpc.enable_http_proxy", 0),  # measure the server, not a proxy
-            ("grpc.use_local_subchannel_pool", 1),  # one connection per channel
-        ])  # fmt: skip
-        return cls(settings.target, settings.channels, options, settings.tls, settings.token,
-                   settings.protocol)  # fmt: skip
-
-    def next_session(self) -> tuple[int, Any]:
-        """The next session's sequence number and the stub it talks over."""
-        sequence = self.sessions
-        self.sessions += 1
-        return sequence, self.stubs[sequence % len(self.stubs)]
-
-    async def connect(self, timeout: float) -> None:
-        """Wait for every channel to be ready; LoadgenError after `timeout` seconds."""
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(channel.channel_ready() for channel in self.channels)), timeout
-            )
-        except asyncio.TimeoutError:
-            raise LoadgenError(
-                f"cannot reach a server at {self.target} within {timeout:g} s (is "
-                "`memserve serve` running there? see --target and --connect-timeout)"
-            ) from None
-
-    async def model_info(self, settings: Settings, calls: CallCounts) -> memserve_pb2.ModelInfo:
-        """The workload's model as ListModels describes it; LoadgenError if it is not there
-        or cannot do the workload."""
-        if self.protocol == "kserve":
-            return await self.kserve_model_info(settings, calls)
-        try:
-            answer = await self.stubs[0].ListModels(
-                memserve_pb2.ListModelsRequest(), timeout=settings.timeout, metadata=self.metadata
-            )
-        except grpc.aio.AioRpcError as error:
-            calls.add("ListModels", code_name(error), error.details() or "")
-            raise LoadgenError(
-                f"ListModels at {self.target} failed: {code_name(error)}: {error.details()}"
-            ) from None
-        calls.add("ListModels", OK)
-        models: dict[str, memserve_pb2.ModelInfo] = {m.name: m for m in answer.models}
-        info = models.get(settings.model)
-        if info is None:
-            raise LoadgenError(
-                f"no model {settings.model!r} on the server at {self.target} (it serves: "
-                f"{', '.join(models) or 'nothing'}); see --model"
-            )
-        if settings.workload == "chat" and info.type not in DIALOGUE_TYPES:
-            raise LoadgenError(
-                f"model {settings.model!r} ({info.type}) does not generate text; the chat "
-                f"workload needs a dialogue model ({', '.join(DIALOGUE_TYPES)}), e.g. vmed-chat"
-            )
-        return info
-
-    async def kserve_model_info(
-        self, settings: Settings, calls: CallCounts
-    ) -> memserve_pb2.ModelInfo:
-        """As `model_info`, from the v2 API's ModelMetadata."""
-        from clients.loadgen.kserve import model_info
-
-        try:
-            info: memserve_pb2.ModelInfo = await model_info(
-                self.stubs[0], settings.model, settings.timeout, self.metadata
-            )
-        except grpc.aio.AioRpcError as error:
-            calls.add("ModelMetadata", code_name(error), error.details() or "")
-            raise LoadgenError(
-                f"ModelMetadata of {settings.model!r} at {self.target} failed: "
-                f"{code_name(error)}: {error.details()}"
-            ) from None
-        calls.add("ModelMetadata", OK)
-        if settings.workload == "chat" and info.type not in DIALOGUE_TYPES:
-            raise LoadgenError(f"model {settings.model!r} ({info.type}) does not generate text")
-        return info
-
-    async def close(self) -> None:
-        await asyncio.gather(*(channel.close() for channel in self.channels))
-
-
-# ---------------------------------------------------------------------------- workloads
-
-
-class Workload:
-    """What a request is: its RPC (`method`), the CreateSession of the n-th session, and one
-    request on a session; `release` lets go of what a session holds (an open stream) before
-    it is deleted. A workload with `sequences` (the v2 API's) starts and ends its sessions
-    with its own requests: it names a session (`name`), and `end`s one cut short."""
-
-    method = ""
-    sequences = False
-
-    def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest:
-        raise NotImplementedError
-
-    async def call(self, session: Session, timeout: float | None, metadata: Metadata) -> Outcome:
-        """One request; raises grpc.aio.AioRpcError when the server refuses it."""
-        raise NotImplementedError
-
-    async def release(self, session: Session) -> None:
-        """Before the session is deleted (nothing to do unless the workload holds a call)."""
-
-    def name(self, sequence: int) -> str:
-        raise NotImplementedError
-
-    def unfinished(self, session: Session) -> bool:
-        return False
-
-    async def end(self, session: Session, timeout: float | None, metadata: Metadata) -> None:
-        raise NotImplementedError
-
-
-def step_outcome(
-    response: memserve_pb2.StepResponse, steps: int, output_size: int, invalid: str
-) -> Outcome:
-    """A Step answer, just arrived: OK with its `steps`, or `invalid` if its outputs are not
-    `steps x output_size` floats."""
-    done = now()
-    expected = steps * output_size * 4
-    if len(response.outputs.data) != expected:
-        detail = f"outputs of {len(response.outputs.data)} bytes, expected {expected}"
-        return Outcome(invalid, done, detail)
-    return Outcome(OK, done, steps=steps)
-
-
-class Heard:
-    """What a Generate request has received over its attempts: the reply's text and when
-    each piece of it first arrived."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.pieces: list[float] = []
-
-
-async def reply_outcome(stream: Any, invalid: str, heard: Heard | None = None) -> Outcome:
-    """A Generate call read to its end: OK with when each text piece came and what the final
-    message says, or `invalid` if that message is missing or is not last, or if the reply
-    does not continue what an earlier attempt of the request heard (`heard`, kept up to
-    date: the pieces of a retry that replay it are not counted again)."""
-    heard = heard if heard is not None else Heard()
-    first = not heard.pieces  # no earlier attempt of the request heard anything
-    replayed = ""  # this attempt's text so far
-    done: memserve_pb2.GenerateDone | None = None
-    finished = 0.0
-    late = False
-    async for message in stream:
-        moment = now()
-        if done is not None:
-            late = True
-        elif message.HasField("done"):
-            done, finished = message.done, moment
-        else:
-            replayed += message.text
-            known = min(len(replayed), len(heard.text))
-            if replayed[:known] != heard.text[:known]:
-                return Outcome(invalid, moment, "a retry replied otherwise than its first attempt")
-            if first or len(replayed) > len(heard.text):
-                heard.text = replayed
-                heard.pieces.append(moment)
-    if done is None or late:
-        what = "a message after the final one" if late else "no final message"
-        return Outcome(invalid, now(), f"the stream sent {what}")
-    if len(replayed) < len(heard.text):
-        return Outcome(invalid, finished, "a retry replied otherwise than its first attempt")
-    return Outcome(
-        OK,
-        finished,
-        pieces=list(heard.pieces),
-        completion_tokens=done.completion_tokens,
-        prompt_tokens=done.prompt_tokens,
-        finish_reason=done.finish_reason or "?",
-    )
 
 
 class StepWorkload(Workload):
@@ -370,9 +146,9 @@ class ChatWorkload(Workload):
 
 def make_workload(settings: Settings, info: memserve_pb2.ModelInfo) -> Workload:
     if settings.protocol == "kserve":
-        from clients.loadgen.kserve import KServeChat, KServeStep
-
-        return KServeStep(settings, info) if settings.workload == "step" else KServeChat(settings)
+        if settings.workload == "step":
+            return kserve.KServeStep(settings, info)
+        return kserve.KServeChat(settings)
     if settings.workload == "step":
         return StepWorkload(settings, info)
     return ChatWorkload(settings)

@@ -352,8 +352,9 @@ def test_the_kserve_protocol_refuses_retries(capsys: pytest.CaptureFixture[str])
         error = capsys.readouterr().err
         assert error.startswith("memserve loadgen: error: --attempts and --attempt-timeout")
         assert "sequence_end" in error and "--protocol memserve" in error
+    from clients.loadgen.connection import Connection
     from clients.loadgen.kserve import KServeStep
-    from clients.loadgen.workloads import Connection, GrpcTarget
+    from clients.loadgen.workloads import GrpcTarget
     from clients.retry import RetryPolicy
 
     args = build_parser().parse_args(["loadgen", "step", "--protocol", "kserve"])

@@ -29,7 +29,7 @@ import grpc
 import pytest
 
 from bench.redis_server import RedisServer
-from clients.loadgen import workloads
+from clients.loadgen import workload, workloads
 from clients.loadgen.schedule import Session
 from clients.retry import Deadline
 from memserve.cli import main
@@ -92,7 +92,7 @@ class Inside:
         self.retried: list[str] = []
         self.before_attempt: Callable[[Session], None] = lambda session: None
         step_call, chat_call = workloads.StepWorkload.call, workloads.ChatWorkload.call
-        step_outcome, retry_after = workloads.step_outcome, workloads.GrpcTarget._retry_after
+        step_outcome, retry_after = workload.step_outcome, workloads.GrpcTarget._retry_after
 
         def attempt(session: Session) -> None:
             with self.lock:
