@@ -57,7 +57,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from serving import config
 
     serve = commands.add_parser(
         "serve",
@@ -78,11 +77,23 @@ def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         action="store_true",
         help="print the settings that would be used, as TOML, and exit",
     )
+    add_setting_flags(serve)
+    serve.set_defaults(handler=_serve)
+
+
+def add_setting_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, skip: Sequence[str] = ()
+) -> None:
+    """A flag for every server setting but those in `skip` (default None: not given)."""
+    from serving import config
+
     defaults = config.ServerConfig()
     for name, field in config.FIELDS.items():
+        if name in skip:
+            continue
         default = getattr(defaults, name)
         env = f"env {config.ENV_PREFIX}{name.upper()}"
-        serve.add_argument(
+        parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             metavar=name.upper(),
@@ -92,7 +103,6 @@ def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
             + env
             + "]",
         )
-    serve.set_defaults(handler=_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     add_serve_parser(commands)
+
+    from memserve.cluster.cli import add_cluster_parser
+
+    add_cluster_parser(commands)
 
     keys = commands.add_parser(
         "keys",
