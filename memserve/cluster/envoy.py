@@ -10,8 +10,9 @@ when replicas come and go, so scaling never restarts Envoy. Each endpoint's `has
 its replica's name: a replica started again on another port keeps its place in the table.
 
 A replica leaves the ring when Envoy's gRPC health check (grpc.health.v1, every 0.25 s)
-fails twice or answers NOT_SERVING once (a drain), or at the first connection it refuses
-(outlier detection); it comes back at its first passing check. Envoy retries a call only
+times out twice (1 s each: a frozen replica leaves in about 2.5 s) or answers NOT_SERVING
+(a drain), or at the first connection it refuses (outlier detection: a dead replica leaves
+at once); it comes back at its first passing check. Envoy retries a call only
 when no byte of it reached a replica (connect-failure, refused-stream), on another replica:
 a call that did reach one may have been committed there, and only the client, holding its
 request id, may send it again (docs/cluster.md).
@@ -108,8 +109,8 @@ static_resources:
       no_traffic_interval: 0.25s
       unhealthy_interval: 0.25s
       interval_jitter: 0s
-      timeout: 0.5s
-      unhealthy_threshold: 2  # failed checks (a NOT_SERVING answer counts at once)
+      timeout: 1s  # a busy replica on a loaded machine may take a while to answer
+      unhealthy_threshold: 2  # failed checks (a refused connection or NOT_SERVING: at once)
       healthy_threshold: 1
     outlier_detection:
       split_external_local_origin_errors: true

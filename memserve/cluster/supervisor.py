@@ -30,6 +30,7 @@ from memserve.cluster.state import SCALE_FILE, alive, read_state, write_state
 
 PROBE_INTERVAL = 0.25  # seconds between health probes of every process
 START_SECONDS = 300.0  # a replica loads its models in this much time, or failed to start
+REPLICA_PAUSE = 2.0  # seconds before a replica that exited is started again (see restart)
 
 
 @dataclass(frozen=True)
@@ -267,12 +268,17 @@ class Supervisor:
             await asyncio.sleep(PROBE_INTERVAL)
 
     async def restart(self, child: Child) -> None:
-        """Start `child` again (after a pause that grows with its restarts)."""
+        """Start `child` again: Redis and Envoy at once; a replica after REPLICA_PAUSE
+        seconds, doubled after each try that fails. On a small machine a starting replica
+        (loading torch and its models) takes the cores from the others, which are taking
+        over its sessions: the pause lets them do that first."""
+        pause = REPLICA_PAUSE if isinstance(child, ReplicaChild) else 0.1
         try:
             while child.wanted and not self.stopping.is_set():
                 child.restarts += 1
                 self.progress(f"{child.name} (pid {child.pid}) exited; starting it again")
-                await asyncio.sleep(min(10.0, 0.1 * 2 ** min(child.restarts, 7)))
+                await asyncio.sleep(pause)
+                pause = min(30.0, pause * 2)
                 try:
                     if isinstance(child, ReplicaChild):
                         await self.start_replica(child.name)
