@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from memserve import __version__
+from memserve.flags import add_setting_flags
 
 
 def _version(_: argparse.Namespace) -> int:
@@ -79,30 +80,6 @@ def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
     add_setting_flags(serve)
     serve.set_defaults(handler=_serve)
-
-
-def add_setting_flags(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, skip: Sequence[str] = ()
-) -> None:
-    """A flag for every server setting but those in `skip` (default None: not given)."""
-    from serving import config
-
-    defaults = config.ServerConfig()
-    for name, field in config.FIELDS.items():
-        if name in skip:
-            continue
-        default = getattr(defaults, name)
-        env = f"env {config.ENV_PREFIX}{name.upper()}"
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            metavar=name.upper(),
-            default=None,
-            help=f"{field.metadata['help']} ["
-            + (f"default: {default}; " if default not in ("", ()) else "")
-            + env
-            + "]",
-        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ DEFAULT_DIR = "memserve-cluster"
 
 
 def add_cluster_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from memserve.cli import add_setting_flags
+    from memserve.flags import add_setting_flags
 
     cluster = commands.add_parser(
         "cluster",
