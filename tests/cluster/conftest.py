@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from bench.child_cluster import Cluster
 from bench.child_server import ServerProcess
-from tests.cluster.harness import Cluster
+from tests.serving.oracle import LIMIT
 from tests.tiny_vmed import tiny_vmed
 
 CHAT = "vmed-tiny"
-LIMIT = 12  # the replies' max_tokens
-ARGS = ("--max-new-tokens", str(LIMIT), "--max-steps-per-call", "64")
+
+# A snapshot every 64 steps (1024 by default): a session that moves to another replica
+# replays at most about that many, a few ms each, which the failover pause includes.
+ARGS = ("--max-new-tokens", str(LIMIT), "--max-steps-per-call", "64", "--snapshot-every", "64")
 
 
 @pytest.fixture(scope="session")

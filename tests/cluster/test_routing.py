@@ -13,13 +13,14 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.child_cluster import Cluster, session_metadata
 from bench.child_server import ServerProcess
 from protos import memserve_pb2
 from serving.export import import_state
 from serving.wire import decode, encode
-from tests.cluster.conftest import CHAT, LIMIT
-from tests.cluster.harness import Cluster, session_metadata
+from tests.cluster.conftest import CHAT
 from tests.serving.client import metric, scrape
+from tests.serving.oracle import LIMIT
 from tests.serving.test_bad_input import SESSION_CASES, STEP_CASES
 
 STEPS = "memserve_request_duration_seconds_count"

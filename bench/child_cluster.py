@@ -1,7 +1,8 @@
 """A real `memserve cluster` (Redis, replicas, Envoy) in a child process on loopback ports,
 known through its DIR/cluster.json; its processes are signalled by the PIDs written there.
 Calls go through Envoy with the session header, as memserve's clients send it, or straight
-to one replica."""
+to one replica. Used by tests/cluster and bench/cluster.py (as bench/child_server.py is for
+one server)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,19 @@ class Cluster:
     def stub(self, replica: str | None = None) -> MemServeStub:
         port = None if replica is None else int(self.process_of(replica)["port"])
         return MemServeStub(self.channel(port))  # type: ignore[no-untyped-call]
+
+    def envoy_stats(self, *words: str) -> dict[str, int]:
+        """Envoy's counters and gauges whose names contain any of `words` (from its admin)."""
+        url = f"http://127.0.0.1:{self.state()['admin_port']}/stats"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url, timeout=10) as reply:
+            lines = reply.read().decode().splitlines()
+        stats = {}
+        for line in lines:
+            name, _, value = line.partition(": ")
+            if any(w in name for w in words) and value.strip().isdigit():
+                stats[name] = int(value)
+        return stats
 
     def metrics_url(self, replica: str) -> str:
         return f"http://127.0.0.1:{self.process_of(replica)['metrics_port']}/metrics"
