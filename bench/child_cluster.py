@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from bench.child_server import ROOT
-from memserve.cluster.envoy import SESSION_HEADER
+from clients.channel import SESSION_HEADER
 from memserve.cluster.maglev import Maglev
 from protos.memserve_pb2_grpc import MemServeStub
 

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))  # ahead of bench/, whose serving.py shadows nothi
 from bench.child_cluster import Cluster  # noqa: E402
 from bench.child_server import ServerProcess  # noqa: E402
 from bench.serving import provenance, write_record  # noqa: E402
-from memserve.cluster.envoy import SESSION_HEADER  # noqa: E402
+from clients.channel import SESSION_HEADER  # noqa: E402
 from protos import memserve_pb2, memserve_pb2_grpc, tensors  # noqa: E402
 
 MODEL = "ntm-copy"

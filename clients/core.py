@@ -19,7 +19,14 @@ import grpc
 
 from clients import calls, messages
 from clients.calls import Call
-from clients.channel import TLS, ChannelOption, call_metadata, channel_options, resolve_tls
+from clients.channel import (
+    TLS,
+    ChannelOption,
+    call_metadata,
+    channel_options,
+    resolve_tls,
+    with_session,
+)
 from clients.errors import MemserveError
 from clients.messages import Array, GenerateDone, Sampling, SessionInfo, Stepped
 from clients.options import DEFAULT_TARGET
@@ -111,7 +118,8 @@ class ClientCore(ABC):
     ) -> Any:
         """A Generate call, started; its deadline covers the whole reply."""
         request = messages.generate_request(session_id, text, sampling)
-        return self.stub.Generate(request, timeout=self._deadline(timeout), metadata=self.metadata)
+        metadata = with_session(self.metadata, session_id)
+        return self.stub.Generate(request, timeout=self._deadline(timeout), metadata=metadata)
 
     def _cancel_streams(self) -> None:
         """Cancel the step streams still open (before the channel closes)."""

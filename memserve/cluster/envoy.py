@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-SESSION_HEADER = "x-memserve-session"
+from clients.channel import SESSION_HEADER  # what memserve's clients send
+
 CLUSTER_NAME = "memserve"
 
 

@@ -6,6 +6,7 @@ directly."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -15,6 +16,8 @@ import pytest
 
 from bench.child_cluster import Cluster, session_metadata
 from bench.child_server import ServerProcess
+from clients.aio import AsyncClient
+from clients.client import Client
 from protos import memserve_pb2
 from serving.export import import_state
 from serving.wire import decode, encode
@@ -133,3 +136,30 @@ def test_status_reports_every_process(healthy: Cluster) -> None:
     for name in ("redis", "r1", "r2", "r3", "envoy"):
         assert f" {name} " in result.stdout
     assert result.stdout.count("serving") == 5
+
+
+def test_memserves_clients_send_the_session_header(healthy: Cluster) -> None:
+    """The client library's calls (blocking and asyncio faces) reach the replica the
+    session's id hashes to: they carry the header themselves (a step stream too, checked
+    here only to be served)."""
+    table, target = healthy.table(), f"127.0.0.1:{healthy.state()['port']}"
+    inputs = np.full((2, 9), 0.5, np.float32)
+    with Client(target, options=[("grpc.enable_http_proxy", 0)]) as client:
+        for _ in range(4):
+            session = client.create_session("ntm-copy").session_id
+            before = step_counts(healthy)
+            client.step(session, inputs)
+            assert served_by(healthy, before) == table.replica_of(session)
+            with client.step_stream(session) as stream:
+                stream.step(inputs)
+            assert client.get_session(session).step == 4
+
+    async def asynchronously() -> list[str]:
+        async with AsyncClient(target, options=[("grpc.enable_http_proxy", 0)]) as client:
+            session = (await client.create_session("ntm-copy")).session_id
+            before = step_counts(healthy)
+            await client.step(session, inputs)
+            return [session, served_by(healthy, before)]
+
+    session, replica = asyncio.run(asynchronously())
+    assert replica == table.replica_of(session)
