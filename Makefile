@@ -38,7 +38,7 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q 
 POLICY_RC := /usr/sbin/policy-rc.d
 
 .PHONY: setup system-deps serve run test lint typecheck pytest test-triton-latest bench \
-	gpu-wheels gpu-check protos clean help
+	test-protobuf-range gpu-wheels gpu-check protos clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 21
@@ -84,7 +84,15 @@ lint: $(STAMP)  ## ruff
 typecheck: $(STAMP)  ## mypy, strict
 	$(BIN)/mypy
 
-pytest: $(STAMP) system-deps  ## the test suite alone
+# checkov (the Kubernetes manifests' misconfiguration checks) has many dependencies of its
+# own: it gets an environment of its own, so none of them moves one of memserve's.
+TOOLS := $(VENV)/tools
+$(TOOLS)/.installed: Makefile
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet 'checkov>=3.2'
+	touch $@
+
+pytest: $(STAMP) $(TOOLS)/.installed system-deps  ## the test suite alone
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A Triton release that breaks the kernels must fail here before it reaches a user, so the
@@ -94,7 +102,14 @@ pytest: $(STAMP) system-deps  ## the test suite alone
 test-triton-latest: $(STAMP)  ## the kernel tests again, under the newest Triton on PyPI
 	$(BIN)/python -m tests.kernels.newest_triton $(TRITON_LATEST) -q
 
-test: lint typecheck pytest test-triton-latest  ## lint, type-check, the whole suite, then the kernel tests under the newest Triton
+# The generated code in protos/ must run on every protobuf pyproject.toml declares (memserve
+# installs beside tritonclient, which holds protobuf below 7): it is imported and used under
+# the lowest and under PyPI's newest inside the range, each a `pip install --target` overlay
+# of protobuf alone, installed once per version.
+test-protobuf-range: $(STAMP)  ## protos/ imported and used under the lowest and highest protobuf declared
+	$(BIN)/python -m tests.protos.protobuf_range $(VENV)/protobuf-range
+
+test: lint typecheck pytest test-triton-latest test-protobuf-range  ## lint, type-check, the whole suite, the kernel tests under the newest Triton, protos/ across the protobuf range
 
 bench: $(STAMP)  ## kernel benchmark; writes JSON under bench/results/
 	$(BIN)/python bench/kernels.py
@@ -113,9 +128,16 @@ gpu-wheels: $(STAMP)  ## download into .gpu-wheels/ the wheels gpu-check install
 gpu-check:  ## on a CUDA machine: GPU tests and benchmarks in < 8 min (bench/gpu_check.py)
 	$(GPU_PYTHON) bench/gpu_check.py --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
 
-protos: $(STAMP)  ## regenerate protos/*_pb2*.py from protos/*.proto
+# protos/inference/ is the Open Inference Protocol as Triton publishes it; its generated code
+# keeps its descriptors in a pool of its own (protos/inference/pool.py says why).
+protos: $(STAMP)  ## regenerate protos/**/*_pb2*.py from the .proto files
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/memserve.proto
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. protos/journal.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/inference/grpc_service.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. protos/inference/model_config.proto
+	$(BIN)/python -m protos.inference.pool protos/inference/grpc_service_pb2.py \
+		protos/inference/model_config_pb2.py
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

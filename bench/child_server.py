@@ -33,6 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120.0
 
 
+def process_stat(pid: int | str) -> tuple[int, float] | None:
+    """The parent's pid and the user + system CPU seconds of process `pid` so far (from
+    /proc/PID/stat); None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class ChildServer:
     """`command` in a child process (cwd: the repository), its output in a log file under
     `log_dir`; `start` returns once it logs `{"event": "serving", "port": ...}`, with its
@@ -133,15 +143,37 @@ class ChildServer:
         """User + system CPU seconds the child and its own children (the memserve model
         processes) have used so far (from /proc)."""
         total = 0.0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                pid, rest = stat.read_text().split(" (", 1)
-            except OSError:  # gone meanwhile
-                continue
-            fields = rest.rsplit(")", 1)[1].split()  # fields[1] is the parent's pid
-            if self.pid in (int(pid), int(fields[1])):
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for entry in Path("/proc").glob("[0-9]*"):
+            stat = process_stat(entry.name)
+            if stat is not None and self.pid in (int(entry.name), stat[0]):
+                total += stat[1]
         return total
+
+    def children(self) -> list[int]:
+        """The processes whose parent is the server (its model processes)."""
+        found = []
+        for entry in Path("/proc").glob("[0-9]*"):
+            stat = process_stat(entry.name)
+            if stat is not None and stat[0] == self.pid:
+                found.append(int(entry.name))
+        return found
+
+    def kill(self, wait: float = 10.0) -> bool:
+        """kill -9 of the server; True if its children then exited by themselves within
+        `wait` seconds (a model process sees its pipe close), else they are killed too."""
+        if self.process is None or self.process.poll() is not None:
+            return True
+        left = self.children()
+        self.signal(signal.SIGKILL)
+        self.wait()
+        deadline = time.monotonic() + wait
+        while left and time.monotonic() < deadline:
+            left = [pid for pid in left if Path(f"/proc/{pid}").exists()]
+            time.sleep(0.05)
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        return not left
 
     def signal(self, number: int = signal.SIGTERM) -> None:
         os.kill(self.pid, number)

@@ -54,6 +54,7 @@ from bench.serving import (  # noqa: E402
     provenance,
     quotient,
     run_level,
+    server_env,
     verdict,
     write_record,
 )
@@ -413,9 +414,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--seconds must be > 0, --warmup >= 0, --channels >= 1 and --rounds >= 1")
     if args.max_tokens < 1:
         parser.error("--max-tokens must be >= 1")
-    if any("=" not in item for item in args.server_env):
-        parser.error("--server-env takes NAME=VALUE")
-    args.server_env = dict(item.split("=", 1) for item in args.server_env)
+    args.server_env = server_env(parser, args.server_env)
     args.levels = sorted(set(args.levels))
     return args
 

@@ -463,14 +463,16 @@ async def measure_level(
     target_name: str,
     shape: Shape,
     concurrency: int,
-    settings: Settings,
+    settings: LevelTiming,
     input_size: int,
     output_size: int,
     round_: int = 1,
+    workload_class: type[StepCalls] | None = None,
 ) -> LevelRow:
-    """C sessions calling in `shape` for the warm-up and the window; what completed in it."""
+    """C sessions calling in `shape` for the warm-up and the window; what completed in it.
+    `workload_class`: the workload's (default `StepCalls`)."""
     scraping = child.metrics_port >= 0
-    workload = StepCalls(shape, input_size, output_size)
+    workload = (workload_class or StepCalls)(shape, input_size, output_size)
     recorder, usage = await run_level(child, workload, concurrency, settings, scraping)
     seconds = recorder.window()
     batching = (
@@ -844,6 +846,13 @@ def write_record(record: dict[str, Any], out: Path) -> None:
 # ---------------------------------------------------------------------------- main
 
 
+def server_env(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """`--server-env NAME=VALUE` options (repeatable) as the server's extra environment."""
+    if any("=" not in item for item in items):
+        parser.error("--server-env takes NAME=VALUE")
+    return dict(item.split("=", 1) for item in items)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -887,9 +896,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--batches must be between 1 and {POOL_SLOTS} (the pool's slots)")
     if args.seconds <= 0 or args.warmup < 0 or args.channels < 1 or args.rounds < 1:
         parser.error("--seconds must be > 0, --warmup >= 0, --channels >= 1 and --rounds >= 1")
-    if any("=" not in item for item in args.server_env):
-        parser.error("--server-env takes NAME=VALUE")
-    args.server_env = dict(item.split("=", 1) for item in args.server_env)
+    args.server_env = server_env(parser, args.server_env)
     if args.device is not None:  # as `memserve serve --device`, which reads this variable
         args.server_env["MEMSERVE_DEVICE"] = args.device
     args.levels = sorted(set(args.levels))

@@ -121,6 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cluster_parser(commands)
 
+    check = commands.add_parser(
+        "healthcheck",
+        help="exit 0 if a server answers SERVING on grpc.health.v1 (a container's probe)",
+        description=(
+            "Ask a memserve server's grpc.health.v1 service for its status: exit 0 if it is "
+            "SERVING, 1 otherwise (not serving, unreachable, too slow). For a container's "
+            "HEALTHCHECK; Kubernetes probes gRPC health natively."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    check.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    check.add_argument("--service", default="", help="service name ('': the whole server)")
+    check.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+    check.add_argument(
+        "--tls", action="store_true", help="speak TLS (the server's --tls-cert), system roots"
+    )
+    check.set_defaults(handler=_healthcheck)
+
     keys = commands.add_parser(
         "keys",
         help="make API keys for --auth-keys",
@@ -172,6 +190,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_recall_parser(eval_tasks)
     add_eval_dialogue_parser(eval_tasks)
     return parser
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    options = [("grpc.enable_http_proxy", 0)]
+    channel = (
+        grpc.secure_channel(args.target, grpc.ssl_channel_credentials(), options)
+        if args.tls
+        else grpc.insecure_channel(args.target, options)
+    )
+    with channel:
+        try:
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                .status
+            )
+        except grpc.RpcError as error:
+            print(f"{args.target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(f"{args.target}: {name}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _new_key(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ import warnings
 
 from protos import memserve_pb2 as protos_dot_memserve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/memserve_pb2_grpc.py depends on'
+        + f' but the generated code in protos/memserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class MemServeStub:
+class MemServeStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -86,7 +86,7 @@ class MemServeStub:
                 _registered_method=True)
 
 
-class MemServeServicer:
+class MemServeServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def ListModels(self, request, context):
@@ -213,7 +213,7 @@ def add_MemServeServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class MemServe:
+class MemServe(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

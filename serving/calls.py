@@ -37,8 +37,10 @@ class Call:
     ops: list[tuple[Operation, Any]] = field(default_factory=list, repr=False)  # rows landed
     future: asyncio.Future[int] | None = field(default=None, repr=False)  # the engine's
 
-    def next_row(self) -> tuple[Operation, Any]:
-        """The operation this call needs in the next launch, and its argument."""
+    def next_row(self, most: int = 1) -> tuple[Operation, Any, int]:
+        """The operation this call needs in the next launch, its argument and how many steps
+        of it the row runs: up to `most`, where the call knows that many ahead (a Step call's
+        inputs), else one."""
         raise NotImplementedError
 
     def runs_ahead(self) -> bool:
@@ -58,21 +60,24 @@ class Call:
 
 @dataclass(eq=False, kw_only=True)
 class StepCall(Call):
-    """A Step call: T rows of inputs, one per launch; outputs filled in as they land."""
+    """A Step call: T rows of inputs, up to the scheduler's `steps_per_launch` of them in
+    each launch; outputs filled in as they land."""
 
     inputs: np.ndarray  # [T, input_size] float32
     outputs: np.ndarray  # [T, output_size] float32
     sent: int = 0  # rows handed to launches
     done: int = 0  # rows whose outputs came back (launches land in the order sent)
 
-    def next_row(self) -> tuple[Operation, Any]:
-        self.sent += 1
-        return Operation.STEP, self.inputs[self.sent - 1]
+    def next_row(self, most: int = 1) -> tuple[Operation, Any, int]:
+        start = self.sent
+        self.sent = min(len(self.inputs), start + most)
+        return Operation.STEP, self.inputs[start : self.sent], self.sent - start
 
     def runs_ahead(self) -> bool:
         return self.sent < len(self.inputs)  # a step's inputs are all known up front
 
     def take(self, output: Any) -> bool:
-        self.outputs[self.done] = output
-        self.done += 1
+        """`output`: this row's `[steps, output_size]` outputs."""
+        self.outputs[self.done : self.done + len(output)] = output
+        self.done += len(output)
         return self.done == len(self.inputs)

@@ -51,6 +51,14 @@ class ServerConfig:
     )
     slots: int = field(default=256, metadata={"help": "active sessions per model (pool size)"})
     max_batch: int = field(default=256, metadata={"help": "most sessions in one launch"})
+    steps_per_launch: int = field(
+        default=8,
+        metadata={
+            "help": "most steps of one Step call a launch runs back to back, for calls of "
+            "T > 1 (1: one step per launch; more: fewer round trips to the model, a longer "
+            "wait for the sessions that share the launch)"
+        },
+    )
     max_queue_delay: float = field(
         default=0.0,
         metadata={
@@ -182,6 +190,7 @@ class ServerConfig:
             "port",
             "slots",
             "max_batch",
+            "steps_per_launch",
             "max_steps_per_call",
             "max_new_tokens",
             "threads",

@@ -8,9 +8,10 @@ which answers the calls that are done. Creating, forking, importing, exporting, 
 expiring sessions is `Lifecycle`'s.
 
 Continuous batching: each launch takes the head call of up to `max_batch` ready sessions in
-turn and advances each by ONE row (a step, or one token of a Generate); a call of T steps
-takes T launches, other sessions interleave with it, and calls that arrive while launches are
-in flight join the next one. Everything that touches the pool or the session bookkeeping
+turn and advances each by ONE row (up to `steps_per_launch` steps of a Step call, or one
+token of a Generate); a call of T steps takes ceil(T / steps_per_launch) launches, other
+sessions interleave with it, and calls that arrive while launches are in flight join the
+next one. Everything that touches the pool or the session bookkeeping
 holds `self.lock`, an asyncio lock on the event loop's thread.
 """
 
@@ -43,6 +44,7 @@ from serving.metrics import Metrics
 from serving.persistence import Persistence
 from serving.pipeline import Pipeline
 from serving.protocol import ModelCard
+from serving.pushback import Pushback
 from serving.scheduler import Scheduler
 from serving.sessions import Session, SessionTable
 from serving.slots import SlotManager
@@ -50,8 +52,6 @@ from serving.store import ParkingStore
 from serving.worker_client import WorkerClient, WorkerGone
 
 log = logging.getLogger("memserve.engine")
-
-QUEUE_PUSHBACK = 0.05  # seconds a call refused for a full queue should wait
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class EngineSettings:
     max_session_ttl: float
     max_steps_per_call: int  # also the most tokens of a Generate call's text
     max_new_tokens: int  # the most tokens a Generate call may ask for
+    steps_per_launch: int = 1  # steps of a Step call one launch may run back to back
     max_queued_calls: int = 4096  # calls queued or running on this model, at most
     max_sessions: int = 1_000_000  # sessions of the whole server (every model), at most
 
@@ -93,11 +94,14 @@ class ModelEngine:
         self.worker = worker
         self.tokenizer = text_tokenizer(card)
         self.lock = asyncio.Lock()
+        self.pushback = Pushback()  # how long a call refused for a full queue should wait
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         # Called when the model's process is gone; the server drains and exits non-zero.
         self.on_failure: Callable[[WorkerGone], None] = lambda error: None
-        self.scheduler = Scheduler(settings.max_batch, self._started)
+        self.scheduler = Scheduler(
+            settings.max_batch, self._started, steps_per_launch=settings.steps_per_launch
+        )
         self.slots = SlotManager(
             name, settings.slots, store, worker, self.scheduler.has_calls, self._flying,
             table, metrics,
@@ -218,12 +222,13 @@ class ModelEngine:
                 raise ResourceExhausted(
                     f"model {self.name!r} has {self.scheduler.queued_calls} calls queued, the "
                     "most it takes (max_queued_calls)",
-                    retry_after=QUEUE_PUSHBACK,
+                    retry_after=self.pushback.refused(),
                 )
         except ServingError as error:
             if call.request_id:
                 call.session.requests.fail(call.request_id, error)
             raise
+        self.pushback.admitted()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _: setattr(call, "abandoned", True))
         call.future = future
@@ -317,6 +322,7 @@ class ModelEngine:
         m.slots_capacity.labels(name).set(self.settings.slots)
         m.slots_used.labels(name).set_function(lambda: len(slots.active))
         m.queue_length.labels(name).set_function(lambda: self.scheduler.queued_calls)
+        m.queue_capacity.labels(name).set(self.settings.max_queued_calls)
         m.sessions.labels(name, "active").set_function(lambda: len(slots.active))
         for residence in ("parked_host", "parked_disk", "stored"):
             m.sessions.labels(name, residence).set_function(

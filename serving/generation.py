@@ -131,18 +131,18 @@ class GenerateCall(Call):
     sent_pieces: list[str] = field(default_factory=list)  # as the caller got them
     before: dict[str, torch.Tensor] | None = None  # the state before the turn, to undo it
 
-    def next_row(self) -> tuple[Operation, Any]:
+    def next_row(self, most: int = 1) -> tuple[Operation, Any, int]:  # one at a time
         if self.phase == "prompt":
-            return Operation.ENCODE, self.prompt[self.position]
+            return Operation.ENCODE, self.prompt[self.position], 1
         if self.phase == "begin":
             noise = self.rng.standard_normal(self.latent_size)
-            return Operation.BEGIN, BeginRow(noise, self.rng.random())
+            return Operation.BEGIN, BeginRow(noise, self.rng.random()), 1
         if self.phase == "decode":
             s = self.sampling
             previous = self.generated[-1] if self.generated else BOS
             row = DecodeRow(previous, s.temperature, s.top_k, s.top_p, self.rng.random())
-            return Operation.DECODE, row
-        return Operation.ENCODE, self.reply[self.position]
+            return Operation.DECODE, row, 1
+        return Operation.ENCODE, self.reply[self.position], 1
 
     def take(self, output: Any) -> bool:
         if self.phase == "prompt":

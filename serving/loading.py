@@ -70,9 +70,16 @@ def load_engines(
         raise ValueError("no models to serve: pass --models (none are bundled)")
     device = pick_device(config.device)
     parking = ParkingStore(config.park_host_bytes, DirectoryStore(park_dir, config.park_disk_bytes))
+    disk = parking.disk
+    assert disk is not None
+    metrics.park_bytes.labels("host").set_function(lambda: parking.host.bytes)
+    metrics.park_bytes.labels("disk").set_function(lambda: disk.bytes)
+    metrics.park_capacity_bytes.labels("host").set(config.park_host_bytes)
+    metrics.park_capacity_bytes.labels("disk").set(config.park_disk_bytes)
     settings = EngineSettings(
         slots=config.slots,
         max_batch=config.max_batch,
+        steps_per_launch=config.steps_per_launch,
         max_queue_delay=config.max_queue_delay,
         session_ttl=config.session_ttl,
         max_session_ttl=config.max_session_ttl,

@@ -122,6 +122,24 @@ class Metrics:
         self.queue_length = Gauge(
             "memserve_queue_length", "Step calls waiting or running", ["model"], registry=r
         )
+        self.queue_capacity = Gauge(
+            "memserve_queue_capacity",
+            "Calls a model takes queued or running before it refuses more (max_queued_calls)",
+            ["model"],
+            registry=r,
+        )
+        self.park_bytes = Gauge(
+            "memserve_park_bytes",
+            "Bytes of parked session states, by tier (host, disk)",
+            ["tier"],
+            registry=r,
+        )
+        self.park_capacity_bytes = Gauge(
+            "memserve_park_capacity_bytes",
+            "Bytes each parking tier may hold (park_host_bytes, park_disk_bytes)",
+            ["tier"],
+            registry=r,
+        )
         self.evictions = Counter(
             "memserve_session_evictions",
             "Sessions moved out of a slot or ended by the server (reason: expired, "

@@ -49,10 +49,10 @@ class Flight:
 
 def assemble(rows: list[Row], moves: SlotMoves) -> tuple[Launch, dict[Operation, list[int]]]:
     """The launch for these rows: one batch per operation (int64 slots, then each row's
-    argument stacked), with the slot moves to run before them."""
+    argument stacked, the rows of most steps first), with the slot moves to run before them."""
     groups: dict[Operation, list[int]] = {}
-    for index, row in enumerate(rows):
-        groups.setdefault(row.operation, []).append(index)
+    for index in sorted(range(len(rows)), key=lambda i: -rows[i].steps):  # stable
+        groups.setdefault(rows[index].operation, []).append(index)
     batches = []
     for operation, indices in groups.items():
         slots = np.fromiter((rows[i].call.session.slot for i in indices), np.int64, len(indices))
@@ -146,7 +146,8 @@ class Pipeline:
             result = landed.outputs.get(operation)
             if result is not None:
                 for index, output in zip(indices, result, strict=True):
-                    outputs[index] = output
+                    steps = flight.rows[index].steps  # a STEP row's outputs: one per step
+                    outputs[index] = output[:steps] if operation is Operation.STEP else output
         self.scheduler.update_from_output(flight.rows, outputs)
 
     def _lose(self, rows: list[Row], parked: list[tuple[Session, int]], error: Exception) -> None:

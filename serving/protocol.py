@@ -39,15 +39,25 @@ class Operation(enum.Enum):
 
 @dataclass(frozen=True)
 class StepBatch:
-    """`model.step` for the sessions in `slots`: `inputs` float32 `[B, input_size]`."""
+    """`model.step` for the sessions in `slots`, up to K steps each, back to back: `inputs`
+    float32 `[B, K, input_size]`, `steps` int64 `[B]`, non-increasing, each in [1, K]. Row i
+    takes `steps[i]` steps (inputs beyond them are padding); its outputs come back as
+    `[B, K, output_size]`, zeros past its steps."""
 
     operation: ClassVar[Operation] = Operation.STEP
     slots: np.ndarray
     inputs: np.ndarray
+    steps: np.ndarray
 
     @classmethod
     def of(cls, slots: np.ndarray, rows: Sequence[np.ndarray]) -> StepBatch:
-        return cls(slots, np.stack(rows))
+        """`rows`: each session's `[steps, input_size]` inputs, most steps first."""
+        steps = np.fromiter((len(row) for row in rows), np.int64, len(rows))
+        width = rows[0].shape[-1] if rows else 0
+        inputs = np.zeros((len(rows), int(steps.max(initial=1)), width), np.float32)
+        for index, row in enumerate(rows):
+            inputs[index, : len(row)] = row
+        return cls(slots, inputs, steps)
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,7 @@ class Launch:
 
 @dataclass(frozen=True)
 class Landed:
-    """What a launch gives back: STEP outputs `[B, output_size]` float32 and DECODE tokens
+    """What a launch gives back: STEP outputs `[B, K, output_size]` float32 and DECODE tokens
     `[B]` int64 by operation, the states read for `Launch.park` and `Launch.save` in their
     order, and the seconds the worker took."""
 

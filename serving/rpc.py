@@ -12,14 +12,13 @@ import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import wraps
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from serving.errors import InvalidArgument, ResourceExhausted, ServingError, Unavailable
+from serving.errors import ResourceExhausted, ServingError, Unavailable
+from serving.malformed import check_parsed, lenient
 from serving.metrics import Metrics
 from serving.tenants import OPEN_TENANT, Keys, Tenant, Usage
 
@@ -56,30 +55,6 @@ def unary(method: str) -> Callable[[Handler[Request, Response]], Handler[Request
         return wrapped
 
     return decorate
-
-
-@dataclass(frozen=True)
-class Malformed:
-    """A request that did not parse (e.g. a string field that is not UTF-8): the handler
-    answers INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing request"."""
-
-    type_name: str
-    error: str
-
-
-def lenient(message_class: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return message_class.FromString(data)
-        except DecodeError as error:
-            return Malformed(message_class.DESCRIPTOR.full_name, str(error))
-
-    return parse
-
-
-def check_parsed(request: object) -> None:
-    if isinstance(request, Malformed):
-        raise InvalidArgument(f"request is not a valid {request.type_name}: {request.error}")
 
 
 def add_to_server(servicer: object, messages: Any, service: str, server: grpc.aio.Server) -> None:

@@ -7,7 +7,9 @@ no model, awaits nothing and starts no process, so tests drive it directly
 
 The rules:
 - A session's calls run one after the other in arrival order; each launch advances the head
-  call of up to `max_batch` sessions by ONE row (a step, or one operation of a Generate).
+  call of up to `max_batch` sessions by ONE row: one operation of a Generate, or up to
+  `steps_per_launch` steps of a Step call, whose inputs are all known (multi-step launches,
+  after vLLM's multi-step scheduling: the worker runs them back to back in one message).
 - Sessions take turns: one that took part in a launch goes to the back of the line.
 - A call that has not started yet is checked against `expected_step` (FAILED_PRECONDITION,
   nothing run) and dropped if its caller left.
@@ -44,11 +46,19 @@ class Placement(Protocol):
 
 
 class Row(NamedTuple):
-    """One row of a launch: a call, the operation it needs and that operation's argument."""
+    """One row of a launch: a call, the operation it needs, that operation's argument and
+    how many steps of it the row runs (STEP: `argument` holds one input per step)."""
 
     call: Call
     operation: Operation
     argument: Any
+    steps: int = 1
+
+    def ops(self) -> list[tuple[Operation, Any]]:
+        """What the row did, one operation per step, as a session's journal records it."""
+        if self.operation is Operation.STEP:
+            return [(self.operation, inputs) for inputs in self.argument]
+        return [(self.operation, self.argument)]
 
 
 def _ignore(call: Call) -> None:
@@ -63,8 +73,10 @@ class Scheduler:
         max_batch: int,
         on_start: Callable[[Call], None] = _ignore,
         on_finish: Callable[[Call], None] = _ignore,
+        steps_per_launch: int = 1,
     ) -> None:
         self.max_batch = max_batch
+        self.steps_per_launch = steps_per_launch
         self.on_start = on_start  # a call's first row was scheduled
         self.on_finish = on_finish  # a call was answered (`call.result` or `call.error`)
         self.queues: dict[str, deque[Call]] = {}  # per session id, arrival order
@@ -109,7 +121,7 @@ class Scheduler:
             if not call.started:
                 call.started, call.from_step = True, session.step
                 self.on_start(call)
-            rows.append(Row(call, *call.next_row()))
+            rows.append(Row(call, *call.next_row(self.steps_per_launch)))
             in_launch.add(session.id)
             self.in_flight[session.id] = self.in_flight.get(session.id, 0) + 1
         return rows
@@ -147,15 +159,15 @@ class Scheduler:
         return None
 
     def update_from_output(self, rows: Sequence[Row], outputs: Sequence[Any]) -> None:
-        """A launch landed: every row's session took its step; calls take their outputs,
+        """A launch landed: every row's session took its steps; calls take their outputs,
         and those complete (or abandoned) are answered."""
         for row, output in zip(rows, outputs, strict=True):
             call, session = row.call, row.call.session
-            session.step += 1  # the state took the step, whoever still waits for it
+            session.step += row.steps  # the state took them, whoever still waits for them
             self._landed(session)
             if call.finished:  # answered while this row was in flight (its session ended)
                 continue
-            call.ops.append((row.operation, row.argument))
+            call.ops.extend(row.ops())
             if call.take(output) or call.abandoned:
                 self._finish(call, result=session.step)
             if self.queues.get(session.id):

@@ -1,5 +1,5 @@
-"""Start, serve and drain: the models' engines, the gRPC server (MemServe, health,
-reflection) and the Prometheus endpoint, for `memserve serve`.
+"""Start, serve and drain: the models' engines, the gRPC server (MemServe, the v2 inference
+API of `serving.kserve`, health, reflection) and the Prometheus endpoint, for `memserve serve`.
 
 Shutdown on SIGTERM or SIGINT: health turns NOT_SERVING at once (load balancers stop
 sending), new calls get UNAVAILABLE, calls in flight get up to `grace` seconds to finish,
@@ -21,12 +21,15 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
 from kernels import backend
 from memserve import __version__
 from protos import memserve_pb2
+from protos.inference import grpc_service_pb2
+from protos.inference.pool import reflection_pool
+from serving import kserve
 from serving.config import ServerConfig
 from serving.durable import open_store
 from serving.durable.base import MemorySessionStore, SessionStore
@@ -43,6 +46,7 @@ from serving.tenants import Keys, Tenant
 log = logging.getLogger("memserve.server")
 
 SERVICE_NAME = memserve_pb2.DESCRIPTOR.services_by_name["MemServe"].full_name
+HEALTH_NAMES = ("", SERVICE_NAME, kserve.SERVICE_NAME)  # the server's and each API's
 # Large enough for an exported DNC session with a big link matrix.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_PENDING_REQUESTS = 1 << 30  # effectively none: every call received is answered
@@ -61,6 +65,9 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.keys = Keys.load(config.auth_keys) if config.auth_keys else None
         self.service = MemServeService(self.engines, self.table, self.metrics, self.keys)
+        self.kserve = kserve.KServeService(
+            self.engines, self.table, self.metrics, self.service.admission
+        )
         self.metrics_http: Any = None
         self.port = 0
         self.metrics_port = -1
@@ -120,9 +127,13 @@ class Server:
             ]
         )
         add_to_server(self.service, memserve_pb2, "MemServe", server)
+        self.kserve.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        files = (memserve_pb2, grpc_service_pb2, health_pb2, reflection_pb2)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, kserve.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
+            pool=reflection_pool(module.DESCRIPTOR for module in files),
         )
         address = f"{self.config.host}:{self.config.port}"
         try:
@@ -152,7 +163,7 @@ class Server:
             engine.start()
         await server.start()
         self.grpc_server = server
-        for service in ("", SERVICE_NAME):
+        for service in HEALTH_NAMES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
@@ -224,6 +235,7 @@ class Server:
                 elsewhere += 1  # left in the store for a server that serves its model
                 continue
             engine.persistence.adopt(summary)
+            self.kserve.adopt(summary.request_id, summary.session_id, summary.made)
             adopted += 1
         for problem in self.session_store.problems():
             log.warning(problem, extra={"event": "store_damage"})
@@ -248,7 +260,7 @@ class Server:
             else (health_pb2.HealthCheckResponse.NOT_SERVING)
         )
         if not self.service.admission.draining:
-            for service in ("", SERVICE_NAME):
+            for service in HEALTH_NAMES:
                 task = asyncio.ensure_future(self.health.set(service, status))
                 self._health_updates.add(task)
                 task.add_done_callback(self._health_updates.discard)

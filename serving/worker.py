@@ -15,6 +15,7 @@ first, then closes the pipe) and exits when the pipe closes, also when the serve
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import signal
@@ -37,6 +38,7 @@ from serving.protocol import (
     Landed,
     Launch,
     ModelCard,
+    Operation,
     OperationBatch,
     ReadSlot,
     Replay,
@@ -73,14 +75,23 @@ def host_state(state: dict[str, torch.Tensor]) -> HostState:
     return {name: tensor.detach().cpu().numpy() for name, tensor in state.items()}
 
 
-def check_launch_slots(launch: Launch, capacity: int) -> None:
-    """The one check a launch gets, on the host: its slots are in the pool and no slot
-    appears twice (two rows on one slot would race in a kernel)."""
+def check_launch(launch: Launch, capacity: int) -> None:
+    """The one check a launch gets, on the host: its slots are in the pool, no slot appears
+    twice (two rows on one slot would race in a kernel), and a STEP batch's step counts are
+    what `StepBatch` says."""
     slots = np.concatenate([batch.slots for batch in launch.batches] or [np.empty(0, np.int64)])
     if slots.size and (slots.min() < 0 or slots.max() >= capacity):
         raise ValueError(f"a launch's slots must be in [0, {capacity}), got {slots.tolist()}")
     if np.unique(slots).size != slots.size:
         raise ValueError(f"a launch names a slot twice: {slots.tolist()}")
+    for batch in launch.batches:
+        if isinstance(batch, StepBatch) and batch.steps.size:
+            steps, most = batch.steps, batch.inputs.shape[1]
+            if steps.min() < 1 or steps.max() > most or np.any(np.diff(steps) > 0):
+                raise ValueError(
+                    f"a STEP batch's step counts must be non-increasing, in [1, {most}], "
+                    f"got {steps.tolist()}"
+                )
 
 
 def run_batch(model: Any, pool: StatePool, batch: OperationBatch) -> np.ndarray | None:
@@ -92,10 +103,7 @@ def run_batch(model: Any, pool: StatePool, batch: OperationBatch) -> np.ndarray 
         return torch.from_numpy(array).to(device)
 
     if isinstance(batch, StepBatch):
-        outputs: np.ndarray = (
-            model.step(pool, slots, on_device(batch.inputs), check=False).cpu().numpy()
-        )
-        return outputs
+        return run_steps(model, pool, slots, on_device(batch.inputs), batch.steps)
     if isinstance(batch, EncodeBatch):
         model.encode(pool, slots, on_device(batch.tokens), check=False)
         return None
@@ -110,10 +118,25 @@ def run_batch(model: Any, pool: StatePool, batch: OperationBatch) -> np.ndarray 
     raise TypeError(f"unknown operation batch {type(batch).__name__}")
 
 
+def run_steps(
+    model: Any, pool: StatePool, slots: torch.Tensor, inputs: torch.Tensor, steps: np.ndarray
+) -> np.ndarray:
+    """K steps of `model.step`, back to back: at step k the rows with more than k steps,
+    which come first (`StepBatch`), so each step takes a prefix of the batch. The outputs
+    stay on the device until all K are done."""
+    batch, most, _ = inputs.shape
+    outputs = torch.zeros(batch, most, model.output_size, device=inputs.device)
+    for k in range(most):
+        live = batch if k == 0 else int(np.count_nonzero(steps > k))  # on the host
+        outputs[:live, k] = model.step(pool, slots[:live], inputs[:live, k], check=False)
+    result: np.ndarray = outputs.cpu().numpy()
+    return result
+
+
 def run_launch(model: MemoryModel, pool: StatePool, launch: Launch) -> Landed:
     """Parks out, restores in, then each operation's batch; see `protocol.Launch`."""
     start = time.perf_counter()
-    check_launch_slots(launch, pool.capacity)
+    check_launch(launch, pool.capacity)
     saved = tuple(host_state(pool.read(slot)) for slot in launch.save)
     parked = tuple(host_state(pool.read(slot)) for slot in launch.park)
     for slot, state in launch.restore:
@@ -133,8 +156,13 @@ def replay(model: MemoryModel, scratch: StatePool, request: Replay) -> HostState
     else:
         scratch.write(0, device_state(request.state, scratch.device))
     slot = np.zeros(1, np.int64)
-    for operation, argument in request.rows:
-        run_batch(model, scratch, batch_of(operation, slot, [argument]))
+    for operation, group in itertools.groupby(request.rows, key=lambda row: row[0]):
+        arguments = [argument for _, argument in group]
+        if operation is Operation.STEP:  # a run of steps, back to back in one batch
+            run_batch(model, scratch, StepBatch.of(slot, [np.stack(arguments)]))
+            continue
+        for argument in arguments:
+            run_batch(model, scratch, batch_of(operation, slot, [argument]))
     return host_state(scratch.read(0))
 
 

@@ -152,6 +152,12 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
         "--no-metrics", action="store_true", help="do not scrape the server's /metrics"
     )
     where.add_argument(
+        "--protocol", choices=("memserve", "kserve"), default="memserve",
+        help="memserve: memserve.v1 (Step, Generate); kserve: the v2 inference API, as Triton "
+        "clients call it (ModelInfer, ModelStreamInfer; a session is a sequence: "
+        "docs/kserve.md)",
+    )  # fmt: skip
+    where.add_argument(
         "--channels", type=positive_int, default=1, metavar="N",
         help="gRPC channels (connections); sessions use them round robin",
     )  # fmt: skip
@@ -355,6 +361,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         csv_path=args.csv,
         plot_path=args.plot,
         tls=options.tls_settings(args),
+        protocol=args.protocol,
         token=options.token(args),
         steps=0 if chat else args.steps,
         steps_per_call=0 if chat else args.steps_per_call,

@@ -137,7 +137,7 @@ class Recorder:
     seconds; `end` None while a count-bounded level runs)."""
 
     def __init__(self, method: str) -> None:
-        self.method = method  # "Step" or "Generate": what a request is
+        self.method = method  # "Step" or "Generate" (kserve: ModelInfer, ModelStreamInfer)
         self.calls = CallCounts()
         self.latency = Latencies()  # intended start -> last answer
         self.ttft = Latencies()  # intended start -> first text piece (Generate)
@@ -263,7 +263,10 @@ class Recorder:
             "throughput": throughput,
             "latency_ms": self.latency.summary(),
         }
-        if self.method == "Step":
+        if self.method in (
+            "Step",
+            "ModelInfer",
+        ):  # the step workload (ModelInfer: --protocol kserve)
             summary["session_steps"] = self.session_steps
             throughput["session_steps_per_s"] = per_s(self.answered_steps)
         else:

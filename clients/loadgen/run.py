@@ -152,7 +152,8 @@ def describe(settings: Settings, info: memserve_pb2.ModelInfo) -> list[str]:
         f"{settings.requests} requests"
     )  # fmt: skip
     return [
-        f"memserve loadgen {settings.workload}: {info.name} ({info.type}) at {settings.target}",
+        f"memserve loadgen {settings.workload}: {info.name} ({info.type}) at {settings.target}"
+        + (" over the v2 inference API (kserve)" if settings.protocol == "kserve" else ""),
         f"{shape}; {what}",
         f"each level: {settings.warmup:g} s warm-up, then {length} measured",
     ]

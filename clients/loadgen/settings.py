@@ -39,6 +39,7 @@ class Settings:
     csv_path: Path | None = None
     plot_path: Path | None = None
     tls: TLS | None = None  # None: plaintext
+    protocol: str = "memserve"  # or "kserve": the v2 inference API (clients/loadgen/kserve.py)
     token: str | None = field(default=None, repr=False)
     # step
     steps: int = 0
@@ -71,6 +72,7 @@ class Settings:
         """The settings as JSON-friendly values (the prompts as their count and source)."""
         record: dict[str, Any] = {
             "workload": self.workload,
+            "protocol": self.protocol,
             "model": self.model,
             "target": self.target,
             "mode": self.mode,

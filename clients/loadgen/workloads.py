@@ -86,8 +86,10 @@ class Connection:
         options: Sequence[ChannelOption] = (),
         tls: TLS | None = None,
         token: str | None = None,
+        protocol: str = "memserve",
     ) -> None:
         self.target = target
+        self.protocol = protocol
         self.metadata: Metadata = call_metadata(token)
         if tls is None:
             self.channels = [grpc.aio.insecure_channel(target, options=list(options)) for _ in
@@ -100,6 +102,10 @@ class Connection:
             memserve_pb2_grpc.MemServeStub(channel)  # type: ignore[no-untyped-call]
             for channel in self.channels
         ]
+        if protocol == "kserve":  # the v2 inference API's stubs instead (clients/loadgen/kserve)
+            from clients.loadgen.kserve import inference_stub
+
+            self.stubs = [inference_stub(channel) for channel in self.channels]
         self.sessions = 0
 
     @classmethod
@@ -110,7 +116,8 @@ class Connection:
             ("grpc.enable_http_proxy", 0),  # measure the server, not a proxy
             ("grpc.use_local_subchannel_pool", 1),  # one connection per channel
         ])  # fmt: skip
-        return cls(settings.target, settings.channels, options, settings.tls, settings.token)
+        return cls(settings.target, settings.channels, options, settings.tls, settings.token,
+                   settings.protocol)  # fmt: skip
 
     def next_session(self) -> tuple[int, Any]:
         """The next session's sequence number and the stub it talks over."""
@@ -133,6 +140,8 @@ class Connection:
     async def model_info(self, settings: Settings, calls: CallCounts) -> memserve_pb2.ModelInfo:
         """The workload's model as ListModels describes it; LoadgenError if it is not there
         or cannot do the workload."""
+        if self.protocol == "kserve":
+            return await self.kserve_model_info(settings, calls)
         try:
             answer = await self.stubs[0].ListModels(
                 memserve_pb2.ListModelsRequest(), timeout=settings.timeout, metadata=self.metadata
@@ -157,6 +166,27 @@ class Connection:
             )
         return info
 
+    async def kserve_model_info(
+        self, settings: Settings, calls: CallCounts
+    ) -> memserve_pb2.ModelInfo:
+        """As `model_info`, from the v2 API's ModelMetadata."""
+        from clients.loadgen.kserve import model_info
+
+        try:
+            info: memserve_pb2.ModelInfo = await model_info(
+                self.stubs[0], settings.model, settings.timeout, self.metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            calls.add("ModelMetadata", code_name(error), error.details() or "")
+            raise LoadgenError(
+                f"ModelMetadata of {settings.model!r} at {self.target} failed: "
+                f"{code_name(error)}: {error.details()}"
+            ) from None
+        calls.add("ModelMetadata", OK)
+        if settings.workload == "chat" and info.type not in DIALOGUE_TYPES:
+            raise LoadgenError(f"model {settings.model!r} ({info.type}) does not generate text")
+        return info
+
     async def close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self.channels))
 
@@ -167,9 +197,11 @@ class Connection:
 class Workload:
     """What a request is: its RPC (`method`), the CreateSession of the n-th session, and one
     request on a session; `release` lets go of what a session holds (an open stream) before
-    it is deleted."""
+    it is deleted. A workload with `sequences` (the v2 API's) starts and ends its sessions
+    with its own requests: it names a session (`name`), and `end`s one cut short."""
 
     method = ""
+    sequences = False
 
     def session_request(self, sequence: int) -> memserve_pb2.CreateSessionRequest:
         raise NotImplementedError
@@ -180,6 +212,15 @@ class Workload:
 
     async def release(self, session: Session) -> None:
         """Before the session is deleted (nothing to do unless the workload holds a call)."""
+
+    def name(self, sequence: int) -> str:
+        raise NotImplementedError
+
+    def unfinished(self, session: Session) -> bool:
+        return False
+
+    async def end(self, session: Session, timeout: float | None, metadata: Metadata) -> None:
+        raise NotImplementedError
 
 
 def step_outcome(
@@ -291,6 +332,10 @@ class ChatWorkload(Workload):
 
 
 def make_workload(settings: Settings, info: memserve_pb2.ModelInfo) -> Workload:
+    if settings.protocol == "kserve":
+        from clients.loadgen.kserve import KServeChat, KServeStep
+
+        return KServeStep(settings, info) if settings.workload == "step" else KServeChat(settings)
     if settings.workload == "step":
         return StepWorkload(settings, info)
     return ChatWorkload(settings)
@@ -328,6 +373,8 @@ class GrpcTarget:
 
     async def _create(self) -> Session:
         sequence, stub = self.connection.next_session()
+        if self.workload.sequences:  # its first request starts it
+            return Session(self.workload.name(sequence), sequence, stub)
         start = now()
         try:
             info = await stub.CreateSession(
@@ -346,6 +393,10 @@ class GrpcTarget:
 
     async def close_session(self, session: Session) -> None:
         await self.workload.release(session)
+        if self.workload.sequences:
+            if self.workload.unfinished(session):
+                await self._end(session)
+            return
         if session.gone:  # the server no longer has it
             return
         start = now()
@@ -362,6 +413,19 @@ class GrpcTarget:
             raise
         self.calls.add("DeleteSession", OK)
         self.recorder.session_calls["DeleteSession"].record(now() - start)
+
+    async def _end(self, session: Session) -> None:
+        """A sequence cut short, ended by one more request, counted as its method."""
+        method = self.workload.method
+        try:
+            await self.workload.end(session, self.timeout, self.connection.metadata)
+        except grpc.aio.AioRpcError as error:
+            self.calls.add(method, code_name(error), error.details() or "")
+            return
+        except asyncio.CancelledError:
+            self.calls.add(method, "CANCELLED")
+            raise
+        self.calls.add(method, OK)
 
     async def request(self, session: Session, intended: float) -> Outcome:
         method = self.workload.method

@@ -262,14 +262,17 @@ class DirectorySessionStore(SessionStore):
         session_id = record_session(record)
         kind = record.WhichOneof("record")
         entry = self.entries.setdefault(session_id, Entry())
-        before = entry.live()
+        if kind == "call":  # from the committed step (`commit`): it only adds a live record
+            entry.segments.add(location.segment)
+            entry.calls[record.call.from_step] = (location, record.call.to_step)
+            entry.step = record.call.to_step
+            self.live_bytes[location.segment] += location.size
+            return
+        before = entry.live()  # every call since the snapshot: O(calls), not per call
         entry.segments.add(location.segment)
         if kind == "created":
             entry.created, entry.summary = location, without_state(record.created)
             entry.step = record.created.step
-        elif kind == "call":
-            entry.calls[record.call.from_step] = (location, record.call.to_step)
-            entry.step = record.call.to_step
         elif kind == "snapshot":
             entry.snapshot, entry.snapshot_step = location, record.snapshot.step
             entry.calls = {s: c for s, c in entry.calls.items() if c[1] > record.snapshot.step}

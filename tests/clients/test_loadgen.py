@@ -214,6 +214,34 @@ def test_chat_reports_time_to_first_piece_between_pieces_and_tokens(
     assert (tmp_path / "chat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize(
+    ("workload", "method", "extra"),
+    [("step", "ModelInfer", ("--steps-per-call", "3")),
+     ("chat", "ModelStreamInfer", ("--model", TINY, "--max-tokens", "4"))],
+)  # fmt: skip
+def test_the_kserve_protocol_drives_the_v2_api_and_the_server_agrees(
+    server: ServerProcess, tmp_path: Path, workload: str, method: str, extra: tuple[str, ...]
+) -> None:
+    """Sessions are v2 sequences: no CreateSession or DeleteSession, every request through
+    the v2 API (sequences cut short at the end are ended with one more, counted)."""
+    before = server_counts(server)
+    out = tmp_path / "kserve.json"
+    code = loadgen(server, workload, "--protocol", "kserve", "--concurrency", "3", "--duration",
+                   "1", "--warmup", "0.2", "--json", str(out), *extra)  # fmt: skip
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert record["settings"]["protocol"] == "kserve"
+    (level,) = record["levels"]
+    assert level["requests"]["ok"] > 0 and level["requests"]["errors"] == {}
+    if workload == "step":
+        assert level["session_steps"] == 3 * level["requests"]["ok"]
+    else:
+        assert level["tokens"]["completion"] == 4 * level["requests"]["ok"]
+    sent = record["requests_sent"]
+    assert set(sent) == {"ModelMetadata", method} and set(sent[method]) == {"OK"}
+    assert settled_counts(server, before, sent) == sent
+
+
 def test_refused_requests_are_counted_by_status_code(
     server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

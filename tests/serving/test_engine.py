@@ -74,7 +74,7 @@ def test_sessions_are_made_in_the_worker_and_only_parking_carries_state(
             first = await lifecycle.create(None, None)
             assert worker.take() == ["ResetSlot"]
             await engine.step(first, rng.random((3, 9), dtype=np.float32), None)
-            assert worker.take() == ["Launch"] * 3
+            assert worker.take() == ["Launch"]  # three steps back to back in one launch
             child = await lifecycle.fork(first, None)  # the second slot was free
             assert worker.take() == ["CopySlot"]
             assert child.step == first.step == 3

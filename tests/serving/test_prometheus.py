@@ -7,164 +7,33 @@ its own prometheus on a free loopback port with its storage under tmp_path.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pytest
 
 from bench.child_server import ServerProcess
 from protos import memserve_pb2, memserve_pb2_grpc
 from serving import wire
+from serving.config import ServerConfig
+from tests.prometheus_server import (
+    JOB,
+    poll,
+    prometheus_binary,
+    running_prometheus,
+    scalar,
+    write_config,
+)
 
 MODEL = "ntm-copy"
-JOB = "memserve"
 SESSIONS = 3
-STEPS_PER_CALL = 2
-READY_SECONDS = 30.0
+STEPS_PER_CALL = 10  # more than one launch of steps_per_launch (8)
 QUERY_SECONDS = 60.0
-# Loopback only: no http_proxy from the environment.
-LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 P99_STEP_LATENCY = (
     "histogram_quantile(0.99, sum by (le) "
     f'(rate(memserve_request_duration_seconds_bucket{{job="{JOB}",method="Step"}}[30s])))'
 )
-
-
-def prometheus_binary() -> str:
-    """The path of `prometheus`; fails (never skips) when it is missing."""
-    path = shutil.which("prometheus")
-    if path is None:
-        pytest.fail(
-            "the `prometheus` binary is not on PATH: run `make setup` "
-            "(it installs Debian's prometheus package)"
-        )
-    return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def write_config(directory: Path, metrics_port: int) -> Path:
-    """A prometheus.yml scraping the server's /metrics every second."""
-    path = directory / "prometheus.yml"
-    path.write_text(
-        "global:\n"
-        "  scrape_interval: 1s\n"
-        "  scrape_timeout: 1s\n"
-        "scrape_configs:\n"
-        f"  - job_name: {JOB}\n"
-        "    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{metrics_port}']\n"
-    )
-    return path
-
-
-def get(url: str) -> tuple[int, bytes]:
-    """Status and body of a GET; (0, b"") when nothing answers."""
-    try:
-        with LOCAL.open(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-    except OSError:
-        return 0, b""
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, wait; SIGKILL if it does not exit."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@contextmanager
-def running_prometheus(binary: str, directory: Path, config: Path) -> Iterator[str]:
-    """Start prometheus on a free 127.0.0.1 port, wait until it is ready, yield its base URL,
-    stop it at the end. A port taken between choosing and binding it gets another try."""
-    for attempt in range(3):
-        address = f"127.0.0.1:{free_port()}"
-        log_path = directory / f"prometheus-{attempt}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={directory / f'tsdb-{attempt}'}",
-                    f"--web.listen-address={address}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        try:
-            deadline = time.monotonic() + READY_SECONDS
-            while process.poll() is None and time.monotonic() < deadline:
-                if get(f"http://{address}/-/ready")[0] == 200:
-                    yield f"http://{address}"
-                    return
-                time.sleep(0.1)
-            exited = process.poll() is not None
-        finally:
-            stop(process)
-        text = log_path.read_text(errors="replace")
-        if not (exited and "address already in use" in text):
-            break
-    pytest.fail(f"prometheus exited or was not ready within {READY_SECONDS} s; its log:\n{text}")
-
-
-def query(base: str, promql: str) -> list[dict[str, Any]]:
-    """The result vector of an instant query."""
-    status, body = get(f"{base}/api/v1/query?{urllib.parse.urlencode({'query': promql})}")
-    assert status == 200, f"query {promql!r} answered {status}: {body!r}"
-    answer = json.loads(body)
-    assert answer["status"] == "success", answer
-    assert answer["data"]["resultType"] == "vector", answer
-    result: list[dict[str, Any]] = answer["data"]["result"]
-    return result
-
-
-def scalar(base: str, promql: str) -> float | None:
-    """The value of a query that gives one series; None while it gives none."""
-    result = query(base, promql)
-    if not result:
-        return None
-    assert len(result) == 1, f"{promql!r} gave {len(result)} series: {result}"
-    return float(result[0]["value"][1])
-
-
-def poll(
-    description: str, seconds: float, attempt: Callable[[], float | None], between: float = 0.2
-) -> float:
-    """Call `attempt` until it returns a number; fail after `seconds`."""
-    deadline = time.monotonic() + seconds
-    last: float | None = None
-    while time.monotonic() < deadline:
-        last = attempt()
-        if last is not None:
-            return last
-        time.sleep(between)
-    pytest.fail(f"{description}: no answer in {seconds} s (last: {last})")
 
 
 def step(stub: memserve_pb2_grpc.MemServeStub, session_id: str, input_size: int) -> None:
@@ -208,13 +77,15 @@ def test_prometheus_scrapes_server(tmp_path: Path) -> None:
             target = f'job="{JOB}",instance="127.0.0.1:{server.metrics_port}"'
             assert scalar(base, f"up{{{target}}}") == 1
 
-            # Stepping has stopped: a later scrape must show exactly what this test did.
+            # Stepping has stopped: a later scrape must show exactly what this test did. The
+            # calls ran one at a time: each took its launches of one session.
+            launches_per_call = math.ceil(STEPS_PER_CALL / ServerConfig().steps_per_launch)
             expected = {
                 f'sum(memserve_request_duration_seconds_count{{{target},method="Step"}})': calls,
                 f'memserve_request_duration_seconds_count{{{target},method="Step",code="OK"}}': (
                     calls
                 ),
-                f'memserve_batch_size_sum{{{target},model="{MODEL}"}}': calls * STEPS_PER_CALL,
+                f'memserve_batch_size_sum{{{target},model="{MODEL}"}}': calls * launches_per_call,
                 f'memserve_sessions{{{target},model="{MODEL}",state="active"}}': SESSIONS,
                 f'memserve_request_duration_seconds_count{{{target},method="CreateSession"}}': (
                     SESSIONS

@@ -18,10 +18,13 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = README.read_text().split("## Calling the server", 1)[1].split("\n## ", 1)[0]
 
 
-def test_python_example_runs(server: ServerProcess) -> None:
-    (code,) = re.findall(r"```python\n(.*?)```", SECTION, flags=re.DOTALL)
-    code = code.replace("127.0.0.1:50051", server.target)
-    exec(compile(code, str(README), "exec"), {})
+def test_python_examples_run(server: ServerProcess) -> None:
+    """memserve.v1's example, then the Triton client's, which reuses its inputs."""
+    namespace: dict[str, object] = {}
+    for code in re.findall(r"```python\n(.*?)```", SECTION, flags=re.DOTALL):
+        code = code.replace("127.0.0.1:50051", server.target)
+        exec(compile(code, str(README), "exec"), namespace)
+    assert "client" in namespace and namespace["outputs"].shape == (11, 8)  # type: ignore[attr-defined]
 
 
 def test_grpcurl_bodies_are_valid_requests(server: ServerProcess) -> None:

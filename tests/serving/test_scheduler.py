@@ -77,8 +77,8 @@ class OneAtATime(Call):
         super().__init__(session=owner, enqueued=0.0)
         self.rows, self.taken = rows, 0
 
-    def next_row(self) -> tuple[Operation, Any]:
-        return Operation.ENCODE, self.taken
+    def next_row(self, most: int = 1) -> tuple[Operation, Any, int]:
+        return Operation.ENCODE, self.taken, 1
 
     def take(self, output: Any) -> bool:
         self.taken += 1
@@ -143,6 +143,29 @@ def test_a_sessions_calls_run_in_order_and_only_its_started_step_call_runs_ahead
     assert first.result == 2 and not second.started
     land(scheduler, scheduler.schedule(slots))
     assert second.result == 3
+
+
+def test_a_launch_runs_up_to_steps_per_launch_steps_of_a_step_call() -> None:
+    """A Step call of 10 with steps_per_launch 4 goes out as rows of 4, 4 and 2 steps, each
+    sent before the last lands; the session's count, the outputs and the operations it
+    records come out as with one step per launch. Other calls still take one row each."""
+    slots = Slots(4)
+    a, b = session("a", slots=slots), session("b", slots=slots)
+    scheduler = Scheduler(max_batch=4, steps_per_launch=4)
+    long, generate = step_call(a, 10), OneAtATime(b, 2)
+    scheduler.add(long)
+    scheduler.add(generate)
+    first = scheduler.schedule(slots)
+    assert [row.steps for row in first] == [4, 1]
+    second, third = scheduler.schedule(slots), scheduler.schedule(slots)
+    assert [row.steps for row in second] == [4] and [row.steps for row in third] == [2]
+    assert scheduler.schedule(slots) == []  # a has nothing left to send, b waits for output
+    for rows in (first, second, third):
+        land(scheduler, rows)
+    assert long.result == 10 and a.step == 10 and generate.taken == 1 and b.step == 1
+    np.testing.assert_array_equal(long.outputs, long.inputs * 2)
+    assert [operation for operation, _ in long.ops] == [Operation.STEP] * 10
+    np.testing.assert_array_equal(np.stack([inputs for _, inputs in long.ops]), long.inputs)
 
 
 def test_a_call_that_needs_its_last_output_waits_for_it() -> None:
@@ -258,15 +281,17 @@ def test_hooks_see_every_call_start_once_and_finish_once() -> None:
     assert started == calls[:2] and sorted(map(id, finished)) == sorted(map(id, calls))
 
 
+@pytest.mark.parametrize("steps_per_launch", [1, 3])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_traffic_keeps_every_rule(seed: int) -> None:
+def test_random_traffic_keeps_every_rule(seed: int, steps_per_launch: int) -> None:
     """Random calls on 12 sessions over 5 slots, up to three launches in flight, callers
-    leaving at random: every launch holds distinct sessions within max_batch, every row of a
-    session lands in order, and every step is counted exactly once."""
+    leaving at random: every launch holds distinct sessions within max_batch and rows within
+    steps_per_launch, every step of a session lands in order, and every step is counted
+    exactly once."""
     rng = np.random.default_rng(seed)
     slots = Slots(5)
     owners = [session(f"s{i}", slots=slots if i < 5 else None) for i in range(12)]
-    scheduler = Scheduler(max_batch=4)
+    scheduler = Scheduler(max_batch=4, steps_per_launch=steps_per_launch)
     calls: list[StepCall] = []
     flights: list[list[Row]] = []
     expected_steps = dict.fromkeys((s.id for s in owners), 0)
@@ -274,8 +299,9 @@ def test_random_traffic_keeps_every_rule(seed: int) -> None:
 
     def land_and_count(rows: list[Row]) -> None:
         for row in rows:
-            expected_steps[row.call.session.id] += 1
-            landed_rows[row.call.session.id].append(float(row.argument[0]))
+            assert 1 <= row.steps == len(row.argument) <= steps_per_launch
+            expected_steps[row.call.session.id] += row.steps
+            landed_rows[row.call.session.id].extend(row.argument[:, 0].tolist())
         land(scheduler, rows)
 
     for _ in range(3000):
@@ -309,4 +335,5 @@ def test_random_traffic_keeps_every_rule(seed: int) -> None:
         if not call.abandoned:
             assert call.result is not None and call.done == len(call.inputs)
             np.testing.assert_array_equal(call.outputs, call.inputs * 2)
+            np.testing.assert_array_equal(np.stack([x for _, x in call.ops]), call.inputs)
     assert scheduler.queued_calls == 0 and not scheduler.in_flight

@@ -5,6 +5,8 @@ as a client without the .proto sees them."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -149,3 +151,19 @@ def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(tmp_path:
         assert server.wait(30) == 1
         exited = server.event("model_process_exited")
         assert exited is not None and "exit code -9" in exited["message"], exited
+
+
+def test_the_healthcheck_command_exits_zero_only_while_serving(tmp_path: Path) -> None:
+    """`memserve healthcheck`, a container's probe, against a real server."""
+
+    def probe(server: ServerProcess, *extra: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "memserve", "healthcheck", "--target", server.target]
+        return subprocess.run([*command, *extra], capture_output=True, text=True, timeout=60)
+
+    with ServerProcess(tmp_path, "--models", "ntm-copy") as server:
+        serving = probe(server)
+        assert serving.returncode == 0 and "SERVING" in serving.stdout
+        unknown = probe(server, "--service", "no.such.Service")
+        assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    gone = probe(server, "--timeout", "2")
+    assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr

@@ -48,7 +48,7 @@ def test_a_launch_parks_then_restores_then_steps(model: MemoryModel) -> None:
     elsewhere = stepped_pool(model, 1, steps=7).read(0)  # a parked session's state
     inputs = np.random.default_rng().random((2, model.input_size), dtype=np.float32)
     launch = Launch(
-        batches=(StepBatch(np.array([1, 2]), inputs),),
+        batches=(StepBatch.of(np.array([1, 2]), [row[None] for row in inputs]),),
         park=(1,),
         restore=((1, host_state(elsewhere)),),
     )
@@ -60,7 +60,7 @@ def test_a_launch_parks_then_restores_then_steps(model: MemoryModel) -> None:
     alone = model.new_pool(1)
     alone.write(0, elsewhere)
     expected = model.step(alone, torch.tensor([0]), torch.from_numpy(inputs[:1]))
-    assert np.array_equal(landed.outputs[Operation.STEP][0], expected[0].numpy())
+    assert np.array_equal(landed.outputs[Operation.STEP][0, 0], expected[0].numpy())
     for name in pool:
         assert torch.equal(pool.read(1)[name], alone.read(0)[name])
         assert torch.equal(pool.read(0)[name], before[0][name])  # not in the launch
@@ -75,7 +75,7 @@ def test_a_launch_with_bad_slots_is_refused_before_anything_changes(
     before = {slot: pool.read(slot) for slot in range(3)}
     inputs = np.random.default_rng().random((2, model.input_size), dtype=np.float32)
     launch = Launch(
-        batches=(StepBatch(np.array(slots, np.int64), inputs),),
+        batches=(StepBatch.of(np.array(slots, np.int64), [row[None] for row in inputs]),),
         park=(2,),
         restore=((2, host_state(before[0])),),
     )
@@ -113,3 +113,41 @@ def test_the_card_says_what_the_model_is(name: str) -> None:
         assert np.array_equal(card.initial_state[spec.name], model.initial_state()[spec.name])
     assert card.text_operations == (name == "vmed-chat")
     assert (card.tokenizer_json is not None) == (name == "vmed-chat")
+
+
+@pytest.mark.parametrize("name", ["ntm-copy", "dnc-recall"])
+def test_a_multi_step_launch_is_each_session_stepped_alone(name: str) -> None:
+    """Rows of 3, 2 and 1 steps in one launch: every output and state is, bit for bit, that
+    of the session stepped alone one step at a time; outputs past a row's steps are zeros."""
+    model = checkpoint.load(name)
+    pool = stepped_pool(model, 4, steps=2)
+    before = {slot: pool.read(slot) for slot in range(4)}
+    rng = np.random.default_rng(7)
+    inputs = [rng.random((steps, model.input_size), dtype=np.float32) for steps in (3, 2, 1)]
+    slots = np.array([2, 0, 3], np.int64)
+    landed = run_launch(model, pool, Launch(batches=(StepBatch.of(slots, inputs),)))
+    outputs = landed.outputs[Operation.STEP]
+    assert outputs.shape == (3, 3, model.output_size)
+    for row, (slot, rows) in enumerate(zip(slots, inputs, strict=True)):
+        alone = model.new_pool(1)
+        alone.write(0, before[int(slot)])
+        for k, step_inputs in enumerate(rows):
+            expected = model.step(alone, torch.tensor([0]), torch.from_numpy(step_inputs[None]))
+            assert np.array_equal(outputs[row, k], expected[0].numpy())
+        assert not outputs[row, len(rows) :].any()
+        for state in pool:
+            assert torch.equal(pool.read(int(slot))[state], alone.read(0)[state])
+    for state in pool:  # slot 1 was not in the launch
+        assert torch.equal(pool.read(1)[state], before[1][state])
+
+
+def test_a_step_batch_whose_counts_rise_is_refused(model: MemoryModel) -> None:
+    pool = stepped_pool(model, 2, steps=1)
+    before = {slot: pool.read(slot) for slot in range(2)}
+    inputs = np.zeros((2, 2, model.input_size), np.float32)
+    batch = StepBatch(np.array([0, 1]), inputs, np.array([1, 2]))  # most steps not first
+    with pytest.raises(ValueError, match="non-increasing"):
+        run_launch(model, pool, Launch(batches=(batch,)))
+    for slot in range(2):
+        for name in pool:
+            assert torch.equal(pool.read(slot)[name], before[slot][name])
