@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from clients.channel import ChannelOption, Metadata, call_metadata, channel_options
+from clients.channel import ChannelOption, Metadata, call_metadata, channel_options, with_session
 from clients.loadgen.recording import INVALID_RESPONSE, OK, CallCounts, Outcome, Recorder
 from clients.loadgen.schedule import Session, SessionRefused, now
 from clients.loadgen.settings import Settings
@@ -403,7 +403,7 @@ class GrpcTarget:
         request = memserve_pb2.DeleteSessionRequest(session_id=session.session_id)
         try:
             await session.stub.DeleteSession(
-                request, timeout=self.timeout, metadata=self.connection.metadata
+                request, timeout=self.timeout, metadata=self._metadata(session)
             )
         except grpc.aio.AioRpcError as error:
             self.calls.add("DeleteSession", code_name(error), error.details() or "")
@@ -414,11 +414,15 @@ class GrpcTarget:
         self.calls.add("DeleteSession", OK)
         self.recorder.session_calls["DeleteSession"].record(now() - start)
 
+    def _metadata(self, session: Session) -> Metadata:
+        """Every call's metadata, with the session header (an edge routes by it)."""
+        return with_session(self.connection.metadata, session.session_id)
+
     async def _end(self, session: Session) -> None:
         """A sequence cut short, ended by one more request, counted as its method."""
         method = self.workload.method
         try:
-            await self.workload.end(session, self.timeout, self.connection.metadata)
+            await self.workload.end(session, self.timeout, self._metadata(session))
         except grpc.aio.AioRpcError as error:
             self.calls.add(method, code_name(error), error.details() or "")
             return
@@ -430,7 +434,7 @@ class GrpcTarget:
     async def request(self, session: Session, intended: float) -> Outcome:
         method = self.workload.method
         try:
-            outcome = await self.workload.call(session, self.timeout, self.connection.metadata)
+            outcome = await self.workload.call(session, self.timeout, self._metadata(session))
         except grpc.aio.AioRpcError as error:
             code, detail = code_name(error), error.details() or ""
             self.calls.add(method, code, detail)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from clients import TLS, AsyncClient, MemserveError, RetryPolicy
+from clients.channel import SESSION_HEADER
 from memserve.cli import main
 from tests.clients.faces import Face
 from tests.clients.fake_server import Certificates, FakeServer
@@ -350,3 +351,37 @@ def test_loadgen_options_map_onto_tls_and_token(
     methods = {method for method, _ in tls_fake.service.metadata}
     assert methods == {"ListModels", "CreateSession", "Step", "DeleteSession"}
     assert {m["authorization"] for _, m in tls_fake.service.metadata} == {"Bearer s3cret"}
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+NO_SESSION = {"ListModels", "CreateSession", "ImportSession"}
+
+
+def test_calls_naming_a_session_carry_its_header(fake: FakeServer, face: Face) -> None:
+    """What an edge in front of several servers routes by (`memserve cluster`'s Envoy)."""
+
+    async def body() -> None:
+        async with client_of(face, fake) as client:
+            await exercise_every_call(client)
+
+    face.run(body)
+    named = [(method, m) for method, m in fake.service.metadata if method not in NO_SESSION]
+    every = {"Step", "StepStream", "Generate", "GetSession", "ExportSession", "ForkSession",
+             "DeleteSession"}  # fmt: skip
+    assert {method for method, _ in named} >= every
+    assert all(m.get(SESSION_HEADER) for _, m in named), named
+    assert not any(SESSION_HEADER in m for method, m in fake.service.metadata
+                   if method in NO_SESSION)  # fmt: skip
+
+
+def test_loadgen_sends_the_session_header(fake: FakeServer, tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    code = main(["loadgen", "step", "--target", fake.target(), "--model", "fake",
+                 "--no-metrics", "--no-progress", "--concurrency", "2", "--warmup", "0",
+                 "--requests", "4", "--steps", "2", "--json", str(out)])  # fmt: skip
+    assert code == 0
+    sent = {method: m.get(SESSION_HEADER) for method, m in fake.service.metadata}
+    assert sent["Step"] and sent["DeleteSession"], sent
+    assert sent["ListModels"] is None and sent["CreateSession"] is None
