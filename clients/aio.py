@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from clients import calls
+from clients.channel import with_session
 from clients.core import ClientCore, GenerationCore, SessionCore, StepStreamCore
 from clients.errors import MemserveError
 from clients.messages import Array, GenerateDone, ModelInfo, SessionInfo, SessionState, Stepped
@@ -36,7 +37,8 @@ class AsyncClient(ClientCore):
     grpc_module = grpc.aio
 
     async def _attempt(self, method: str, request: Any, timeout: Seconds) -> Any:
-        return await getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+        metadata = with_session(self.metadata, request)
+        return await getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
 
     async def _pause(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -155,7 +157,9 @@ class AsyncStepStream(StepStreamCore):
         session: AsyncSession | None = None,
     ) -> None:
         super().__init__(client, session_id, session)
-        self._call: Any = client.stub.StepStream(timeout=timeout, metadata=client.metadata)
+        self._call: Any = client.stub.StepStream(
+            timeout=timeout, metadata=with_session(client.metadata, session_id)
+        )
 
     async def _exchange(self, request: memserve_pb2.StepRequest) -> memserve_pb2.StepResponse:
         if self._call.done():  # ended between steps: its deadline passed, or it was cancelled

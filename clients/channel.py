@@ -77,6 +77,17 @@ def channel_options(tls: TLS | None, extra: Sequence[ChannelOption]) -> list[Cha
     return options + list(extra)
 
 
+# Every call naming a session carries its id in this header: an edge in front of several
+# servers (`memserve cluster`'s Envoy, docs/cluster.md) routes the session's calls by it.
+SESSION_HEADER = "x-memserve-session"
+
+
+def with_session(metadata: Metadata, request: Any) -> Metadata:
+    """`metadata`, plus the session header when `request` names a session."""
+    session_id = getattr(request, "session_id", "") if not isinstance(request, str) else request
+    return (*metadata, (SESSION_HEADER, session_id)) if session_id else metadata
+
+
 def call_metadata(token: str | None) -> Metadata:
     """Metadata sent with every call: `authorization: Bearer <token>` when there is one."""
     return () if not token else (("authorization", f"Bearer {token}"),)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from clients import calls
+from clients.channel import with_session
 from clients.core import ClientCore, GenerationCore, SessionCore, StepStreamCore, finish
 from clients.errors import MemserveError
 from clients.messages import Array, GenerateDone, ModelInfo, SessionInfo, SessionState, Stepped
@@ -57,7 +58,8 @@ class Client(ClientCore):
         return Watchdog()
 
     async def _attempt(self, method: str, request: Any, timeout: Seconds) -> Any:
-        return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+        metadata = with_session(self.metadata, request)
+        return getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
 
     async def _pause(self, seconds: float) -> None:
         time.sleep(seconds)
@@ -259,7 +261,9 @@ class StepStream(StepStreamCore):
         super().__init__(client, session_id, session)
         self._requests: queue.SimpleQueue[memserve_pb2.StepRequest | None] = queue.SimpleQueue()
         self._call: Any = client.stub.StepStream(
-            iter(self._requests.get, None), timeout=timeout, metadata=client.metadata
+            iter(self._requests.get, None),
+            timeout=timeout,
+            metadata=with_session(client.metadata, session_id),
         )
         # gRPC reads the requests in a thread of its own until the None that ends them:
         # put it there even if the stream is dropped without being closed.

@@ -19,7 +19,14 @@ import grpc
 
 from clients import calls, messages
 from clients.calls import Call
-from clients.channel import TLS, ChannelOption, call_metadata, channel_options, resolve_tls
+from clients.channel import (
+    TLS,
+    ChannelOption,
+    call_metadata,
+    channel_options,
+    resolve_tls,
+    with_session,
+)
 from clients.errors import MemserveError
 from clients.messages import Array, GenerateDone, Sampling, SessionInfo, Stepped
 from clients.options import DEFAULT_TARGET
@@ -150,8 +157,9 @@ class GenerationCore(ABC):
         """Start an attempt: the same request (the same request id) every time."""
         self._heard, self._expired, self._resuming = "", False, bool(self._given)
         self._answered = False
+        metadata = with_session(self.client.metadata, self.request)
         return self.client.stub.Generate(
-            self.request, timeout=self._deadline.remaining(), metadata=self.client.metadata
+            self.request, timeout=self._deadline.remaining(), metadata=metadata
         )
 
     @abstractmethod

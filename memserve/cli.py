@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from memserve import __version__
+from memserve.flags import add_setting_flags
 
 
 def _version(_: argparse.Namespace) -> int:
@@ -57,7 +58,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from serving import config
 
     serve = commands.add_parser(
         "serve",
@@ -78,20 +78,7 @@ def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         action="store_true",
         help="print the settings that would be used, as TOML, and exit",
     )
-    defaults = config.ServerConfig()
-    for name, field in config.FIELDS.items():
-        default = getattr(defaults, name)
-        env = f"env {config.ENV_PREFIX}{name.upper()}"
-        serve.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            metavar=name.upper(),
-            default=None,
-            help=f"{field.metadata['help']} ["
-            + (f"default: {default}; " if default not in ("", ()) else "")
-            + env
-            + "]",
-        )
+    add_setting_flags(serve)
     serve.set_defaults(handler=_serve)
 
 
@@ -129,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     add_serve_parser(commands)
+
+    from memserve.cluster.cli import add_cluster_parser
+
+    add_cluster_parser(commands)
 
     check = commands.add_parser(
         "healthcheck",

@@ -50,6 +50,9 @@ class Answers:
         self.table = table
         self.unload = unload  # forget a session whose commit failed (the engine's)
         self.committing: Counter[str] = Counter()  # commits in flight, per session
+        # A session's commits all landed, the last one taken: its state is the store's
+        # (the persistence's `settled`, which writes it in whole when it is due).
+        self.on_settled: Callable[[Session], None] = lambda session: None
 
     def finished(self, call: Call) -> None:
         session = call.session
@@ -68,17 +71,19 @@ class Answers:
             return
         committed = self.committer.commit([record])
         self.committing[session.id] += 1
-        committed.add_done_callback(partial(self._landed, session.id))
+        committed.add_done_callback(partial(self._landed, session))
         if self.wait_for_commit:
             committed.add_done_callback(partial(self._committed, call, True))
         else:
             committed.add_done_callback(partial(self._committed, call, False))
             self._reply(call)
 
-    def _landed(self, session_id: str, done: asyncio.Future[set[str]]) -> None:
-        self.committing[session_id] -= 1
-        if not self.committing[session_id]:
-            del self.committing[session_id]
+    def _landed(self, session: Session, done: asyncio.Future[set[str]]) -> None:
+        self.committing[session.id] -= 1
+        if not self.committing[session.id]:
+            del self.committing[session.id]
+            if commit_failure(session, done) is None:
+                self.on_settled(session)
 
     def _committed(self, call: Call, answer: bool, done: asyncio.Future[set[str]]) -> None:
         failure = commit_failure(call.session, done)

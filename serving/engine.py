@@ -123,6 +123,8 @@ class ModelEngine:
             durability.committer, durability.mode, self.slots, table, self.persistence.unload
         )
         self.scheduler.on_finish = self.answers.finished
+        self.persistence.committing = self.answers.committing
+        self.answers.on_settled = self.persistence.settled
         self._register_gauges()
 
     # ------------------------------------------------------------------ calls

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -68,6 +69,8 @@ class Persistence:
         self.recent = RecentSessions()  # create/fork/import request ids (the lifecycle's)
         self.loading: dict[str, asyncio.Future[None]] = {}
         self.unloading: set[asyncio.Future[None]] = set()
+        self.committing: Counter[str] = Counter()  # commits in flight per session (answers')
+        self.snapshotting: dict[str, asyncio.Future[None]] = {}  # settled and due, per session
         slots.on_parked = self.parked
 
     def adopt(self, summary: SessionSummary) -> Session:
@@ -199,15 +202,47 @@ class Persistence:
             return
         due = [
             s for s in self.slots.active.values()
-            if s.logged_ops >= self.snapshot_every and not self.scheduler.has_calls(s)
+            if s.logged_ops >= self.snapshot_every and self.between_calls(s)
         ][:SNAPSHOTS_PER_SWEEP]  # fmt: skip
         if not due:
             return
         async with self.lock:
             await self.pipeline.land_all()
             for session in due:
-                if session.slot is not None and not self.scheduler.has_calls(session):
+                if session.slot is not None and self.between_calls(session):
                     self._snapshot(session, await self.worker.read(session.slot))
+
+    def settled(self, session: Session) -> None:
+        """Every commit of the session landed and was taken: write it in whole now if it is
+        due. A session under steady load is rarely between calls when the expiry sweep looks,
+        and one that moves to another replica replays every step since its last snapshot
+        there (milliseconds each): so the snapshot follows its steps, not the sweep."""
+        if self.committer is None or self.mode == "park" or session.id in self.snapshotting:
+            return
+        if session.logged_ops < self.snapshot_every:
+            return
+        task = asyncio.ensure_future(self._snapshot_settled(session))
+        self.snapshotting[session.id] = task
+        task.add_done_callback(lambda _: self.snapshotting.pop(session.id, None))
+
+    async def _snapshot_settled(self, session: Session) -> None:
+        try:
+            async with self.lock:
+                await self.pipeline.land_all()
+                due = session.logged_ops >= self.snapshot_every and self.table.live(session)
+                if due and session.slot is not None and self.between_calls(session):
+                    self._snapshot(session, await self.worker.read(session.slot))
+        except Exception as error:  # the worker went away: the engine hears of it itself
+            log.warning("snapshot of session %s failed: %s", session.id, error,
+                        extra={"event": "snapshot_failed"})  # fmt: skip
+
+    def between_calls(self, session: Session) -> bool:
+        """Whether the session's state is its committed one: no call of it has started and
+        no commit of it is in flight (calls may be queued: a session under steady load
+        always has one, and must still be written in whole now and then, or bringing it
+        back would replay everything since it was last idle)."""
+        queue = self.scheduler.queues.get(session.id)
+        return not (queue and queue[0].started) and not self.committing[session.id]
 
     async def _state_of(self, session: Session) -> State:
         if session.slot is None:

@@ -25,7 +25,7 @@ from collections import deque
 import grpc
 import numpy as np
 
-from clients.channel import Metadata
+from clients.channel import Metadata, with_session
 from clients.errors import MemserveError
 from clients.loadgen import kserve
 from clients.loadgen.connection import Connection, code_name
@@ -246,7 +246,7 @@ class GrpcTarget:
             try:
                 await session.stub.DeleteSession(
                     request, timeout=self.retry.attempt_limit(deadline, attempt),
-                    metadata=self.connection.metadata,
+                    metadata=self._metadata(session),
                 )  # fmt: skip
             except grpc.aio.AioRpcError as error:
                 code = code_name(error)
@@ -266,11 +266,15 @@ class GrpcTarget:
             break
         self.recorder.session_calls["DeleteSession"].record(now() - start)
 
+    def _metadata(self, session: Session) -> Metadata:
+        """Every call's metadata, with the session header (an edge routes by it)."""
+        return with_session(self.connection.metadata, session.session_id)
+
     async def _end(self, session: Session) -> None:
         """A sequence cut short, ended by one more request, counted as its method."""
         method = self.workload.method
         try:
-            await self.workload.end(session, self.timeout, self.connection.metadata)
+            await self.workload.end(session, self.timeout, self._metadata(session))
         except grpc.aio.AioRpcError as error:
             self.calls.add(method, code_name(error), error.details() or "")
             return
@@ -289,7 +293,7 @@ class GrpcTarget:
         while True:
             try:
                 outcome = await self.workload.call(
-                    session, self.retry.attempt_limit(deadline, attempt), self.connection.metadata
+                    session, self.retry.attempt_limit(deadline, attempt), self._metadata(session)
                 )
             except grpc.aio.AioRpcError as error:
                 code, detail = code_name(error), error.details() or ""

@@ -72,7 +72,10 @@ for i = 3, #ARGV, 6 do
       redis.call('HSET', key .. 'meta', 'step', b)
     end
   elseif ok and kind == 'snapshot' then
+    -- only from the owner (the last to commit or claim): a replica whose call was refused
+    -- holds a state the store never took, and must not write it in whole either
     ok = exists and tonumber(redis.call('HGET', key .. 'meta', 'snap')) <= tonumber(a)
+      and (redis.call('HGET', key .. 'meta', 'owner') or '') == replica
     if ok then
       while true do
         local first = redis.call('LINDEX', key .. 'ends', 0)

@@ -30,12 +30,12 @@ from bench.redis_server import RedisServer
 from models import checkpoint
 from protos import memserve_pb2
 from protos.memserve_pb2_grpc import MemServeStub
-from serving.export import import_state
-from serving.wire import decode, encode
+from serving.wire import decode
+from tests.serving import oracle
+from tests.serving.oracle import LIMIT, generate, replay, same_state, step
 from tests.tiny_vmed import tiny_vmed as make_tiny_vmed
 
 CHAT = "vmed-tiny"
-LIMIT = 12  # the replies' max_tokens
 ARGS = ("--max-new-tokens", str(LIMIT), "--max-steps-per-call", "64", "--slots", "8")
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -102,35 +102,8 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def step(stub: MemServeStub, session: str, inputs: np.ndarray, request_id: str = "") -> Any:
-    request = memserve_pb2.StepRequest(
-        session_id=session, inputs=encode(inputs), request_id=request_id
-    )
-    return stub.Step(request, timeout=60)
-
-
-def generate(stub: MemServeStub, session: str, text: str, seed: int, request_id: str = "") -> Any:
-    """(pieces, done) of one Generate call."""
-    pieces, done = [], None
-    request = memserve_pb2.GenerateRequest(
-        session_id=session, text=text, seed=seed, max_tokens=LIMIT, request_id=request_id
-    )
-    for message in stub.Generate(request, timeout=60):
-        if message.HasField("done"):
-            done = message.done
-        else:
-            pieces.append(message.text)
-    assert done is not None
-    return pieces, done
-
-
 def state_of(stub: MemServeStub, session: str) -> dict[str, np.ndarray]:
-    exported = stub.ExportSession(memserve_pb2.ExportSessionRequest(session_id=session))
-    return {name: t.numpy() for name, t in import_state(exported.state).tensors.items()}
-
-
-def same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    return oracle.state_of(stub, session)[1]
 
 
 # ---------------------------------------------------------------------------- recovery
@@ -510,26 +483,8 @@ def test_kill_9_under_load_loses_no_acknowledged_step_and_doubles_none(
             assert not any(c.error for c in clients), [c.error for c in clients]
             final = node.stub()
             with ServerProcess(tmp_path, "--models", f"ntm-copy,{chat_model}", *ARGS) as reference:
-                ref = reference.stub()
                 for history in histories:
-                    theirs = ref.CreateSession(
-                        memserve_pb2.CreateSessionRequest(model=history.model)
-                    ).session_id
-                    for kind_, request, answer in history.calls:
-                        if kind_ == "step":
-                            again = step(ref, theirs, request)
-                            assert again.step == answer.step
-                            assert np.array_equal(
-                                decode(again.outputs, "o"), decode(answer.outputs, "o")
-                            )
-                        else:
-                            assert generate(ref, theirs, *request) == answer
-                    info = final.GetSession(
-                        memserve_pb2.GetSessionRequest(session_id=history.session)
-                    )
-                    assert info.step == ref.GetSession(
-                        memserve_pb2.GetSessionRequest(session_id=theirs)).step  # fmt: skip
-                    assert same_state(state_of(final, history.session), state_of(ref, theirs))
+                    replay(reference.stub(), history.model, history.calls, final, history.session)
             assert sum(len(h.calls) for h in histories) >= kills * 3
             # every kill cut off calls in flight (six clients are always calling)
             assert sum(c.retries for c in clients) >= kills

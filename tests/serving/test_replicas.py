@@ -20,6 +20,7 @@ from bench.child_server import ServerProcess
 from bench.redis_server import RedisServer
 from protos import memserve_pb2
 from protos.memserve_pb2_grpc import MemServeStub
+from serving.durable.redis_store import RedisSessionStore
 from serving.export import import_state
 from serving.wire import decode, encode
 from tests.serving.client import metric, scrape
@@ -135,3 +136,29 @@ def test_a_frozen_replica_loses_its_session_and_nothing_is_doubled(
         assert same(state(stub, session), state(ref, twin))
     again = step(stub_a, session, inputs, request_id)  # a repeat anywhere: the first answer
     assert again == taken
+
+
+def test_a_session_under_steady_load_is_written_in_whole_as_it_goes(tmp_path: Path) -> None:
+    """A session called back to back is rarely between calls when the expiry sweep looks;
+    its snapshot must still follow its steps (written once the commit of the call that
+    crossed `--snapshot-every` is taken), or a replica that takes it over replays
+    everything since it was last idle, milliseconds a step."""
+    every, rows = 16, 5
+    with (
+        RedisServer(tmp_path / "redis") as redis_server,
+        ServerProcess(tmp_path, "--models", "ntm-copy", "--store", redis_server.url,
+                      "--replica", "a", "--snapshot-every", str(every)) as a,
+    ):  # fmt: skip
+        store = RedisSessionStore(redis_server.url)
+        stub, rng = a.stub(), np.random.default_rng(3)
+        session = stub.CreateSession(memserve_pb2.CreateSessionRequest(model="ntm-copy"))
+        lags = []
+        for _ in range(40):
+            inputs = rng.random((rows, 9), dtype=np.float32)
+            answered = step(stub, session.session_id, inputs, uuid.uuid4().hex).step
+            stored = store.load(session.session_id)
+            assert stored.step == answered
+            lags.append(answered - (stored.snapshot.step if stored.snapshot else 0))
+        # after a call, the store holds a snapshot at most `every` steps and a call or two old
+        assert max(lags) <= every + 2 * rows, lags
+        assert stored.snapshot is not None and stored.snapshot.step > 150

@@ -281,3 +281,23 @@ def test_redis_down_is_unavailable_and_back_is_served(tmp_path: Path) -> None:
         server.start()
         assert store.commit([call("a", 0, 1)]) == set()
         assert store.load("a").step == 1
+
+
+def test_redis_takes_a_snapshot_only_from_the_sessions_owner(tmp_path: Path) -> None:
+    """Replica a's call is refused (b advanced the session); a's snapshot of the state that
+    call left must be refused too. Were it taken, it would stand in for b's step: that step
+    lost, a's refused one kept, silently (the steps still add up)."""
+    with RedisServer(tmp_path) as server:
+        a = RedisSessionStore(server.url, replica="a")
+        b = RedisSessionStore(server.url, replica="b")
+        assert a.commit([created("s"), call("s", 0, 2)]) == set()
+        assert b.claim("s") == 2  # b brought it back (a's client retried there)
+        assert b.commit([call("s", 2, 3)]) == set()
+        assert a.commit([call("s", 2, 4)]) == {"s"}  # a, late, is refused
+        assert a.commit([snapshot("s", 4)]) == {"s"}  # and so is its state in whole
+        assert a.owner("s") == (3, "b")
+        stored = a.load("s")
+        assert stored.step == 3 and stored.snapshot is None
+        assert [(c.from_step, c.to_step) for c in stored.calls] == [(0, 2), (2, 3)]
+        assert b.commit([snapshot("s", 3)]) == set()  # the owner's is taken
+        assert a.load("s").snapshot.step == 3  # type: ignore[union-attr]
