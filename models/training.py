@@ -257,15 +257,6 @@ def train(
         improved = best is None or tuple(scores.values()) <= tuple(best[key] for key in scores)
         if improved:
             best = record
-        bar.note(
-            f"validation at step {step}: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
-            + (
-                " (best so far, exported)"
-                if improved
-                else f" (best: step {(best or record)['step']})"
-            )
-        )
         run = {
             "step": step,
             "model_type": model.model_type,
@@ -297,6 +288,17 @@ def train(
         log_path = out / RUN_FILE
         log_path.with_suffix(".tmp").write_text(json.dumps(run, indent=1) + "\n")
         os.replace(log_path.with_suffix(".tmp"), log_path)
+        # Said once the state is committed, so a reader may take it as the event that a
+        # run killed from now on resumes from this step (or a later one).
+        bar.note(
+            f"checkpoint at step {step} saved; validation: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+            + (
+                " (best so far, exported)"
+                if improved
+                else f" (best: step {(best or record)['step']})"
+            )
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     bar = Progress(settings.steps, start, progress)
