@@ -233,6 +233,10 @@ def add_dialogue_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--extra-corpus", default="", help="another corpus in that format, all for training"
     )
     parser.add_argument(
+        "--corpus-repeat", type=int, default=1,
+        help="times each training conversation of --corpus is in the training set",
+    )  # fmt: skip
+    parser.add_argument(
         "--tokenizer", default="",
         help="a tokenizer.json to use (e.g. another model's, for comparable perplexities) "
         "instead of training one",
@@ -314,6 +318,7 @@ def run_dialogue(args: argparse.Namespace) -> int:
         args.corpus,
         tokenizer,
         extra_corpus=args.extra_corpus,
+        corpus_repeat=args.corpus_repeat,
         batch_size=args.batch_size,
         max_utterance_tokens=args.max_utterance_tokens,
         max_turns=args.max_turns,

@@ -359,12 +359,14 @@ class DialogueTask:
     The fields are the task's settings (recorded in the checkpoint's provenance); the corpora
     are read, split and tokenised with `tokenizer` when the task is made. Training draws
     conversations of `corpus`'s training split and of every conversation of `extra_corpus`
-    (if any); validation uses `corpus`'s held-out dialogues only.
+    (if any), each of `corpus`'s `corpus_repeat` times (to weigh it against a larger extra
+    corpus); validation uses `corpus`'s held-out dialogues only.
     """
 
     corpus: str
     tokenizer: InitVar[Tokenizer]
     extra_corpus: str = ""
+    corpus_repeat: int = 1
     batch_size: int = 16
     max_utterance_tokens: int = 32
     max_turns: int = 32
@@ -378,7 +380,7 @@ class DialogueTask:
     name: str = "dialogue"
 
     def __post_init__(self, tokenizer: Tokenizer) -> None:
-        for option in ("batch_size", "max_utterance_tokens", "max_turns"):
+        for option in ("batch_size", "max_utterance_tokens", "max_turns", "corpus_repeat"):
             if getattr(self, option) < 1:
                 raise ValueError(f"{option.replace('_', ' ')} must be >= 1")
         for option in ("bptt_turns", "kl_warmup_steps", "free_bits", "bag_of_words_weight"):
@@ -389,6 +391,7 @@ class DialogueTask:
         train, validation = split_dialogues(
             read_corpus(self.corpus), self.validation_fraction, self.split_seed
         )
+        train = train * self.corpus_repeat
         if self.extra_corpus:
             train += read_corpus(self.extra_corpus)
         conversations = make_conversations(

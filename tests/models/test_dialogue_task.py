@@ -424,6 +424,8 @@ def test_the_task_trains_on_both_corpora_and_validates_on_the_first(tmp_path: Pa
     assert [c.texts for c in task.validation_conversations] == [d.utterances for d in held_out]
     assert all(len(c.utterances) == 5 for c in task.train_conversations)
     assert all(len(c.utterances) == 6 for c in task.validation_conversations)  # never cut
+    weighed = DialogueTask(str(corpus), tokenizer, extra_corpus=str(extra), corpus_repeat=3)
+    assert len(weighed.train_conversations) == 3 * len(train_split) + 7
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(
