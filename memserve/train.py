@@ -274,6 +274,11 @@ def add_dialogue_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="decoder read heads K = components of the prior",
     )  # fmt: skip
     parser.add_argument("--latent-size", type=int, default=32, help="width of z")
+    parser.add_argument(
+        "--usage-decay", type=float, default=1.0,
+        help="factor on the memory's usage at every encoder step (1: none; below 1, a full "
+        "memory reuses the rows written longest ago first)",
+    )  # fmt: skip
     parser.add_argument("--links", action="store_true", help="temporal links in the encoder DNC")
     parser.add_argument(
         "--no-memory-reads", action="store_true",
@@ -344,6 +349,7 @@ def run_dialogue(args: argparse.Namespace) -> int:
         memory_reads=not (args.no_memory_reads or args.no_memory),
         encoder_reads=not args.no_memory,
         bag_of_words=args.bag_of_words > 0,
+        usage_decay=args.usage_decay,
     )
     final = train(
         VMED(config, tokenizer), task, settings, args.out, _command(args), resume=args.resume,

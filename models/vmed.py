@@ -93,6 +93,10 @@ class VMEDConfig:
     memory_init: float = 1e-6
     encoder_reads: bool = True  # False: the encoder's reads are zeros
     bag_of_words: bool = False  # a training-only head: the reply's words from [h_0; z]
+    # Every encoder step first multiplies the memory's usage by this (1: the DNC as published),
+    # so that rows written long ago, and not written since, become the least used: a full
+    # memory then allocates them first instead of writing weakly everywhere.
+    usage_decay: float = 1.0
 
     @property
     def uses_memory(self) -> bool:
@@ -105,6 +109,8 @@ class VMEDConfig:
             "memory_rows", "word_size", "read_heads", "mixture_components", "latent_size",
             "mlp_size",
         )  # fmt: skip
+        if not 0 < self.usage_decay <= 1:
+            raise ValueError(f"VMED usage_decay must be in (0, 1], got {self.usage_decay}")
 
 
 class ReplyStart(NamedTuple):
@@ -350,6 +356,8 @@ class VMED(MemoryModel):
             new = {**state, "encoder_h": h, "encoder_c": cell}
             if c.uses_memory:
                 memory = {name: state[name] for name in self._memory_names()}
+                if c.usage_decay != 1:
+                    memory["usage"] = memory["usage"] * c.usage_decay
                 parameters = split_interface(interface, c.read_heads, c.word_size, c.use_links)
                 memory, reads = dnc_state_step(memory, parameters)
                 new.update(memory, encoder_reads=reads)
@@ -530,6 +538,8 @@ class VMED(MemoryModel):
         )  # fmt: skip
         cfg = self.config
         if cfg.uses_memory:
+            if cfg.usage_decay != 1:
+                pool["usage"][at] *= cfg.usage_decay
             parameters = split_interface(interface, cfg.read_heads, cfg.word_size, cfg.use_links)
             pool["encoder_reads"][at] = dnc_pool_step(pool, at, parameters, cfg.use_links)
         pool["encoder_h"][at] = h

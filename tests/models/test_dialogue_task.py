@@ -178,7 +178,7 @@ def random_conversations(
     return conversations
 
 
-@pytest.mark.parametrize("reads", ["memory", "no decoder reads", "no memory"])
+@pytest.mark.parametrize("reads", ["memory", "usage decay", "no decoder reads", "no memory"])
 def test_conversation_scores_are_what_the_serving_path_computes(
     reads: str, monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
 ) -> None:
@@ -188,7 +188,10 @@ def test_conversation_scores_are_what_the_serving_path_computes(
     token with `encode` and each reply starts with `begin_reply`, with the same noise."""
     monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")
     model = random_vmed(
-        generator, memory_reads=reads == "memory", encoder_reads=reads != "no memory"
+        generator,
+        memory_reads=reads in ("memory", "usage decay"),
+        encoder_reads=reads != "no memory",
+        usage_decay=0.9 if reads == "usage decay" else 1.0,
     )
     conversations = random_conversations([3, 6, 1, 4], generator)
     seed = int(torch.randint(0, 2**31, (1,), generator=generator))

@@ -29,6 +29,7 @@ def random_vmed(
     memory_reads: bool = True,
     use_links: bool = False,
     encoder_reads: bool = True,
+    usage_decay: float = 1.0,
 ) -> VMED:
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
     config = VMEDConfig(
@@ -45,6 +46,7 @@ def random_vmed(
         use_links=use_links,
         memory_reads=memory_reads,
         encoder_reads=encoder_reads,
+        usage_decay=usage_decay,
     )
     model = VMED(config)
     with torch.no_grad():  # sharp addressing, a non-trivial initial state
@@ -362,3 +364,9 @@ def test_the_bag_of_words_head_is_optional_and_saved(
     loaded = load(save(model, tmp_path / "bow", {"task": "dialogue"}))
     assert isinstance(loaded, VMED) and loaded.config.bag_of_words
     assert torch.equal(loaded.bag_of_words_logits(state, z), expected)
+
+
+@pytest.mark.parametrize("decay", [0.0, -0.5, 1.01, math.nan])
+def test_usage_decay_must_be_a_fraction(decay: float) -> None:
+    with pytest.raises(ValueError, match="usage_decay must be in"):
+        VMEDConfig(vocab_size=VOCAB, usage_decay=decay)
