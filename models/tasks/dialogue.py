@@ -608,25 +608,12 @@ def utterance_turns(bucket: int) -> slice:
     return slice(2 * bucket, None if bucket == TURN_BUCKETS - 1 else 2 * bucket + 2)
 
 
-def evaluate_dialogue(
-    model: VMED,
-    conversations: Sequence[Conversation],
-    seed: int,
-    max_reply_tokens: int = 32,
-    device: torch.device | str = "cpu",
-) -> tuple[dict[str, float], list[list[str]]]:
-    """Perplexities (overall, by turn as `utterance_turns` defines it, and by utterance
-    index) and the metrics of greedy replies at every utterance of `conversations`, each
-    written into memory as it went; also the replies' text. Whether z
-    changes replies: the fraction of greedy replies that differ when z's noise comes from
-    seed + 1 instead of seed."""
-    if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer")
-    tokenizer = model.tokenizer
-    scores = conversation_scores(model, conversations, torch.device(device), seed)
+def perplexities(scores: TurnScores) -> dict[str, float]:
+    """The perplexities of `conversation_scores`: overall, by turn as `utterance_turns` defines
+    it and by utterance index (with z from the prior), the bound (posterior cross-entropy +
+    KL) and the KL per token and per reply; also the counts of replies and tokens."""
     tokens = scores.total("tokens")
     metrics: dict[str, float] = {
-        "conversations": float(len(conversations)),
         "replies": scores.total("replies"),
         "tokens": tokens,
         "perplexity": math.exp(scores.total("prior_ce") / tokens),
@@ -645,6 +632,26 @@ def evaluate_dialogue(
         metrics[f"replies_turn_{label}"] = scores.total("replies", turns)
     for index, (ce, count) in enumerate(zip(scores.prior_ce, scores.tokens, strict=True)):
         metrics[f"perplexity_utterance_{index + 1}"] = math.exp(ce / count)
+    return metrics
+
+
+def evaluate_dialogue(
+    model: VMED,
+    conversations: Sequence[Conversation],
+    seed: int,
+    max_reply_tokens: int = 32,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, float], list[list[str]]]:
+    """Perplexities (overall, by turn as `utterance_turns` defines it, and by utterance
+    index) and the metrics of greedy replies at every utterance of `conversations`, each
+    written into memory as it went; also the replies' text. Whether z
+    changes replies: the fraction of greedy replies that differ when z's noise comes from
+    seed + 1 instead of seed."""
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer")
+    tokenizer = model.tokenizer
+    scores = conversation_scores(model, conversations, torch.device(device), seed)
+    metrics = {"conversations": float(len(conversations)), **perplexities(scores)}
     generated = generate_conversation_replies(model, conversations, seed, max_reply_tokens)
     texts = [[decode(tokenizer, reply) for reply in replies] for replies in generated]
     hypotheses = [text.split() for replies in texts for text in replies]

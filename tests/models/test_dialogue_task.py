@@ -431,13 +431,22 @@ def test_the_task_trains_on_both_corpora_and_validates_on_the_first(tmp_path: Pa
     assert len(weighed.train_conversations) == 3 * len(train_split) + 7
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["--no-memory", "--word-dropout", "0.2"],
+        ["--usage-decay", "0.9", "--free-bits", "1", "--kl-warmup", "2"],
+    ],
+    ids=["no memory", "memory"],
+)
 def test_an_interrupted_run_resumes_to_the_same_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    variant: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run stopped after its step-4 checkpoint and resumed (with its saved tokenizer) ends
-    bit-identical to the run left alone; the no-memory ablation trains too."""
+    bit-identical to the run left alone: the no-memory ablation (with word dropout's random
+    draws), and the memory model as shipped runs train it (free bits) with a usage decay."""
     corpus = synthetic_corpus(tmp_path / "corpus.txt", dialogues=20)
-    options = ["--steps", "8", "--checkpoint-every", "4", "--no-memory", "--word-dropout", "0.2"]
+    options = ["--steps", "8", "--checkpoint-every", "4", *variant]
     assert train(corpus, tmp_path / "straight", *options) == 0
 
     original = DialogueTask.accumulate_gradients
@@ -460,7 +469,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
             assert torch.equal(tensor, split[key]), (name, key)
     model = load(tmp_path / "split")
     assert isinstance(model, VMED)
-    assert not model.config.memory_reads and not model.config.encoder_reads
+    without_memory = "--no-memory" in variant
+    assert model.config.memory_reads == model.config.encoder_reads == (not without_memory)
+    assert model.config.usage_decay == (1.0 if without_memory else 0.9)
 
 
 def corpus_slice(path: Path, dialogues: int) -> Path:
