@@ -21,7 +21,7 @@ from models.vmed import VMED
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 # The committed evaluation of the shipped checkpoint (memserve eval dialogue, whole conversations).
-EVALUATION = DOCS / "results" / "vmed-chat-v1-conversations-eval.json"
+EVALUATION = DOCS / "results" / "vmed-chat-v2-eval.json"
 
 
 def test_it_is_bundled_and_loads_by_name() -> None:
@@ -31,6 +31,22 @@ def test_it_is_bundled_and_loads_by_name() -> None:
     assert model.tokenizer.get_vocab_size() == model.config.vocab_size
     assert model.provenance["task"] == "dialogue"
     assert model.provenance["command"].startswith("memserve train dialogue")
+    assert model.config.usage_decay == 1 and model.config.memory_reads
+
+
+def test_its_provenance_names_the_data_and_its_licence() -> None:
+    """Synthetic-Persona-Chat (CC BY 4.0) must be named, with its licence, wherever a model
+    trained on it goes; both corpora are identified by their digests."""
+    provenance = load("vmed-chat").provenance
+    settings = provenance["task_settings"]
+    data = {entry["path"]: entry for entry in provenance["data"]}
+    assert set(data) == {settings["corpus"], settings["extra_corpus"]}
+    synthetic = data[settings["extra_corpus"]]
+    assert "Synthetic-Persona-Chat" in synthetic["source"]
+    assert "arXiv:2312.10007" in synthetic["source"]
+    assert synthetic["licence"] == "Creative Commons Attribution 4.0 International (CC BY 4.0)"
+    assert "Persona-Chat (Zhang et al. 2018" in data[settings["corpus"]]["source"]
+    assert all(len(entry["sha256"]) == 64 for entry in data.values())
 
 
 def test_the_documented_perplexities_by_turn_are_reproduced() -> None:
