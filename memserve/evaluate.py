@@ -310,23 +310,31 @@ def add_dialogue_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     """`memserve eval dialogue` and its options."""
     parser = commands.add_parser(
         "dialogue",
-        help="perplexity, BLEU and distinct-n of a VMED on its held-out dialogues",
+        help="perplexity by turn, BLEU and distinct-n of a VMED on its held-out dialogues",
         description=(
-            "Evaluate a VMED checkpoint on the held-out dialogues of the corpus it was trained "
-            "on (the split its provenance records): perplexity with z from the prior, the "
-            "perplexity bound (posterior cross-entropy + KL), and on greedy replies generated "
-            "through the serving path (z from the prior, noise seeded by --seed) corpus BLEU-1, "
-            "BLEU-4, distinct-1 and distinct-2. Prints a table and writes JSON."
+            "Evaluate a VMED checkpoint on the held-out dialogues of the Persona-Chat corpus it "
+            "was trained on (the split its provenance records), as they are served: each whole "
+            "conversation is written into memory turn by turn (every utterance, then <eos>, "
+            "both speakers), and every utterance is scored as a reply from the memory of the "
+            "conversation before it. Reports the perplexity with z from the prior, overall "
+            "and by turn (1, 2, ..., 6, 7 and later), the perplexity bound (posterior "
+            "cross-entropy + KL) and the KL per token; and on greedy replies generated "
+            "through the serving path at every turn (z from the prior, noise seeded by "
+            "--seed) corpus BLEU-1, BLEU-4, distinct-1 and distinct-2, and the fraction of "
+            "replies that change when z's noise comes from --seed + 1. Prints a table and "
+            "writes JSON."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="checkpoint directory of a VMED")
+    parser.add_argument("--model", required=True, help="checkpoint directory or name of a VMED")
     parser.add_argument("--corpus", required=True, help="the Persona-Chat text file")
-    parser.add_argument("--samples", type=int, default=0, help="held-out replies (0: all)")
+    parser.add_argument(
+        "--conversations", type=int, default=0, help="held-out conversations to score (0: all)"
+    )
     parser.add_argument("--seed", type=int, default=12345, help="seeds the prior's noise")
     parser.add_argument("--max-reply-tokens", type=int, default=32, help="generation limit")
     parser.add_argument("--json", default="dialogue-eval.json", help="JSON file to write")
-    parser.add_argument("--examples", type=int, default=5, help="generated replies to print")
+    parser.add_argument("--examples", type=int, default=1, help="conversations to print")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     parser.set_defaults(handler=run_dialogue)
 
@@ -337,11 +345,18 @@ def run_dialogue(args: argparse.Namespace) -> int:
 
     from memserve import __version__
     from models.checkpoint import load, resolve
-    from models.tasks.dialogue import evaluate_dialogue, make_examples, read_corpus, split_dialogues
+    from models.tasks.dialogue import (
+        TURN_BUCKETS,
+        evaluate_dialogue,
+        make_conversations,
+        read_corpus,
+        split_dialogues,
+        turn_bucket_label,
+    )
     from models.vmed import VMED
 
-    if args.samples < 0 or args.threads < 1 or args.max_reply_tokens < 1:
-        raise ValueError("--samples must be >= 0, --threads and --max-reply-tokens >= 1")
+    if args.conversations < 0 or args.threads < 1 or args.max_reply_tokens < 1:
+        raise ValueError("--conversations must be >= 0, --threads and --max-reply-tokens >= 1")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ValueError(
             f"--json {args.json}: the directory {Path(args.json).parent} does not exist"
@@ -355,50 +370,68 @@ def run_dialogue(args: argparse.Namespace) -> int:
         float(task_settings.get("validation_fraction", 0.1)),
         int(task_settings.get("split_seed", 0)),
     )
-    sizes = (
-        int(task_settings.get("context_utterances", 3)),
-        int(task_settings.get("max_utterance_tokens", 24)),
-    )
     began = time.monotonic()
     _, held_out = split_dialogues(read_corpus(args.corpus), *split)
-    examples = make_examples(held_out, model.tokenizer, *sizes)
-    if args.samples:
-        examples = examples[: args.samples]
-    metrics, replies = evaluate_dialogue(model, examples, args.seed, args.max_reply_tokens)
+    if args.conversations:
+        held_out = held_out[: args.conversations]
+    conversations = make_conversations(held_out, model.tokenizer)
+    metrics, replies = evaluate_dialogue(model, conversations, args.seed, args.max_reply_tokens)
+    print(
+        f"{metrics['replies']:.0f} replies ({metrics['tokens']:.0f} tokens) of "
+        f"{len(conversations)} held-out conversations, each whole in memory"
+    )
+    by_turn = [turn_bucket_label(bucket) for bucket in range(TURN_BUCKETS)]
+    print(f"{'turn':<38} " + " ".join(f"{label:>7}" for label in by_turn))
+    for key, label in (
+        ("perplexity_turn_", "perplexity (z from the prior)"),
+        ("replies_turn_", "replies"),
+    ):
+        values = " ".join(f"{metrics[key + b]:>7.1f}" for b in by_turn)
+        print(f"{label:<38} {values}")
     names = {
-        "perplexity": "perplexity (z from the prior)",
+        "perplexity": "perplexity, overall (z from the prior)",
         "perplexity_bound": "perplexity bound (posterior CE + KL)",
+        "kl_per_token": "KL per token (nats)",
+        "kl_per_reply": "KL per reply (nats)",
         "bleu_1": "BLEU-1 (%)",
         "bleu_4": "BLEU-4 (%)",
         "distinct_1": "distinct-1",
         "distinct_2": "distinct-2",
         "mean_reply_words": "words per reply",
+        "replies_changed_by_z": "replies changed by another z",
     }
-    print(f"{len(examples)} held-out replies of {len(held_out)} dialogues")
     for key, label in names.items():
         value = metrics[key] * (100 if key.startswith("bleu") else 1)
         print(f"{label:<38} {value:>10.4f}")
-    for example, reply in list(zip(examples, replies, strict=True))[: args.examples]:
-        print(f"reference: {example.reply_text}\n  model:   {reply}")
+    for conversation, generated in list(zip(conversations, replies, strict=True))[: args.examples]:
+        for turn, (said, reply) in enumerate(zip(conversation.texts, generated, strict=True)):
+            print(f"turn {turn + 1:>2} said:  {said}\n        model: {reply}")
+    samples = [
+        {"turn": turn + 1, "reference": said, "reply": reply}
+        for conversation, generated in list(zip(conversations, replies, strict=True))[:3]
+        for turn, (said, reply) in enumerate(zip(conversation.texts, generated, strict=True))
+    ]
     report = {
         "task": "dialogue",
         "model": args.model,
         "checkpoint": str(resolve(args.model)),
         "corpus": args.corpus,
         "split": {"validation_fraction": split[0], "split_seed": split[1]},
+        "setting": (
+            "whole conversations written into memory turn by turn (utterance, then <eos>, both "
+            "speakers, uncut); every utterance scored as a reply"
+        ),
         "seed": args.seed,
         "max_reply_tokens": args.max_reply_tokens,
         "decoding": "greedy, z from the prior (noise seeded by --seed)",
         "bleu": "corpus BLEU, fraction in [0, 1], whitespace words, no smoothing (our own code)",
         "metrics": metrics,
-        "samples": [
-            {"reference": e.reply_text, "reply": r}
-            for e, r in list(zip(examples, replies, strict=True))[:20]
-        ],
+        "samples": samples,
         "hyperparameters": model.hyperparameters(),
         "training": {
             "steps": model.provenance.get("steps"),
             "settings": model.provenance.get("settings") or {},
+            "task_settings": task_settings,
             "command": model.provenance.get("command", ""),
         },
         "command": shlex.join(["memserve", *args.argv]),

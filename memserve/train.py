@@ -208,28 +208,60 @@ def add_dialogue_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     """`memserve train dialogue` and its options."""
     parser = commands.add_parser(
         "dialogue",
-        help="train a VMED dialogue model on a Persona-Chat corpus (Le et al. 2018)",
+        help="train a VMED dialogue model on Persona-Chat corpora (Le et al. 2018)",
         description=(
-            "Train a Variational Memory Encoder-Decoder on the dialogues of a Persona-Chat text "
-            "file: the last --context-utterances utterances are written into the DNC memory, "
-            "the reply is decoded with z from the posterior, and the loss is the reply's "
-            "cross-entropy plus the KL bound, its weight rising linearly over --kl-warmup "
-            "steps. A BPE tokenizer is trained on the training dialogues and saved as "
-            "tokenizer.json; --validation-fraction of the dialogues (chosen by --split-seed) "
-            "are held out and score every checkpoint (cross-entropy with z from the prior; the "
-            "best is exported). --no-memory-reads trains the CVAE ablation. The defaults train "
-            "in about an hour on one CPU core; --resume continues an interrupted run exactly."
+            "Train a Variational Memory Encoder-Decoder on whole conversations, as a session "
+            "is served: each conversation is written into the DNC memory turn by turn (the "
+            "utterance, then <eos>), and every utterance is a reply decoded, with z from the "
+            "posterior, from the memory of the conversation before it. The loss is the "
+            "replies' cross-entropy plus the KL bound (weight rising linearly over "
+            "--kl-warmup steps; --free-bits, --bag-of-words and --word-dropout keep z in "
+            "use); backpropagation is truncated every --bptt-turns turns. Training uses the "
+            "training split of --corpus and all of --extra-corpus; --validation-fraction of "
+            "--corpus's dialogues (chosen by --split-seed) are held out and score every "
+            "checkpoint (cross-entropy with z from the prior over whole conversations; the "
+            "best is exported). The BPE tokenizer is trained on --corpus's training split "
+            "(or taken from --tokenizer) and saved as tokenizer.json. --no-memory trains the "
+            "ablation that never reads the memory; --resume continues an interrupted run "
+            "exactly."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_run_arguments(parser, steps=DIALOGUE_STEPS)
-    parser.add_argument("--corpus", required=True, help="Persona-Chat text file")
-    parser.add_argument("--vocab-size", type=int, default=2000, help="BPE vocabulary size")
-    parser.add_argument("--context-utterances", type=int, default=3, help="utterances of context")
+    parser.add_argument("--corpus", required=True, help="Persona-Chat text file (split, scored)")
     parser.add_argument(
-        "--max-utterance-tokens", type=int, default=24, help="tokens kept of each utterance"
+        "--extra-corpus", default="", help="another corpus in that format, all for training"
     )
+    parser.add_argument(
+        "--corpus-repeat", type=int, default=1,
+        help="times each training conversation of --corpus is in the training set",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tokenizer", default="",
+        help="a tokenizer.json to use (e.g. another model's, for comparable perplexities) "
+        "instead of training one",
+    )  # fmt: skip
+    parser.add_argument("--vocab-size", type=int, default=2000, help="BPE vocabulary size")
+    parser.add_argument(
+        "--max-utterance-tokens", type=int, default=32, help="tokens kept of each utterance"
+    )
+    parser.add_argument("--max-turns", type=int, default=32, help="utterances kept of each")
+    parser.add_argument(
+        "--bptt-turns", type=int, default=8,
+        help="turns between truncations of backpropagation (0: whole conversations)",
+    )  # fmt: skip
     parser.add_argument("--kl-warmup", type=int, default=2000, help="steps of KL annealing")
+    parser.add_argument(
+        "--free-bits", type=float, default=0.0, help="nats of KL per reply left unpenalised"
+    )
+    parser.add_argument(
+        "--bag-of-words", type=float, default=0.0,
+        help="weight of the bag-of-words loss (0: no bag-of-words head)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--word-dropout", type=float, default=0.0,
+        help="probability that a decoder input token is replaced by <unk> in training",
+    )  # fmt: skip
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="dialogues held out")
     parser.add_argument("--split-seed", type=int, default=0, help="seeds the held-out choice")
     parser.add_argument("--embedding-size", type=int, default=64, help="token embedding width")
@@ -242,17 +274,26 @@ def add_dialogue_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="decoder read heads K = components of the prior",
     )  # fmt: skip
     parser.add_argument("--latent-size", type=int, default=32, help="width of z")
+    parser.add_argument(
+        "--usage-decay", type=float, default=1.0,
+        help="factor on the memory's usage at every encoder step (1: none; below 1, a full "
+        "memory reuses the rows written longest ago first)",
+    )  # fmt: skip
     parser.add_argument("--links", action="store_true", help="temporal links in the encoder DNC")
     parser.add_argument(
         "--no-memory-reads", action="store_true",
         help="the CVAE ablation: no decoder reads, a single Gaussian prior",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-memory", action="store_true",
+        help="the no-memory ablation: --no-memory-reads, and the encoder does not read either",
+    )  # fmt: skip
     _add_output_arguments(parser, "CPU threads for torch")
-    parser.set_defaults(handler=run_dialogue, batch_size=32, checkpoint_every=500, log_every=50)
+    parser.set_defaults(handler=run_dialogue, batch_size=16, checkpoint_every=250, log_every=25)
 
 
-# About an hour on one core of this 2-core machine at the default sizes (docs/models.md).
-DIALOGUE_STEPS = 6000
+# What fits in the 2-hour budget on this 2-core machine at the default sizes (docs/models.md).
+DIALOGUE_STEPS = 2000
 
 
 def run_dialogue(args: argparse.Namespace) -> int:
@@ -271,6 +312,8 @@ def run_dialogue(args: argparse.Namespace) -> int:
     tokenizer_path = Path(args.out) / TOKENIZER_FILE
     if args.resume and tokenizer_path.is_file():
         tokenizer = tokenizer_from_bytes(tokenizer_path.read_bytes())
+    elif args.tokenizer:
+        tokenizer = tokenizer_from_bytes(Path(args.tokenizer).read_bytes())
     else:
         training_dialogues, _ = split_dialogues(
             read_corpus(args.corpus), args.validation_fraction, args.split_seed
@@ -279,10 +322,16 @@ def run_dialogue(args: argparse.Namespace) -> int:
     task = DialogueTask(
         args.corpus,
         tokenizer,
+        extra_corpus=args.extra_corpus,
+        corpus_repeat=args.corpus_repeat,
         batch_size=args.batch_size,
-        context_utterances=args.context_utterances,
         max_utterance_tokens=args.max_utterance_tokens,
+        max_turns=args.max_turns,
+        bptt_turns=args.bptt_turns,
         kl_warmup_steps=args.kl_warmup,
+        free_bits=args.free_bits,
+        bag_of_words_weight=args.bag_of_words,
+        word_dropout=args.word_dropout,
         validation_fraction=args.validation_fraction,
         split_seed=args.split_seed,
     )
@@ -297,7 +346,10 @@ def run_dialogue(args: argparse.Namespace) -> int:
         mixture_components=args.mixture_components,
         latent_size=args.latent_size,
         use_links=args.links,
-        memory_reads=not args.no_memory_reads,
+        memory_reads=not (args.no_memory_reads or args.no_memory),
+        encoder_reads=not args.no_memory,
+        bag_of_words=args.bag_of_words > 0,
+        usage_decay=args.usage_decay,
     )
     final = train(
         VMED(config, tokenizer), task, settings, args.out, _command(args), resume=args.resume,

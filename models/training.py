@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass, is_dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -42,13 +42,19 @@ STATE_FILE = "training-state.safetensors"
 RUN_FILE = "training.json"
 
 
-class Task(Protocol):
-    """What the loop needs from a task: batches and a loss with metrics."""
-
+class _TaskBase(Protocol):
     @property
     def name(self) -> str:
         """What provenance calls the task ("copy", ...)."""
         ...
+
+    def validate(self, model: MemoryModel, device: torch.device) -> dict[str, float]:
+        """Scores on a fixed held-out set, most important first, each lower-is-better."""
+        ...
+
+
+class Task(_TaskBase, Protocol):
+    """What the loop needs from a task: batches and a loss with metrics."""
 
     def loss(
         self, model: MemoryModel, generator: torch.Generator, device: torch.device, step: int = 0
@@ -59,8 +65,18 @@ class Task(Protocol):
         annealing of the dialogue task; a resumed run passes the same steps again."""
         ...
 
-    def validate(self, model: MemoryModel, device: torch.device) -> dict[str, float]:
-        """Scores on a fixed held-out set, most important first, each lower-is-better."""
+
+@runtime_checkable
+class GradientTask(_TaskBase, Protocol):
+    """A task that takes its loss's gradient itself, e.g. by truncated backpropagation
+    through time, which calls backward once per stretch of a long sequence."""
+
+    def accumulate_gradients(
+        self, model: MemoryModel, generator: torch.Generator, device: torch.device, step: int
+    ) -> tuple[float, dict[str, float]]:
+        """Draw one batch from `generator`, add the gradient of its loss to the parameters'
+        `.grad` (which the loop has cleared), return the loss's value and metrics; `step` as
+        for `Task.loss`."""
         ...
 
 
@@ -168,13 +184,13 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def _task_settings(task: Task) -> dict[str, Any]:
+def _task_settings(task: Task | GradientTask) -> dict[str, Any]:
     """A task's settings for provenance (its dataclass fields)."""
     return asdict(task) if is_dataclass(task) and not isinstance(task, type) else {}
 
 
 def _check_same_run(
-    run: dict[str, Any], model: MemoryModel, task: Task, settings: TrainSettings
+    run: dict[str, Any], model: MemoryModel, task: Task | GradientTask, settings: TrainSettings
 ) -> None:
     """Raise ValueError naming every setting in which a resume differs from its run."""
     ignored = ("checkpoint_every", "log_every")  # these may change without changing the run
@@ -204,7 +220,7 @@ def _check_same_run(
 
 def train(
     model: MemoryModel,
-    task: Task,
+    task: Task | GradientTask,
     settings: TrainSettings,
     out: str | os.PathLike[str],
     command: str,
@@ -257,15 +273,6 @@ def train(
         improved = best is None or tuple(scores.values()) <= tuple(best[key] for key in scores)
         if improved:
             best = record
-        bar.note(
-            f"validation at step {step}: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
-            + (
-                " (best so far, exported)"
-                if improved
-                else f" (best: step {(best or record)['step']})"
-            )
-        )
         run = {
             "step": step,
             "model_type": model.model_type,
@@ -297,6 +304,17 @@ def train(
         log_path = out / RUN_FILE
         log_path.with_suffix(".tmp").write_text(json.dumps(run, indent=1) + "\n")
         os.replace(log_path.with_suffix(".tmp"), log_path)
+        # Said once the state is committed, so a reader may take it as the event that a
+        # run killed from now on resumes from this step (or a later one).
+        bar.note(
+            f"checkpoint at step {step} saved; validation: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+            + (
+                " (best so far, exported)"
+                if improved
+                else f" (best: step {(best or record)['step']})"
+            )
+        )
 
     out.mkdir(parents=True, exist_ok=True)
     bar = Progress(settings.steps, start, progress)
@@ -308,10 +326,14 @@ def train(
     for step in range(start + 1, settings.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate_at(step)
-        loss, metrics = task.loss(model, batch_generator(settings.seed, step), device, step)
-        value = float(loss.detach())
         optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
+        generator = batch_generator(settings.seed, step)
+        if isinstance(task, GradientTask):
+            value, metrics = task.accumulate_gradients(model, generator, device, step)
+        else:
+            loss, metrics = task.loss(model, generator, device, step)
+            value = float(loss.detach())
+            torch.autograd.backward(loss)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
         if not (math.isfinite(value) and bool(torch.isfinite(norm))):
             # Before the update, so the weights and the last checkpoint stay good.

@@ -24,9 +24,15 @@ A dialogue model whose conversation lives in a DNC memory of fixed size:
   use the upper bound KL(q || sum_k pi_k p_k) <= sum_k pi_k KL(q || p_k) (KL is convex in
   its second argument), each term in closed form, so the loss bounds the negative ELBO from
   above. The task anneals the KL weight linearly from 0 to 1.
-- **Ablation.** `memory_reads=False` cuts the decoder off the memory: its reads are zeros and
+- **Ablations.** `memory_reads=False` cuts the decoder off the memory: its reads are zeros and
   the prior is a single Gaussian from an MLP over the encoder's top hidden state (a CVAE).
   The parameter shapes are those of the full model but for the prior MLP's input width.
+  `encoder_reads=False` gives the encoder zeros for its reads; with both off nothing reads
+  the memory, so nothing is written either (the memory step is skipped): the same network
+  as an LSTM encoder-decoder whose only record of the conversation is the encoder's state.
+- **Bag of words** (`bag_of_words=True`, Zhao, Zhao and Eskenazi 2017): a training-only head
+  predicts the reply's words, unordered, from [h_0; z], so that z must carry the reply's
+  content; serving never uses it.
 
 Serving (`encode`, `begin_reply`, `decode`, all batched over `slots: int64[B]` of a
 `StatePool`, in place, -1 = padding row: nothing read or written, zeros returned) keeps the
@@ -85,6 +91,17 @@ class VMEDConfig:
     use_links: bool = False  # the encoder DNC's temporal links (N x N state per session)
     memory_reads: bool = True  # False: the CVAE ablation (no decoder reads, Gaussian prior)
     memory_init: float = 1e-6
+    encoder_reads: bool = True  # False: the encoder's reads are zeros
+    bag_of_words: bool = False  # a training-only head: the reply's words from [h_0; z]
+    # Every encoder step first multiplies the memory's usage by this (1: the DNC as published),
+    # so that rows written long ago, and not written since, become the least used: a full
+    # memory then allocates them first instead of writing weakly everywhere.
+    usage_decay: float = 1.0
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether anything reads the memory (else the memory step is skipped)."""
+        return self.memory_reads or self.encoder_reads
 
     def __post_init__(self) -> None:
         require_positive(
@@ -92,6 +109,8 @@ class VMEDConfig:
             "memory_rows", "word_size", "read_heads", "mixture_components", "latent_size",
             "mlp_size",
         )  # fmt: skip
+        if not 0 < self.usage_decay <= 1:
+            raise ValueError(f"VMED usage_decay must be in (0, 1], got {self.usage_decay}")
 
 
 class ReplyStart(NamedTuple):
@@ -190,6 +209,7 @@ class VMED(MemoryModel):
         self.reply_reader = nn.LSTM(c.embedding_size, H, batch_first=True)
         self.posterior = GaussianMLP(2 * H + K * W, c.mlp_size, c.latent_size)
         self.output = nn.Linear(H + K * W, c.vocab_size)
+        self.bag_of_words = nn.Linear(H + c.latent_size, c.vocab_size) if c.bag_of_words else None
         self.tokenizer = tokenizer
         if tokenizer is not None:
             self.load_extra_file(TOKENIZER_FILE, tokenizer_to_bytes(tokenizer))
@@ -252,6 +272,8 @@ class VMED(MemoryModel):
         self, tokens: Tensor, reads: Tensor, h: Tensor, c: Tensor, rowwise: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The controller part of one encoder step: new h, c and the DNC interface vector."""
+        if not self.config.encoder_reads:
+            reads = torch.zeros_like(reads)
         inputs = torch.cat([self.embedding(tokens), reads.flatten(1)], dim=1)
         if rowwise:
             h, c = self.encoder.step(inputs, h, c)
@@ -307,22 +329,38 @@ class VMED(MemoryModel):
         """The state after writing `context` `[B, T]` (int64) into fresh memories; `mask`
         `[B, T]` (bool) marks real tokens: a masked step changes nothing, so contexts of
         different lengths share a batch. Returns every state tensor but the decoder's."""
-        batch = context.shape[0]
-        state = {
+        return self.encode_tokens(self.initial_batch_state(context.shape[0]), context, mask)
+
+    def initial_batch_state(self, batch: int) -> dict[str, Tensor]:
+        """`initial_state_tensors` expanded to a batch of `batch` new sessions."""
+        return {
             name: tensor.expand(batch, *tensor.shape)
             for name, tensor in self.initial_state_tensors().items()
         }
+
+    def encode_tokens(
+        self, state: dict[str, Tensor], tokens: Tensor, mask: Tensor
+    ) -> dict[str, Tensor]:
+        """Write `tokens` `[B, T]` into the memories of a batch's `state` (the encoder's part,
+        as `encode_context` returns it), one step per token as `encode` does; `mask` `[B, T]`
+        marks real tokens (a masked step changes nothing). Returns the new state."""
         c = self.config
-        for t in range(context.shape[1]):
+        for t in range(tokens.shape[1]):
+            live = mask[:, t]
+            if not bool(live.any()):
+                continue
             h, cell, interface = self._encoder_step(
-                context[:, t], state["encoder_reads"], state["encoder_h"], state["encoder_c"],
+                tokens[:, t], state["encoder_reads"], state["encoder_h"], state["encoder_c"],
                 rowwise=False,
             )  # fmt: skip
-            memory = {name: state[name] for name in self._memory_names()}
-            parameters = split_interface(interface, c.read_heads, c.word_size, c.use_links)
-            memory, reads = dnc_state_step(memory, parameters)
-            new = {**memory, "encoder_reads": reads, "encoder_h": h, "encoder_c": cell}
-            live = mask[:, t]
+            new = {**state, "encoder_h": h, "encoder_c": cell}
+            if c.uses_memory:
+                memory = {name: state[name] for name in self._memory_names()}
+                if c.usage_decay != 1:
+                    memory["usage"] = memory["usage"] * c.usage_decay
+                parameters = split_interface(interface, c.read_heads, c.word_size, c.use_links)
+                memory, reads = dnc_state_step(memory, parameters)
+                new.update(memory, encoder_reads=reads)
             if bool(live.all()):
                 state = new
                 continue
@@ -381,6 +419,39 @@ class VMED(MemoryModel):
         mean, log_var = self.posterior(features)
         return mean, log_var
 
+    def reply_terms(
+        self,
+        state: dict[str, Tensor],
+        reply_inputs: Tensor,
+        reply_targets: Tensor,
+        reply_lengths: Tensor,
+        noise: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """From a batch's encoder `state`: the reply's logits `[B, T, vocab]` with z drawn from
+        the posterior by reparameterisation (`noise` `[B, latent]` standard normal), the KL
+        bound `[B]` against the prior, and that z `[B, latent]`."""
+        start = self.start_reply(state)
+        mean, log_var = self.posterior_parameters(state, start, reply_targets, reply_lengths)
+        z = mean + torch.exp(0.5 * log_var) * noise
+        kl = mixture_kl_bound(mean, log_var, start.log_weights, start.means, start.log_variances)
+        return self.decode_teacher_forced(state, start, z, reply_inputs), kl, z
+
+    def prior_reply_logits(
+        self, state: dict[str, Tensor], reply_inputs: Tensor, noise: Tensor, uniform: Tensor
+    ) -> Tensor:
+        """From a batch's encoder `state`: the reply's logits `[B, T, vocab]` with z drawn from
+        the prior by `noise` and `uniform` as `begin_reply` draws it (what serving computes)."""
+        start = self.start_reply(state)
+        z = sample_prior(start, noise, uniform)
+        return self.decode_teacher_forced(state, start, z, reply_inputs)
+
+    def bag_of_words_logits(self, state: dict[str, Tensor], z: Tensor) -> Tensor:
+        """The bag-of-words head's logits `[B, vocab]` from [h_0; z] (needs `bag_of_words`)."""
+        if self.bag_of_words is None:
+            raise ValueError("this VMED has no bag-of-words head (bag_of_words=False)")
+        logits: Tensor = self.bag_of_words(torch.cat([state["encoder_h"][:, -1], z], dim=1))
+        return logits
+
     def training_terms(
         self,
         context: Tensor,
@@ -393,11 +464,8 @@ class VMED(MemoryModel):
         """Reply logits `[B, T, vocab]` with z drawn from the posterior by reparameterisation
         (`noise` `[B, latent]` standard normal), and the KL bound `[B]` against the prior."""
         state = self.encode_context(context, context_mask)
-        start = self.start_reply(state)
-        mean, log_var = self.posterior_parameters(state, start, reply_targets, reply_lengths)
-        z = mean + torch.exp(0.5 * log_var) * noise
-        kl = mixture_kl_bound(mean, log_var, start.log_weights, start.means, start.log_variances)
-        return self.decode_teacher_forced(state, start, z, reply_inputs), kl
+        logits, kl, _ = self.reply_terms(state, reply_inputs, reply_targets, reply_lengths, noise)
+        return logits, kl
 
     def reply_logits(
         self,
@@ -410,9 +478,7 @@ class VMED(MemoryModel):
         """Reply logits `[B, T, vocab]` with z drawn from the prior by `noise` and `uniform`
         as `begin_reply` draws it: what serving computes, for validation and tests."""
         state = self.encode_context(context, context_mask)
-        start = self.start_reply(state)
-        z = sample_prior(start, noise, uniform)
-        return self.decode_teacher_forced(state, start, z, reply_inputs)
+        return self.prior_reply_logits(state, reply_inputs, noise, uniform)
 
     def forward(self, inputs: Tensor, activate: bool = True) -> Tensor:
         """The language-model view (`step` from a new session): next-token probabilities
@@ -473,9 +539,11 @@ class VMED(MemoryModel):
             pool["encoder_c"][slots], rowwise=True,
         )  # fmt: skip
         cfg = self.config
-        parameters = split_interface(interface, cfg.read_heads, cfg.word_size, cfg.use_links)
-        reads = dnc_pool_step(pool, slots, parameters, cfg.use_links)
-        pool["encoder_reads"][slots] = reads
+        if cfg.uses_memory:
+            if cfg.usage_decay != 1:
+                pool["usage"][slots] *= cfg.usage_decay
+            parameters = split_interface(interface, cfg.read_heads, cfg.word_size, cfg.use_links)
+            pool["encoder_reads"][slots] = dnc_pool_step(pool, slots, parameters, cfg.use_links)
         pool["encoder_h"][slots] = h
         pool["encoder_c"][slots] = c
 

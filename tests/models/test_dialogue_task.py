@@ -1,6 +1,7 @@
-"""The dialogue task: the corpus format, the split, examples and batches, the metrics against
-hand-computed values, and `memserve train dialogue` / `memserve eval dialogue` end to end on
-a small synthetic corpus."""
+"""The dialogue task: the corpus format, the split, conversations and the tensors of a turn,
+the batched passes over whole conversations against one session at a time on the serving
+path, the loss's gradient, the metrics against hand-computed values, and `memserve train
+dialogue` / `memserve eval dialogue` end to end on a small synthetic corpus."""
 
 from __future__ import annotations
 
@@ -16,18 +17,27 @@ from safetensors.torch import load_file
 from memserve.cli import main
 from models import load
 from models.tasks.dialogue import (
+    Conversation,
     Dialogue,
-    collate,
+    DialogueTask,
+    bag_of_words_loss,
+    collate_conversations,
+    conversation_order,
+    conversation_scores,
     corpus_bleu,
     distinct_n,
     draw_batch,
+    generate_conversation_replies,
     kl_weight,
-    make_examples,
+    make_conversations,
     parse_dialogues,
     split_dialogues,
+    turn_tensors,
 )
 from models.tokenizer import BOS, EOS, PAD, train_tokenizer
 from models.vmed import VMED
+from tests.conftest import relative_error
+from tests.models.test_vmed import VOCAB, random_vmed
 from tests.tiny_vmed import CORPUS as PERSONA_CHAT
 
 CORPUS = (
@@ -81,23 +91,34 @@ def test_the_split_is_deterministic_disjoint_and_by_dialogue() -> None:
         split_dialogues(dialogues, 1.0, 0)
 
 
-def test_examples_and_batches() -> None:
+def test_conversations_and_the_tensors_of_a_turn() -> None:
     tokenizer = train_tokenizer(["a b c d e f", "a b", "c d e"], 30)
-    dialogue = Dialogue((), (), ("a b", "c d e", "f", "a"))
     ids = {word: tokenizer.token_to_id("▁" + word) for word in "abcdef"}
-    examples = make_examples([dialogue], tokenizer, context_utterances=2, max_utterance_tokens=2)
-    assert [e.reply_text for e in examples] == ["a b", "c d e", "f", "a"]
-    assert examples[0].context == ()
-    assert examples[1].context == (ids["a"], ids["b"], EOS)
-    assert examples[2].reply == (ids["f"],)
-    # two utterances of context, each cut to two tokens and ended by <eos>
-    assert examples[3].context == (ids["c"], ids["d"], EOS, ids["f"], EOS)
-    batch = collate(examples[:2])
-    assert batch.context.tolist() == [[PAD, PAD, PAD], [ids["a"], ids["b"], EOS]]
-    assert batch.context_mask.tolist() == [[False] * 3, [True] * 3]
-    assert batch.reply_inputs.tolist() == [[BOS, ids["a"], ids["b"]], [BOS, ids["c"], ids["d"]]]
-    assert batch.reply_targets.tolist() == [[ids["a"], ids["b"], EOS], [ids["c"], ids["d"], EOS]]
-    assert batch.reply_lengths.tolist() == [3, 3]
+    long = Dialogue((), (), ("a b", "c d e", "f", "a"))
+    short = Dialogue((), (), ("e", "a b c"))
+    whole = make_conversations([long], tokenizer)[0]
+    assert whole.utterances == ((ids["a"], ids["b"]), (ids["c"], ids["d"], ids["e"]),
+                                (ids["f"],), (ids["a"],))  # fmt: skip
+    assert whole.texts == long.utterances
+    cut = make_conversations([short, long], tokenizer, max_utterance_tokens=2, max_turns=3)
+    assert cut[1].utterances == ((ids["a"], ids["b"]), (ids["c"], ids["d"]), (ids["f"],))
+    assert cut[1].texts == ("a b", "c d e", "f")
+    assert conversation_order(cut) == [1, 0]
+    with pytest.raises(ValueError, match="most turns first"):
+        collate_conversations(cut)
+    batch = collate_conversations([cut[1], cut[0]])
+    assert batch.lengths.tolist() == [[2, 2, 1], [1, 2, 0]]
+    assert batch.present.tolist() == [[True, True, True], [True, True, False]]
+    first = turn_tensors(batch, 0)
+    assert first.rows == 2
+    assert first.reply_inputs.tolist() == [[BOS, ids["a"], ids["b"]], [BOS, ids["e"], PAD]]
+    assert first.reply_targets.tolist() == [[ids["a"], ids["b"], EOS], [ids["e"], EOS, PAD]]
+    assert first.reply_lengths.tolist() == [3, 2]
+    assert first.mask.tolist() == [[True, True, True], [True, True, False]]
+    last = turn_tensors(batch, 2)  # only the longer conversation has a third turn
+    assert last.rows == 1
+    assert last.reply_inputs.tolist() == [[BOS, ids["f"]]]
+    assert last.reply_targets.tolist() == [[ids["f"], EOS]]
 
 
 def test_batches_come_from_one_bucket_and_the_kl_weight_warms_up(
@@ -134,11 +155,194 @@ def test_distinct_n() -> None:
     assert distinct_n([["a"]], 2) == 0.0
 
 
+def test_bag_of_words_loss_by_hand() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    targets = torch.tensor([[3, 3, EOS, PAD], [1, EOS, PAD, PAD]])
+    log_p = torch.log_softmax(logits, dim=-1)
+    expected = -(2 * log_p[0, 3] + log_p[1, 1])  # <eos> and <pad> are not words
+    assert float(bag_of_words_loss(logits, targets)) == pytest.approx(float(expected))
+
+
+def random_conversations(
+    turns: list[int], generator: torch.Generator, longest: int = 5
+) -> list[Conversation]:
+    """Conversations of the given numbers of turns, utterances of 1..longest random tokens."""
+    conversations = []
+    for count in turns:
+        utterances = tuple(
+            tuple(torch.randint(4, VOCAB, (int(torch.randint(1, longest + 1, (1,),
+                                generator=generator)),), generator=generator).tolist())
+            for _ in range(count)
+        )  # fmt: skip
+        conversations.append(Conversation(utterances, ("x",) * count))
+    return conversations
+
+
+@pytest.mark.parametrize("reads", ["memory", "usage decay", "no decoder reads", "no memory"])
+def test_conversation_scores_are_what_the_serving_path_computes(
+    reads: str, monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
+) -> None:
+    """Whole conversations of different lengths scored in batches (rows dropping out as
+    their conversations end) give, turn by turn, the cross-entropy of teacher-forced
+    `decode` calls on a pool in which each session's conversation is written token by
+    token with `encode` and each reply starts with `begin_reply`, with the same noise."""
+    monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")
+    model = random_vmed(
+        generator,
+        memory_reads=reads in ("memory", "usage decay"),
+        encoder_reads=reads != "no memory",
+        usage_decay=0.9 if reads == "usage decay" else 1.0,
+    )
+    conversations = random_conversations([3, 6, 1, 4], generator)
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    scores = conversation_scores(model, conversations, torch.device("cpu"), seed, batch_size=3)
+
+    latent = model.config.latent_size
+    noise_generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(4, 6, 2 * latent, generator=noise_generator)
+    uniform = torch.rand(4, 6, generator=noise_generator)
+    expected = [0.0] * 6
+    pool = model.new_pool(2)
+    for index, conversation in enumerate(conversations):
+        model.reset(pool, [1])
+        slot = torch.tensor([1])
+        for turn, utterance in enumerate(conversation.utterances):
+            model.begin_reply(pool, slot, noise[index, turn : turn + 1, :latent],
+                              uniform[index, turn : turn + 1])  # fmt: skip
+            for previous, target in zip((BOS, *utterance), (*utterance, EOS), strict=True):
+                logits = model.decode(pool, slot, torch.tensor([previous]))
+                expected[turn] -= float(torch.log_softmax(logits, dim=-1)[0, target])
+            for token in (*utterance, EOS):
+                model.encode(pool, slot, torch.tensor([token]))
+    assert scores.replies == [4.0, 3.0, 3.0, 2.0, 1.0, 1.0]
+    for turn in range(6):
+        assert scores.prior_ce[turn] == pytest.approx(expected[turn], rel=1e-5)
+    tokens = [sum(len(c.utterances[t]) + 1 for c in conversations if t < len(c.utterances))
+              for t in range(6)]  # fmt: skip
+    assert scores.tokens == tokens
+
+
+def test_generated_replies_are_those_of_one_conversation_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
+) -> None:
+    """Batched greedy generation over conversations of different lengths gives, for each,
+    the replies of a session that alone draws z with the same noise, decodes greedily and
+    then writes the real utterance."""
+    monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")
+    model = random_vmed(generator)
+    conversations = random_conversations([2, 5, 3], generator)
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+    replies = generate_conversation_replies(model, conversations, seed, 6, batch_size=2)
+
+    noise_generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(3, 5, model.config.latent_size, generator=noise_generator)
+    uniform = torch.rand(3, 5, generator=noise_generator)
+    pool = model.new_pool(1)
+    slot = torch.tensor([0])
+    for index, conversation in enumerate(conversations):
+        model.reset(pool, [0])
+        expected = []
+        for turn, utterance in enumerate(conversation.utterances):
+            model.begin_reply(pool, slot, noise[index, turn : turn + 1],
+                              uniform[index, turn : turn + 1])  # fmt: skip
+            reply, previous = [], BOS
+            for _ in range(6):
+                previous = int(model.decode(pool, slot, torch.tensor([previous])).argmax())
+                if previous == EOS:
+                    break
+                reply.append(previous)
+            expected.append(reply)
+            for token in (*utterance, EOS):
+                model.encode(pool, slot, torch.tensor([token]))
+        assert replies[index] == expected
+
+
+def small_task(tmp_path: Path, **settings: object) -> DialogueTask:
+    corpus = synthetic_corpus(tmp_path / "corpus.txt", dialogues=10)
+    return DialogueTask(str(corpus), train_tokenizer(["x"], 30), **settings)  # type: ignore[arg-type]
+
+
+def gradients(model: VMED) -> dict[str, torch.Tensor]:
+    return {
+        name: parameter.grad.clone() if parameter.grad is not None
+        else torch.zeros_like(parameter)
+        for name, parameter in model.named_parameters()
+    }  # fmt: skip
+
+
+def test_a_batch_gradient_is_the_token_weighted_sum_of_its_conversations(
+    tmp_path: Path, generator: torch.Generator
+) -> None:
+    """The batched loss over whole conversations (rows dropping out as their conversations
+    end, backpropagation never truncated) has the gradient of each conversation's own loss,
+    weighted by its share of the tokens; truncating every turn keeps the loss and changes
+    the gradient; a truncation beyond the last turn changes nothing."""
+    model = random_vmed(generator).train()
+    conversations = random_conversations([4, 2, 3], generator)
+    conversations = [conversations[i] for i in conversation_order(conversations)]
+    batch = collate_conversations(conversations)
+    rows, turns, longest = batch.tokens.shape
+    noise = torch.randn(rows, turns, model.config.latent_size, generator=generator)
+    dropped = torch.zeros(rows, turns, longest + 1, dtype=torch.bool)
+
+    def backward(task: DialogueTask, rows: slice) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        single = collate_conversations(conversations[rows])
+        loss, _ = task.backward(model, single, noise[rows, : single.tokens.shape[1]],
+                                dropped[rows, : single.tokens.shape[1]], step=10)  # fmt: skip
+        return loss, gradients(model)
+
+    whole = small_task(tmp_path, bptt_turns=0, kl_warmup_steps=20)
+    loss, batched = backward(whole, slice(None))
+    tokens = [sum(len(u) + 1 for u in c.utterances) for c in conversations]
+    expected = {name: torch.zeros_like(value) for name, value in batched.items()}
+    expected_loss = 0.0
+    for row in range(rows):
+        single_loss, single = backward(whole, slice(row, row + 1))
+        share = tokens[row] / sum(tokens)
+        expected_loss += share * single_loss
+        for name, value in single.items():
+            expected[name] += share * value
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    for name, value in batched.items():
+        assert relative_error(value, expected[name]) < 1e-4, name
+
+    beyond_loss, beyond = backward(
+        small_task(tmp_path, bptt_turns=turns, kl_warmup_steps=20), slice(None)
+    )
+    assert beyond_loss == loss
+    assert all(torch.equal(beyond[name], value) for name, value in batched.items())
+    truncated_loss, truncated = backward(small_task(tmp_path, bptt_turns=1, kl_warmup_steps=20),
+                                         slice(None))  # fmt: skip
+    assert truncated_loss == pytest.approx(loss, rel=1e-6)
+    assert relative_error(truncated["encoder_interface.weight"],
+                          batched["encoder_interface.weight"]) > 1e-3  # fmt: skip
+
+
+def test_free_bits_leave_the_prior_without_gradient_below_them(
+    tmp_path: Path, generator: torch.Generator
+) -> None:
+    """The prior learns only through the KL term: with every reply's KL below the free bits,
+    its parameters get no gradient; without free bits they do."""
+    model = random_vmed(generator).train()
+    conversations = random_conversations([3, 3], generator)
+    batch = collate_conversations(conversations)
+    rows, turns, longest = batch.tokens.shape
+    noise = torch.randn(rows, turns, model.config.latent_size, generator=generator)
+    dropped = torch.rand(rows, turns, longest + 1, generator=generator) < 0.3
+    for free_bits, expect_gradient in ((0.0, True), (1e6, False)):
+        model.zero_grad()
+        task = small_task(tmp_path, free_bits=free_bits, kl_warmup_steps=0, word_dropout=0.3)
+        task.backward(model, batch, noise, dropped, step=1)
+        prior = gradients(model)["prior.out.weight"]
+        assert bool((prior != 0).any()) == expect_gradient
+
+
 ANIMALS = ["dogs", "cats", "birds", "fish", "horses", "rabbits"]
 
 
 def synthetic_corpus(path: Path, dialogues: int = 60) -> Path:
-    """Dialogues whose replies repeat a word of the context: learnable in seconds."""
+    """Dialogues whose replies repeat a word said earlier: learnable in seconds."""
     rng = random.Random(7)
     lines = []
     for _ in range(dialogues):
@@ -158,7 +362,7 @@ def synthetic_corpus(path: Path, dialogues: int = 60) -> Path:
 SMALL = [
     "--vocab-size", "60", "--embedding-size", "12", "--controller-size", "24",
     "--memory-rows", "12", "--word-size", "8", "--mixture-components", "2",
-    "--latent-size", "4", "--batch-size", "16", "--context-utterances", "2",
+    "--latent-size", "4", "--batch-size", "8", "--bptt-turns", "4",
     "--kl-warmup", "20", "--lr", "1e-2", "--quiet",
 ]  # fmt: skip
 
@@ -172,17 +376,22 @@ def test_training_lowers_the_validation_loss_and_eval_scores_it(
 ) -> None:
     monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")  # generation steps many sessions
     corpus = synthetic_corpus(tmp_path / "corpus.txt")
+    extra = synthetic_corpus(tmp_path / "extra.txt", dialogues=5)
     out = tmp_path / "run"
-    assert train(corpus, out, "--steps", "80", "--checkpoint-every", "10", "--log-every", "10") == 0
+    options = ["--steps", "60", "--checkpoint-every", "10", "--log-every", "10"]
+    assert train(corpus, out, *options, "--extra-corpus", str(extra), "--bag-of-words", "0.5") == 0
     run = json.loads((out / "training.json").read_text())
     validations = [record["ce"] for record in run["validations"]]
-    assert len(validations) == 8
+    assert len(validations) == 6
     assert min(validations[-3:]) < 0.7 * validations[0]
+    assert "bow" in run["history"][-1] and "kl_per_token" in run["history"][-1]
     model = load(out)
     assert isinstance(model, VMED) and model.tokenizer is not None
     assert model.config.memory_reads and model.config.mixture_components == 2
+    assert model.config.bag_of_words
     assert model.provenance["task"] == "dialogue"
-    assert model.provenance["task_settings"]["context_utterances"] == 2
+    assert model.provenance["task_settings"]["extra_corpus"] == str(extra)
+    assert model.provenance["task_settings"]["bptt_turns"] == 4
     assert (out / "tokenizer.json").is_file()
     capsys.readouterr()
 
@@ -192,38 +401,65 @@ def test_training_lowers_the_validation_loss_and_eval_scores_it(
     table = capsys.readouterr().out
     result = json.loads(report.read_text())
     metrics = result["metrics"]
-    assert metrics["examples"] == 6 * 6  # 6 held-out dialogues of 6 utterances
+    assert metrics["conversations"] == 6 and metrics["replies"] == 6 * 6  # held out: 6 of 60
+    assert [metrics[f"replies_turn_{turn}"] for turn in "123"] == [12, 12, 12]
+    assert metrics["replies_turn_7+"] == 0 and math.isnan(metrics["perplexity_turn_7+"])
+    tokens = metrics["tokens"]
+    by_turn = sum(math.log(metrics[f"perplexity_turn_{turn}"]) * metrics[f"replies_turn_{turn}"]
+                  for turn in "123")  # fmt: skip
+    assert by_turn > 0 and tokens > 36
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["cross_entropy"]))
-    assert metrics["perplexity"] < 60
-    for key in ("bleu_1", "bleu_4", "distinct_1", "distinct_2"):
+    assert metrics["perplexity"] < 30
+    for key in ("bleu_1", "bleu_4", "distinct_1", "distinct_2", "replies_changed_by_z"):
         assert 0 <= metrics[key] <= 1
-    assert metrics["bleu_1"] > 0
+    assert metrics["bleu_1"] > 0 and metrics["kl_per_token"] >= 0
     assert f"{metrics['perplexity']:.4f}" in table
     assert result["split"] == {"validation_fraction": 0.1, "split_seed": 0}
 
 
+def test_the_task_trains_on_both_corpora_and_validates_on_the_first(tmp_path: Path) -> None:
+    corpus = synthetic_corpus(tmp_path / "corpus.txt", dialogues=20)
+    extra = synthetic_corpus(tmp_path / "extra.txt", dialogues=7)
+    tokenizer = train_tokenizer(["x"], 30)
+    task = DialogueTask(str(corpus), tokenizer, extra_corpus=str(extra), max_turns=5)
+    train_split, held_out = split_dialogues(parse_dialogues(corpus.read_text()), 0.1, 0)
+    assert len(task.train_conversations) == len(train_split) + 7
+    assert [c.texts for c in task.validation_conversations] == [d.utterances for d in held_out]
+    assert all(len(c.utterances) == 5 for c in task.train_conversations)
+    assert all(len(c.utterances) == 6 for c in task.validation_conversations)  # never cut
+    weighed = DialogueTask(str(corpus), tokenizer, extra_corpus=str(extra), corpus_repeat=3)
+    assert len(weighed.train_conversations) == 3 * len(train_split) + 7
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["--no-memory", "--word-dropout", "0.2"],
+        ["--usage-decay", "0.9", "--free-bits", "1", "--kl-warmup", "2"],
+    ],
+    ids=["no memory", "memory"],
+)
 def test_an_interrupted_run_resumes_to_the_same_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    variant: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run stopped after its step-4 checkpoint and resumed (with its saved tokenizer) ends
-    bit-identical to the run left alone; the ablation trains too."""
+    bit-identical to the run left alone: the no-memory ablation (with word dropout's random
+    draws), and the memory model as shipped runs train it (free bits) with a usage decay."""
     corpus = synthetic_corpus(tmp_path / "corpus.txt", dialogues=20)
-    options = ["--steps", "8", "--checkpoint-every", "4", "--no-memory-reads"]
+    options = ["--steps", "8", "--checkpoint-every", "4", *variant]
     assert train(corpus, tmp_path / "straight", *options) == 0
 
-    from models.tasks.dialogue import DialogueTask
-
-    original = DialogueTask.loss
+    original = DialogueTask.accumulate_gradients
 
     def stop_at_step_6(self: DialogueTask, *args: object, **kwargs: object) -> object:
         if args[-1] == 6:
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(DialogueTask, "loss", stop_at_step_6)
+    monkeypatch.setattr(DialogueTask, "accumulate_gradients", stop_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train(corpus, tmp_path / "split", *options)
-    monkeypatch.setattr(DialogueTask, "loss", original)
+    monkeypatch.setattr(DialogueTask, "accumulate_gradients", original)
     assert train(corpus, tmp_path / "split", *options, "--resume") == 0
     for name in ("training-state.safetensors", "model.safetensors"):
         straight = load_file(tmp_path / "straight" / name)
@@ -232,7 +468,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
         for key, tensor in straight.items():
             assert torch.equal(tensor, split[key]), (name, key)
     model = load(tmp_path / "split")
-    assert isinstance(model, VMED) and not model.config.memory_reads
+    assert isinstance(model, VMED)
+    without_memory = "--no-memory" in variant
+    assert model.config.memory_reads == model.config.encoder_reads == (not without_memory)
+    assert model.config.usage_decay == (1.0 if without_memory else 0.9)
 
 
 def corpus_slice(path: Path, dialogues: int) -> Path:
@@ -256,13 +495,15 @@ def test_a_short_run_on_a_slice_of_the_corpus_lowers_the_validation_loss(
     out = tmp_path / "run"
     small = [*SMALL]
     small[small.index("--vocab-size") + 1] = "200"
+    small[small.index("--batch-size") + 1] = "4"
     code = main(["train", "dialogue", "--corpus", str(corpus), "--out", str(out), *small,
-                 "--steps", "90", "--checkpoint-every", "30", "--log-every", "30"])  # fmt: skip
+                 "--max-turns", "8", "--steps", "45", "--checkpoint-every", "15",
+                 "--log-every", "15"])  # fmt: skip
     assert code == 0
     validations = [r["ce"] for r in json.loads((out / "training.json").read_text())["validations"]]
     assert len(validations) == 3
     uniform = math.log(
         json.loads((out / "config.json").read_text())["hyperparameters"]["vocab_size"]
     )
-    assert validations[0] < uniform  # below guessing after 30 steps...
+    assert validations[0] < uniform  # below guessing after 15 steps...
     assert validations[-1] < validations[0] - 0.05  # ...and still falling

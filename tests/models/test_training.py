@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import shlex
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from memserve.cli import main
@@ -47,24 +50,52 @@ def test_a_short_run_lowers_the_loss(tmp_path: Path) -> None:
     assert model.provenance["final_loss"] == pytest.approx(last["loss"])
 
 
+def read_line(descriptor: int) -> bytes:
+    """One line from a pipe, read a byte at a time: nothing after it leaves the pipe."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = os.read(descriptor, 1)
+        if not byte:
+            break
+        line += byte
+    return line
+
+
 def test_a_run_killed_mid_way_resumes_to_the_same_weights(tmp_path: Path) -> None:
-    """SIGKILL a run at a random moment after its first checkpoint, resume it: the final
-    weights and optimizer moments, and the exported best model, are bit-identical to those
-    of the same run left alone."""
-    steps = ["--steps", "100", "--checkpoint-every", "20"]
+    """SIGKILL a run at a random moment after its first checkpoint and before its end, resume
+    it: the final weights and optimizer moments, and the exported best model, are
+    bit-identical to those of the same run left alone.
+
+    The kill provably lands before the end: the run's progress goes to a pipe of one page
+    that the test reads a line at a time, and stops reading once the run has reported its
+    step-20 checkpoint saved and a random number of lines more. From then on the run can
+    write at most a page more before it blocks, and each step's progress line has at least
+    62 bytes (its fixed text and the fewest digits of its numbers), so the run blocks (or is
+    killed) before step 20 + 40 + 4096 / 62 < 140."""
+    steps = ["--steps", "140", "--checkpoint-every", "20", "--log-every", "1"]
     assert train(tmp_path / "straight", *steps) == 0
     command = [sys.executable, "-m", "memserve", "train", "copy", "--out", str(tmp_path / "split")]
-    process = subprocess.Popen([*command, *SMALL, *steps], stderr=subprocess.DEVNULL)
-    state = tmp_path / "split" / "training-state.safetensors"
-    deadline = time.monotonic() + 120
-    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(random.uniform(0, 1))  # anywhere in the rest of the run, even past its end
-    process.kill()
-    process.wait()
-    assert state.exists()
-    if process.returncode != 0:  # it was killed before the end
-        assert train(tmp_path / "split", *steps, "--resume") == 0
+    read_end, write_end = os.pipe()
+    page = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    assert page <= 4096
+    loud = [option for option in SMALL if option != "--quiet"]
+    process = subprocess.Popen([*command, *loud, *steps], stderr=write_end)
+    os.close(write_end)
+    try:
+        lines = [read_line(read_end)]
+        while lines[-1] and not lines[-1].startswith(b"checkpoint at step 20 saved"):
+            lines.append(read_line(read_end))
+        assert lines[-1], b"".join(lines).decode()  # the run ended without reporting it
+        progress = [read_line(read_end) for _ in range(random.randint(0, 40))]
+        assert all(line.startswith(b"step ") and len(line) >= 62 for line in progress)
+    finally:
+        process.kill()
+        process.wait()
+        os.close(read_end)
+    assert process.returncode == -signal.SIGKILL
+    with safe_open(tmp_path / "split" / "training-state.safetensors", framework="pt") as state:
+        assert 20 <= json.loads(state.metadata()["run"])["step"] < 140
+    assert train(tmp_path / "split", *steps, "--resume") == 0
     for name in ("training-state.safetensors", "model.safetensors"):
         straight = load_file(tmp_path / "straight" / name)
         split = load_file(tmp_path / "split" / name)

@@ -25,7 +25,11 @@ SENTENCES = [
 
 
 def random_vmed(
-    generator: torch.Generator, memory_reads: bool = True, use_links: bool = False
+    generator: torch.Generator,
+    memory_reads: bool = True,
+    use_links: bool = False,
+    encoder_reads: bool = True,
+    usage_decay: float = 1.0,
 ) -> VMED:
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
     config = VMEDConfig(
@@ -41,6 +45,8 @@ def random_vmed(
         mlp_size=7,
         use_links=use_links,
         memory_reads=memory_reads,
+        encoder_reads=encoder_reads,
+        usage_decay=usage_decay,
     )
     model = VMED(config)
     with torch.no_grad():  # sharp addressing, a non-trivial initial state
@@ -313,3 +319,54 @@ def test_checkpoint_round_trip_keeps_the_tokenizer(
         load(directory)
     with pytest.raises(ValueError, match=r"needs its tokenizer\.json"):
         save(VMED(config), tmp_path / "none", {})
+
+
+def test_without_memory_nothing_is_written_or_read(
+    monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
+) -> None:
+    """The no-memory ablation (neither the encoder nor the decoder reads): `encode` leaves
+    the memory's state as it was, and the replies do not depend on what the memory holds."""
+    monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")
+    model = random_vmed(generator, memory_reads=False, encoder_reads=False)
+    assert not model.config.uses_memory
+    pool = model.new_pool(2)
+    model.reset(pool, [0, 1])
+    pool["memory"][1].normal_(generator=generator)  # the same session but for its memory
+    before = {name: pool[name].clone() for name in ("memory", "usage", "read_weights")}
+    slots = torch.tensor([0, 1])
+    for token in torch.randint(4, VOCAB, (9,), generator=generator).tolist():
+        model.encode(pool, slots, torch.tensor([token, token]))
+    for name, tensor in before.items():
+        assert torch.equal(pool[name], tensor), name
+    noise = torch.randn(1, model.config.latent_size, generator=generator).expand(2, -1)
+    model.begin_reply(pool, slots, noise, torch.full((2,), 0.5))
+    logits = model.decode(pool, slots, torch.tensor([BOS, BOS]))
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_the_bag_of_words_head_is_optional_and_saved(
+    tmp_path: Path, generator: torch.Generator
+) -> None:
+    tokenizer = small_tokenizer()
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    sizes = dict(vocab_size=tokenizer.get_vocab_size(), controller_size=8, memory_rows=6,
+                 word_size=4, latent_size=3, mlp_size=5, embedding_size=4)  # fmt: skip
+    plain = VMED(VMEDConfig(**sizes), tokenizer)  # type: ignore[arg-type]
+    assert not any(name.startswith("bag_of_words") for name in plain.state_dict())
+    state = {"encoder_h": torch.randn(2, 1, 8, generator=generator)}
+    with pytest.raises(ValueError, match="no bag-of-words head"):
+        plain.bag_of_words_logits(state, torch.zeros(2, 3))
+    model = VMED(VMEDConfig(**sizes, bag_of_words=True), tokenizer)  # type: ignore[arg-type]
+    z = torch.randn(2, 3, generator=generator)
+    assert model.bag_of_words is not None
+    expected = model.bag_of_words(torch.cat([state["encoder_h"][:, -1], z], dim=1))
+    assert torch.equal(model.bag_of_words_logits(state, z), expected)
+    loaded = load(save(model, tmp_path / "bow", {"task": "dialogue"}))
+    assert isinstance(loaded, VMED) and loaded.config.bag_of_words
+    assert torch.equal(loaded.bag_of_words_logits(state, z), expected)
+
+
+@pytest.mark.parametrize("decay", [0.0, -0.5, 1.01, math.nan])
+def test_usage_decay_must_be_a_fraction(decay: float) -> None:
+    with pytest.raises(ValueError, match="usage_decay must be in"):
+        VMEDConfig(vocab_size=VOCAB, usage_decay=decay)
