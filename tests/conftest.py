@@ -7,6 +7,7 @@ test module imports `kernels`.
 from __future__ import annotations
 
 import os
+import signal
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,6 +18,16 @@ if TYPE_CHECKING:  # importing kernels here would define the kernels before the 
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background by a non-interactive shell inherits SIGINT ignored
+    (POSIX), and an ignored signal stays ignored in every process it starts: neither this
+    process nor the chats and load generators the tests interrupt could see a Ctrl-C. Take
+    SIGINT back as Python takes it by default, so the tests do not depend on how the suite
+    was started."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
