@@ -43,12 +43,13 @@ def assert_matches_float64(
     slots: torch.Tensor,
     interface: DNCInterface,
     pool_tolerance: float = 1e-5,
+    reads_tolerance: float = 1e-5,
 ) -> None:
     """Advance the float64 copy `pools64` by the same step with the reference, then require
     the step under test (its reads and every updated pool) to match it."""
     interface64 = dnc_to(interface, torch.float64)
     expected = dnc_reference.dnc_memory_step(*pools64, slots=slots, **interface64._asdict())
-    assert relative_error(reads, expected) < 1e-5
+    assert relative_error(reads, expected) < reads_tolerance
     for name, pool, pool64 in zip(DNCState._fields, pools, pools64, strict=True):
         assert (pool is None) == (pool64 is None)
         if pool is not None and pool64 is not None:
@@ -238,7 +239,10 @@ def test_zero_rows_zero_keys_and_large_strengths_stay_finite(
     reads = run_step(pools, slots, interface)
     for tensor in (reads, *pools):
         assert tensor is not None and bool(torch.isfinite(tensor).all())
-    assert_matches_float64(reads, pools, pools64, slots, interface)
+    # A strength of 1e4 multiplies float32's rounding of a cosine (about 6e-8) into the
+    # content weights' logits: relative errors up to about 1e-3 are the format's, not the
+    # kernel's (4e-5 seen, in the precedence, for seed 1816593626).
+    assert_matches_float64(reads, pools, pools64, slots, interface, 1e-3, 1e-3)
 
 
 def test_only_padding_rows_change_nothing(generator: torch.Generator, device: torch.device) -> None:
