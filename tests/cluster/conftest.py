@@ -1,7 +1,9 @@
 """One real cluster for every test of tests/cluster (three replicas of ntm-copy and a small
 VMED behind Envoy, on one Redis), and a lone memory-store server given the same calls as
 the reference its outputs must equal. Each test leaves the cluster as it found it: three
-healthy replicas in Envoy's routing."""
+healthy replicas in Envoy's routing. They live as long as this package's tests (not the
+session's: idle, they would still hold a core's share of health checks and six processes'
+memory for the rest of the suite)."""
 
 from __future__ import annotations
 
@@ -22,13 +24,13 @@ CHAT = "vmed-tiny"
 ARGS = ("--max-new-tokens", str(LIMIT), "--max-steps-per-call", "64", "--snapshot-every", "64")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory, _ = tiny_vmed(tmp_path_factory.mktemp("model") / CHAT)
     return directory
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory, chat_model: Path) -> Iterator[Cluster]:
     directory = tmp_path_factory.mktemp("cluster") / "dir"
     running = Cluster(directory, 3, "--models", f"ntm-copy,{chat_model}", *ARGS).start()
@@ -47,7 +49,7 @@ def healthy(cluster: Cluster) -> Cluster:
     return cluster
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def reference(
     tmp_path_factory: pytest.TempPathFactory, chat_model: Path
 ) -> Iterator[ServerProcess]:
