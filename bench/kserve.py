@@ -47,18 +47,16 @@ from bench.serving import (  # noqa: E402
     StepCalls,
     batching_over,
     provenance,
+    run_level,
     server_command,
-    watch_window,
     write_record,
 )
 from clients.channel import Metadata  # noqa: E402
-from clients.loadgen.connection import Connection  # noqa: E402
 from clients.loadgen.kserve import KServeStep  # noqa: E402
-from clients.loadgen.recording import INVALID_RESPONSE, Outcome, Recorder  # noqa: E402
-from clients.loadgen.schedule import Level, Plan, Session, closed_loop, now  # noqa: E402
+from clients.loadgen.recording import INVALID_RESPONSE, Outcome  # noqa: E402
+from clients.loadgen.schedule import Session, now  # noqa: E402
 from clients.loadgen.settings import Settings as LoadgenSettings  # noqa: E402
 from clients.loadgen.workload import Workload  # noqa: E402
-from clients.loadgen.workloads import GrpcTarget  # noqa: E402
 
 TARGET_RATIO = 0.85  # v2 session-steps/s over v1's, same call shape and C
 SHAPES = {"unary": (Shape("unary_t1", "Step", 1), "ModelInfer"),
@@ -143,21 +141,8 @@ async def measure(
         workload = StepCalls(shape, int(info.input_size), int(info.output_size))
     else:
         workload = v2_workload(kind, info)
-    connection = Connection(child.target, timing.channels, protocol="kserve" if api == "v2"
-                            else "memserve")  # fmt: skip
-    try:
-        await connection.connect(CONNECT_SECONDS)
-        recorder = Recorder(workload.method)
-        level = Level(f"{api} {kind} C={concurrency}", recorder, asyncio.Event())
-        target = GrpcTarget(connection, workload, recorder, timeout=None)
-        await target.prepare(concurrency)
-        watcher = asyncio.create_task(watch_window(child, level, True))
-        plan = Plan(warmup=timing.warmup, duration=timing.seconds, requests=None,
-                    requests_per_session=sys.maxsize)  # fmt: skip
-        await closed_loop(target, plan, level, concurrency)
-        usage = await watcher
-    finally:
-        await connection.close()
+    protocol = "kserve" if api == "v2" else "memserve"
+    recorder, usage = await run_level(child, workload, concurrency, timing, True, protocol)
     seconds = recorder.window()
     calls = recorder.answered
     return LevelRow(

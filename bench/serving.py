@@ -272,12 +272,14 @@ async def run_level(
     concurrency: int,
     settings: LevelTiming,
     metrics: bool,
+    protocol: str = "memserve",
 ) -> tuple[Recorder, WindowUsage]:
     """C sessions, made first, each calling back to back (the load generator's closed loop,
     one session per worker) for the warm-up and the window, then deleted; what the level
     recorded, and the CPU and the server's metrics over its window. A call that fails
-    retires its session (a fresh one replaces it)."""
-    connection = Connection(child.target, settings.channels)  # plain channels, as always
+    retires its session (a fresh one replaces it). `protocol`: memserve.v1, or "kserve"
+    (the v2 API's stubs, for bench/kserve.py)."""
+    connection = Connection(child.target, settings.channels, protocol=protocol)  # plain channels
     try:
         await connection.connect(CONNECT_SECONDS)
         recorder = Recorder(workload.method)
