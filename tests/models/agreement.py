@@ -26,13 +26,31 @@ def fill_random(pool: StatePool, generator: torch.Generator) -> None:
         pool[name].copy_(torch.randn(pool[name].shape, generator=generator))
 
 
+# Two rows' usages closer than this (a few float32 ulps of 1) are a tie that rounding decides.
+TIE = 1e-6
+
+
 def assert_forward_and_step_agree(
-    model: MemoryModel, steps: int, generator: torch.Generator
+    model: MemoryModel, steps: int, generator: torch.Generator, tries: int = 3
 ) -> None:
     """On the model's device (the compiled kernels on CUDA), with the same weights and
     inputs: the sequence forward (reference pieces, autograd graph) and `steps` serving
     steps on a pool give the same outputs (relative error < 1e-5), padding rows give
-    zeros, and the pool slots outside the batch stay bit-identical."""
+    zeros, and the pool slots outside the batch stay bit-identical.
+
+    The DNC's allocation is discontinuous where two rows' usages tie: the rows swap places
+    in the usage order and the allocation moves from one to the other. Where the served
+    usage ties (within TIE) at the very step the two paths part, float32 rounding that
+    differs between them by an ulp decided which row was written: that draw of inputs is
+    drawn again (at most `tries` draws). Paths that part anywhere else fail at once."""
+    for _ in range(tries):
+        if _agree_or_tie(model, steps, generator):
+            return
+    raise AssertionError(f"{tries} draws in a row parted at a usage tie")
+
+
+def _agree_or_tie(model: MemoryModel, steps: int, generator: torch.Generator) -> bool:
+    """True where the paths agree, False where they part at a usage tie (else raises)."""
     device = model.device
     slots = torch.tensor([4, -1, 0, 2], device=device)
     live = slots >= 0
@@ -44,16 +62,36 @@ def assert_forward_and_step_agree(
     fill_random(pool, generator)
     model.reset(pool, slots[live].tolist())
     untouched = {name: pool[name][[1, 3, 5]].clone() for name in pool}
-    outputs = []
+    outputs, gaps = [], []
     for t in range(steps):
         step_inputs = torch.randn(len(slots), model.input_size, generator=generator).to(device)
         step_inputs[live] = inputs[:, t]
         out = model.step(pool, slots, step_inputs)
         assert torch.equal(out[~live], torch.zeros_like(out[~live]))
         outputs.append(out[live])
-    assert relative_error(torch.stack(outputs, dim=1), expected) < 1e-5
+        gaps.append(_usage_gap(pool, slots[live]))
     for name in pool:
         assert torch.equal(pool[name][[1, 3, 5]], untouched[name])
+    served = torch.stack(outputs, dim=1)
+    error = relative_error(served, expected)
+    if error < 1e-5:
+        return True
+    parted = next(t for t in range(steps) if relative_error(served[:, t], expected[:, t]) >= 1e-5)
+    assert gaps[parted] < TIE, (
+        f"relative error {error:.2e}: the paths part at step {parted}, where no two rows' "
+        f"usages tie (closest {gaps[parted]:.1e})"
+    )
+    return False
+
+
+def _usage_gap(pool: StatePool, slots: torch.Tensor) -> float:
+    """The least difference between two rows' usages in any of `slots` (inf without usage)."""
+    if "usage" not in pool.tensors:
+        return float("inf")
+    usage = pool["usage"][slots].double()
+    apart = (usage.unsqueeze(-1) - usage.unsqueeze(-2)).abs()
+    apart += torch.eye(usage.shape[-1], dtype=apart.dtype, device=apart.device) * 2
+    return float(apart.min())
 
 
 def assert_served_like_forward(
