@@ -23,6 +23,7 @@ import grpc
 from bench.child_server import ROOT
 from clients.channel import SESSION_HEADER
 from memserve.cluster.maglev import Maglev
+from memserve.cluster.processes import routed
 from protos.memserve_pb2_grpc import MemServeStub
 
 START_SECONDS = 300.0
@@ -132,12 +133,24 @@ class Cluster:
         port = None if replica is None else int(self.process_of(replica)["port"])
         return MemServeStub(self.channel(port))  # type: ignore[no-untyped-call]
 
-    def envoy_stats(self, *words: str) -> dict[str, int]:
-        """Envoy's counters and gauges whose names contain any of `words` (from its admin)."""
-        url = f"http://127.0.0.1:{self.state()['admin_port']}/stats"
+    def envoy_admin(self, path: str) -> str:
+        url = f"http://127.0.0.1:{self.state()['admin_port']}{path}"
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(url, timeout=10) as reply:
-            lines = reply.read().decode().splitlines()
+            return str(reply.read().decode())
+
+    def routed(self) -> set[str]:
+        """The replicas Envoy routes to at this moment, asked of Envoy itself (cluster.json
+        says what the supervisor saw at its last probe)."""
+        return routed(json.loads(self.envoy_admin("/clusters?format=json")))
+
+    def wait_routed(self, names: set[str], seconds: float = 60.0) -> None:
+        """Until Envoy itself routes to every replica of `names`."""
+        self.wait_for(lambda _: names <= self.routed(), seconds, f"{sorted(names)} routed")
+
+    def envoy_stats(self, *words: str) -> dict[str, int]:
+        """Envoy's counters and gauges whose names contain any of `words` (from its admin)."""
+        lines = self.envoy_admin("/stats").splitlines()
         stats = {}
         for line in lines:
             name, _, value = line.partition(": ")

@@ -246,16 +246,21 @@ class EnvoyChild(Child):
 
     async def ring(self) -> set[str]:
         """The replicas (by hash key, i.e. name) Envoy routes to now: healthy, not ejected."""
-        clusters = json.loads(await asyncio.to_thread(self.admin, "/clusters?format=json"))
-        routed = set()
-        for cluster in clusters.get("cluster_statuses", []):
-            for host in cluster.get("host_statuses", []):
-                status = host.get("health_status", {})
-                flags = [k for k, v in status.items() if k != "eds_health_status" and v is True]
-                eds = status.get("eds_health_status", "HEALTHY") in ("HEALTHY", "UNKNOWN")
-                if not flags and eds:
-                    routed.add(host.get("hostname") or _address(host))
-        return routed
+        return routed(json.loads(await asyncio.to_thread(self.admin, "/clusters?format=json")))
+
+
+def routed(clusters: dict[str, Any]) -> set[str]:
+    """The hosts (by hash key, i.e. name) that Envoy's `/clusters?format=json` says it routes
+    to: no health flag raised (failed check, outlier ejection, pending first check)."""
+    names = set()
+    for cluster in clusters.get("cluster_statuses", []):
+        for host in cluster.get("host_statuses", []):
+            status = host.get("health_status", {})
+            flags = [k for k, v in status.items() if k != "eds_health_status" and v is True]
+            eds = status.get("eds_health_status", "HEALTHY") in ("HEALTHY", "UNKNOWN")
+            if not flags and eds:
+                names.add(host.get("hostname") or _address(host))
+    return names
 
 
 def _address(host: dict[str, Any]) -> str:

@@ -6,19 +6,21 @@ moves, about 1/3 of them, as `memserve cluster scale` reports."""
 from __future__ import annotations
 
 import re
-from typing import Any
+import time
 
 import grpc
 import numpy as np
 
 from bench.child_cluster import Cluster, session_metadata
 from bench.child_server import ServerProcess
+from memserve.cluster.maglev import Maglev
 from protos import memserve_pb2
 from tests.cluster.conftest import CHAT
 from tests.cluster.load import Load, check, new_id
 from tests.serving import oracle
 
-IDLE = 45  # sessions stepped once before and once after each change (with the load's)
+IDLE = 45  # sessions stepped once before and after each change (with the load's)
+MOVE_SECONDS = 60.0  # of calls after a change, until every session that moves has moved
 
 
 def scale(cluster: Cluster, replicas: int) -> tuple[int, int]:
@@ -57,15 +59,44 @@ def loaded(cluster: Cluster, since: dict[str, int]) -> dict[str, set[str]]:
     return found
 
 
-def history(cluster: Cluster, sessions: set[str], old: Any, new: Any) -> dict[str, Any]:
-    """What each replica's log says of `sessions` (for a failure's message)."""
-    told: dict[str, Any] = {}
+def bring_over(
+    cluster: Cluster,
+    load: Load,
+    idle: list[str],
+    expected: set[str],
+    new: Maglev,
+    since: dict[str, int],
+) -> tuple[dict[str, set[str]], int]:
+    """Rounds of calls on the idle sessions (the load makes its own) until each session
+    that Envoy's new table moves has been brought back by its new replica (MOVE_SECONDS at
+    most): what `loaded` says then, and the rounds it took after the first. For a moment
+    after a new replica is in Envoy's routing and table (its admin says so) some calls for
+    its sessions still reach their old replica, which still owns them and serves them (seen
+    for up to two rounds, each the 45 calls and two of every load session's); each round
+    waits until Envoy routes to every replica, and calls only the sessions still to move."""
+    deadline = time.monotonic() + MOVE_SECONDS
+    rounds = 0
+    while True:
+        brought = loaded(cluster, since)
+        missing = {s for s in expected if s not in brought.get(new.replica_of(s), set())}
+        if not missing or time.monotonic() > deadline:
+            return brought, rounds
+        rounds += 1
+        cluster.wait_routed(set(new.replicas))
+        touch(cluster, [s for s in idle if s in missing])
+        load.settled()
+
+
+def history(cluster: Cluster, sessions: set[str], old: Maglev, new: Maglev) -> str:
+    """What each replica's log says of `sessions`, and Envoy's retries and ejections (a
+    failure's message: a string, which pytest does not shorten)."""
+    lines = [str(cluster.envoy_stats("upstream_rq_retry", "ejections"))]
     for session in sorted(sessions)[:4]:
-        events = [(name, e["time"][11:23], e["event"], e.get("step"))
-                  for name in ("r1", "r2", "r3") for e in cluster.replica_events(name)
-                  if e.get("session") == session]  # fmt: skip
-        told[session] = (old.replica_of(session), new.replica_of(session), sorted(events))
-    return told
+        lines.append(f"{session}: table {old.replica_of(session)} -> {new.replica_of(session)}")
+        lines += [f"  {name} {e['time'][11:23]} {e['event']} {e.get('step', '')}"
+                  for name in cluster.replica_names(cluster.state())
+                  for e in cluster.replica_events(name) if e.get("session") == session]  # fmt: skip
+    return "\n".join(lines)
 
 
 def test_scale_from_2_to_3_and_back_under_load(healthy: Cluster, reference: ServerProcess) -> None:
@@ -84,19 +115,19 @@ def test_scale_from_2_to_3_and_back_under_load(healthy: Cluster, reference: Serv
             new = healthy.table()
             touch(healthy, idle)
             load.settled()
-            # and again: a call that reached no replica (a new one's first connection) is
-            # sent by Envoy to another, which may be the session's old one
-            touch(healthy, idle)
             expected = {s for s in sessions if old.replica_of(s) != new.replica_of(s)}
-            brought = loaded(healthy, since)
+            brought, rounds = bring_over(healthy, load, idle, expected, new, since)
             moved = set().union(*brought.values()) & set(sessions)
             # each that moved was brought back by its new replica; nothing else was
-            assert moved == expected, (replicas, history(healthy, moved ^ expected, old, new))
+            assert moved == expected, (
+                f"to {replicas}:\n{history(healthy, moved ^ expected, old, new)}"
+            )
             assert all(new.replica_of(s) == r for r, ss in brought.items() for s in ss & moved)
             fraction = len(moved) / len(sessions)
             report.append(
                 f"{5 - replicas} -> {replicas}: {len(moved)} of {len(sessions)} sessions moved "
-                f"({fraction:.0%}; `scale` said {moved_said} of {total})"
+                f"({fraction:.0%}; `scale` said {moved_said} of {total}; "
+                f"{rounds} more rounds of calls)"
             )
             print(healthy.envoy_stats("upstream_rq_retry", "ejections_enforced_total"))
             assert 0.15 < fraction < 0.55, report  # about 1/3: 1/N of N = 3
