@@ -230,6 +230,9 @@ class ControllerMemoryModel(MemoryModel):
         if not check:
             return self._step_live(pool, slots, inputs)
         self.check_step_inputs(pool, slots, inputs)
+        fused = fused_step(self, pool)
+        if fused is not None:  # padding rows as they are: the C step skips them
+            return fused(slots, inputs)
         return on_live_rows(
             slots, (inputs,), self.output_size, lambda live, x: self._step_live(pool, live, x)
         )

@@ -5,7 +5,8 @@ The packing: each LSTM layer's `weight_ih` and `weight_hh` side by side and tran
 (`[inputs + hidden, 4 hidden]`, one product per layer instead of two), its two biases
 summed; the interface and output layers transposed; every one padded with zero columns to
 a multiple of 16. A pool's step is built once and rebuilt only when a parameter changes (a
-training step) or the pool's tensors are replaced.
+training step) or the pool's tensors are replaced. Packing copies the weights: a model
+stepped on a CPU holds them twice.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.backend import use_fused_cpu_step
-from kernels.cpu_step import FusedStep
+from kernels.cpu_step import BuildError, FusedStep
 from models.state import StatePool
 
 
@@ -80,10 +81,38 @@ def controller_sizes(model: ControllerMemoryModel) -> dict[str, int]:
 
 
 class _Built:
-    """A pool's step, with what it was built from."""
+    """A pool's step for one model, with what it was built from: the model (weakly, so that
+    a new model at a freed one's address is not mistaken for it), its parameters' storage
+    and versions, and the pool's tensors. `step` is None where the build failed (logged
+    once by `kernels.cpu_step`): the PyTorch path steps."""
 
-    def __init__(self, key: tuple[object, ...], step: FusedStep) -> None:
-        self.key, self.step = key, step
+    def __init__(self, model: ControllerMemoryModel, pool: StatePool) -> None:
+        self.model = weakref.ref(model)
+        self.params = tuple(model.parameters())
+        self.key = self.current(pool)
+        self.step: FusedStep | None = None
+        if model.device.type != "cpu" or any(s.dtype != torch.float32 for s in pool.specs):
+            return
+        kind, sizes, names = model.fused_layout()
+        state = [None if name is None else pool[name] for name in names]
+        try:
+            self.step = FusedStep(
+                kind, {**controller_sizes(model), **sizes}, packed_parameters(model), state
+            )
+        except BuildError:
+            self.step = None
+
+    def current(self, pool: StatePool) -> list[int]:
+        """What the step depends on, as it is now: a change (a training step, `load_state_dict`,
+        `.to()`, a pool tensor replaced) means packing again."""
+        return [
+            *[p._version for p in self.params],
+            *[p.data_ptr() for p in self.params],
+            *[tensor.data_ptr() for tensor in pool.tensors.values()],
+        ]
+
+    def fits(self, model: ControllerMemoryModel, pool: StatePool) -> bool:
+        return self.model() is model and self.key == self.current(pool)
 
 
 _steps: weakref.WeakKeyDictionary[StatePool, dict[int, _Built]] = weakref.WeakKeyDictionary()
@@ -91,22 +120,12 @@ _steps: weakref.WeakKeyDictionary[StatePool, dict[int, _Built]] = weakref.WeakKe
 
 def fused_step(model: ControllerMemoryModel, pool: StatePool) -> FusedStep | None:
     """The fused step of `model` over `pool`, or None where it does not apply (a pool not
-    on the CPU or not float32, a backend forced otherwise, no C compiler)."""
-    if not use_fused_cpu_step(pool.device) or model.device.type != "cpu":
+    on the CPU or not float32, a backend forced otherwise, `MEMSERVE_FUSED_STEP=0`, no C
+    compiler, a build that failed)."""
+    if not use_fused_cpu_step(pool.device):
         return None
-    if any(spec.dtype != torch.float32 for spec in pool.specs):
-        return None
-    kind, sizes, names = model.fused_layout()
-    key = (
-        kind,
-        *sorted(sizes.items()),
-        *((p.data_ptr(), p._version) for p in model.parameters()),
-        *(pool[name].data_ptr() for name in pool),
-    )
-    built = _steps.setdefault(pool, {}).get(id(model))
-    if built is None or built.key != key:
-        state = [None if name is None else pool[name] for name in names]
-        sizes = {**controller_sizes(model), **sizes}
-        built = _Built(key, FusedStep(kind, sizes, packed_parameters(model), state))
-        _steps[pool][id(model)] = built
+    built = _steps.get(pool, {}).get(id(model))
+    if built is None or not built.fits(model, pool):
+        built = _Built(model, pool)
+        _steps.setdefault(pool, {})[id(model)] = built
     return built.step

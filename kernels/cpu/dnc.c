@@ -11,6 +11,9 @@
 #define STATE_READS 6
 #define STATE_H 7
 #define STATE_C 8
+#define NSTATE 9
+#define STATE_FLOATS {N * WS, N, N, N * N, N, NREAD * N, READS, LAYERS * HID, LAYERS * HID}
+#define MEMORY_STACK_FLOATS (5 * N + 3 * NREAD * N + NREAD + WS)
 
 #include "cell.h"
 
@@ -36,16 +39,19 @@ static void content_weights(const float *memory, const float *key, float strengt
     softmax(weights, N);
 }
 
-/* a[phi_j] = (1 - u[phi_j]) prod_{i<j} u[phi_i], phi the stable ascending order of usage */
+/* a[phi_j] = (1 - u[phi_j]) prod_{i<j} u[phi_i], phi the stable ascending order of usage:
+ * each row's place is how many rows come before it (smaller usage, or equal and a lower
+ * index), counted without branches. (A NaN usage, which no finite state gives, leaves the
+ * order incomplete: it starts as the identity so that every index stays in bounds.) */
 static void allocation(const float *usage, float *out) {
     int order[N];
-    for (int j = 0; j < N; j++) { /* insertion sort: stable, N is small */
-        int i = j;
-        while (i > 0 && usage[order[i - 1]] > usage[j]) {
-            order[i] = order[i - 1];
-            i--;
-        }
-        order[i] = j;
+    for (int j = 0; j < N; j++) order[j] = j, out[j] = 0.0f;
+    for (int j = 0; j < N; j++) {
+        int place = 0;
+        float u = usage[j];
+#pragma omp simd reduction(+ : place)
+        for (int i = 0; i < N; i++) place += usage[i] < u || (usage[i] == u && i < j);
+        order[place] = j;
     }
     float product = 1.0f;
     for (int j = 0; j < N; j++) {

@@ -12,25 +12,38 @@
 #define STATE_READS 2 /* state: memory, weights, reads, h, c */
 #define STATE_H 3
 #define STATE_C 4
+#define NSTATE 5
+#define STATE_FLOATS {N * M, HEADS * N, READS, LAYERS * HID, LAYERS * HID}
+#define MEMORY_STACK_FLOATS (HEADS * (5 + 2 * SHIFT + N) + 2 * N + (NWRITE + 1) * M)
 
 #include "cell.h"
 
-/* Circular shift, then sharpening: the addressing chain after the interpolation. */
+/* Circular shift, then sharpening: the addressing chain after the interpolation. Written
+ * so that every loop over the rows vectorises: the shift as 2K+1 passes over two
+ * contiguous ranges each (out[n] still sums its terms in the order j = -K..K), the
+ * sharpening without branches. */
 static void shift_and_sharpen(const float *gated, const float *shift, float gamma, float *out) {
     float peak = 0.0f, total = 0.0f;
-    for (int n = 0; n < N; n++) {
-        float s = 0.0f;
-        for (int j = -SHIFT; j <= SHIFT; j++) s += shift[j + SHIFT] * gated[((n - j) % N + N) % N];
-        out[n] = s;
-        peak = s > peak ? s : peak;
+    for (int n = 0; n < N; n++) out[n] = 0.0f;
+    for (int j = -SHIFT; j <= SHIFT; j++) { /* out[n] += s_j gated[(n - j) mod N] */
+        float s = shift[j + SHIFT];
+        int r = ((j % N) + N) % N;
+        for (int n = 0; n < r; n++) out[n] = FMA(s, gated[n - r + N], out[n]);
+        for (int n = r; n < N; n++) out[n] = FMA(s, gated[n - r], out[n]);
     }
-    for (int n = 0; n < N; n++) {
-        float scaled = peak > 0.0f ? out[n] / peak : 0.0f;
-        out[n] = scaled > 0.0f ? fexp(gamma * flog(scaled)) : 0.0f;
+#pragma omp simd reduction(max : peak)
+    for (int n = 0; n < N; n++) peak = out[n] > peak ? out[n] : peak;
+    float inverse_peak = peak > 0.0f ? 1.0f / peak : 0.0f;
+#pragma omp simd
+    for (int n = 0; n < N; n++) { /* (w / peak)^gamma: the same after normalising, no overflow */
+        float scaled = out[n] * inverse_peak;
+        float powered = fexp(gamma * flog(scaled > 0.0f ? scaled : 1.0f));
+        out[n] = scaled > 0.0f ? powered : 0.0f;
     }
 #pragma omp simd reduction(+ : total)
     for (int n = 0; n < N; n++) total += out[n];
-    for (int n = 0; n < N; n++) out[n] = out[n] / (total + 1e-16f);
+    float inverse_total = 1.0f / (total + 1e-16f);
+    for (int n = 0; n < N; n++) out[n] = out[n] * inverse_total;
 }
 
 static void memory_row(float *const *state, int64_t slot, const float *iface, float *reads) {
@@ -50,19 +63,25 @@ static void memory_row(float *const *state, int64_t slot, const float *iface, fl
         softmax(shift[h], 2 * SHIFT + 1);
         gamma[h] = 1.0f + fsoftplus(p[M + 3 + 2 * SHIFT]);
     }
-    /* pass 1: cosine similarity of every head's key with every row */
-    for (int n = 0; n < N; n++) {
-        const float *row = memory + n * M;
-        float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-        for (int m = 0; m < M; m++) squares += row[m] * row[m];
-        float norm = sqrtf(squares);
-        for (int h = 0; h < HEADS; h++) {
-            const float *key = iface + h * HEAD_WIDTH;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int m = 0; m < M; m++) dot += key[m] * row[m];
-            logits[h][n] = beta[h] * (dot / (key_norm[h] * norm + 1e-8f));
+    /* pass 1: cosine similarity of every head's key with every row, in blocks of ROWS
+     * rows: each row's squares and dots summed over m in order, lanes across the rows */
+    enum { ROWS = 8 };
+    for (int n0 = 0; n0 < N; n0 += ROWS) {
+        float squares[ROWS] = {0}, dots[HEADS][ROWS] = {{0}};
+        int count = N - n0 < ROWS ? N - n0 : ROWS;
+        for (int m = 0; m < M; m++) {
+            float column[ROWS] = {0};
+            for (int i = 0; i < count; i++) column[i] = memory[(n0 + i) * M + m];
+            for (int i = 0; i < ROWS; i++) squares[i] = FMA(column[i], column[i], squares[i]);
+            for (int h = 0; h < HEADS; h++) {
+                float key = iface[h * HEAD_WIDTH + m];
+                for (int i = 0; i < ROWS; i++) dots[h][i] = FMA(key, column[i], dots[h][i]);
+            }
+        }
+        for (int i = 0; i < count; i++) {
+            float norm = sqrtf(squares[i]);
+            for (int h = 0; h < HEADS; h++)
+                logits[h][n0 + i] = beta[h] * (dots[h][i] / (key_norm[h] * norm + 1e-8f));
         }
     }
     for (int h = 0; h < HEADS; h++) {
