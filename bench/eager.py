@@ -89,7 +89,7 @@ def dnc_step(model: DNC, state: State, x: Tensor) -> tuple[State, Tensor]:
     )
     link = (1 - write_w[..., None] - write_w[:, None]) * state["link"]
     link = (link + write_w[..., None] * state["precedence"][:, None]) * (
-        1 - torch.eye(cfg.memory_rows)
+        1 - torch.eye(cfg.memory_rows, device=memory.device)
     )
     precedence = (1 - write_w.sum(-1, keepdim=True)) * state["precedence"] + write_w
     content_r = _content(read_keys.view(batch, R, W), memory, 1 + F.softplus(read_beta))
