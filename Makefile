@@ -8,7 +8,8 @@
 #
 # The tests also start a real Prometheus and a real Redis: `system-deps` installs Debian's
 # `prometheus` and `redis-server` when a binary is missing (as root, or through sudo), without
-# starting their services.
+# starting their services, and `gcc` with the C library's headers, which the fused CPU step
+# (kernels/cpu_step.py) compiles with; without a compiler it steps in PyTorch, slower.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -31,7 +32,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # Debian packages the tests need, and how to install them here (sudo unless root).
-SYSTEM_PACKAGES := prometheus redis-server
+SYSTEM_PACKAGES := prometheus redis-server gcc libc6-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 # invoke-rc.d and deb-systemd-invoke ask this script before starting a service; 101 = no.
@@ -49,10 +50,11 @@ setup: $(STAMP)  ## create .venv and install memserve with its dev tools
 # fails without it. The package would start a prometheus service (port 9090) on a host with
 # an init system: a temporary policy-rc.d forbids that (an existing one is left as it is).
 # The tests start prometheus themselves.
-system-deps:  ## install Debian's prometheus and redis-server (the tests start both) if missing
-	@command -v prometheus >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 && exit 0; \
+system-deps:  ## install Debian's prometheus, redis-server (the tests start both) and gcc if missing
+	@command -v prometheus >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 && \
+		printf '#include <math.h>\n' | cc -fsyntax-only -x c - >/dev/null 2>&1 && exit 0; \
 	command -v apt-get >/dev/null 2>&1 || { \
-		echo "prometheus or redis-server is missing and this is no Debian machine: install them yourself" >&2; exit 1; }; \
+		echo "prometheus, redis-server or a C compiler is missing and this is no Debian machine: install them yourself" >&2; exit 1; }; \
 	set -e; \
 	if [ ! -e $(POLICY_RC) ]; then \
 		trap '$(SUDO) rm -f $(POLICY_RC)' EXIT; \
@@ -62,7 +64,7 @@ system-deps:  ## install Debian's prometheus and redis-server (the tests start b
 	$(APT_INSTALL) $(SYSTEM_PACKAGES) || { \
 		echo "apt-get install failed: updating the package lists and trying again" >&2; \
 		$(SUDO) apt-get update -q && $(APT_INSTALL) $(SYSTEM_PACKAGES); }; \
-	command -v prometheus >/dev/null && command -v redis-server >/dev/null
+	command -v prometheus >/dev/null && command -v redis-server >/dev/null && command -v cc >/dev/null
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -11,8 +11,10 @@ For a machine with CUDA whose Python already has torch and triton, and maybe no 
    driver and versions;
 3. runs each step as a child with its own time limit, inside one budget (default 450 s):
    `pytest -m gpu`; `bench/kernels.py` for the NTM and for the DNC (fused, graph-replayed
-   and eager); a short `bench/serving.py --device cuda`; then, while time is left, each kernel
-   at its headline size against `torch.compile` of its reference;
+   and eager); a short `bench/serving.py --device cuda`; `bench/step.py` on the GPU (the
+   whole serving step of both models against the eager step, graphs off and on); then,
+   while time is left, each kernel at its headline size against `torch.compile` of its
+   reference;
 4. writes summary.json (device, versions, each step's command, status, seconds, the GPU
    tests' outcome) beside each benchmark's own JSON and one log.txt, under one folder
    (default bench/results/gpu-check-<UTC time>), and prints a table.
@@ -112,6 +114,8 @@ def plan(out: Path, junit: Path, dry_run: bool) -> list[Step]:
             step.why_skipped = "dry run: torch.compile on a CPU needs a C++ toolchain and minutes"
         serving_args = ["--device", "cpu", "--levels", "1", "--batches", "1", "--seconds",
                         "0.3", "--warmup", "0.1", "--step-seconds", "0.05"]  # fmt: skip
+        step_args = ["--devices", "cpu", "--batches", "1", "3", "--rounds", "1", "--seconds",
+                     "0.02", "--profile-batch", "0"]  # fmt: skip
     else:
         fused = ["fused", "fused_graph", "eager"]
         both = {"dtype": ["float32", "bfloat16"]}
@@ -134,13 +138,23 @@ def plan(out: Path, junit: Path, dry_run: bool) -> list[Step]:
         )  # fmt: skip
         serving_args = ["--device", "cuda", "--levels", "1", "16", "128", "--batches", "1",
                         "128", "--seconds", "2", "--warmup", "1"]  # fmt: skip
+        # the CUDA table only (its record is the step's one file); compiles would not fit
+        step_args = ["--devices", "cuda", "--cuda-batches", "1", "64", "8192"]
     serving = Step(
         "serving",
         [sys.executable, "bench/serving.py", "--rounds", "1", *serving_args,
          "--out", str(out / "serving.json")],
         limit_s=120.0, result="serving.json",
     )  # fmt: skip
-    return [pytest, ntm, dnc, serving, ntm_compile, dnc_compile]
+    # --out names the CPU record; the CUDA one is step-cuda.json beside it
+    step_result = "step-cpu.json" if dry_run else "step-cuda.json"
+    step = Step(
+        "step",
+        [sys.executable, "bench/step.py", "--no-compile", *step_args,
+         "--out", str(out / "step-cpu.json")],
+        limit_s=100.0, result=step_result,
+    )  # fmt: skip
+    return [pytest, ntm, dnc, serving, step, ntm_compile, dnc_compile]
 
 
 # ---------------------------------------------------------------------------- running
@@ -360,6 +374,22 @@ def serving_lines(record: dict[str, Any]) -> list[str]:
     ] or ["no server rows"]
 
 
+def step_table_lines(record: dict[str, Any]) -> list[str]:
+    """bench/step.py's rows: memserve's step against the eager one, per model and B."""
+    lines = []
+    for row in record.get("rows", []):
+        speeds = row.get("steps_per_s") or row.get("steps_per_s_cpu") or {}
+        mine = speeds.get("memserve_trusted_graph") or speeds.get("memserve_trusted")
+        eager = speeds.get("eager")
+        text = f"{row['model']} B={row['batch']}: memserve {mine or 0:,.0f}/s"
+        if mine and eager:
+            text += f", {mine / eager:.2f}x eager"
+        if row.get("errors"):
+            text += f", errors: {', '.join(sorted(row['errors']))}"
+        lines.append(text)
+    return lines or ["no rows"]
+
+
 def step_lines(step: Step, out: Path, tests: dict[str, Any]) -> list[str]:
     """What the table says of one step beyond its status."""
     if step.status == "skipped":
@@ -372,6 +402,8 @@ def step_lines(step: Step, out: Path, tests: dict[str, Any]) -> list[str]:
     if step.result is None or not (out / step.result).exists():
         return ["no result"]
     record = json.loads((out / step.result).read_text())
+    if step.name == "step":
+        return step_table_lines(record)
     return serving_lines(record) if step.name == "serving" else kernel_lines(record)
 
 
@@ -398,7 +430,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--out", type=Path, help="output folder (default: a new one in bench/results)"
     )
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all steps")
-    names = ["pytest", "ntm", "dnc", "serving", "ntm-compile", "dnc-compile"]
+    names = ["pytest", "ntm", "dnc", "serving", "step", "ntm-compile", "dnc-compile"]
     parser.add_argument("--steps", nargs="+", choices=names, help="only these steps")
     return parser.parse_args(argv)
 

@@ -2,8 +2,11 @@
 
 Compiled Triton on CUDA tensors, the Triton interpreter when `TRITON_INTERPRET=1` (CPU
 tensors, used by the tests), the PyTorch reference otherwise. `MEMSERVE_KERNEL_BACKEND`
-set to `triton` or `torch` forces one. Triton reads `TRITON_INTERPRET` when the kernels are
-defined, so it must be set before `kernels` is first imported.
+set to `triton` or `torch` forces one. Where the PyTorch backend would run on the CPU, a
+model's whole step runs as the fused CPU step (`kernels.cpu_step`) instead, when a C
+compiler is there; `MEMSERVE_FUSED_STEP=0` keeps it in PyTorch operations. Triton reads
+`TRITON_INTERPRET` when the kernels are defined, so it must be set before `kernels` is
+first imported.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from typing import Literal
 
 import torch
 
+from kernels import cpu_step
+
 Backend = Literal["triton", "torch"]
 
 BACKEND_ENV = "MEMSERVE_KERNEL_BACKEND"
+FUSED_ENV = "MEMSERVE_FUSED_STEP"
 
 try:
     import triton  # noqa: F401
@@ -50,6 +56,14 @@ def select_backend(device: torch.device) -> Backend:
     return "triton" if triton_runs_here else "torch"
 
 
+def use_fused_cpu_step(device: torch.device) -> bool:
+    """Whether a model on `device` steps with the fused CPU step: CPU tensors on the PyTorch
+    backend, a C compiler at hand, and `MEMSERVE_FUSED_STEP` not `0`."""
+    if device.type != "cpu" or os.environ.get(FUSED_ENV, "1").strip() == "0":
+        return False
+    return select_backend(device) == "torch" and cpu_step.available()
+
+
 def describe() -> str:
     """A one-line summary of what the backend choice will be on this machine, for logs."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,6 +73,8 @@ def describe() -> str:
         return f"invalid backend setting: {error}"
     mode = "interpreter" if chosen == "triton" and interpreter_enabled() else "compiled"
     detail = f"triton ({mode})" if chosen == "triton" else "torch reference"
+    if use_fused_cpu_step(device):
+        detail = "fused CPU step (C), torch reference kernels"
     return f"{detail} on {device.type}"
 
 

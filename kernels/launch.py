@@ -3,6 +3,7 @@ check and the output buffer."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,6 +26,9 @@ def validate_slots(slots: Tensor, capacity: int) -> None:
     for once something is wrong."""
     if slots.numel() == 0:
         return
+    if slots.device.type == "cpu" and slots.dtype == torch.int64:
+        _validate_host_slots(slots.numpy(), capacity)  # the same memory: a few µs less
+        return
     low, high = (int(bound) for bound in slots.aminmax())
     if low < -1 or high >= capacity:
         out_of_range = slots[(slots < -1) | (slots >= capacity)]
@@ -40,6 +44,32 @@ def validate_slots(slots: Tensor, capacity: int) -> None:
         raise ValueError(
             f"slots must not repeat within one call, got {repeated[:8].tolist()} more than once"
         )
+
+
+def _validate_host_slots(slots: np.ndarray, capacity: int) -> None:
+    """`validate_slots` for slots in host memory, in numpy (no dispatch per check)."""
+    low, high = int(slots.min()), int(slots.max())
+    if low < -1 or high >= capacity:
+        out_of_range = slots[(slots < -1) | (slots >= capacity)]
+        raise ValueError(
+            f"slots must be -1 (padding) or in [0, {capacity}), got {out_of_range[:8].tolist()}"
+        )
+    live = slots if low >= 0 else slots[slots >= 0]
+    if live.size < 2:
+        return
+    ordered = np.sort(live)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if repeated.size:
+        raise ValueError(
+            f"slots must not repeat within one call, got {repeated[:8].tolist()} more than once"
+        )
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether `tensor` holds no NaN or Inf; a device sync off the CPU."""
+    if tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(tensor.detach().numpy()).all())
+    return bool(torch.isfinite(tensor).all())
 
 
 def reads_buffer(out: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor:

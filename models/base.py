@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from kernels.launch import validate_slots
+from kernels.launch import all_finite, validate_slots
 from models.state import StatePool, StateSpec, state_bytes
 
 
@@ -150,7 +150,7 @@ class MemoryModel(nn.Module, ABC):
                 f"got {inputs.dtype} {list(inputs.shape)}"
             )
         validate_slots(slots, pool.capacity)
-        if not bool(torch.isfinite(inputs).all()):
+        if not all_finite(inputs):
             raise ValueError("inputs hold NaN or Inf")
         if pool.specs != self.state_specs():
             raise ValueError("the pool was not made for this model (its state specs differ)")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from models.activations import sigmoid
 from models.base import MemoryModel, on_live_rows
+from models.fused import fused_step
 from models.state import StatePool, StateSpec
 
 OUTPUT_ACTIVATIONS = ("sigmoid", "identity")
@@ -173,6 +174,11 @@ class ControllerMemoryModel(MemoryModel):
     def memory_step(self, pool: StatePool, slots: Tensor, interface: Tensor) -> Tensor:
         """One memory step in place at `slots` (all live, checked); returns reads."""
 
+    @abstractmethod
+    def fused_layout(self) -> tuple[str, dict[str, int], tuple[str | None, ...]]:
+        """For the fused CPU step (`models.fused`): the source's kind, its memory sizes, and
+        the pool tensors it takes in order (None for one this model has not)."""
+
     def state_specs(self) -> tuple[StateSpec, ...]:
         reads, h = self.initial_reads, self.initial_h
         return (
@@ -224,13 +230,20 @@ class ControllerMemoryModel(MemoryModel):
         if not check:
             return self._step_live(pool, slots, inputs)
         self.check_step_inputs(pool, slots, inputs)
+        fused = fused_step(self, pool)
+        if fused is not None:  # padding rows as they are: the C step skips them
+            return fused(slots, inputs)
         return on_live_rows(
             slots, (inputs,), self.output_size, lambda live, x: self._step_live(pool, live, x)
         )
 
     def _step_live(self, pool: StatePool, slots: Tensor, inputs: Tensor) -> Tensor:
         """One step of the sessions in `slots`, every one live. Row-wise products and
-        activations: a session's outputs do not depend on who shares its launch."""
+        activations: a session's outputs do not depend on who shares its launch. On a CPU,
+        one call of the fused step (`models.fused`) where it applies."""
+        fused = fused_step(self, pool)
+        if fused is not None:
+            return fused(slots, inputs)
         controller_inputs = torch.cat([inputs.float(), pool["reads"][slots].flatten(1)], 1)
         h, c = self.controller.step(controller_inputs, pool["h"][slots], pool["c"][slots])
         reads = self.memory_step(pool, slots, rowwise_linear(h[:, -1], self.interface))

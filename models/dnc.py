@@ -194,6 +194,14 @@ class DNC(ControllerMemoryModel):
     ) -> tuple[dict[str, Tensor], Tensor]:
         return dnc_state_step(state, self.interface_parameters(interface))
 
+    def fused_layout(self) -> tuple[str, dict[str, int], tuple[str | None, ...]]:
+        c = self.config
+        sizes = {"N": c.memory_rows, "WS": c.word_size, "NREAD": c.read_heads,
+                 "LINKS": int(c.use_links)}  # fmt: skip
+        links = ("precedence", "link") if c.use_links else (None, None)
+        names = ("memory", "usage", *links, "write_weights", "read_weights", "reads", "h", "c")
+        return "dnc", sizes, names
+
     def memory_step(self, pool: StatePool, slots: Tensor, interface: Tensor) -> Tensor:
         # slots are checked by `step`
         return dnc_pool_step(

@@ -146,6 +146,14 @@ class NTM(ControllerMemoryModel):
         memory = reference.write(memory, weights[:, R:], p.erase, p.add)
         return {"memory": memory, "weights": weights}, reads
 
+    def fused_layout(self) -> tuple[str, dict[str, int], tuple[str | None, ...]]:
+        c = self.config
+        sizes = {
+            "N": c.memory_rows, "M": c.memory_width, "NREAD": c.read_heads,
+            "NWRITE": c.write_heads, "SHIFT": c.shift_radius,
+        }  # fmt: skip
+        return "ntm", sizes, ("memory", "weights", "reads", "h", "c")
+
     def memory_step(self, pool: StatePool, slots: Tensor, interface: Tensor) -> Tensor:
         params = (t.contiguous() for t in self.head_parameters(interface))  # split views
         return ntm_memory_step(

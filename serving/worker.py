@@ -8,8 +8,13 @@ process the step has an interpreter to itself, as vLLM's engine core does.
 
 The worker trusts what the server sends: the server built every launch's slots (unique, in
 the pool, no padding) and decoded every input with its checks, so a launch gets one cheap
-check of its slots on the host and no model-side validation, and nothing in it waits on the
-device but the copy of its outputs back. It ignores SIGINT and SIGTERM (the server drains
+check of its slots and of the states it restores, on the host, and no model-side
+validation. Nothing in a launch waits on the device but its one copy back (`to_host`): the
+launch's host arrays go to the device in one transfer (`Staging`: through a pinned buffer,
+asynchronously, on a GPU), the states it parks or saves are copied on the device and come
+back with the outputs, and a DECODE's tokens are sampled on the host after that copy.
+tests/serving/test_worker_syncs.py runs launches under a mode that fails on any operation
+that would make the host wait for a GPU. It ignores SIGINT and SIGTERM (the server drains
 first, then closes the pipe) and exits when the pipe closes, also when the server is killed.
 """
 
@@ -20,6 +25,7 @@ import os
 import pickle
 import signal
 import time
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 
 from models.base import MemoryModel
-from models.state import StatePool
+from models.state import StatePool, StateSpec
 from serving.protocol import (
     BeginBatch,
     Close,
@@ -94,59 +100,210 @@ def check_launch(launch: Launch, capacity: int) -> None:
                 )
 
 
-def run_batch(model: Any, pool: StatePool, batch: OperationBatch) -> np.ndarray | None:
-    """The one place that maps an operation to the model's call; host outputs or None."""
-    device = pool.device
-    slots = torch.from_numpy(batch.slots).to(device)
+def validate_host_state(specs: Sequence[StateSpec], state: HostState) -> None:
+    """`models.state.validate_state` for a state still on the host, in numpy: a state a
+    launch restores is checked before anything changes, and without waiting on the device."""
+    expected = {spec.name for spec in specs}
+    if set(state) != expected:
+        raise ValueError(f"session state must hold tensors {sorted(expected)}; got {sorted(state)}")
+    for spec in specs:
+        array = state[spec.name]
+        try:
+            dtype = torch.from_numpy(array.reshape(-1)[:0]).dtype  # no tensor operation
+        except TypeError:  # a dtype torch has not
+            dtype = None
+        if tuple(array.shape) != spec.shape or dtype != spec.dtype:
+            raise ValueError(
+                f"state tensor {spec.name!r} must be {spec.dtype} {list(spec.shape)}, "
+                f"got {array.dtype} {list(array.shape)}"
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ValueError(f"state tensor {spec.name!r} holds NaN or Inf")
 
-    def on_device(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(device)
 
+ALIGN = 64  # bytes: every staged array starts on a cache line
+
+
+class Staging:
+    """A launch's host arrays on the device, in one transfer.
+
+    On the CPU (`packed=False`, the default there) an array is used where it is. Elsewhere
+    the arrays are packed into one host buffer, pinned on CUDA, and copied with one
+    asynchronous copy into one device buffer, whose views are returned: the host does not
+    wait for the device, and a pageable copy (which would) never happens. The host buffer is
+    written again only once the previous transfer out of it is done (a CUDA event; by then
+    the previous launch's outputs have come back, so it never waits in practice). Both
+    buffers grow to the largest launch seen and stay."""
+
+    def __init__(self, device: torch.device, packed: bool | None = None) -> None:
+        self.device = device
+        self.packed = device.type != "cpu" if packed is None else packed
+        self.host: torch.Tensor | None = None  # uint8, pinned on CUDA
+        self.host_bytes: np.ndarray | None = None  # its numpy view, made once
+        self.buffer: torch.Tensor | None = None  # uint8 on the device
+        self.copied: Any = None  # the CUDA event after the last transfer
+
+    def stage(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        if not self.packed:
+            return [torch.from_numpy(np.ascontiguousarray(array)) for array in arrays]
+        offsets, total = [], 0
+        for array in arrays:
+            offsets.append(total)
+            total += -(-array.nbytes // ALIGN) * ALIGN
+        self._reserve(total)
+        assert self.host_bytes is not None and self.buffer is not None and self.host is not None
+        if self.copied is not None:
+            self.copied.synchronize()  # done long ago: the last launch's outputs came back
+        for array, offset in zip(arrays, offsets, strict=True):
+            view = self.host_bytes[offset : offset + array.nbytes]
+            view.view(array.dtype).reshape(array.shape)[...] = array
+        if total:
+            self.buffer[:total].copy_(self.host[:total], non_blocking=True)
+        if self.device.type == "cuda":
+            self.copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self.copied.record()
+        staged = []
+        for array, offset in zip(arrays, offsets, strict=True):
+            dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
+            raw = self.buffer[offset : offset + array.nbytes]
+            staged.append(raw.view(dtype).view(array.shape))
+        return staged
+
+    def _reserve(self, size: int) -> None:
+        if self.buffer is not None and self.buffer.numel() >= size:
+            return
+        capacity = max(1 << max(size - 1, 0).bit_length(), 4096)
+        if self.copied is not None:
+            self.copied.synchronize()  # the old host buffer may still be read from
+        pin = self.device.type == "cuda"
+        self.host = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
+        self.host_bytes = self.host.numpy()
+        self.buffer = torch.empty(capacity, dtype=torch.uint8, device=self.device)
+
+
+_staging: dict[torch.device, Staging] = {}
+
+
+def staging_for(device: torch.device) -> Staging:
+    """The process's staging buffers for `device`."""
+    if device not in _staging:
+        _staging[device] = Staging(device)
+    return _staging[device]
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """The one copy back of a launch: every tensor it returns, in host memory. On a GPU each
+    is copied asynchronously into pinned memory and the host waits once for them all."""
+    if not tensors or tensors[0].device.type == "cpu":
+        return [tensor.detach().contiguous().numpy() for tensor in tensors]
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, tensor in zip(hosts, tensors, strict=True):
+        host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [host.numpy() for host in hosts]
+
+
+# A batch's result on the device and what the host makes of it once copied back.
+Pending = tuple[torch.Tensor, Callable[[np.ndarray], np.ndarray] | None]
+
+
+def batch_arrays(batch: OperationBatch) -> list[np.ndarray]:
+    """The host arrays of `batch` that its operation reads on the device, slots first."""
     if isinstance(batch, StepBatch):
-        return run_steps(model, pool, slots, on_device(batch.inputs), batch.steps)
+        return [batch.slots, batch.inputs]
     if isinstance(batch, EncodeBatch):
-        model.encode(pool, slots, on_device(batch.tokens), check=False)
+        return [batch.slots, batch.tokens]
+    if isinstance(batch, BeginBatch):
+        return [batch.slots, batch.noise, batch.uniform]
+    if isinstance(batch, DecodeBatch):  # sampling settings stay on the host
+        return [batch.slots, batch.previous]
+    raise TypeError(f"unknown operation batch {type(batch).__name__}")
+
+
+def run_batch(
+    model: Any, pool: StatePool, batch: OperationBatch, staged: Sequence[torch.Tensor]
+) -> Pending | None:
+    """The one place that maps an operation to the model's call, on `staged` (the device
+    copies of `batch_arrays(batch)`); what comes back, still on the device, or None."""
+    slots, *arguments = staged
+    if isinstance(batch, StepBatch):
+        return run_steps(model, pool, slots, arguments[0], batch.steps), None
+    if isinstance(batch, EncodeBatch):
+        model.encode(pool, slots, arguments[0], check=False)
         return None
     if isinstance(batch, BeginBatch):
-        model.begin_reply(
-            pool, slots, on_device(batch.noise), on_device(batch.uniform), check=False
-        )
+        model.begin_reply(pool, slots, arguments[0], arguments[1], check=False)
         return None
-    if isinstance(batch, DecodeBatch):  # sampling settings stay on the host
-        logits = model.decode(pool, slots, on_device(batch.previous), check=False).cpu().numpy()
-        return sample_tokens(logits, batch.temperature, batch.top_k, batch.top_p, batch.uniform)
+    if isinstance(batch, DecodeBatch):
+        logits = model.decode(pool, slots, arguments[0], check=False)
+
+        def sample(host: np.ndarray, batch: DecodeBatch = batch) -> np.ndarray:
+            return sample_tokens(host, batch.temperature, batch.top_k, batch.top_p, batch.uniform)
+
+        return logits, sample
     raise TypeError(f"unknown operation batch {type(batch).__name__}")
 
 
 def run_steps(
     model: Any, pool: StatePool, slots: torch.Tensor, inputs: torch.Tensor, steps: np.ndarray
-) -> np.ndarray:
+) -> torch.Tensor:
     """K steps of `model.step`, back to back: at step k the rows with more than k steps,
     which come first (`StepBatch`), so each step takes a prefix of the batch. The outputs
-    stay on the device until all K are done."""
+    stay on the device."""
     batch, most, _ = inputs.shape
     outputs = torch.zeros(batch, most, model.output_size, device=inputs.device)
     for k in range(most):
         live = batch if k == 0 else int(np.count_nonzero(steps > k))  # on the host
         outputs[:live, k] = model.step(pool, slots[:live], inputs[:live, k], check=False)
-    result: np.ndarray = outputs.cpu().numpy()
-    return result
+    return outputs
 
 
-def run_launch(model: MemoryModel, pool: StatePool, launch: Launch) -> Landed:
-    """Parks out, restores in, then each operation's batch; see `protocol.Launch`."""
+def slot_copy(pool: StatePool, slot: int) -> list[torch.Tensor]:
+    """A copy of one slot's state on the device, as it is now (one tensor per spec)."""
+    return [tensor[slot].clone() for tensor in pool.tensors.values()]
+
+
+def run_launch(
+    model: MemoryModel, pool: StatePool, launch: Launch, staging: Staging | None = None
+) -> Landed:
+    """Parks out, restores in, then each operation's batch; see `protocol.Launch`. Every
+    check is made before anything changes, on the host; then the host's arrays go to the
+    device in one transfer, and everything comes back in one copy at the end."""
     start = time.perf_counter()
     check_launch(launch, pool.capacity)
-    saved = tuple(host_state(pool.read(slot)) for slot in launch.save)
-    parked = tuple(host_state(pool.read(slot)) for slot in launch.park)
-    for slot, state in launch.restore:
-        pool.write(slot, device_state(state, pool.device))
-    outputs = {}
-    for batch in launch.batches:
-        result = run_batch(model, pool, batch)
+    for _, state in launch.restore:
+        validate_host_state(pool.specs, state)
+    names = list(pool.tensors)
+    arrays = [state[name] for _, state in launch.restore for name in names]
+    per_batch = [batch_arrays(batch) for batch in launch.batches]
+    staged = iter((staging or staging_for(pool.device)).stage(
+        [*arrays, *itertools.chain.from_iterable(per_batch)]
+    ))  # fmt: skip
+    saved = [slot_copy(pool, slot) for slot in launch.save]
+    parked = [slot_copy(pool, slot) for slot in launch.park]
+    for slot, _ in launch.restore:
+        for name in names:
+            pool.tensors[name][slot].copy_(next(staged))
+    pending: list[tuple[Operation, Pending]] = []
+    for batch, inputs in zip(launch.batches, per_batch, strict=True):
+        result = run_batch(model, pool, batch, [next(staged) for _ in inputs])
         if result is not None:
-            outputs[batch.operation] = result
-    return Landed(outputs, parked, time.perf_counter() - start, saved)
+            pending.append((batch.operation, result))
+    states = [*saved, *parked]
+    hosts = iter(to_host([
+        *itertools.chain.from_iterable(states), *(result for _, (result, _) in pending)
+    ]))  # fmt: skip
+    copied = [{name: next(hosts) for name in names} for _ in states]
+    outputs = {}
+    for operation, (_, finish) in pending:
+        host = next(hosts)
+        outputs[operation] = host if finish is None else finish(host)
+    return Landed(
+        outputs,
+        tuple(copied[len(saved) :]),
+        time.perf_counter() - start,
+        tuple(copied[: len(saved)]),
+    )
 
 
 def replay(model: MemoryModel, scratch: StatePool, request: Replay) -> HostState:
@@ -156,13 +313,15 @@ def replay(model: MemoryModel, scratch: StatePool, request: Replay) -> HostState
     else:
         scratch.write(0, device_state(request.state, scratch.device))
     slot = np.zeros(1, np.int64)
+    staging = staging_for(scratch.device)
     for operation, group in itertools.groupby(request.rows, key=lambda row: row[0]):
         arguments = [argument for _, argument in group]
         if operation is Operation.STEP:  # a run of steps, back to back in one batch
-            run_batch(model, scratch, StepBatch.of(slot, [np.stack(arguments)]))
-            continue
-        for argument in arguments:
-            run_batch(model, scratch, batch_of(operation, slot, [argument]))
+            batches: list[OperationBatch] = [StepBatch.of(slot, [np.stack(arguments)])]
+        else:
+            batches = [batch_of(operation, slot, [argument]) for argument in arguments]
+        for batch in batches:
+            run_batch(model, scratch, batch, staging.stage(batch_arrays(batch)))
     return host_state(scratch.read(0))
 
 
@@ -220,6 +379,7 @@ def serve(
                 f"a pool of {slots} slots of {model.state_bytes} bytes does not fit: {error}"
             ) from error
         scratch = model.new_pool(1)
+        warm_up(model, pool)
         card = describe(model, select_backend(pool.device))
     except BaseException as error:  # said to the server, which refuses to start
         connection.send(Reply(False, portable(error)))
@@ -238,6 +398,16 @@ def serve(
             except Exception as error:
                 reply = Reply(False, portable(error))
             connection.send(reply)
+
+
+def warm_up(model: MemoryModel, pool: StatePool) -> None:
+    """Build (or find in its cache) the fused CPU step now, while the server waits for the
+    card, rather than in the first launch: compiling takes seconds."""
+    from models.controller import ControllerMemoryModel
+    from models.fused import fused_step
+
+    if isinstance(model, ControllerMemoryModel):
+        fused_step(model, pool)
 
 
 def portable(error: BaseException) -> BaseException:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import memserve
+from kernels import cpu_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,9 +35,14 @@ def test_version_reports_package_and_backend() -> None:
     result = run_cli("version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"memserve {memserve.__version__}\n")
-    # The subprocess runs without TRITON_INTERPRET: compiled Triton on CUDA, else the reference.
+    # The subprocess runs without TRITON_INTERPRET: compiled Triton on CUDA, else the reference,
+    # whose models step as the fused C step where a compiler is.
     expected = (
-        "triton (compiled) on cuda" if torch.cuda.is_available() else "torch reference on cpu"
+        "triton (compiled) on cuda"
+        if torch.cuda.is_available()
+        else "fused CPU step (C), torch reference kernels on cpu"
+        if cpu_step.available()
+        else "torch reference on cpu"
     )
     assert f"kernel backend: {expected}\n" in result.stdout
 

@@ -120,7 +120,7 @@ def test_dry_run_goes_through_every_step_and_writes_the_records(
     assert gpu_check.main(argv) == 0
     printed = capsys.readouterr().out
     table = printed[printed.index("gpu-check on cpu") :]
-    for name in ("pytest", "ntm", "dnc", "serving", "ntm-compile", "dnc-compile"):
+    for name in ("pytest", "ntm", "dnc", "serving", "step", "ntm-compile", "dnc-compile"):
         assert f"\n{name} " in table
 
     summary = json.loads((out / "summary.json").read_text())
@@ -131,7 +131,7 @@ def test_dry_run_goes_through_every_step_and_writes_the_records(
     assert environment["missing"] == {} and environment["cuda"] is False
     assert environment["modules"]["grpc"]["version"] and environment["modules"]["torch"]["version"]
     status = {step["name"]: step["status"] for step in summary["steps"]}
-    assert status == {"pytest": "ok", "ntm": "ok", "dnc": "ok", "serving": "ok",
+    assert status == {"pytest": "ok", "ntm": "ok", "dnc": "ok", "serving": "ok", "step": "ok",
                       "ntm-compile": "skipped", "dnc-compile": "skipped"}  # fmt: skip
     # Without CUDA every GPU test is collected and skipped.
     tests = summary["gpu_tests"]
@@ -145,6 +145,8 @@ def test_dry_run_goes_through_every_step_and_writes_the_records(
     assert ntm["benchmark"] == "ntm_memory_step" and ntm["device_type"] == "cpu"
     serving = json.loads((out / "serving.json").read_text())
     assert all(row["ok"] for row in serving["levels"])
+    step = json.loads((out / "step-cpu.json").read_text())
+    assert step["benchmark"] == "step" and {row["batch"] for row in step["rows"]} == {1, 3}
     # What comes back whole from a lent machine: at most eight files, no folders.
     assert len(list(out.iterdir())) <= 8 and all(path.is_file() for path in out.iterdir())
 

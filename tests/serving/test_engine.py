@@ -13,9 +13,12 @@ from typing import Any
 import numpy as np
 import pytest
 import safetensors.torch
+import torch
 
 from kernels.backend import BACKEND_ENV
 from models import checkpoint
+from models.controller import ControllerMemoryModel
+from models.fused import fused_step
 from serving import loading
 from serving.config import ServerConfig
 from serving.protocol import CopySlot, Launch, ReadSlot, Request, ResetSlot, WriteSlot
@@ -97,3 +100,44 @@ def test_sessions_are_made_in_the_worker_and_only_parking_carries_state(
     asyncio.run(scenario())
     kinds = {ResetSlot, CopySlot, ReadSlot, WriteSlot, Launch}
     assert all(type(request) in kinds for request in worker.sent)
+
+
+def test_the_model_process_serves_the_bits_of_the_in_process_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the engine and a real model process, on a CPU (the fused C step, built or
+    found in the same cache): three sessions' calls of 1 to 5 steps, batched however the
+    engine batches them, give the bits of each session stepped alone in this process."""
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    model = checkpoint.load("ntm-copy")
+    assert isinstance(model, ControllerMemoryModel)
+    assert fused_step(model, model.new_pool(1)) is not None
+    rng = np.random.default_rng()
+    calls = {name: [rng.random((t, 9), dtype=np.float32) for t in rng.integers(1, 6, 4)]
+             for name in "abc"}  # fmt: skip
+    server = Server(ServerConfig(models=("ntm-copy",), slots=3, threads=1,
+                                 park_dir=str(tmp_path)))  # fmt: skip
+    server.load_models()
+    engine = server.engines["ntm-copy"]
+
+    async def scenario() -> dict[str, list[np.ndarray]]:
+        engine.start()
+        try:
+            sessions = {name: await engine.lifecycle.create(None, None) for name in calls}
+
+            async def run(name: str) -> list[np.ndarray]:
+                return [(await engine.step(sessions[name], x, None))[0] for x in calls[name]]
+
+            results = await asyncio.gather(*(run(name) for name in calls))
+            return dict(zip(calls, results, strict=True))
+        finally:
+            await engine.stop()
+
+    served = asyncio.run(scenario())
+    for name, inputs in calls.items():
+        pool = model.new_pool(1)
+        model.reset(pool, [0])
+        for x, got in zip(inputs, served[name], strict=True):
+            want = np.stack([model.step(pool, torch.tensor([0]), torch.from_numpy(row[None]))[0]
+                             for row in x])  # fmt: skip
+            assert np.array_equal(got, want), name
