@@ -114,16 +114,18 @@ def counts_between(
 def settled_counts(
     server: ServerProcess,
     before: dict[tuple[str, str], float],
-    sent: Counts,
+    sent: Counts | Callable[[Counts], bool],
     leave_out: Collection[str] = (),
 ) -> Counts:
     """What the server counted since `before` (but `leave_out`), read again for a moment
-    while it differs from `sent` (a streamed call is counted just after its last message
+    while it differs from `sent`, or while `sent(counted)` does not hold where the count
+    to expect is not one number (a streamed call is counted just after its last message
     leaves)."""
+    done = sent if callable(sent) else (lambda counted: counted == sent)
     deadline = time.monotonic() + 60
     while True:
         counted = counts_between(before, server_counts(server), leave_out)
-        if counted == sent or time.monotonic() > deadline:
+        if done(counted) or time.monotonic() > deadline:
             return counted
         time.sleep(0.1)
 
