@@ -63,6 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import eager  # noqa: E402
+from bench.serving import cpu_name, git_state  # noqa: E402
 from kernels import cpu_step  # noqa: E402
 from kernels.backend import BACKEND_ENV, FUSED_ENV, retain_freed_memory  # noqa: E402
 from models import checkpoint  # noqa: E402
@@ -438,25 +439,6 @@ def versions() -> dict[str, str | None]:
     else:
         found["cc"] = None
     return found
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def git_state() -> dict[str, Any]:
-    """The commit measured, and the paths that differed from it."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout if done.returncode == 0 else ""
-
-    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
-    return {"commit": git("rev-parse", "HEAD").strip(), "changed": changed}
 
 
 def print_table(result: dict[str, Any], pytorch_ntm_note: str) -> None:
