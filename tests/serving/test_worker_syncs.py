@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from kernels.backend import BACKEND_ENV, FUSED_ENV
 from models import checkpoint
 from models.base import MemoryModel
+from models.state import StatePool
 from serving import worker
 from serving.protocol import (
     BeginBatch,
@@ -37,6 +38,7 @@ from serving.protocol import (
     DecodeBatch,
     DecodeRow,
     EncodeBatch,
+    Landed,
     Launch,
     Operation,
     StepBatch,
@@ -175,6 +177,19 @@ def stepped(model: MemoryModel, capacity: int) -> Any:
     return pool
 
 
+def launched_once(
+    watched: Watched, model: MemoryModel, pools: list[StatePool], launch: Launch
+) -> tuple[Landed, Landed]:
+    """`launch` on the first pool under the mode (one copy back, asserted) and on the
+    second without it; both pools end alike. The two launches' results."""
+    landed, copies = watched(run_launch, model, pools[0], launch)
+    assert copies == 1
+    expected = run_launch(model, pools[1], launch)
+    for name in pools[0]:
+        assert torch.equal(pools[0][name], pools[1][name]), name
+    return landed, expected
+
+
 @pytest.mark.parametrize(
     "backend",
     [
@@ -204,11 +219,7 @@ def test_a_step_launch_waits_once(
         restore=((1, elsewhere),),
         save=(2,),
     )
-    landed, copies = watched(run_launch, model, pools[0], launch)
-    assert copies == 1
-    expected = run_launch(model, pools[1], launch)
-    for state in pools[0]:
-        assert torch.equal(pools[0][state], pools[1][state]), state
+    landed, expected = launched_once(watched, model, pools, launch)
     assert np.array_equal(landed.outputs[Operation.STEP], expected.outputs[Operation.STEP])
     got_states, want_states = [*landed.parked, *landed.saved], [*expected.parked, *expected.saved]
     for got, want in zip(got_states, want_states, strict=True):
@@ -234,11 +245,7 @@ def test_a_dialogue_launch_waits_once(watched: Watched, monkeypatch: pytest.Monk
         ),
         park=(0,),
     )
-    landed, copies = watched(run_launch, model, pools[0], launch)
-    assert copies == 1
-    expected = run_launch(model, pools[1], launch)
-    for name in pools[0]:
-        assert torch.equal(pools[0][name], pools[1][name]), name
+    landed, expected = launched_once(watched, model, pools, launch)
     tokens = landed.outputs[Operation.DECODE]
     assert tokens.shape == (2,) and np.array_equal(tokens, expected.outputs[Operation.DECODE])
 
