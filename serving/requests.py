@@ -53,6 +53,7 @@ class RequestLog:
     def __init__(self, keep: int = RESPONSES_KEPT) -> None:
         self.keep = keep
         self.entries: OrderedDict[str, Remembered] = OrderedDict()
+        self.answers = 0  # entries with a response
 
     def find(self, request_id: str, digest: bytes) -> Remembered | None:
         """The earlier call with this id, if any; INVALID_ARGUMENT if it asked otherwise."""
@@ -75,6 +76,7 @@ class RequestLog:
         entry = self.entries.get(request_id)
         if entry is None:
             return
+        self.answers += entry.response is None
         entry.response = response
         entry.done.set()
         self._trim()
@@ -83,6 +85,7 @@ class RequestLog:
         """The call failed: its waiters fail too, and the id is forgotten so a retry runs."""
         entry = self.entries.pop(request_id, None)
         if entry is not None:
+            self.answers -= entry.response is not None
             entry.error = error
             entry.done.set()
 
@@ -91,7 +94,10 @@ class RequestLog:
         for response in responses:
             entry = Remembered(response.request_digest, response)
             entry.done.set()
+            replaced = self.entries.pop(response.request_id, None)
+            self.answers -= replaced is not None and replaced.response is not None
             self.entries[response.request_id] = entry
+            self.answers += 1
         self._trim()
 
     def answered(self) -> list[journal_pb2.Response]:
@@ -99,9 +105,12 @@ class RequestLog:
         return [e.response for e in self.entries.values() if e.response is not None]
 
     def _trim(self) -> None:
-        finished = [key for key, entry in self.entries.items() if entry.response is not None]
-        for key in finished[: max(0, len(finished) - self.keep)]:
-            del self.entries[key]
+        """Forget the oldest answers beyond `keep` (a call still running stays); on every
+        answer, so this finds the one to drop among the first few entries."""
+        while self.answers > self.keep:
+            oldest = next(key for key, entry in self.entries.items() if entry.response is not None)
+            del self.entries[oldest]
+            self.answers -= 1
 
 
 @dataclass
