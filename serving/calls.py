@@ -28,7 +28,7 @@ class Call:
     expected_step: int | None = None  # the step count the call must start from, if any
     started: bool = False  # its first row was scheduled
     finished: bool = False  # answered (or given up): off its session's queue
-    abandoned: bool = False  # its caller left: it stops at the next launch
+    left: bool = False  # its caller left (or, for the engine, its future was cancelled)
     result: int | None = None  # the session's step count once done
     error: Exception | None = None  # why it failed, if it did
     request_id: str = ""  # names the call for retries (serving.requests)
@@ -36,6 +36,18 @@ class Call:
     from_step: int = 0  # the session's step when its first row was scheduled
     ops: list[tuple[Operation, Any]] = field(default_factory=list, repr=False)  # rows landed
     future: asyncio.Future[int] | None = field(default=None, repr=False)  # the engine's
+
+    @property
+    def abandoned(self) -> bool:
+        """Its caller left: it stops at the next launch. Not a call that `runs_to_end`."""
+        if self.runs_to_end():
+            return False
+        return self.left or (self.future is not None and self.future.cancelled())
+
+    def runs_to_end(self) -> bool:
+        """Whether the call goes on when its caller leaves, so that a retry under its request
+        id finds its answer."""
+        return False
 
     def next_row(self, most: int = 1) -> tuple[Operation, Any, int]:
         """The operation this call needs in the next launch, its argument and how many steps
@@ -75,6 +87,9 @@ class StepCall(Call):
 
     def runs_ahead(self) -> bool:
         return self.sent < len(self.inputs)  # a step's inputs are all known up front
+
+    def runs_to_end(self) -> bool:
+        return bool(self.request_id)
 
     def take(self, output: Any) -> bool:
         """`output`: this row's `[steps, output_size]` outputs."""

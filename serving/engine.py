@@ -158,8 +158,7 @@ class ModelEngine:
             request_id=request_id,
             digest=digest,
         )
-        future = self._enqueue(call)
-        step = await (asyncio.shield(future) if request_id else future)
+        step = await self._enqueue(call)  # with an id, cancelling this leaves the call running
         return call.outputs, step
 
     async def _earlier(
@@ -230,8 +229,7 @@ class ModelEngine:
             raise
         self.pushback.admitted()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda _: setattr(call, "abandoned", True))
-        call.future = future
+        call.future = future  # cancelled: the call is abandoned (`Call.abandoned`)
         self.scheduler.add(call)
         self.wake.set()
         return future

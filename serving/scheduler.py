@@ -13,9 +13,12 @@ The rules:
 - Sessions take turns: one that took part in a launch goes to the back of the line.
 - A call that has not started yet is checked against `expected_step` (FAILED_PRECONDITION,
   nothing run) and dropped if its caller left.
-- Launches are pipelined, so a session may have rows in flight. Meanwhile it adds only more
-  rows of the same call, when they do not depend on the ones in flight (a Step call's inputs
-  are all known); its next call waits until they have landed.
+- Launches are pipelined, so a session may have rows in flight. Meanwhile it adds more rows
+  of the same call only while no other session has calls, and only when they do not depend
+  on the ones in flight (a Step call's inputs are all known); its next call waits until they
+  have landed. With other sessions calling, running ahead would let one group of sessions
+  fill every launch in flight and keep later arrivals in small launches of their own, the
+  groups never merging (docs/performance.md, "Running ahead").
 - A session without a slot asks `Placement` for one (restoring it, maybe parking another);
   once none can be had, no other parked session is tried in this launch.
 """
@@ -103,7 +106,7 @@ class Scheduler:
             if len(rows) >= self.max_batch:
                 break
             if self.in_flight.get(session.id):
-                call = self._runs_ahead(session)
+                call = self._runs_ahead(session) if len(self.ready) == 1 else None  # alone
             else:
                 call = self._head(session)
                 if call is not None and session.slot is None:
