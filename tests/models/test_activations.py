@@ -68,3 +68,18 @@ def test_gradients_are_finite_and_right(name: str) -> None:
     exact = x.detach().double().requires_grad_()
     (exact_gradient,) = torch.autograd.grad(reference(exact).sum(), exact)
     torch.testing.assert_close(gradient.double(), exact_gradient, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_with_and_without_autograd_the_bits_are_the_same(name: str) -> None:
+    """Serving runs the `abs`/`clamp` form, training the `where` form: one function."""
+    activation, _ = ACTIVATIONS[name]
+    generator = torch.Generator().manual_seed(2)
+    x = torch.cat([
+        torch.randn(20_000, generator=generator) * 12,
+        torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-8, -1e-8, 88.0, -88.0, 120.0, -120.0]),
+    ])  # fmt: skip
+    with torch.no_grad():
+        served = activation(x)
+    trained = activation(x.clone().requires_grad_()).detach()
+    assert torch.equal(served.view(torch.int32), trained.view(torch.int32))

@@ -30,7 +30,9 @@ def kept_by_rule(events: list[tuple[str, str]], keep: int) -> list[str]:
 def test_the_log_keeps_the_last_answers_and_every_call_still_running() -> None:
     rng = random.Random(5)
     for keep in (1, 2, 5):
-        log, events, running, count = RequestLog(keep), [], [], 0
+        log, count = RequestLog(keep), 0
+        events: list[tuple[str, str]] = []
+        running: list[str] = []
         for _ in range(400):
             roll = rng.random()
             if roll < 0.45 or not running:
