@@ -28,7 +28,7 @@ class Call:
     expected_step: int | None = None  # the step count the call must start from, if any
     started: bool = False  # its first row was scheduled
     finished: bool = False  # answered (or given up): off its session's queue
-    left: bool = False  # its caller left (or, for the engine, its future was cancelled)
+    left: bool = False  # its caller left, for a driver without futures (the engine cancels)
     result: int | None = None  # the session's step count once done
     error: Exception | None = None  # why it failed, if it did
     request_id: str = ""  # names the call for retries (serving.requests)
