@@ -62,11 +62,14 @@ class Answers:
             self._undo_turn(call)
             self._reply(call, call.error or Cancelled("the caller left: the turn was undone"))
             return
+        if self.committer is None:  # nothing is committed (`--store memory`)
+            self._reply(call)
+            return
         live = self.table.live(session) and not self.slots.is_stored(session)
         if live:
             session.logged_ops += len(call.ops)
         record = journal.call_committed(call) if self.log_calls and live else None
-        if record is None or self.committer is None:
+        if record is None:
             self._reply(call)
             return
         committed = self.committer.commit([record])

@@ -100,7 +100,10 @@ class ModelEngine:
         # Called when the model's process is gone; the server drains and exits non-zero.
         self.on_failure: Callable[[WorkerGone], None] = lambda error: None
         self.scheduler = Scheduler(
-            settings.max_batch, self._started, steps_per_launch=settings.steps_per_launch
+            settings.max_batch,
+            self._started,
+            steps_per_launch=settings.steps_per_launch,
+            keep_ops=durability.committer is not None,  # only a durable store logs them
         )
         self.slots = SlotManager(
             name, settings.slots, store, worker, self.scheduler.has_calls, self._flying,

@@ -55,7 +55,7 @@ def assemble(rows: list[Row], moves: SlotMoves) -> tuple[Launch, dict[Operation,
         groups.setdefault(rows[index].operation, []).append(index)
     batches = []
     for operation, indices in groups.items():
-        slots = np.fromiter((rows[i].call.session.slot for i in indices), np.int64, len(indices))
+        slots = np.array([rows[i].call.session.slot for i in indices], np.int64)
         batches.append(batch_of(operation, slots, [rows[i].argument for i in indices]))
     park = tuple(slot for _, slot in moves.park)
     save = tuple(slot for _, slot in moves.save)

@@ -52,12 +52,15 @@ class StepBatch:
     @classmethod
     def of(cls, slots: np.ndarray, rows: Sequence[np.ndarray]) -> StepBatch:
         """`rows`: each session's `[steps, input_size]` inputs, most steps first."""
-        steps = np.fromiter((len(row) for row in rows), np.int64, len(rows))
-        width = rows[0].shape[-1] if rows else 0
-        inputs = np.zeros((len(rows), int(steps.max(initial=1)), width), np.float32)
-        for index, row in enumerate(rows):
-            inputs[index, : len(row)] = row
-        return cls(slots, inputs, steps)
+        counts = [len(row) for row in rows]
+        if counts and counts[0] == counts[-1]:  # every row the same length: no padding
+            inputs = np.stack(rows).astype(np.float32, copy=False)
+        else:
+            width = rows[0].shape[-1] if rows else 0
+            inputs = np.zeros((len(rows), max(counts, default=1), width), np.float32)
+            for index, row in enumerate(rows):
+                inputs[index, : len(row)] = row
+        return cls(slots, inputs, np.array(counts, np.int64))
 
 
 @dataclass(frozen=True)

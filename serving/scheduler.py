@@ -77,9 +77,11 @@ class Scheduler:
         on_start: Callable[[Call], None] = _ignore,
         on_finish: Callable[[Call], None] = _ignore,
         steps_per_launch: int = 1,
+        keep_ops: bool = True,
     ) -> None:
         self.max_batch = max_batch
         self.steps_per_launch = steps_per_launch
+        self.keep_ops = keep_ops  # record each call's operations (`Call.ops`) for its journal
         self.on_start = on_start  # a call's first row was scheduled
         self.on_finish = on_finish  # a call was answered (`call.result` or `call.error`)
         self.queues: dict[str, deque[Call]] = {}  # per session id, arrival order
@@ -170,7 +172,8 @@ class Scheduler:
             self._landed(session)
             if call.finished:  # answered while this row was in flight (its session ended)
                 continue
-            call.ops.extend(row.ops())
+            if self.keep_ops:
+                call.ops.extend(row.ops())
             if call.take(output) or call.abandoned:
                 self._finish(call, result=session.step)
             if self.queues.get(session.id):

@@ -84,19 +84,21 @@ def host_state(state: dict[str, torch.Tensor]) -> HostState:
 def check_launch(launch: Launch, capacity: int) -> None:
     """The one check a launch gets, on the host: its slots are in the pool, no slot appears
     twice (two rows on one slot would race in a kernel), and a STEP batch's step counts are
-    what `StepBatch` says."""
-    slots = np.concatenate([batch.slots for batch in launch.batches] or [np.empty(0, np.int64)])
-    if slots.size and (slots.min() < 0 or slots.max() >= capacity):
-        raise ValueError(f"a launch's slots must be in [0, {capacity}), got {slots.tolist()}")
-    if np.unique(slots).size != slots.size:
-        raise ValueError(f"a launch names a slot twice: {slots.tolist()}")
+    what `StepBatch` says. On Python lists: a few numpy calls between launches cost more
+    than the check (docs/performance.md, "The worker's launch")."""
+    slots = [slot for batch in launch.batches for slot in batch.slots.tolist()]
+    if slots and (min(slots) < 0 or max(slots) >= capacity):
+        raise ValueError(f"a launch's slots must be in [0, {capacity}), got {slots}")
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"a launch names a slot twice: {slots}")
     for batch in launch.batches:
-        if isinstance(batch, StepBatch) and batch.steps.size:
-            steps, most = batch.steps, batch.inputs.shape[1]
-            if steps.min() < 1 or steps.max() > most or np.any(np.diff(steps) > 0):
+        if isinstance(batch, StepBatch) and len(batch.steps):
+            steps, most = batch.steps.tolist(), batch.inputs.shape[1]
+            ordered = all(a >= b for a, b in itertools.pairwise(steps))
+            if steps[-1] < 1 or steps[0] > most or not ordered:
                 raise ValueError(
                     f"a STEP batch's step counts must be non-increasing, in [1, {most}], "
-                    f"got {steps.tolist()}"
+                    f"got {steps}"
                 )
 
 
@@ -251,11 +253,15 @@ def run_steps(
     which come first (`StepBatch`), so each step takes a prefix of the batch. The outputs
     stay on the device."""
     batch, most, _ = inputs.shape
-    outputs = torch.zeros(batch, most, model.output_size, device=inputs.device)
+    counts = steps.tolist()
+    if counts[-1] == most:  # every row takes every step, as most launches do: no padding
+        outputs = [model.step(pool, slots, inputs[:, k], check=False) for k in range(most)]
+        return torch.stack(outputs, dim=1)
+    padded = torch.zeros(batch, most, model.output_size, device=inputs.device)
     for k in range(most):
-        live = batch if k == 0 else int(np.count_nonzero(steps > k))  # on the host
-        outputs[:live, k] = model.step(pool, slots[:live], inputs[:live, k], check=False)
-    return outputs
+        live = sum(count > k for count in counts)  # the rows with more than k steps
+        padded[:live, k] = model.step(pool, slots[:live], inputs[:live, k], check=False)
+    return padded
 
 
 def slot_copy(pool: StatePool, slot: int) -> list[torch.Tensor]:

@@ -115,15 +115,19 @@ def test_the_card_says_what_the_model_is(name: str) -> None:
     assert (card.tokenizer_json is not None) == (name == "vmed-chat")
 
 
+@pytest.mark.parametrize("counts", [(3, 2, 1), (3, 3, 3)], ids=["padded", "full"])
 @pytest.mark.parametrize("name", ["ntm-copy", "dnc-recall"])
-def test_a_multi_step_launch_is_each_session_stepped_alone(name: str) -> None:
-    """Rows of 3, 2 and 1 steps in one launch: every output and state is, bit for bit, that
-    of the session stepped alone one step at a time; outputs past a row's steps are zeros."""
+def test_a_multi_step_launch_is_each_session_stepped_alone(
+    name: str, counts: tuple[int, ...]
+) -> None:
+    """Rows of 3, 2 and 1 steps (or 3 each) in one launch: every output and state is, bit for
+    bit, that of the session stepped alone one step at a time; outputs past a row's steps
+    are zeros."""
     model = checkpoint.load(name)
     pool = stepped_pool(model, 4, steps=2)
     before = {slot: pool.read(slot) for slot in range(4)}
     rng = np.random.default_rng(7)
-    inputs = [rng.random((steps, model.input_size), dtype=np.float32) for steps in (3, 2, 1)]
+    inputs = [rng.random((steps, model.input_size), dtype=np.float32) for steps in counts]
     slots = np.array([2, 0, 3], np.int64)
     landed = run_launch(model, pool, Launch(batches=(StepBatch.of(slots, inputs),)))
     outputs = landed.outputs[Operation.STEP]
@@ -141,11 +145,14 @@ def test_a_multi_step_launch_is_each_session_stepped_alone(name: str) -> None:
         assert torch.equal(pool.read(1)[state], before[1][state])
 
 
-def test_a_step_batch_whose_counts_rise_is_refused(model: MemoryModel) -> None:
+@pytest.mark.parametrize(
+    "counts", [[1, 2], [2, 0], [3, 1]], ids=["rising", "no step", "more than K"]
+)
+def test_a_step_batch_with_wrong_counts_is_refused(model: MemoryModel, counts: list[int]) -> None:
     pool = stepped_pool(model, 2, steps=1)
     before = {slot: pool.read(slot) for slot in range(2)}
-    inputs = np.zeros((2, 2, model.input_size), np.float32)
-    batch = StepBatch(np.array([0, 1]), inputs, np.array([1, 2]))  # most steps not first
+    inputs = np.zeros((2, 2, model.input_size), np.float32)  # K = 2
+    batch = StepBatch(np.array([0, 1]), inputs, np.array(counts))
     with pytest.raises(ValueError, match="non-increasing"):
         run_launch(model, pool, Launch(batches=(batch,)))
     for slot in range(2):
