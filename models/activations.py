@@ -37,15 +37,18 @@ def sigmoid(x: Tensor) -> Tensor:
     """1 / (1 + exp(-x)), from e = exp(-|x|) <= 1 so that no branch overflows (nor its
     gradient): 1 / (1 + e) for x >= 0, e / (1 + e) below. Without autograd the numerator
     is exp(min(x, 0)): exp(0) = 1 above, the same exp(x) as e below."""
-    e = torch.exp(_minus_abs(x))
     if _differentiated(x):
+        e = torch.exp(_minus_abs(x))
         return torch.where(x >= 0, 1, e) / (1 + e)
-    return torch.exp(x.clamp(max=0)) / (1 + e)
+    denominator = x.abs().neg_().exp_().add_(1)  # in place: the same operations, fewer tensors
+    return x.clamp(max=0).exp_().div_(denominator)
 
 
 def softplus(x: Tensor) -> Tensor:
     """log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)), finite for every finite x."""
-    return x.clamp(min=0) + torch.log1p(torch.exp(_minus_abs(x)))
+    if _differentiated(x):
+        return x.clamp(min=0) + torch.log1p(torch.exp(_minus_abs(x)))
+    return x.abs().neg_().exp_().log1p_().add_(x.clamp(min=0))
 
 
 def oneplus(x: Tensor) -> Tensor:

@@ -71,20 +71,24 @@ def split_interface(
 ) -> DNCInterface:
     """Split the interface vector `[B, size]` and activate each part."""
     batch, R, W = interface.shape[0], read_heads, word_size
-    parts = torch.split(interface, interface_split_sizes(R, W, use_links), dim=-1)
-    read_keys, read_strengths, write_key, write_strength, erase, write_vector = parts[:6]
-    free_gates, allocation_gate, write_gate = parts[6:9]
+    sizes = interface_split_sizes(R, W, use_links)
+    parts = torch.split(interface, sizes, dim=-1)
+    # Each activation runs once over the whole vector and the parts are read from it: an
+    # element's bits are its own (`models.activations`), and one call costs a fraction of
+    # one per part on a small batch.
+    squashed = torch.split(sigmoid(interface), sizes, dim=-1)
+    strengths = torch.split(oneplus(interface), sizes, dim=-1)
     read_modes = torch.softmax(parts[9].view(batch, R, 3), dim=-1) if use_links else None
     return DNCInterface(
-        read_keys=read_keys.reshape(batch, R, W),
-        read_strengths=oneplus(read_strengths),
-        write_key=write_key,
-        write_strength=oneplus(write_strength.squeeze(-1)),
-        erase=sigmoid(erase),
-        write_vector=write_vector,
-        free_gates=sigmoid(free_gates),
-        allocation_gate=sigmoid(allocation_gate.squeeze(-1)),
-        write_gate=sigmoid(write_gate.squeeze(-1)),
+        read_keys=parts[0].reshape(batch, R, W),
+        read_strengths=strengths[1],
+        write_key=parts[2],
+        write_strength=strengths[3].squeeze(-1),
+        erase=squashed[4],
+        write_vector=parts[5],
+        free_gates=squashed[6],
+        allocation_gate=squashed[7].squeeze(-1),
+        write_gate=squashed[8].squeeze(-1),
         read_modes=read_modes,
     )
 

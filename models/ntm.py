@@ -124,16 +124,26 @@ class NTM(ControllerMemoryModel):
         addressing = interface[:, : self.heads * self.head_width].view(
             batch, self.heads, self.head_width
         )
-        keys, beta, gate, shift, gamma = torch.split(addressing, [M, 1, 1, 2 * K + 1, 1], dim=-1)
-        erase, add = interface[:, self.heads * self.head_width :].view(batch, W, 2 * M).chunk(2, -1)
+        sizes = [M, 1, 1, 2 * K + 1, 1]
+        keys, _, _, shift, _ = torch.split(addressing, sizes, dim=-1)
+        erase_and_add = interface[:, self.heads * self.head_width :].view(batch, W, 2 * M)
+        # Each activation runs once over the whole vector and the parameters are read from it:
+        # an element's bits are its own (`models.activations`), and one call costs a fraction
+        # of one per parameter on a small batch.
+        squashed, positive = sigmoid(interface), softplus(interface)
+
+        def heads_part(activated: Tensor, index: int) -> Tensor:
+            by_head = activated[:, : self.heads * self.head_width].view(batch, self.heads, -1)
+            return torch.split(by_head, sizes, dim=-1)[index].squeeze(-1)
+
         return HeadParameters(
             keys=keys,
-            beta=softplus(beta.squeeze(-1)),
-            gate=sigmoid(gate.squeeze(-1)),
+            beta=heads_part(positive, 1),
+            gate=heads_part(squashed, 2),
             shift=torch.softmax(shift, dim=-1),
-            gamma=1 + softplus(gamma.squeeze(-1)),
-            erase=sigmoid(erase),
-            add=add,
+            gamma=1 + heads_part(positive, 4),
+            erase=squashed[:, self.heads * self.head_width :].view(batch, W, 2 * M)[..., :M],
+            add=erase_and_add[..., M:],
         )
 
     def memory_forward(

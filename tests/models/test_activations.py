@@ -48,6 +48,22 @@ def test_a_row_gets_the_same_bits_at_every_batch_size(name: str, width: int, thr
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_a_part_of_a_row_gets_the_bits_of_the_whole_row(name: str, threads: int) -> None:
+    """The models activate a whole interface vector once and read their parameters from it
+    (models/ntm.py, models/dnc.py, the LSTM's gates): that must give each part the bits it
+    gets alone, contiguous or as a view of the wider row, at any batch size."""
+    activation, _ = ACTIVATIONS[name]
+    generator = torch.Generator().manual_seed(3)
+    for batch in (1, 2, 7, 64):
+        x = torch.randn(batch, 133, generator=generator) * 6
+        whole = activation(x)
+        for start, stop in ((0, 1), (0, 20), (20, 21), (21, 54), (54, 133), (100, 101)):
+            part = x[:, start:stop]
+            for alone in (activation(part), activation(part.contiguous())):
+                assert torch.equal(whole[:, start:stop], alone), (batch, start, stop)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_values_are_the_functions_to_float32_rounding(name: str) -> None:
     activation, reference = ACTIVATIONS[name]
     generator = torch.Generator().manual_seed(1)
