@@ -84,8 +84,8 @@ def host_state(state: dict[str, torch.Tensor]) -> HostState:
 def check_launch(launch: Launch, capacity: int) -> None:
     """The one check a launch gets, on the host: its slots are in the pool, no slot appears
     twice (two rows on one slot would race in a kernel), and a STEP batch's step counts are
-    what `StepBatch` says. On Python lists: a few numpy calls between launches cost more
-    than the check (docs/performance.md, "The worker's launch")."""
+    what `StepBatch` says. On Python lists: numpy calls between launches run cold and cost
+    more than the check (docs/performance.md, "Again after the worker's launch ...")."""
     slots = [slot for batch in launch.batches for slot in batch.slots.tolist()]
     if slots and (min(slots) < 0 or max(slots) >= capacity):
         raise ValueError(f"a launch's slots must be in [0, {capacity}), got {slots}")
