@@ -53,7 +53,7 @@ class StepBatch:
     def of(cls, slots: np.ndarray, rows: Sequence[np.ndarray]) -> StepBatch:
         """`rows`: each session's `[steps, input_size]` inputs, most steps first."""
         counts = [len(row) for row in rows]
-        if counts and counts[0] == counts[-1]:  # every row the same length: no padding
+        if len(set(counts)) == 1:  # every row the same length: no padding
             inputs = np.stack(rows).astype(np.float32, copy=False)
         else:
             width = rows[0].shape[-1] if rows else 0
