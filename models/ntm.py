@@ -121,29 +121,30 @@ class NTM(ControllerMemoryModel):
         """Split the interface vector `[B, size]` into the heads' activated parameters."""
         batch = interface.shape[0]
         M, W, K = self.config.memory_width, self.config.write_heads, self.config.shift_radius
-        addressing = interface[:, : self.heads * self.head_width].view(
-            batch, self.heads, self.head_width
-        )
-        sizes = [M, 1, 1, 2 * K + 1, 1]
-        keys, _, _, shift, _ = torch.split(addressing, sizes, dim=-1)
-        erase_and_add = interface[:, self.heads * self.head_width :].view(batch, W, 2 * M)
+        split = self.heads * self.head_width
+
+        def parts(vector: Tensor) -> tuple[Tensor, ...]:
+            """keys, beta, gate, shift, gamma (per head), then erase and add (per write head)."""
+            by_head = vector[:, :split].view(batch, self.heads, self.head_width)
+            addressing = torch.split(by_head, [M, 1, 1, 2 * K + 1, 1], dim=-1)
+            return (*addressing, *vector[:, split:].view(batch, W, 2 * M).chunk(2, -1))
+
         # Each activation runs once over the whole vector and the parameters are read from it:
         # an element's bits are its own (`models.activations`), and one call costs a fraction
         # of one per parameter on a small batch.
-        squashed, positive = sigmoid(interface), softplus(interface)
-
-        def heads_part(activated: Tensor, index: int) -> Tensor:
-            by_head = activated[:, : self.heads * self.head_width].view(batch, self.heads, -1)
-            return torch.split(by_head, sizes, dim=-1)[index].squeeze(-1)
-
+        raw, squashed, positive = (
+            parts(interface),
+            parts(sigmoid(interface)),
+            parts(softplus(interface)),
+        )
         return HeadParameters(
-            keys=keys,
-            beta=heads_part(positive, 1),
-            gate=heads_part(squashed, 2),
-            shift=torch.softmax(shift, dim=-1),
-            gamma=1 + heads_part(positive, 4),
-            erase=squashed[:, self.heads * self.head_width :].view(batch, W, 2 * M)[..., :M],
-            add=erase_and_add[..., M:],
+            keys=raw[0],
+            beta=positive[1].squeeze(-1),
+            gate=squashed[2].squeeze(-1),
+            shift=torch.softmax(raw[3], dim=-1),
+            gamma=1 + positive[4].squeeze(-1),
+            erase=squashed[5],
+            add=raw[6],
         )
 
     def memory_forward(
