@@ -28,6 +28,10 @@ def fill_random(pool: StatePool, generator: torch.Generator) -> None:
 
 # Two rows' usages closer than this (a few float32 ulps of 1) are a tie that rounding decides.
 TIE = 1e-6
+# The paths agree where the relative error stays under AGREE; a served row's error at one
+# step sits under NOISE (a few float32 ulps) until it parts.
+AGREE = 1e-5
+NOISE = 1e-6
 
 
 def assert_forward_and_step_agree(
@@ -35,14 +39,16 @@ def assert_forward_and_step_agree(
 ) -> None:
     """On the model's device (the compiled kernels on CUDA), with the same weights and
     inputs: the sequence forward (reference pieces, autograd graph) and `steps` serving
-    steps on a pool give the same outputs (relative error < 1e-5), padding rows give
+    steps on a pool give the same outputs (relative error < AGREE), padding rows give
     zeros, and the pool slots outside the batch stay bit-identical.
 
     The DNC's allocation is discontinuous where two rows' usages tie: the rows swap places
-    in the usage order and the allocation moves from one to the other. Where the served
-    usage ties (within TIE) at the very step the two paths part, float32 rounding that
-    differs between them by an ulp decided which row was written: that draw of inputs is
-    drawn again (at most `tries` draws). Paths that part anywhere else fail at once."""
+    in the usage order and the allocation moves from one to the other. Each session is
+    judged on its own: where a session's served usage ties (within TIE) at a step between
+    the one its output leaves float noise and the one it parts, float32 rounding that
+    differs between the paths by an ulp decided which row was written: that draw of inputs
+    is drawn again (at most `tries` draws). A session that parts anywhere else fails at
+    once."""
     for _ in range(tries):
         if _agree_or_tie(model, steps, generator):
             return
@@ -69,29 +75,40 @@ def _agree_or_tie(model: MemoryModel, steps: int, generator: torch.Generator) ->
         out = model.step(pool, slots, step_inputs)
         assert torch.equal(out[~live], torch.zeros_like(out[~live]))
         outputs.append(out[live])
-        gaps.append(_usage_gap(pool, slots[live]))
+        gaps.append(_usage_gaps(pool, slots[live]))
     for name in pool:
         assert torch.equal(pool[name][[1, 3, 5]], untouched[name])
     served = torch.stack(outputs, dim=1)
-    error = relative_error(served, expected)
-    if error < 1e-5:
+    if relative_error(served, expected) < AGREE:
         return True
-    parted = next(t for t in range(steps) if relative_error(served[:, t], expected[:, t]) >= 1e-5)
-    assert gaps[parted] < TIE, (
-        f"relative error {error:.2e}: the paths part at step {parted}, where no two rows' "
-        f"usages tie (closest {gaps[parted]:.1e})"
-    )
+    for row in range(served.shape[0]):
+        errors = [relative_error(served[row, t], expected[row, t]) for t in range(steps)]
+        parted = next((t for t in range(steps) if errors[t] >= AGREE), None)
+        if parted is None:
+            continue
+        # Where the swap moves little weight the row leaves float noise a step or two before
+        # its error passes AGREE: the tie is looked for from the step it left the noise.
+        left = parted
+        while left > 0 and errors[left - 1] >= NOISE:
+            left -= 1
+        closest = min(gaps[t][row] for t in range(left, parted + 1))
+        assert closest < TIE, (
+            f"row {row} parts from the forward at step {parted} (relative error "
+            f"{errors[parted]:.2e}, above float noise from step {left}), where none of its "
+            f"usages tie (closest {closest:.1e})"
+        )
     return False
 
 
-def _usage_gap(pool: StatePool, slots: torch.Tensor) -> float:
-    """The least difference between two rows' usages in any of `slots` (inf without usage)."""
+def _usage_gaps(pool: StatePool, slots: torch.Tensor) -> list[float]:
+    """For each of `slots`, the least difference between two of its rows' usages (inf for a
+    model without usage)."""
     if "usage" not in pool.tensors:
-        return float("inf")
+        return [float("inf")] * len(slots)
     usage = pool["usage"][slots].double()
     apart = (usage.unsqueeze(-1) - usage.unsqueeze(-2)).abs()
     apart += torch.eye(usage.shape[-1], dtype=apart.dtype, device=apart.device) * 2
-    return float(apart.min())
+    return apart.flatten(1).min(dim=1).values.tolist()
 
 
 def assert_served_like_forward(
