@@ -6,7 +6,8 @@
 - Otherwise, with a durable store, the call's operations (and its answer, when it has a
   request id) are committed: with `--durability launch` the caller is answered only once
   the commit is written, with `interval` at once while the commit follows in the
-  background. Every call that finishes in one launch is committed by one write.
+  background. The calls that finish in one launch are committed together, by one write
+  (`landing`, which the pipeline lands each launch through).
 - A commit that fails or is refused is answered UNAVAILABLE, and its session is unloaded:
   what this server holds of it is ahead of the store, so its next call brings it back from
   the store, where a retry of the failed call finds it as it was before.
@@ -20,7 +21,9 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
+from protos import journal_pb2
 from serving import journal
 from serving.calls import Call
 from serving.durable.committer import Committer
@@ -30,6 +33,14 @@ from serving.sessions import Session, SessionTable
 from serving.slots import SlotManager
 
 log = logging.getLogger("memserve.answers")
+
+
+class Finished(NamedTuple):
+    """A finished call, its record and its answer (with a request id), to be committed."""
+
+    call: Call
+    record: journal_pb2.Record
+    answer: journal_pb2.Response | None
 
 
 class Answers:
@@ -50,6 +61,8 @@ class Answers:
         self.table = table
         self.unload = unload  # forget a session whose commit failed (the engine's)
         self.committing: Counter[str] = Counter()  # commits in flight, per session
+        self.finishing: list[Finished] = []  # finished calls not yet handed to the committer
+        self.gathering = False  # in a landing: its calls are committed together at its end
         # A session's commits all landed, the last one taken: its state is the store's
         # (the persistence's `settled`, which writes it in whole when it is due).
         self.on_settled: Callable[[Session], None] = lambda session: None
@@ -68,39 +81,58 @@ class Answers:
         live = self.table.live(session) and not self.slots.is_stored(session)
         if live:
             session.logged_ops += len(call.ops)
-        record = journal.call_committed(call) if self.log_calls and live else None
+        answer = journal.response(call)  # also a call cut short: a retry hears of it
+        record = journal.call_committed(call, answer) if self.log_calls and live else None
         if record is None:
-            self._reply(call)
+            self._reply(call, answer=answer)
             return
-        committed = self.committer.commit([record])
+        self.finishing.append(Finished(call, record, answer))
         self.committing[session.id] += 1
-        committed.add_done_callback(partial(self._landed, session))
-        if self.wait_for_commit:
-            committed.add_done_callback(partial(self._committed, call, True))
-        else:
-            committed.add_done_callback(partial(self._committed, call, False))
-            self._reply(call)
+        if not self.wait_for_commit:
+            self._reply(call, answer=answer)
+        if not self.gathering:  # finished outside a landing (dropped, failed): at once
+            self._commit()
 
-    def _landed(self, session: Session, done: asyncio.Future[set[str]]) -> None:
-        self.committing[session.id] -= 1
-        if not self.committing[session.id]:
-            del self.committing[session.id]
-            if commit_failure(session, done) is None:
-                self.on_settled(session)
+    def landing(self, land: Callable[[], None]) -> asyncio.Future[set[str]] | None:
+        """Run `land` (a launch's landing, which finishes calls) and commit every call it
+        finished in one write. Returns the write's future where their callers wait for it
+        (`--durability launch`), else None."""
+        self.gathering = True
+        try:
+            land()
+        finally:
+            self.gathering = False
+        return self._commit()
 
-    def _committed(self, call: Call, answer: bool, done: asyncio.Future[set[str]]) -> None:
-        failure = commit_failure(call.session, done)
-        if failure is None:
-            if answer:
-                self._reply(call)
-            return
-        log.error(
-            "commit failed",
-            extra={"event": "commit_failed", "session": call.session.id, "why": str(failure)},
-        )
-        if answer:
-            self._reply(call, failure)
-        self.unload(call.session, failure)
+    def _commit(self) -> asyncio.Future[set[str]] | None:
+        if not self.finishing or self.committer is None:
+            return None
+        finished, self.finishing = self.finishing, []
+        committed = self.committer.commit([item.record for item in finished])
+        committed.add_done_callback(partial(self._committed, finished))
+        return committed if self.wait_for_commit else None
+
+    def _committed(self, finished: list[Finished], done: asyncio.Future[set[str]]) -> None:
+        for call, _, answer in finished:
+            session = call.session
+            self.committing[session.id] -= 1
+            settled = not self.committing[session.id]
+            if settled:
+                del self.committing[session.id]
+            failure = commit_failure(session, done)
+            if failure is None:
+                if self.wait_for_commit:
+                    self._reply(call, answer=answer)
+                if settled:
+                    self.on_settled(session)
+                continue
+            log.error(
+                "commit failed",
+                extra={"event": "commit_failed", "session": session.id, "why": str(failure)},
+            )
+            if self.wait_for_commit:
+                self._reply(call, failure)
+            self.unload(session, failure)
 
     def _undo_turn(self, call: GenerateCall) -> None:
         """Put the session back as it was before the turn: its state and its step count."""
@@ -108,12 +140,17 @@ class Answers:
             self.slots.rollback(call.session, call.before)
         call.session.step = call.from_step
 
-    def _reply(self, call: Call, error: Exception | None = None) -> None:
+    def _reply(
+        self,
+        call: Call,
+        error: Exception | None = None,
+        answer: journal_pb2.Response | None = None,
+    ) -> None:
         """Answer the caller (unless it left), and keep the answer for its request id."""
         session, error = call.session, error if error is not None else call.error
         if call.request_id:
             if error is None:
-                answer = journal.response(call)
+                answer = answer or journal.response(call)
                 assert answer is not None
                 session.requests.finish(call.request_id, answer)
             else:

@@ -113,6 +113,7 @@ class ModelEngine:
             name, card.backend, worker, self.scheduler, self.slots, table, metrics,
             end=self.end, on_failure=lambda error: self.on_failure(error),
         )  # fmt: skip
+        self.pipeline.on_room = self.wake.set
         self.persistence = Persistence(
             name, card, table, self.slots, self.scheduler, self.pipeline, self.lock, self.end,
             durability,
@@ -126,6 +127,7 @@ class ModelEngine:
             durability.committer, durability.mode, self.slots, table, self.persistence.unload
         )
         self.scheduler.on_finish = self.answers.finished
+        self.pipeline.landing = self.answers.landing
         self.persistence.committing = self.answers.committing
         self.answers.on_settled = self.persistence.settled
         self._register_gauges()
@@ -288,11 +290,14 @@ class ModelEngine:
             async with self.lock:
                 self.wake.clear()
                 while pipeline.has_room() and pipeline.send(
-                    scheduler.schedule(self.slots), self.slots.take_moves()
+                    scheduler.schedule(self.slots, pipeline.may_start()),
+                    self.slots.take_moves(),
                 ):
                     pass
                 if not pipeline.flights:
-                    if scheduler.ready:  # every head was dropped (left, out of order): go on
+                    # Every head was dropped (left, out of order): go on. Calls held for a
+                    # commit: its landing wakes the loop.
+                    if scheduler.ready and pipeline.may_start():
                         self.wake.set()
                     continue
             await pipeline.land_oldest(self.lock)

@@ -62,9 +62,11 @@ def response(call: Call) -> journal_pb2.Response | None:
     return answer
 
 
-def call_committed(call: Call) -> journal_pb2.Record | None:
-    """A finished call's operations from its first step to the session's step now (None if
-    it ran none)."""
+def call_committed(
+    call: Call, answer: journal_pb2.Response | None = None
+) -> journal_pb2.Record | None:
+    """A finished call's operations from its first step to the session's step now, with
+    `answer`, what it answered its request id (None if it ran none)."""
     if not call.ops:
         return None
     record = journal_pb2.CallCommitted(
@@ -73,7 +75,6 @@ def call_committed(call: Call) -> journal_pb2.Record | None:
         to_step=call.from_step + len(call.ops),
         operations=[operation_record(operation, argument) for operation, argument in call.ops],
     )
-    answer = response(call)
     if answer is not None:
         record.response.CopyFrom(answer)
     return journal_pb2.Record(call=record)

@@ -7,6 +7,12 @@ worker runs them in the order sent, so landing them in that order keeps every se
 count in step with its state. Whoever reads or rewrites a session outside a launch (fork,
 export) first lands every launch in flight (`land_all`), holding the engine's lock so that no
 new one is sent meanwhile.
+
+With `--durability launch` a landed launch's calls are answered once their commit is
+written, and until then launches carry only calls already started: the calls that arrive
+meanwhile gather into one launch. Sent at once, they would go out a few at a time, each
+launch costing the event loop about as much as a full one (docs/performance.md,
+"Durability").
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -62,6 +69,26 @@ def assemble(rows: list[Row], moves: SlotMoves) -> tuple[Launch, dict[Operation,
     return Launch(tuple(batches), park, tuple(moves.restore), save), groups
 
 
+async def answered(answer: asyncio.Future[Landed]) -> None:
+    """Return once a launch's answer is in, at once if it is. Cancelling the waiter leaves
+    the answer alone, for whoever lands the launch (awaiting the answer itself would cancel
+    it; `asyncio.wait` would not, but costs a turn of the loop even when it is in)."""
+    if answer.done():
+        return
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake(_: asyncio.Future[Landed]) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    answer.add_done_callback(wake)
+    await waiter
+
+
+def _land_only(land: Callable[[], None]) -> None:
+    land()
+
+
 class Pipeline:
     """The launches of one model in flight, oldest first."""
 
@@ -85,11 +112,24 @@ class Pipeline:
         self.end = end  # ends a session whose state a failed launch took with it
         self.on_failure = on_failure  # the model's process is gone
         self.flights: deque[Flight] = deque()
+        # Lands a launch (the callable given) and commits the calls it finished, returning
+        # the commit's future when their answers wait for it (`--durability launch`), else
+        # None (`Answers.landing`). Until it is written no launch starts a call
+        # (`may_start`): the calls that arrive meanwhile gather into one launch instead of
+        # going out a few at a time.
+        self.landing: Callable[[Callable[[], None]], asyncio.Future[Any] | None] = _land_only
+        self.unanswered = 0  # landed launches whose calls wait on their commit
+        self.on_room: Callable[[], None] = lambda: None  # a place came free
         self.observe_batch = metrics.batch_size.labels(name).observe
         self.observe_step = metrics.step_duration.labels(name, backend).observe
 
     def has_room(self) -> bool:
         return len(self.flights) < MAX_FLIGHTS
+
+    def may_start(self) -> bool:
+        """Whether a launch may start calls: not while a landed launch's calls wait for
+        their commit (calls already started go on meanwhile)."""
+        return not self.unanswered
 
     def send(self, rows: list[Row], moves: SlotMoves) -> bool:
         """Send the launch of `rows` and `moves`; False if there is nothing to send or the
@@ -110,7 +150,7 @@ class Pipeline:
         """Wait for the oldest launch's answer, then land it under `lock` (unless someone
         holding the lock landed it first)."""
         flight = self.flights[0]
-        await asyncio.wait({flight.answer})
+        await answered(flight.answer)
         async with lock:
             if self.flights and self.flights[0] is flight:
                 self.flights.popleft()
@@ -121,7 +161,7 @@ class Pipeline:
         meanwhile; if the caller is cancelled, the answer stays for the batch loop."""
         while self.flights:
             flight = self.flights[0]
-            await asyncio.wait({flight.answer})
+            await answered(flight.answer)
             if self.flights and self.flights[0] is flight:
                 self.flights.popleft()
                 self._land(flight)
@@ -148,7 +188,16 @@ class Pipeline:
                 for index, output in zip(indices, result, strict=True):
                     steps = flight.rows[index].steps  # a STEP row's outputs: one per step
                     outputs[index] = output[:steps] if operation is Operation.STEP else output
-        self.scheduler.update_from_output(flight.rows, outputs)
+        written = self.landing(partial(self.scheduler.update_from_output, flight.rows, outputs))
+        if written is not None:
+            self.unanswered += 1
+            written.add_done_callback(self._place_freed)
+
+    def _place_freed(self, written: asyncio.Future[Any]) -> None:
+        if not written.cancelled():
+            written.exception()  # the calls' own futures report a failure
+        self.unanswered -= 1
+        self.on_room()
 
     def _lose(self, rows: list[Row], parked: list[tuple[Session, int]], error: Exception) -> None:
         """A launch failed: its slots may be half-written and the states it parked are gone,

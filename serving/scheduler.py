@@ -99,8 +99,9 @@ class Scheduler:
     def has_calls(self, session: Session) -> bool:
         return bool(self.queues.get(session.id))
 
-    def schedule(self, placement: Placement) -> list[Row]:
-        """The rows of the next launch (none if no session can take part now)."""
+    def schedule(self, placement: Placement, start: bool = True) -> list[Row]:
+        """The rows of the next launch (none if no session can take part now). Without
+        `start`, only calls already started go on; the others keep their turn."""
         rows: list[Row] = []
         in_launch: set[str] = set()
         can_place = True  # False once no slot can be had for the rest of this launch
@@ -111,6 +112,8 @@ class Scheduler:
                 call = self._runs_ahead(session) if len(self.ready) == 1 else None  # alone
             else:
                 call = self._head(session)
+                if call is not None and not (start or call.started):
+                    continue  # it keeps its turn for the next launch that starts calls
                 if call is not None and session.slot is None:
                     if not can_place or placement.in_transit(session):
                         continue

@@ -6,6 +6,7 @@ parking carries exactly the states it must."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,71 @@ def test_the_model_process_serves_the_bits_of_the_in_process_step(
             want = np.stack([model.step(pool, torch.tensor([0]), torch.from_numpy(row[None]))[0]
                              for row in x])  # fmt: skip
             assert np.array_equal(got, want), name
+
+
+def test_calls_that_arrive_while_a_commit_is_written_go_out_together_after_it(
+    tmp_path: Path, front_end_without_weights: None
+) -> None:
+    """With `--durability launch` no launch is sent while the calls of a landed one wait
+    for their commit: the calls that arrive meanwhile go out in one launch once it is
+    written, and that launch's calls are committed by one write."""
+    config = ServerConfig(
+        models=("ntm-copy",), slots=4, threads=1, park_dir=str(tmp_path / "park"),
+        store=f"dir:{tmp_path / 'store'}", durability="launch",
+    )  # fmt: skip
+    server = Server(config)
+    server.load_models()
+    engine, store, committer = server.engines["ntm-copy"], server.session_store, server.committer
+    worker = engine.worker
+    assert isinstance(worker, RecordingWorker) and committer is not None
+    gate, writing, writes = threading.Event(), threading.Event(), []
+    write = store.commit
+
+    def gated_write(records: Any) -> set[str]:  # in the committer's thread
+        writes.append(len(records))
+        writing.set()
+        gate.wait()
+        return write(records)
+
+    store.commit = gated_write  # type: ignore[method-assign]
+    rng = np.random.default_rng()
+
+    def launched() -> list[int]:
+        """The rows of each launch sent since the last look."""
+        sent = [r for r in worker.sent if isinstance(r, Launch)]
+        worker.sent = []
+        return [sum(len(batch.slots) for batch in launch.batches) for launch in sent]
+
+    async def scenario() -> None:
+        committer.start()
+        engine.start()
+        try:
+            gate.set()
+            a, b, c, d = [await engine.lifecycle.create(None, None) for _ in range(4)]
+            gate.clear()
+            writing.clear()
+            writes.clear()
+            launched()
+            first = asyncio.ensure_future(engine.step(a, rng.random((1, 9), np.float32), None))
+            # a's launch landed; its commit is being written
+            assert await asyncio.to_thread(writing.wait, 60)
+            assert launched() == [1] and writes == [1] and not first.done()
+            others = [
+                asyncio.ensure_future(engine.step(s, rng.random((1, 9), np.float32), None))
+                for s in (b, c, d)
+            ]
+            while engine.scheduler.queued_calls < 3 or engine.wake.is_set():
+                await asyncio.sleep(0)  # until the batch loop has seen the three calls
+            assert launched() == [], "a launch went out while a commit was being written"
+            writing.clear()
+            gate.set()
+            await asyncio.gather(first, *others)
+            assert launched() == [3]  # b, c and d together
+            assert writes == [1, 3]  # and their three calls in one write
+            assert [s.step for s in (a, b, c, d)] == [1, 1, 1, 1]
+        finally:
+            gate.set()
+            await engine.stop()
+            await committer.stop()
+
+    asyncio.run(scenario())

@@ -145,6 +145,31 @@ def test_a_sessions_calls_run_in_order_and_only_its_started_step_call_runs_ahead
     assert second.result == 3
 
 
+def test_a_launch_that_starts_no_call_goes_on_with_started_ones_and_places_no_one() -> None:
+    """What the pipeline asks while a commit is in flight (`start=False`): the calls already
+    started take their next row; calls not started keep their turn and their sessions stay
+    where they are (a parked one is not placed); the next launch that may start calls
+    starts them in the order they came."""
+    slots = Slots(2)
+    a, b = session("a", slots=slots), session("b", slots=slots)
+    c = session("c")  # parked: no slot
+    scheduler = Scheduler(max_batch=4)
+    long = step_call(a, 2)
+    scheduler.add(long)
+    land(scheduler, scheduler.schedule(slots))  # a's call started, one row landed
+    scheduler.add(step_call(b, 1))
+    scheduler.add(step_call(c, 1))
+    held = scheduler.schedule(slots, start=False)
+    assert [(row.call, row.steps) for row in held] == [(long, 1)]
+    assert slots.placed == [] and c.slot is None
+    assert list(scheduler.ready) == ["a", "b", "c"]
+    land(scheduler, held)
+    assert long.result == 2
+    assert sessions_of(scheduler.schedule(slots, start=False)) == []
+    assert sessions_of(scheduler.schedule(slots)) == ["b", "c"]
+    assert slots.placed == ["c"]
+
+
 def test_a_launch_runs_up_to_steps_per_launch_steps_of_a_step_call() -> None:
     """A Step call of 10 with steps_per_launch 4, alone on the server, goes out as rows of
     4, 4 and 2 steps, each sent before the last lands; the session's count, the outputs and
