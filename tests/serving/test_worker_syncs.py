@@ -5,8 +5,8 @@ copy to host memory, `nonzero` and the other operations whose output size depend
 data, indexing with a mask or a host list, a host tensor copied in without `non_blocking`)
 stalls the launch until every kernel queued before it has run. Here, without a GPU, every
 launch runs under a `TorchFunctionMode` that fails on each of those, except inside the
-launch's one copy back (`serving.worker.to_host`, called once per launch) and its one
-transfer in (`serving.worker.Staging.stage`), and inside Triton's interpreter, which stands
+launch's one copy back (`serving.staging.to_host`, called once per launch) and its one
+transfer in (`serving.staging.Staging.stage`), and inside Triton's interpreter, which stands
 in for a GPU's asynchronous kernel launch. The models run as on a GPU: the Triton kernels
 (interpreted) with the PyTorch controller; and as on a CPU, the fused C step.
 
@@ -43,7 +43,8 @@ from serving.protocol import (
     Operation,
     StepBatch,
 )
-from serving.worker import Staging, host_state, run_launch
+from serving.staging import ALIGN, Staging
+from serving.worker import host_state, run_launch
 
 Tensor = torch.Tensor
 
@@ -266,7 +267,7 @@ def test_staging_packs_every_array_into_one_transfer() -> None:
     for array, tensor in zip(arrays, staged, strict=True):
         assert tensor.numpy().dtype == array.dtype and np.array_equal(tensor.numpy(), array)
         if array.size:
-            assert (tensor.data_ptr() - base) % worker.ALIGN == 0
+            assert (tensor.data_ptr() - base) % ALIGN == 0
             assert base <= tensor.data_ptr() < base + staging.buffer.numel()
     small = staging.stage([np.arange(3)])
     assert staging.buffer.data_ptr() == base and np.array_equal(small[0].numpy(), np.arange(3))
