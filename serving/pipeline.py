@@ -69,22 +69,6 @@ def assemble(rows: list[Row], moves: SlotMoves) -> tuple[Launch, dict[Operation,
     return Launch(tuple(batches), park, tuple(moves.restore), save), groups
 
 
-async def answered(answer: asyncio.Future[Landed]) -> None:
-    """Return once a launch's answer is in, at once if it is. Cancelling the waiter leaves
-    the answer alone, for whoever lands the launch (awaiting the answer itself would cancel
-    it; `asyncio.wait` would not, but costs a turn of the loop even when it is in)."""
-    if answer.done():
-        return
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def wake(_: asyncio.Future[Landed]) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    answer.add_done_callback(wake)
-    await waiter
-
-
 def _land_only(land: Callable[[], None]) -> None:
     land()
 
@@ -150,7 +134,7 @@ class Pipeline:
         """Wait for the oldest launch's answer, then land it under `lock` (unless someone
         holding the lock landed it first)."""
         flight = self.flights[0]
-        await answered(flight.answer)
+        await asyncio.wait({flight.answer})
         async with lock:
             if self.flights and self.flights[0] is flight:
                 self.flights.popleft()
@@ -161,7 +145,7 @@ class Pipeline:
         meanwhile; if the caller is cancelled, the answer stays for the batch loop."""
         while self.flights:
             flight = self.flights[0]
-            await answered(flight.answer)
+            await asyncio.wait({flight.answer})
             if self.flights and self.flights[0] is flight:
                 self.flights.popleft()
                 self._land(flight)
