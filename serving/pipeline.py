@@ -112,7 +112,9 @@ class Pipeline:
 
     def may_start(self) -> bool:
         """Whether a launch may start calls: not while a landed launch's calls wait for
-        their commit (calls already started go on meanwhile)."""
+        their commit (calls already started go on meanwhile). The wait ends: a started
+        call finishes within ceil(T / steps_per_launch) launches (a turn within its
+        tokens), and once none is left no launch lands and the commits in flight land."""
         return not self.unanswered
 
     def send(self, rows: list[Row], moves: SlotMoves) -> bool:
