@@ -113,7 +113,7 @@ class ModelEngine:
             name, card.backend, worker, self.scheduler, self.slots, table, metrics,
             end=self.end, on_failure=lambda error: self.on_failure(error),
         )  # fmt: skip
-        self.pipeline.on_room = self.wake.set
+        self.pipeline.on_written = self.wake.set
         self.persistence = Persistence(
             name, card, table, self.slots, self.scheduler, self.pipeline, self.lock, self.end,
             durability,

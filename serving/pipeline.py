@@ -103,7 +103,7 @@ class Pipeline:
         # going out a few at a time.
         self.landing: Callable[[Callable[[], None]], asyncio.Future[Any] | None] = _land_only
         self.unanswered = 0  # landed launches whose calls wait on their commit
-        self.on_room: Callable[[], None] = lambda: None  # a place came free
+        self.on_written: Callable[[], None] = lambda: None  # a commit waited on is written
         self.observe_batch = metrics.batch_size.labels(name).observe
         self.observe_step = metrics.step_duration.labels(name, backend).observe
 
@@ -177,13 +177,13 @@ class Pipeline:
         written = self.landing(partial(self.scheduler.update_from_output, flight.rows, outputs))
         if written is not None:
             self.unanswered += 1
-            written.add_done_callback(self._place_freed)
+            written.add_done_callback(self._written)
 
-    def _place_freed(self, written: asyncio.Future[Any]) -> None:
+    def _written(self, written: asyncio.Future[Any]) -> None:
         if not written.cancelled():
             written.exception()  # the calls' own futures report a failure
         self.unanswered -= 1
-        self.on_room()
+        self.on_written()
 
     def _lose(self, rows: list[Row], parked: list[tuple[Session, int]], error: Exception) -> None:
         """A launch failed: its slots may be half-written and the states it parked are gone,
