@@ -210,51 +210,26 @@ class Lifecycle:
         digest: bytes,
         make: Callable[[], Awaitable[Session]],
     ) -> Session:
-        """`make()` a session, or, for a repeat of a request id, the session the first call
-        made (waiting for it if it is still being made). Whatever happens to `make`, the id
-        is settled: its repeats get the session, or the error to retry after. Ids are the
+        """`make()` a session once per request id (`RecentSessions.once`). Ids are the
         tenant's: another tenant's same id is another request."""
         if not request_id:
             return await make()
-        now, key = time.time(), scoped(tenant.name, request_id)
-        earlier = self.recent.find(key, digest, now)
-        if earlier is not None:
-            await earlier.done.wait()
-            if earlier.error is not None:
-                raise earlier.error
-            return self.table.get(earlier.session_id, tenant.name)
-        self.recent.begin(key, digest, now)
-        try:
-            session = await make()
-        except BaseException as error:
-            if not isinstance(error, Exception):  # cancelled: its repeat should run
-                error = Unavailable("the first call with this request id was cut short; retry")
-            self.recent.fail(key, error)
-            raise
-        self.recent.finish(key, session.id)
-        return session
+        return await self.recent.once(
+            scoped(tenant.name, request_id),
+            digest,
+            make,
+            lambda session_id: self.table.get(session_id, tenant.name),
+        )
 
     def _check_room(self, tenant: Tenant) -> None:
         """RESOURCE_EXHAUSTED, naming the bound, if one more session is too many: for the
-        server (max_sessions), or for the tenant (its max_sessions, max_parked_bytes)."""
+        server (max_sessions), or for the tenant (its quotas)."""
         if len(self.table) >= self.max_sessions:
             raise ResourceExhausted(
                 f"the server holds {len(self.table)} sessions, the most it takes (max_sessions)"
             )
-        if tenant.max_sessions is not None and self.table.per_tenant[tenant.name] >= (
-            tenant.max_sessions
-        ):
-            raise ResourceExhausted(
-                f"tenant {tenant.name!r} holds {tenant.max_sessions} sessions, its "
-                "max_sessions quota"
-            )
-        if tenant.max_parked_bytes is not None:
-            parked = self.parked_bytes(tenant.name) + self.card.state_bytes
-            if parked > tenant.max_parked_bytes:
-                raise ResourceExhausted(
-                    f"tenant {tenant.name!r} would hold more than its max_parked_bytes quota "
-                    f"({tenant.max_parked_bytes} bytes) outside the slots"
-                )
+        parked = self.parked_bytes(tenant.name) + self.card.state_bytes
+        tenant.check_room(self.table.per_tenant[tenant.name], parked)
 
     async def _commit_made(
         self, session: Session, state: State | None, request_id: str, digest: bytes

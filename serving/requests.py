@@ -14,15 +14,25 @@ answer; memserve's clients send one call at a time per session and retry only th
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from protos import journal_pb2
 from serving.durable.base import RESPONSES_KEPT
-from serving.errors import InvalidArgument
+from serving.errors import InvalidArgument, Unavailable
 
 MAX_REQUEST_ID = 128
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+_Made = TypeVar("_Made", bound=_HasId)
 
 
 def scoped(tenant: str, request_id: str) -> str:
@@ -159,6 +169,35 @@ class RecentSessions:
         if entry is not None:
             entry.error = error
             entry.done.set()
+
+    async def once(
+        self,
+        request_id: str,
+        digest: bytes,
+        make: Callable[[], Awaitable[_Made]],
+        earlier: Callable[[str], _Made],
+    ) -> _Made:
+        """`make()` a session, or, for a repeat of `request_id`, `earlier(session id)` of the
+        session the first call made (waiting for it if it is still being made). Whatever
+        happens to `make`, the id is settled: its repeats get the session, or the error to
+        retry after."""
+        now = time.time()
+        found = self.find(request_id, digest, now)
+        if found is not None:
+            await found.done.wait()
+            if found.error is not None:
+                raise found.error
+            return earlier(found.session_id)
+        self.begin(request_id, digest, now)
+        try:
+            made = await make()
+        except BaseException as error:
+            if not isinstance(error, Exception):  # cancelled: its repeat should run
+                error = Unavailable("the first call with this request id was cut short; retry")
+            self.fail(request_id, error)
+            raise
+        self.finish(request_id, made.id)
+        return made
 
     def load(self, request_id: str, digest: bytes, session_id: str, made: float) -> None:
         entry = Made(digest, made, session_id)

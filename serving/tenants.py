@@ -67,6 +67,19 @@ class Tenant:
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def check_room(self, sessions: int, parked_bytes: int) -> None:
+        """RESOURCE_EXHAUSTED, naming the quota, if one more session is too many for a tenant
+        that holds `sessions` and would hold `parked_bytes` of state outside the slots."""
+        if self.max_sessions is not None and sessions >= self.max_sessions:
+            raise ResourceExhausted(
+                f"tenant {self.name!r} holds {self.max_sessions} sessions, its max_sessions quota"
+            )
+        if self.max_parked_bytes is not None and parked_bytes > self.max_parked_bytes:
+            raise ResourceExhausted(
+                f"tenant {self.name!r} would hold more than its max_parked_bytes quota "
+                f"({self.max_parked_bytes} bytes) outside the slots"
+            )
+
 
 OPEN_TENANT = Tenant(OPEN)
 

@@ -34,14 +34,14 @@ from serving.durable.base import (
     StoreUnavailable,
     record_session,
 )
-from serving.durable.index import Entry, Location, resolve, without_state
-from serving.durable.records import CorruptRecordError, Damage, frame, read_frame, scan
+from serving.durable.index import Entry, Location, without_state
+from serving.durable.records import CorruptRecordError, frame, read_frame
+from serving.durable.segments import recover, segment_path, sync_directory
 from serving.errors import DataLoss
 
 log = logging.getLogger("memserve.store")
 
 SEGMENT_BYTES = 64 << 20
-PREFIX, SUFFIX = "wal-", ".log"
 
 
 class DirectorySessionStore(SessionStore):
@@ -63,65 +63,18 @@ class DirectorySessionStore(SessionStore):
         except OSError as error:
             self._lock.close()
             raise ValueError(f"{self.path} is in use by another memserve server") from error
-        self.entries: dict[str, Entry] = {}
-        self.live_bytes: dict[int, int] = {}
-        self.sizes: dict[int, int] = {}
         self._problems: list[str] = []
-        self._scan_all()
+        found = recover(self.path, self._problem)
+        self.entries: dict[str, Entry] = found.entries
+        self.sizes: dict[int, int] = found.sizes  # bytes of each segment
+        self.live_bytes: dict[int, int] = found.live_bytes  # bytes of live records in each
         self.active = max(self.sizes, default=0) + 1
         self._open_active()
 
     # ------------------------------------------------------------------ reading
 
     def _segment_path(self, segment: int) -> Path:
-        return self.path / f"{PREFIX}{segment:08d}{SUFFIX}"
-
-    def _scan_all(self) -> None:
-        found = sorted(
-            int(p.name[len(PREFIX) : -len(SUFFIX)])
-            for p in self.path.glob(f"{PREFIX}*{SUFFIX}")
-            if p.name[len(PREFIX) : -len(SUFFIX)].isdigit()
-        )
-        records: dict[str, list[tuple[Location, journal_pb2.Record]]] = {}
-        damaged: list[tuple[str, bytes]] = []  # what was lost, and its bytes
-        for segment in found:
-            path = self._segment_path(segment)
-            data = path.read_bytes()
-            size = len(data)
-            for item in scan(data):
-                if isinstance(item, Damage):
-                    if item.end == len(data) and segment == found[-1]:
-                        self._problem(
-                            f"{path.name}: the last {len(data) - item.start} bytes are a record "
-                            f"cut short (a write the crash interrupted): truncated ({item.why})"
-                        )
-                        os.truncate(path, item.start)
-                        size = item.start
-                    else:
-                        where = f"{path.name} bytes {item.start}-{item.end}"
-                        self._problem(f"{where} unreadable: {item.why}")
-                        damaged.append((where, data[item.start : item.end]))
-                    continue
-                offset, length, record = item
-                location = Location(segment, offset, length)
-                try:
-                    session_id = record_session(record)
-                except ValueError:
-                    self._problem(f"{path.name}: an empty record at byte {offset}")
-                    continue
-                records.setdefault(session_id, []).append((location, record))
-            self.sizes[segment] = size
-            self.live_bytes[segment] = 0
-        for session_id, items in records.items():
-            entry = resolve(items)
-            # A damaged record names its session: ids are 128 random bits, never matched by
-            # chance. That session may have lost a step, so it is not served as it is.
-            hit = next((where for where, data in damaged if session_id.encode() in data), None)
-            if hit is not None and entry.deleted is None:
-                entry.error = f"a record of it is damaged ({hit})"
-            self.entries[session_id] = entry
-            for location in entry.live():
-                self.live_bytes[location.segment] += location.size
+        return segment_path(self.path, segment)
 
     def _read(self, location: Location) -> journal_pb2.Record:
         with open(self._segment_path(location.segment), "rb") as handle:
@@ -198,7 +151,7 @@ class DirectorySessionStore(SessionStore):
         )
         self.sizes[self.active] = os.fstat(self.file).st_size
         self.live_bytes.setdefault(self.active, 0)
-        _sync_directory(self.path)
+        sync_directory(self.path)
 
     def commit(self, records: Sequence[journal_pb2.Record]) -> set[str]:
         refused: set[str] = set()
@@ -343,7 +296,7 @@ class DirectorySessionStore(SessionStore):
 
     def _forget_segment(self, segment: int) -> None:
         self._segment_path(segment).unlink()
-        _sync_directory(self.path)
+        sync_directory(self.path)
         del self.sizes[segment], self.live_bytes[segment]
         for session_id in list(self.entries):
             entry = self.entries[session_id]
@@ -371,11 +324,3 @@ class DirectorySessionStore(SessionStore):
     def close(self) -> None:
         os.close(self.file)
         self._lock.close()
-
-
-def _sync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

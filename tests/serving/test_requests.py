@@ -3,10 +3,15 @@ every call still running, whatever the order calls begin, answer and fail in."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+from dataclasses import dataclass
+
+import pytest
 
 from protos import journal_pb2
-from serving.requests import RequestLog
+from serving.errors import InvalidArgument, ResourceExhausted, Unavailable
+from serving.requests import RecentSessions, RequestLog
 
 
 def kept_by_rule(events: list[tuple[str, str]], keep: int) -> list[str]:
@@ -63,3 +68,57 @@ def test_answers_loaded_from_the_store_count_toward_the_bound() -> None:
     log.begin("new", b"digest")
     log.finish("new", journal_pb2.Response(request_id="new"))
     assert list(log.entries) == ["old3", "old4", "new"]
+
+
+@dataclass
+class Made:
+    id: str
+
+
+def test_a_request_id_makes_one_session_whatever_its_repeats_do() -> None:
+    """`RecentSessions.once`: a repeat of a finished id gets the first session and makes
+    none; a repeat while the first still runs waits for it; a first call that fails or is
+    cut short settles the id with an error its waiters get, and a later repeat runs."""
+
+    async def scenario() -> None:
+        recent, made = RecentSessions(), 0
+        sessions: dict[str, Made] = {}
+        gate = asyncio.Event()
+
+        async def make() -> Made:
+            nonlocal made
+            made += 1
+            await gate.wait()
+            session = Made(f"s{made}")
+            sessions[session.id] = session
+            return session
+
+        first = asyncio.ensure_future(recent.once("a", b"d", make, sessions.__getitem__))
+        repeat = asyncio.ensure_future(recent.once("a", b"d", make, sessions.__getitem__))
+        await asyncio.sleep(0)
+        assert made == 1 and not repeat.done()  # the repeat waits for the first
+        gate.set()
+        assert (await first) is (await repeat) is sessions["s1"]
+        assert await recent.once("a", b"d", make, sessions.__getitem__) is sessions["s1"]
+        assert made == 1
+        with pytest.raises(InvalidArgument, match="different request"):
+            await recent.once("a", b"other", make, sessions.__getitem__)
+
+        async def broken() -> Made:
+            raise ResourceExhausted("full")
+
+        with pytest.raises(ResourceExhausted):
+            await recent.once("b", b"d", broken, sessions.__getitem__)
+        assert (await recent.once("b", b"d", make, sessions.__getitem__)).id == "s2"
+
+        gate.clear()
+        cut = asyncio.ensure_future(recent.once("c", b"d", make, sessions.__getitem__))
+        waiter = asyncio.ensure_future(recent.once("c", b"d", make, sessions.__getitem__))
+        await asyncio.sleep(0)
+        cut.cancel()
+        with pytest.raises(Unavailable, match="cut short"):
+            await waiter
+        gate.set()
+        assert (await recent.once("c", b"d", make, sessions.__getitem__)).id == "s4"
+
+    asyncio.run(scenario())
