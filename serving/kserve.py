@@ -29,6 +29,7 @@ from serving import kserve_wire as wire
 from serving.engine import ModelEngine
 from serving.errors import InvalidArgument, NotFound
 from serving.generation import Sampling, prompt_tokens, require_text
+from serving.kserve_model import is_dialogue, model_config, model_metadata
 from serving.kserve_stream import answer_stream
 from serving.malformed import Malformed, lenient
 from serving.metrics import Metrics
@@ -162,12 +163,12 @@ class KServeService:
     @unary("ModelMetadata")
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         engine = self.engine(request.name, request.version)
-        return wire.model_metadata(engine.name, engine.card)
+        return model_metadata(engine.name, engine.card)
 
     @unary("ModelConfig")
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         engine = self.engine(request.name, request.version)
-        return wire.model_config(engine.name, engine.card, engine.settings.session_ttl)
+        return model_config(engine.name, engine.card, engine.settings.session_ttl)
 
     # ------------------------------------------------------------------ inference
 
@@ -202,7 +203,7 @@ class KServeService:
         """One stream request's answer: a step model's response (or error), one message, as
         cheaply as StepStream answers; a dialogue turn's messages, as an async generator."""
         engine = None if isinstance(request, Malformed) else self.engines.get(request.model_name)
-        if engine is not None and wire.is_dialogue(engine.card):
+        if engine is not None and is_dialogue(engine.card):
             return self._answer_turn(request, stream)
         try:
             async with self.admission.answering("ModelStreamInfer", request, stream):
@@ -235,7 +236,7 @@ class KServeService:
         request_id, digest = wire.request_key(request)
         turn = None
         inputs, batched = None, False
-        if wire.is_dialogue(card):
+        if is_dialogue(card):
             text = wire.text_input(request, name)
             prompt = prompt_tokens(require_text(engine.tokenizer, card, name), text,
                                    engine.settings.max_steps_per_call)  # fmt: skip
