@@ -29,6 +29,7 @@ from serving.calls import Call
 from serving.durable.committer import Committer
 from serving.errors import Cancelled, Unavailable
 from serving.generation import GenerateCall
+from serving.protocol import steps_of
 from serving.sessions import Session, SessionTable
 from serving.slots import SlotManager
 
@@ -80,7 +81,7 @@ class Answers:
             return
         live = self.table.live(session) and not self.slots.is_stored(session)
         if live:
-            session.logged_ops += len(call.ops)
+            session.logged_ops += steps_of(call.ops)
         answer = journal.response(call)  # also a call cut short: a retry hears of it
         record = journal.call_committed(call, answer) if self.log_calls and live else None
         if record is None:

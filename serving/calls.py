@@ -34,7 +34,8 @@ class Call:
     request_id: str = ""  # names the call for retries (serving.requests)
     digest: bytes = b""  # what the request asked for, to tell a repeat from a new request
     from_step: int = 0  # the session's step when its first row was scheduled
-    ops: list[tuple[Operation, Any]] = field(default_factory=list, repr=False)  # rows landed
+    # Its rows landed, as its journal records them (a STEP row: its steps' inputs, k x input)
+    ops: list[tuple[Operation, Any]] = field(default_factory=list, repr=False)
     future: asyncio.Future[int] | None = field(default=None, repr=False)  # the engine's
 
     @property

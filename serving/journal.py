@@ -14,6 +14,7 @@ from serving.calls import Call, StepCall
 from serving.durable.records import operation_record
 from serving.export import export_state
 from serving.generation import GenerateCall
+from serving.protocol import steps_of
 from serving.sessions import Session
 
 
@@ -72,7 +73,7 @@ def call_committed(
     record = journal_pb2.CallCommitted(
         session_id=call.session.id,
         from_step=call.from_step,
-        to_step=call.from_step + len(call.ops),
+        to_step=call.from_step + steps_of(call.ops),
         operations=[operation_record(operation, argument) for operation, argument in call.ops],
     )
     if answer is not None:

@@ -26,7 +26,7 @@ from serving.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
 from serving.export import import_state
 from serving.logs import log_session
 from serving.pipeline import Pipeline
-from serving.protocol import ModelCard, Replay
+from serving.protocol import ModelCard, Replay, steps_of
 from serving.requests import RecentSessions, RequestLog, scoped
 from serving.scheduler import Scheduler
 from serving.sessions import Session, SessionTable
@@ -129,9 +129,10 @@ class Persistence:
         base = stored.snapshot.state if stored.snapshot is not None else stored.created.state
         start = stored.snapshot.step if stored.snapshot is not None else stored.created.step
         rows = tuple(replay_row(op) for call in stored.calls for op in call.operations)
-        if start + len(rows) != stored.step:
+        steps = steps_of(rows)
+        if start + steps != stored.step:
             session.broken = DataLoss(
-                f"session {session.id} cannot be restored: its records hold {len(rows)} steps "
+                f"session {session.id} cannot be restored: its records hold {steps} steps "
                 f"after step {start}, not the {stored.step - start} its count says"
             )
             raise session.broken
@@ -143,7 +144,7 @@ class Persistence:
             session.step = stored.step
             session.requests = RequestLog()
             session.requests.load(stored.responses)
-            session.logged_ops = len(rows)
+            session.logged_ops = steps
             self.slots.unstore(session, {n: torch.from_numpy(a) for n, a in arrays.items()})
         if self.replica:  # this replica serves it now: its reads elsewhere must reload
             claimed = await self.committer.run(self.committer.store.claim, session.id)

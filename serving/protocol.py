@@ -16,7 +16,7 @@ asks for it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,6 +35,12 @@ class Operation(enum.Enum):
     ENCODE = "encode"  # a token written into the dialogue memory
     BEGIN = "begin"  # a reply starts: z drawn from the prior with the given noise
     DECODE = "decode"  # the previous token in, the next one (sampled in the worker) back
+
+
+def steps_of(rows: Iterable[tuple[Operation, Any]]) -> int:
+    """The steps a session's rows took: a STEP row's argument holds one input per step
+    (`[k, input_size]`), every other row is one step."""
+    return sum(len(argument) if operation is Operation.STEP else 1 for operation, argument in rows)
 
 
 @dataclass(frozen=True)

@@ -57,12 +57,6 @@ class Row(NamedTuple):
     argument: Any
     steps: int = 1
 
-    def ops(self) -> list[tuple[Operation, Any]]:
-        """What the row did, one operation per step, as a session's journal records it."""
-        if self.operation is Operation.STEP:
-            return [(self.operation, inputs) for inputs in self.argument]
-        return [(self.operation, self.argument)]
-
 
 def _ignore(call: Call) -> None:
     pass
@@ -176,7 +170,7 @@ class Scheduler:
             if call.finished:  # answered while this row was in flight (its session ended)
                 continue
             if self.keep_ops:
-                call.ops.extend(row.ops())
+                call.ops.append((row.operation, row.argument))
             if call.take(output) or call.abandoned:
                 self._finish(call, result=session.step)
             if self.queues.get(session.id):

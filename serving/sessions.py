@@ -34,7 +34,7 @@ class Session:
     seed: int | None = None
     tenant: str = ""  # who made it; only they reach it ("" on a server without keys)
     requests: RequestLog = field(default_factory=RequestLog)  # its recent request ids
-    logged_ops: int = 0  # operations run since its state was last written in whole
+    logged_ops: int = 0  # steps run since its state was last written in whole
     broken: ServingError | None = None  # why it cannot be served (a damaged store entry)
 
 

@@ -243,7 +243,7 @@ def replay(model: MemoryModel, scratch: StatePool, request: Replay) -> HostState
     for operation, group in itertools.groupby(request.rows, key=lambda row: row[0]):
         arguments = [argument for _, argument in group]
         if operation is Operation.STEP:  # a run of steps, back to back in one batch
-            batches: list[OperationBatch] = [StepBatch.of(slot, [np.stack(arguments)])]
+            batches: list[OperationBatch] = [StepBatch.of(slot, [np.concatenate(arguments)])]
         else:
             batches = [batch_of(operation, slot, [argument]) for argument in arguments]
         for batch in batches:

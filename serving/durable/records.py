@@ -112,8 +112,8 @@ def operation_record(operation: Operation, argument: Any) -> journal_pb2.Operati
 def replay_row(record: journal_pb2.Operation) -> tuple[Operation, Any]:
     """The operation and argument a worker replays (`serving.worker.replay`)."""
     kind = record.WhichOneof("kind")
-    if kind == "step":
-        return Operation.STEP, tensors.decode(record.step, "step")
+    if kind == "step":  # [k, input_size]; [input_size] in records of one step each (older)
+        return Operation.STEP, np.atleast_2d(tensors.decode(record.step, "step"))
     if kind == "encode":
         return Operation.ENCODE, record.encode
     if kind == "begin":

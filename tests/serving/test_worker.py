@@ -15,7 +15,18 @@ from kernels.backend import BACKEND_ENV
 from models import checkpoint
 from models.base import MemoryModel
 from models.state import StatePool
-from serving.protocol import Launch, Operation, ReadSlot, ResetSlot, StepBatch, WriteSlot
+from protos import journal_pb2, tensors
+from serving.durable.records import operation_record, replay_row
+from serving.protocol import (
+    Launch,
+    Operation,
+    ReadSlot,
+    Replay,
+    ResetSlot,
+    StepBatch,
+    WriteSlot,
+    steps_of,
+)
 from serving.worker import answer, describe, host_state, run_launch
 
 
@@ -158,3 +169,24 @@ def test_a_step_batch_with_wrong_counts_is_refused(model: MemoryModel, counts: l
     for slot in range(2):
         for name in pool:
             assert torch.equal(pool.read(slot)[name], before[slot][name])
+
+
+def test_stored_steps_replay_to_the_same_bits_in_either_record_form(model: MemoryModel) -> None:
+    """A call's steps are stored as rows of k steps (one record for a launch row) or, in
+    stores written before, one record per step; both replay to the state of the same steps
+    taken one launch at a time, bit for bit, and count the same steps."""
+    rng = np.random.default_rng(3)
+    inputs = rng.random((7, model.input_size), dtype=np.float32)
+    pool = model.new_pool(1)
+    model.reset(pool, [0])
+    for row in inputs:
+        model.step(pool, torch.zeros(1, dtype=torch.long), torch.from_numpy(row[None]))
+    expected = host_state(pool.read(0))
+    as_rows = [operation_record(Operation.STEP, part) for part in (inputs[:3], inputs[3:])]
+    per_step = [journal_pb2.Operation(step=tensors.encode(row)) for row in inputs]
+    for records in (as_rows, per_step, [*per_step[:3], *as_rows[1:]]):
+        rows = tuple(replay_row(record) for record in records)
+        assert steps_of(rows) == 7
+        replayed = answer(model, model.new_pool(1), model.new_pool(1), Replay(None, rows))
+        for name, array in expected.items():
+            assert np.array_equal(replayed[name], array), name
