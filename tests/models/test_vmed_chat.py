@@ -21,7 +21,7 @@ from models.vmed import VMED
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 # The committed evaluation of the shipped checkpoint (memserve eval dialogue, whole conversations).
-EVALUATION = DOCS / "results" / "vmed-chat-v2-eval.json"
+EVALUATION = DOCS / "results" / "vmed-chat-v3-eval.json"
 
 
 def test_it_is_bundled_and_loads_by_name() -> None:
