@@ -392,9 +392,11 @@ def test_chat_on_a_model_without_text_fails_early(
 
 
 def test_unreachable_server_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
+    # Its own unused metrics port: the default (9464) may be held by a server on this machine.
     code = main(["loadgen", "step", "--target", f"127.0.0.1:{port}", "--connect-timeout",
-                 "0.5", "--no-progress"])  # fmt: skip
+                 "0.5", "--metrics-url", f"http://127.0.0.1:{metrics_port}/metrics",
+                 "--no-progress"])  # fmt: skip
     assert code == 1
     error = capsys.readouterr().err
     assert f"cannot reach a server at 127.0.0.1:{port}" in error
