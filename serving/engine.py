@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,13 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protos import journal_pb2, tensors
+from protos import journal_pb2
 from serving.answers import Answers
 from serving.calls import Call, StepCall
 from serving.durable.committer import Durability
 from serving.errors import (
     Cancelled,
-    FailedPrecondition,
     NotFound,
     ResourceExhausted,
     ServingError,
@@ -45,6 +43,7 @@ from serving.persistence import Persistence
 from serving.pipeline import Pipeline
 from serving.protocol import ModelCard
 from serving.pushback import Pushback
+from serving.requests import answered_step, reply_seed
 from serving.scheduler import Scheduler
 from serving.sessions import Session, SessionTable
 from serving.slots import SlotManager
@@ -151,9 +150,9 @@ class ModelEngine:
         """
         await self.persistence.ensure_loaded(session)
         if request_id:
-            earlier = await self._earlier(session, request_id, digest)
+            earlier = await session.requests.earlier(request_id, digest)
             if earlier is not None:
-                return answered_step(earlier, session)
+                return answered_step(earlier, session.step)
         call = StepCall(
             session=session,
             inputs=inputs,
@@ -165,21 +164,6 @@ class ModelEngine:
         )
         step = await self._enqueue(call)  # with an id, cancelling this leaves the call running
         return call.outputs, step
-
-    async def _earlier(
-        self, session: Session, request_id: str, digest: bytes
-    ) -> journal_pb2.Response | None:
-        """The answer of an earlier call with this id (waiting for it if it still runs), or
-        None after noting that this call starts under the id."""
-        earlier = session.requests.find(request_id, digest)
-        if earlier is None:
-            session.requests.begin(request_id, digest)
-            return None
-        await earlier.done.wait()
-        if earlier.error is not None:
-            raise earlier.error
-        assert earlier.response is not None
-        return earlier.response
 
     async def generate(
         self,
@@ -202,7 +186,7 @@ class ModelEngine:
         charge(len(prompt) + 2 * sampling.max_tokens + 2)  # the turn's steps, at most
         await self.persistence.ensure_loaded(session)
         if request_id:
-            earlier = await self._earlier(session, request_id, digest)
+            earlier = await session.requests.earlier(request_id, digest)
             if earlier is not None:
                 return earlier.reply
         call = GenerateCall(
@@ -334,26 +318,3 @@ class ModelEngine:
             m.sessions.labels(name, residence).set_function(
                 lambda residence=residence: slots.count(residence)  # type: ignore[misc]
             )
-
-
-def answered_step(answer: journal_pb2.Response, session: Session) -> tuple[np.ndarray, int]:
-    """The outputs and step count a Step call with this request id answered."""
-    if answer.HasField("step"):
-        return tensors.decode(answer.step.outputs, "outputs"), answer.step.step
-    raise FailedPrecondition(
-        f"request {answer.request_id!r} was {answer.cancelled or 'not a Step call'}; "
-        f"the session is at step {session.step}"
-    )
-
-
-def reply_seed(seed: int | None, session_seed: int | None, request_id: str) -> int | None:
-    """What a turn's randomness starts from: the request's seed, else the session's, else
-    one derived from the request id, so that a retry of the turn gives the same reply
-    (None: fresh entropy)."""
-    if seed is not None:
-        return seed
-    if session_seed is not None:
-        return session_seed
-    if request_id:
-        return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little")
-    return None

@@ -30,7 +30,7 @@ from serving.engine import ModelEngine
 from serving.errors import InvalidArgument, NotFound
 from serving.generation import Sampling, prompt_tokens, require_text
 from serving.kserve_model import is_dialogue, model_config, model_metadata
-from serving.kserve_stream import answer_stream
+from serving.kserve_stream import MessageContext, MessageFailedError, answer_stream
 from serving.malformed import Malformed, lenient
 from serving.metrics import Metrics
 from serving.rpc import Admission, current_tenant, unary
@@ -42,31 +42,6 @@ EXTENSIONS = ("sequence", "sequence(string_id)", "model_configuration", "paramet
 VERSION = "1"  # every model has this one version
 SESSION_PARAMETER = "memserve_session_id"  # on a START's response
 FINAL = wire.FINAL
-
-
-class MessageFailedError(Exception):
-    """One stream message's error, as its `error_message` (the stream goes on)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"[{code}] {details}")  # as tritonclient shows a unary call's error
-
-
-class MessageContext:
-    """What `rpc.Answering` sees of one stream message: the stream's metadata (its key), and
-    an abort that fails the message, not the stream (a message has no trailing metadata of
-    its own, so a pushback is dropped)."""
-
-    def __init__(self, stream: grpc.aio.ServicerContext) -> None:
-        self.stream = stream
-
-    def invocation_metadata(self) -> Any:
-        return self.stream.invocation_metadata()
-
-    def set_trailing_metadata(self, metadata: Any) -> None:
-        pass
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise MessageFailedError(code, details)
 
 
 class KServeService:

@@ -6,7 +6,8 @@ A stream that has carried one sequence so far is answered inline, request after 
 as memserve.v1's StepStream is (no task per request: a client with one stream per sequence
 pays what a v1 client pays). The first request of another sequence turns the stream
 concurrent for good: from then on each request is a task, and the responses go out through
-a queue in the order they are ready.
+a queue in the order they are ready. A request's error is its own message
+(`MessageContext`), the stream goes on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,35 @@ import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any
 
+import grpc
+
 from serving.kserve_wire import order_key
+
+
+class MessageFailedError(Exception):
+    """One stream message's error, as its `error_message` (the stream goes on)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"[{code}] {details}")  # as tritonclient shows a unary call's error
+
+
+class MessageContext:
+    """What `rpc.Answering` sees of one stream message: the stream's metadata (its key), and
+    an abort that fails the message, not the stream (a message has no trailing metadata of
+    its own, so a pushback is dropped)."""
+
+    def __init__(self, stream: grpc.aio.ServicerContext) -> None:
+        self.stream = stream
+
+    def invocation_metadata(self) -> Any:
+        return self.stream.invocation_metadata()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise MessageFailedError(code, details)
+
 
 # One request -> its one message, or an async generator of its messages (a dialogue turn).
 Answer = Callable[[Any], Awaitable[Any]]

@@ -14,15 +14,18 @@ answer; memserve's clients send one call at a time per session and retry only th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from protos import journal_pb2
+import numpy as np
+
+from protos import journal_pb2, tensors
 from serving.durable.base import RESPONSES_KEPT
-from serving.errors import InvalidArgument, Unavailable
+from serving.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 MAX_REQUEST_ID = 128
 
@@ -75,6 +78,19 @@ class RequestLog:
             )
         return found
 
+    async def earlier(self, request_id: str, digest: bytes) -> journal_pb2.Response | None:
+        """The answer of an earlier call with this id (waiting for it if it still runs), or
+        None after noting that this call starts under the id."""
+        found = self.find(request_id, digest)
+        if found is None:
+            self.begin(request_id, digest)
+            return None
+        await found.done.wait()
+        if found.error is not None:
+            raise found.error
+        assert found.response is not None
+        return found.response
+
     def begin(self, request_id: str, digest: bytes) -> Remembered:
         """A call with this id starts (the caller checked `find` first)."""
         entry = Remembered(digest)
@@ -121,6 +137,30 @@ class RequestLog:
             oldest = next(key for key, entry in self.entries.items() if entry.response is not None)
             del self.entries[oldest]
             self.answers -= 1
+
+
+def answered_step(answer: journal_pb2.Response, step: int) -> tuple[np.ndarray, int]:
+    """The outputs and step count a Step call with this request id answered (`step`: the
+    session's step count now, for the error when the id answered something else)."""
+    if answer.HasField("step"):
+        return tensors.decode(answer.step.outputs, "outputs"), answer.step.step
+    raise FailedPrecondition(
+        f"request {answer.request_id!r} was {answer.cancelled or 'not a Step call'}; "
+        f"the session is at step {step}"
+    )
+
+
+def reply_seed(seed: int | None, session_seed: int | None, request_id: str) -> int | None:
+    """What a turn's randomness starts from: the request's seed, else the session's, else
+    one derived from the request id, so that a retry of the turn gives the same reply
+    (None: fresh entropy)."""
+    if seed is not None:
+        return seed
+    if session_seed is not None:
+        return session_seed
+    if request_id:
+        return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little")
+    return None
 
 
 @dataclass
