@@ -228,6 +228,7 @@ def _write_report(
         "command": shlex.join(["memserve", *args.argv]),
         "memserve": __version__,
         "torch": torch.__version__,
+        "cpu": torch.backends.cpu.get_cpu_capability(),  # its vector unit rounds some sums
         "python": platform.python_version(),
         "seconds": round(time.monotonic() - began, 1),
     }
@@ -437,6 +438,7 @@ def run_dialogue(args: argparse.Namespace) -> int:
         "command": shlex.join(["memserve", *args.argv]),
         "memserve": __version__,
         "torch": torch.__version__,
+        "cpu": torch.backends.cpu.get_cpu_capability(),  # its vector unit rounds some sums
         "python": platform.python_version(),
         "seconds": round(time.monotonic() - began, 1),
     }

@@ -23,6 +23,7 @@ OUTPUT_ACTIVATIONS = ("sigmoid", "identity")
 
 
 ROW_TILE = 8  # rows per product in `rowwise_product`, whatever the batch
+MIN_OUTPUTS = 16  # narrower products are padded to this many outputs (`rowwise_product`)
 
 
 def rowwise_product(inputs: Tensor, weight: Tensor) -> Tensor:
@@ -39,9 +40,14 @@ def rowwise_product(inputs: Tensor, weight: Tensor) -> Tensor:
 
     With more than one intra-op thread there are always two tiles at least: a batch of one
     product may be split along its inner dimension across threads (seen at K >= 2000), and a
-    batch of several is split by tile.
+    batch of several is split by tile. Fewer than MIN_OUTPUTS outputs are padded with zero
+    rows of weights: on an AVX2 CPU such narrow products gave a row different bits at
+    different places in its tile (docs/performance.md, "Row-wise products").
     """
     rows, width = inputs.shape
+    outputs = weight.shape[0]
+    if outputs < MIN_OUTPUTS:
+        weight = torch.cat([weight, weight.new_zeros(MIN_OUTPUTS - outputs, width)])
     padding = -rows % ROW_TILE
     if rows + padding == ROW_TILE and torch.get_num_threads() > 1:
         padding += ROW_TILE
@@ -49,7 +55,7 @@ def rowwise_product(inputs: Tensor, weight: Tensor) -> Tensor:
         inputs = torch.cat([inputs, inputs.new_zeros(padding, width)])
     tiles = inputs.reshape(-1, ROW_TILE, width)
     products = torch.bmm(tiles, weight.t().expand(tiles.shape[0], -1, -1))
-    return products.view(-1, weight.shape[0])[:rows]
+    return products.view(-1, weight.shape[0])[:rows, :outputs]
 
 
 def rowwise_linear(inputs: Tensor, layer: nn.Linear) -> Tensor:
