@@ -7,11 +7,12 @@ import asyncio
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 
-from protos import journal_pb2
-from serving.errors import InvalidArgument, ResourceExhausted, Unavailable
-from serving.requests import RecentSessions, RequestLog
+from protos import journal_pb2, tensors
+from serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from serving.requests import RecentSessions, RequestLog, answered_step, reply_seed
 
 
 def kept_by_rule(events: list[tuple[str, str]], keep: int) -> list[str]:
@@ -73,6 +74,53 @@ def test_answers_loaded_from_the_store_count_toward_the_bound() -> None:
 @dataclass
 class Made:
     id: str
+
+
+def test_a_repeat_gets_the_first_calls_answer_or_its_error() -> None:
+    """`RequestLog.earlier`: the first call under an id starts it (None); a repeat while it
+    runs waits for it and gets its answer; another payload is INVALID_ARGUMENT; the waiters
+    of a call that failed fail the same way, and the id is then free for a retry."""
+
+    async def scenario() -> None:
+        log = RequestLog()
+        assert await log.earlier("a", b"d") is None
+        repeat = asyncio.ensure_future(log.earlier("a", b"d"))
+        await asyncio.sleep(0)  # one turn: the repeat is waiting
+        assert not repeat.done()
+        with pytest.raises(InvalidArgument, match="different request"):
+            await log.earlier("a", b"other")
+        outputs = np.arange(6, dtype=np.float32).reshape(2, 3)
+        answer = journal_pb2.Response(request_id="a", request_digest=b"d")
+        answer.step.step = 7
+        tensors.encode_into(answer.step.outputs, outputs)
+        log.finish("a", answer)
+        assert await repeat is answer
+        again = await log.earlier("a", b"d")
+        assert again is answer
+        got, step = answered_step(again, 7)
+        assert step == 7 and np.array_equal(got, outputs)
+        cut = journal_pb2.Response(request_id="c", cancelled="cancelled after 1 of 4 steps")
+        with pytest.raises(FailedPrecondition, match=r"cancelled after 1 of 4.*at step 9"):
+            answered_step(cut, 9)
+
+        assert await log.earlier("b", b"d") is None
+        waiter = asyncio.ensure_future(log.earlier("b", b"d"))
+        await asyncio.sleep(0)
+        log.fail("b", Unavailable("the store is down"))
+        with pytest.raises(Unavailable, match="store is down"):
+            await waiter
+        assert await log.earlier("b", b"d") is None  # the retry runs
+
+    asyncio.run(scenario())
+
+
+def test_a_turns_seed_is_the_requests_else_the_sessions_else_its_request_ids() -> None:
+    assert reply_seed(5, 6, "r") == 5
+    assert reply_seed(None, 6, "r") == 6
+    derived = reply_seed(None, None, "r")
+    assert derived is not None and derived == reply_seed(None, None, "r")  # a retry's
+    assert derived != reply_seed(None, None, "s")
+    assert reply_seed(None, None, "") is None  # fresh entropy
 
 
 def test_a_request_id_makes_one_session_whatever_its_repeats_do() -> None:
