@@ -194,6 +194,33 @@ def _evaluate_sizes(
     return results
 
 
+def run_provenance(
+    args: argparse.Namespace, model: MemoryModel, began: float, **training: Any
+) -> dict[str, Any]:
+    """What every evaluation report ends with: how the model was trained (its provenance,
+    with `training` added), the command, the versions and the vector unit it ran on (which
+    rounds some sums), and how long it took."""
+    import torch
+
+    from memserve import __version__
+
+    provenance = model.provenance
+    return {
+        "training": {
+            "steps": provenance.get("steps"),
+            "settings": provenance.get("settings") or {},
+            **training,
+            "command": provenance.get("command", ""),
+        },
+        "command": shlex.join(["memserve", *args.argv]),
+        "memserve": __version__,
+        "torch": torch.__version__,
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "seconds": round(time.monotonic() - began, 1),
+    }
+
+
 def _write_report(
     args: argparse.Namespace,
     model: MemoryModel,
@@ -205,12 +232,8 @@ def _write_report(
     extra: dict[str, Any],
 ) -> None:
     """Write the JSON report (results, training provenance, versions) and the plot."""
-    import torch
-
-    from memserve import __version__
     from models.checkpoint import resolve
 
-    provenance = model.provenance
     report = {
         "task": task,
         "model": args.model,
@@ -219,18 +242,8 @@ def _write_report(
         "seed": args.seed,
         **extra,
         "results": results,
-        "training": {
-            "steps": provenance.get("steps"),
-            "settings": provenance.get("settings") or {},
-            "command": provenance.get("command", ""),
-        },
         axis.range_key: list(training_range) if training_range else None,
-        "command": shlex.join(["memserve", *args.argv]),
-        "memserve": __version__,
-        "torch": torch.__version__,
-        "cpu": torch.backends.cpu.get_cpu_capability(),  # its vector unit rounds some sums
-        "python": platform.python_version(),
-        "seconds": round(time.monotonic() - began, 1),
+        **run_provenance(args, model, began),
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
@@ -344,7 +357,6 @@ def run_dialogue(args: argparse.Namespace) -> int:
     """Evaluate a VMED on its held-out dialogues; print the table, write the JSON."""
     import torch
 
-    from memserve import __version__
     from models.checkpoint import load, resolve
     from models.tasks.dialogue import (
         TURN_BUCKETS,
@@ -429,18 +441,7 @@ def run_dialogue(args: argparse.Namespace) -> int:
         "metrics": metrics,
         "samples": samples,
         "hyperparameters": model.hyperparameters(),
-        "training": {
-            "steps": model.provenance.get("steps"),
-            "settings": model.provenance.get("settings") or {},
-            "task_settings": task_settings,
-            "command": model.provenance.get("command", ""),
-        },
-        "command": shlex.join(["memserve", *args.argv]),
-        "memserve": __version__,
-        "torch": torch.__version__,
-        "cpu": torch.backends.cpu.get_cpu_capability(),  # its vector unit rounds some sums
-        "python": platform.python_version(),
-        "seconds": round(time.monotonic() - began, 1),
+        **run_provenance(args, model, began, task_settings=task_settings),
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
