@@ -33,6 +33,9 @@ costs, how many bytes a step logs, and how fast a killed server comes back on it
    state back: the calls replayed in the model process). The target is judged on (a), and
    passes only if the server came back whole: every session known and its first call
    answered at the right step (`recovery_verdict`).
+5. Flush (bench/durability_flush.py). `memory`'s server at T=1 while another process appends
+   and fdatasyncs on the store's disk 100 and 400 times a second, against none: what the
+   flushes alone cost the rest of the machine.
 
 The servers and what the parts share are in bench/durability_servers.py. It prints what each
 level measured as it goes, a table last (bench/durability_report.py), and writes every
@@ -57,6 +60,7 @@ sys.path.insert(0, str(ROOT))  # ahead of bench/, whose serving.py is not servin
 
 from bench.durability_bytes import record_sizes  # noqa: E402
 from bench.durability_commits import measure_commit_costs  # noqa: E402
+from bench.durability_flush import run as measure_flush_cost  # noqa: E402
 from bench.durability_recovery import measure_recovery, recovery_verdict  # noqa: E402
 from bench.durability_report import print_table  # noqa: E402
 from bench.durability_servers import (  # noqa: E402
@@ -75,7 +79,7 @@ from bench.durability_throughput import (  # noqa: E402
 )
 from bench.serving import MODEL, provenance, server_command, server_env, write_record  # noqa: E402
 
-PARTS = ("throughput", "commit", "bytes", "recovery")
+PARTS = ("throughput", "commit", "bytes", "recovery", "flush")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -212,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                 measure_recovery(kind, settings, work, input_size) for kind in ("dir", "redis")
             ]
             targets["recovery"] = recovery_verdict(record["recovery"])
+        if "flush" in settings.parts:
+            record["flush"] = measure_flush_cost(settings, work, input_size, output_size)
     record["targets"] = targets
     record["load_after"] = machine_load()
     print_table(record)

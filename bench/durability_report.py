@@ -16,6 +16,7 @@ def print_table(record: dict[str, Any]) -> None:
     print_record_bytes(record.get("record_bytes"))
     for result in record.get("recovery", []):
         print_restart(result)
+    print_flush(record.get("flush"))
     print_targets(record.get("targets", {}))
 
 
@@ -51,6 +52,26 @@ def print_throughput(record: dict[str, Any]) -> None:
                 f"{' '.join(f'{x:.2f}' for x in ratios):<24} {batch:>5.1f} "
                 f"{store_cpu:>9.2f}{flag}"
             )
+
+
+def print_flush(flush: dict[str, Any] | None) -> None:
+    if not flush:
+        return
+    print(
+        f"\nflush: memory's server at {flush['shape']} beside another process's fdatasyncs "
+        f"({flush['flush_bytes']} B appended before each), ratio to none in the same round"
+    )
+    for rate in flush["rates"]:
+        rows = [level for level in flush["levels"] if level["flusher"]["rate"] == rate]
+        steps = median_of([row["session_steps_per_s"] for row in rows])
+        ratios = [by_rate[str(rate)] for by_rate in flush["ratios"]]
+        achieved = median_of([row["flusher"].get("achieved_per_s", 0.0) for row in rows])
+        p50 = median_of([row["flusher"].get("fdatasync", {}).get("p50_us", 0.0) for row in rows])
+        print(
+            f"  {rate:>4} fdatasyncs/s (made {achieved:6.1f}/s, p50 {p50:7.1f} us): "
+            f"{steps:9.1f} steps/s, ratio {flush['median_ratio'][str(rate)]:.3f} "
+            f"(rounds {' '.join(f'{x:.2f}' for x in ratios)})"
+        )
 
 
 def print_commit_costs(costs: dict[str, Any] | None) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from bench import durability as bench
 from bench.durability_commits import APPEND_SIZES
+from bench.durability_flush import FLUSH_RATES
 from bench.durability_recovery import recovery_verdict
 
 CONFIGS = ["memory", "dir-launch", "dir-interval", "redis-launch", "redis-interval"]
@@ -115,6 +116,28 @@ def test_tiny_run_writes_a_consistent_record(
         assert restart["to_store_opened_s"] <= restart["to_serving_s"]
         assert result["open_in_process"]["sessions"] == SESSIONS
         assert result["store_bytes"] > 0
+    # What another process's flushes cost memory's server: each rate once, against none.
+    flush = record["flush"]
+    assert flush["rates"] == list(FLUSH_RATES) and flush["shape"] == "unary_t1"
+    by_rate = {level["flusher"]["rate"]: level for level in flush["levels"]}
+    assert sorted(by_rate) == sorted(FLUSH_RATES) and len(flush["levels"]) == len(FLUSH_RATES)
+    for flush_rate, level in by_rate.items():
+        assert level["round"] == 1 and level["concurrency"] == 2 and level["steps_per_call"] == 1
+        assert level["errors"] == {} and level["calls"] > 0, level
+        if flush_rate:  # the flushing process ran beside the level and made fdatasyncs
+            flusher = level["flusher"]
+            assert flusher["fdatasyncs"] > 0 and flusher["achieved_per_s"] > 0
+            assert 0 < flusher["fdatasync"]["p50_us"] <= flusher["fdatasync"]["max_us"]
+        else:
+            assert "fdatasyncs" not in level["flusher"]
+    [flush_ratios] = flush["ratios"]
+    for flush_rate in FLUSH_RATES:
+        steps = by_rate[flush_rate]["session_steps_per_s"]
+        expected = steps / by_rate[0]["session_steps_per_s"]
+        assert flush_ratios[str(flush_rate)] == pytest.approx(expected)
+        assert flush["median_ratio"][str(flush_rate)] == pytest.approx(expected)
+    assert "flush: memory's server" in printed
+
     recovery = record["targets"]["recovery"]
     assert recovery["judged_on"] == "to_serving_s" and recovery["threshold_s"] == 10.0
     for kind, decided in recovery["stores"].items():
