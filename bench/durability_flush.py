@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import queue
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -35,12 +36,13 @@ START_SECONDS = 30.0
 def flush_at(path: str, rate: float, started: Event, stop: Event, results: Any) -> None:
     """Append FLUSH_BYTES to `path` and fdatasync it `rate` times a second until `stop`;
     put every fdatasync's duration in seconds on `results`. Runs in a process of its own."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    payload = os.urandom(FLUSH_BYTES)
     durations: list[float] = []
-    started.set()
-    due = time.perf_counter()
+    descriptor = -1
     try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        payload = os.urandom(FLUSH_BYTES)
+        started.set()
+        due = time.perf_counter()
         while not stop.is_set():
             os.write(descriptor, payload)
             begun = time.perf_counter()
@@ -49,7 +51,8 @@ def flush_at(path: str, rate: float, started: Event, stop: Event, results: Any) 
             due = max(due + 1.0 / rate, time.perf_counter() - 1.0)  # no burst after a stall
             stop.wait(max(0.0, due - time.perf_counter()))
     finally:
-        os.close(descriptor)
+        if descriptor >= 0:
+            os.close(descriptor)
         results.put(durations)
 
 
@@ -69,12 +72,17 @@ def flushing(directory: Path, rate: int) -> Iterator[dict[str, Any]]:
     process.start()
     began = time.perf_counter()
     try:
-        if not started.wait(START_SECONDS):
-            raise RuntimeError(f"the flushing process did not start in {START_SECONDS:g} s")
+        deadline = time.monotonic() + START_SECONDS
+        while not started.wait(0.1):
+            if not process.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the flushing process did not start (exit code "
+                                   f"{process.exitcode}; writing to {path})")  # fmt: skip
         yield measured
     finally:
         stop.set()
-        durations: list[float] = results.get(timeout=START_SECONDS) if process.is_alive() else []
+        durations: list[float] = []
+        with contextlib.suppress(queue.Empty):  # it puts them last, whether or not it failed
+            durations = results.get(timeout=START_SECONDS)
         process.join(START_SECONDS)
         seconds = time.perf_counter() - began
         with contextlib.suppress(OSError):

@@ -12,7 +12,7 @@ import pytest
 
 from bench import durability as bench
 from bench.durability_commits import APPEND_SIZES
-from bench.durability_flush import FLUSH_RATES
+from bench.durability_flush import FLUSH_RATES, flushing
 from bench.durability_recovery import recovery_verdict
 
 CONFIGS = ["memory", "dir-launch", "dir-interval", "redis-launch", "redis-interval"]
@@ -173,3 +173,11 @@ def test_a_recovery_that_lost_state_fails_however_fast() -> None:
     for lost in (result("dir", 9, 0, {}), result("dir", 10, 3, {}),
                  result("dir", 10, 0, {"NOT_FOUND": 1})):  # fmt: skip
         assert not recovery_verdict([lost])["pass"]
+
+
+def test_a_flushing_process_that_cannot_write_fails_the_part_at_once(tmp_path: Path) -> None:
+    """The flush part's process appends to a file under --store-dir: where it cannot, the
+    part stops with that reason (its exit code, the path) instead of measuring no flushes."""
+    missing = tmp_path / "missing"
+    with pytest.raises(RuntimeError, match=r"did not start.*missing"), flushing(missing, 100):
+        pass
