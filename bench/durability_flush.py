@@ -77,14 +77,15 @@ def flushing(directory: Path, rate: int) -> Iterator[dict[str, Any]]:
             if not process.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the flushing process did not start (exit code "
                                    f"{process.exitcode}; writing to {path})")  # fmt: skip
+        began = time.perf_counter()  # its rate counts from its first flush, not its start
         yield measured
     finally:
         stop.set()
+        seconds = time.perf_counter() - began
         durations: list[float] = []
         with contextlib.suppress(queue.Empty):  # it puts them last, whether or not it failed
             durations = results.get(timeout=START_SECONDS)
         process.join(START_SECONDS)
-        seconds = time.perf_counter() - began
         with contextlib.suppress(OSError):
             os.remove(path)
     measured.update(
