@@ -2,13 +2,20 @@
 
 Every commit appends its records to the active segment (`wal-00000001.log`, ...) and calls
 `fdatasync` once, whatever the number of sessions in it; a segment past `segment_bytes` is
-sealed and a new one begun. Opening the directory scans every segment and rebuilds an index
-of where each session's live records are: its creation, its latest snapshot, the calls
-after that snapshot. The scan does not depend on the order records were written in, so the
-cleaner may copy live records forward: a sealed segment whose live share falls under half is
-copied into the active one and deleted, one per commit at most.
+sealed and a new one begun. The active segment is written ahead with zeros (up to
+`ZEROED_AHEAD` at a time), so that a commit overwrites bytes the file already has: its
+`fdatasync` then flushes the data alone, where an append that grows the file also waits for
+the file system's journal to record the new size (ext4, XFS; PostgreSQL zero-fills its WAL
+for the same reason). The zeros after the last record mean "nothing written here yet".
+
+Opening the directory scans every segment and rebuilds an index of where each session's live
+records are: its creation, its latest snapshot, the calls after that snapshot. The scan does
+not depend on the order records were written in, so the cleaner may copy live records
+forward: a sealed segment whose live share falls under half is copied into the active one
+and deleted, one per commit at most.
 
 What a crash can leave, and what opening does with it:
+- zeros after the last record (written ahead): cut off, nothing to report;
 - a record cut short at the end of the last segment (the write that was never
   acknowledged): the file is truncated before it, and the truncation reported;
 - damaged bytes anywhere else (a flipped bit): the records they held are skipped and
@@ -42,6 +49,8 @@ from serving.errors import DataLoss
 log = logging.getLogger("memserve.store")
 
 SEGMENT_BYTES = 64 << 20
+ZEROED_AHEAD = 4 << 20  # the most zeros written ahead at once (from 64 KiB, doubling)
+FIRST_ZEROS = 64 << 10
 
 
 class DirectorySessionStore(SessionStore):
@@ -146,12 +155,38 @@ class DirectorySessionStore(SessionStore):
     # ------------------------------------------------------------------ writing
 
     def _open_active(self) -> None:
-        self.file = os.open(
-            self._segment_path(self.active), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
-        )
-        self.sizes[self.active] = os.fstat(self.file).st_size
+        self.file = os.open(self._segment_path(self.active), os.O_WRONLY | os.O_CREAT, 0o644)
+        self.sizes[self.active] = 0  # always a new segment: opening seals the last one
+        self.zeroed = 0  # bytes of it the file has (records, then zeros)
         self.live_bytes.setdefault(self.active, 0)
         sync_directory(self.path)
+
+    def _write(self, data: bytes) -> int:
+        """Write `data` after the active segment's last record and fdatasync it; where it
+        starts. Zeros are written past it first if the file is not long enough yet."""
+        start = self.sizes[self.active]
+        end = start + len(data)
+        if end > self.zeroed:
+            ahead = min(max(self.zeroed, FIRST_ZEROS), ZEROED_AHEAD)
+            zeroed = max(end, min(self.zeroed + ahead, self.segment_bytes))
+            try:
+                if os.pwrite(self.file, bytes(zeroed - end), end) == zeroed - end:
+                    self.zeroed = zeroed
+            except OSError as error:  # a full disk may still take the records alone
+                log.warning("could not write zeros ahead in %s: %s", self.path, error)
+        try:
+            written = os.pwrite(self.file, data, start)
+            if written != len(data):
+                raise OSError(f"wrote {written} of {len(data)} bytes")
+            os.fdatasync(self.file)
+        except OSError:
+            try:  # leave no partial record for the next write to follow: zeros again
+                os.pwrite(self.file, bytes(len(data)), start)
+            except OSError:
+                log.exception("could not clear %s after a failed write", self.path)
+            raise
+        self.sizes[self.active] = end
+        return start
 
     def commit(self, records: Sequence[journal_pb2.Record]) -> set[str]:
         refused: set[str] = set()
@@ -186,30 +221,27 @@ class DirectorySessionStore(SessionStore):
         return refused
 
     def _append(self, accepted: list[tuple[journal_pb2.Record, bytes]]) -> None:
-        start = self.sizes[self.active]
-        data = b"".join(framed for _, framed in accepted)
         try:
-            written = os.write(self.file, data)
-            if written != len(data):
-                raise OSError(f"wrote {written} of {len(data)} bytes")
-            os.fdatasync(self.file)
+            offset = self._write(b"".join(framed for _, framed in accepted))
         except OSError as error:
-            try:  # leave no partial record behind for the next commit to follow
-                os.ftruncate(self.file, start)
-            except OSError:
-                log.exception("could not truncate %s after a failed write", self.path)
             raise StoreUnavailable(
                 f"cannot write the session store {self.path}: {error}"
             ) from error
-        offset = start
         for record, framed in accepted:
             self._index(record, Location(self.active, offset, len(framed)))
             offset += len(framed)
-        self.sizes[self.active] = offset
         if offset >= self.segment_bytes:
-            os.close(self.file)
+            self._close_active()
             self.active += 1
             self._open_active()
+
+    def _close_active(self) -> None:
+        """Cut the zeros written ahead off the active segment and close it."""
+        try:
+            os.ftruncate(self.file, self.sizes[self.active])
+        except OSError:  # harmless: opening reads zeros after the last record as its end
+            log.exception("could not cut the zeros off %s", self.path)
+        os.close(self.file)
 
     def _index(self, record: journal_pb2.Record, location: Location) -> None:
         session_id = record_session(record)
@@ -258,14 +290,10 @@ class DirectorySessionStore(SessionStore):
             ]
             if moves:
                 frames = [frame(record) for _, _, record in moves]
-                start = self.sizes[self.active]
-                os.write(self.file, b"".join(frames))
-                os.fdatasync(self.file)
-                offset = start
+                offset = self._write(b"".join(frames))
                 for (entry, old, _), framed in zip(moves, frames, strict=True):
                     self._relocate(entry, old, Location(self.active, offset, len(framed)))
                     offset += len(framed)
-                self.sizes[self.active] = offset
             self._forget_segment(segment)
         except (OSError, CorruptRecordError):
             log.exception("cleaning %s failed", self._segment_path(segment).name,
@@ -322,5 +350,5 @@ class DirectorySessionStore(SessionStore):
             ) from error
 
     def close(self) -> None:
-        os.close(self.file)
+        self._close_active()
         self._lock.close()

@@ -76,9 +76,12 @@ class Damage:
 
 def scan(data: bytes) -> Iterator[tuple[int, int, journal_pb2.Record] | Damage]:
     """Every record of a file of frames, with its offset and size, in order; a damaged
-    stretch is reported as `Damage` and scanning resumes at the next MAGIC."""
+    stretch is reported as `Damage` and scanning resumes at the next MAGIC. Zeros to the end
+    of the file are no damage: space written ahead that no record has reached."""
     offset = 0
     while offset < len(data):
+        if data.count(0, offset) == len(data) - offset:
+            return
         try:
             record, end = read_frame(data, offset)
         except CorruptRecordError as error:

@@ -1,9 +1,10 @@
 """The segment files of a `dir:` store, and what opening it finds in them.
 
 `recover` scans every segment (in any order: the cleaner copies live records forward) and
-rebuilds where each session's live records are. A record cut short at the end of the last
-segment, the write a crash interrupted and never acknowledged, is truncated away; damaged
-bytes anywhere else are skipped, and a session one of them names is marked unloadable.
+rebuilds where each session's live records are. Zeros after the last record (written ahead)
+are cut off silently. A record cut short at the end of the last segment, the write a crash
+interrupted and never acknowledged, is truncated away and reported; damaged bytes anywhere
+else are skipped, and a session one of them names is marked unloadable.
 Each finding is passed to `problem` as one line.
 """
 
@@ -47,28 +48,31 @@ def recover(directory: Path, problem: Callable[[str], None]) -> Recovered:
     for segment in found:
         path = segment_path(directory, segment)
         data = path.read_bytes()
-        size = len(data)
+        size = 0  # where its records end: zeros written ahead may follow
         for item in scan(data):
             if isinstance(item, Damage):
                 if item.end == len(data) and segment == found[-1]:
+                    cut = len(data.rstrip(b"\0")) - item.start  # the zeros after it aside
                     problem(
-                        f"{path.name}: the last {len(data) - item.start} bytes are a record "
-                        f"cut short (a write the crash interrupted): truncated ({item.why})"
+                        f"{path.name}: the last {cut} bytes written are a record cut short "
+                        f"(a write the crash interrupted): truncated ({item.why})"
                     )
-                    os.truncate(path, item.start)
-                    size = item.start
                 else:
                     where = f"{path.name} bytes {item.start}-{item.end}"
                     problem(f"{where} unreadable: {item.why}")
                     damaged.append((where, data[item.start : item.end]))
+                    size = item.end
                 continue
             offset, length, record = item
+            size = offset + length
             try:
                 session_id = record_session(record)
             except ValueError:
                 problem(f"{path.name}: an empty record at byte {offset}")
                 continue
             records.setdefault(session_id, []).append((Location(segment, offset, length), record))
+        if size < len(data):  # a record cut short, or zeros written ahead: cut off
+            os.truncate(path, size)
         recovered.sizes[segment] = size
         recovered.live_bytes[segment] = 0
     for session_id, items in records.items():

@@ -174,6 +174,59 @@ def test_a_record_cut_short_at_the_end_is_truncated_and_reported(tmp_path: Path,
     assert DirectorySessionStore(tmp_path).load("a").step == 3
 
 
+def crash_image(store: DirectorySessionStore, to: Path) -> Path:
+    """The store's directory as a kill -9 leaves it (the files, the open store not closed)."""
+    to.mkdir()
+    for path in segments(store.path):
+        shutil.copy(path, to / path.name)
+    return to
+
+
+def test_commits_overwrite_zeros_written_ahead_instead_of_growing_the_file(
+    tmp_path: Path,
+) -> None:
+    store = DirectorySessionStore(tmp_path / "store")
+    store.commit([created("a")])
+    (active,) = segments(store.path)
+    size = active.stat().st_size
+    written = len(frame(created("a")))
+    assert size > written and not active.read_bytes()[written:].strip(b"\0")
+    for step in range(20):
+        store.commit([call("a", step, step + 1, f"r{step}")])
+        written += len(frame(call("a", step, step + 1, f"r{step}")))
+        assert active.stat().st_size == size  # the fdatasync has no new size to record
+    image = crash_image(store, tmp_path / "image")
+    store.close()
+    assert active.stat().st_size == written  # a clean close cuts the zeros off
+    again = DirectorySessionStore(image)  # as the crash left it: the zeros still there
+    assert again.load("a").step == 20 and len(again.load("a").calls) == 20
+    assert again.problems() == []  # zeros after the last record are no damage
+    assert segments(image)[0].stat().st_size == written
+    assert again.commit([call("a", 20, 21)]) == set()
+    again.close()
+    assert DirectorySessionStore(image).load("a").step == 21
+
+
+def test_a_record_cut_short_before_the_zeros_is_truncated_and_reported(tmp_path: Path) -> None:
+    store = DirectorySessionStore(tmp_path / "store")
+    store.commit([created("a"), call("a", 0, 2)])
+    whole = store.sizes[store.active]
+    store.commit([call("a", 2, 5)])
+    image = crash_image(store, tmp_path / "image")
+    store.close()
+    last = segments(image)[-1]
+    data = bytearray(last.read_bytes())
+    tail = len(frame(call("a", 2, 5)))
+    data[whole + HEADER.size + 5 : whole + tail] = bytes(tail - HEADER.size - 5)  # torn
+    last.write_bytes(bytes(data))
+    again = DirectorySessionStore(image)
+    assert again.load("a").step == 2
+    assert len(again.problems()) == 1 and "cut short" in again.problems()[0]
+    assert f"last {HEADER.size + 5} bytes written" in again.problems()[0]
+    assert last.stat().st_size == whole
+    again.close()
+
+
 def test_a_flipped_byte_is_found_and_confined_to_its_session(tmp_path: Path) -> None:
     store = DirectorySessionStore(tmp_path)
     store.commit([created("a"), created("b")])
