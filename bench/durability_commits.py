@@ -1,5 +1,6 @@
 """Part 2 of bench/durability.py: what one commit costs. write + fdatasync of appends of a
-launch's size on the store's disk; a Redis round trip (PING, and a SET, which `appendfsync
+launch's size on the store's disk, and of writes of that size into zeros written ahead (as
+the `dir:` store writes them); a Redis round trip (PING, and a SET, which `appendfsync
 always` syncs); each store's own `commit` of one launch's call records (Redis also with
 `appendfsync no`, which tells its fsync apart). Every figure is a distribution of single
 timings (p50, p90, p99, max), records built outside the timing.
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from serving.durable.base import SessionStore
 
 APPEND_SIZES = (128, 4096, 65536, 262144)  # bytes per fdatasync: a call .. a T=20 launch
+ZEROED_REGION = 64 << 20  # the file the writes into zeros go round
 
 
 def summary_us(samples: list[float]) -> dict[str, float]:
@@ -60,19 +62,32 @@ def timed(
     return samples
 
 
-def time_appends(directory: Path, budget: float) -> list[dict[str, Any]]:
-    """write + fdatasync of an append of each size to a file in `directory`."""
+def time_appends(directory: Path, budget: float, ahead: bool = False) -> list[dict[str, Any]]:
+    """write + fdatasync of an append of each size to a file in `directory`; with `ahead`,
+    into a file already that long (zeros written and synced first, as the `dir:` store
+    writes them ahead of its records), so that no fdatasync has a new file size to record."""
     path = directory / "appends.log"
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     rows = []
     try:
+        if ahead:
+            zeros = bytes(1 << 20)
+            for at in range(0, ZEROED_REGION, len(zeros)):
+                os.pwrite(descriptor, zeros, at)
+            os.fsync(descriptor)
         for size in APPEND_SIZES:
             data = os.urandom(size)
+            end = [0]  # where the next write starts: wraps around the zeroed region
 
-            def append(data: bytes = data) -> None:
-                os.write(descriptor, data)
+            def append(data: bytes = data, end: list[int] = end) -> None:
+                if ahead and end[0] + len(data) > ZEROED_REGION:
+                    end[0] = 0
+                os.pwrite(descriptor, data, end[0])
+                end[0] += len(data)
                 os.fdatasync(descriptor)
 
+            if not ahead:
+                end[0] = os.fstat(descriptor).st_size
             rows.append({"bytes": size, **summary_us(timed(append, budget))})
     finally:
         os.close(descriptor)
@@ -160,6 +175,9 @@ def measure_commit_costs(settings: Settings, work: Path, input_size: int) -> dic
     budget = settings.commit_seconds
     result: dict[str, Any] = {"appends": time_appends(Path(settings.store_dir), budget)}
     print(f"fdatasync appends: {[round(r['p50_us']) for r in result['appends']]} us (p50)")
+    result["writes_into_zeros"] = time_appends(Path(settings.store_dir), budget, ahead=True)
+    print(f"fdatasync writes into zeros: "
+          f"{[round(r['p50_us']) for r in result['writes_into_zeros']]} us (p50)")  # fmt: skip
 
     with contextlib.ExitStack() as stack:
         store = DirectorySessionStore(scratch_directory(stack, settings, "commit"))
