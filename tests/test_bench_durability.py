@@ -87,13 +87,14 @@ def test_tiny_run_writes_a_consistent_record(
     # What a commit costs, and what a step logs.
     costs = record["commit_costs"]
     assert [row["bytes"] for row in costs["appends"]] == list(APPEND_SIZES)
+    assert [row["bytes"] for row in costs["writes_into_zeros"]] == list(APPEND_SIZES)
     launches = ["one_call_t1", "unary_t1", "unary_t20"]
     for rows in (costs["dir_commit"], costs["redis"]["always"]["commit"],
                  costs["redis"]["no"]["commit"]):  # fmt: skip
         assert [row["launch"] for row in rows] == launches
         assert [row["sessions"] for row in rows] == [1, 64, 256]  # the full run's launches
         assert rows[0]["bytes"] < rows[1]["bytes"] < rows[2]["bytes"]
-    for row in [*costs["appends"], *costs["dir_commit"]]:
+    for row in [*costs["appends"], *costs["writes_into_zeros"], *costs["dir_commit"]]:
         assert row["samples"] >= 10 and 0 < row["p50_us"] <= row["p99_us"] <= row["max_us"]
     assert [row["model"] for row in record["record_bytes"]] == ["ntm-copy", "dnc-recall",
                                                                 "vmed-chat"]  # fmt: skip
