@@ -44,7 +44,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serving import config, logs, server
+    from serving import config, logs, startup
 
     if args.print_config:
         flags = {name: getattr(args, name) for name in config.FIELDS}
@@ -54,7 +54,12 @@ def _serve(args: argparse.Namespace) -> int:
         {name: getattr(args, name) for name in config.FIELDS}, config_file=args.config
     )
     logs.configure(settings.log_level)
-    return server.serve(settings)
+    # The models' processes first: they import torch and load their weights while this one
+    # imports the server (torch too), instead of after it.
+    started = startup.start_workers(settings)
+    from serving import server
+
+    return server.serve(settings, started)
 
 
 def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -25,11 +25,15 @@ from safetensors.torch import save_file
 
 from models.base import MemoryModel
 from models.dnc import DNC, DNCConfig
+from models.locate import CONFIG_FILE as CONFIG_FILE  # re-exported: found here before
+from models.locate import CheckpointError as CheckpointError
+from models.locate import bundled_dir as bundled_dir
+from models.locate import bundled_names as bundled_names
+from models.locate import resolve as resolve
 from models.ntm import NTM, NTMConfig
 from models.vmed import VMED, VMEDConfig
 
 FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 # model_type -> (model class, config class). New models register here.
@@ -51,39 +55,6 @@ JSON_TYPES: dict[str, type | tuple[type, ...]] = {
 
 def field_type_name(expected: type | tuple[type, ...]) -> str:
     return "a number" if isinstance(expected, tuple) else f"a JSON {expected.__name__}"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: missing file, unknown type, bad tensors, ..."""
-
-
-def bundled_dir() -> Path:
-    """Where the checkpoints shipped inside the package live."""
-    return Path(__file__).resolve().parent / "checkpoints"
-
-
-def bundled_names() -> list[str]:
-    """Names of the bundled checkpoints (`ntm-copy`, ...)."""
-    root = bundled_dir()
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file())
-
-
-def resolve(path_or_name: str | os.PathLike[str]) -> Path:
-    """The checkpoint directory for a path, or for the name of a bundled checkpoint."""
-    path = Path(path_or_name)
-    if path.is_dir():
-        return path
-    name = str(path_or_name)
-    if name in bundled_names():
-        return bundled_dir() / name
-    if path.exists():
-        raise CheckpointError(f"{path} is not a checkpoint directory")
-    raise CheckpointError(
-        f"no checkpoint directory {str(path)!r} and no bundled model of that name "
-        f"(bundled: {', '.join(bundled_names()) or 'none'})"
-    )
 
 
 def read_config(directory: Path) -> dict[str, Any]:

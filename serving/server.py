@@ -42,6 +42,7 @@ from serving.rpc import add_to_server
 from serving.service import MemServeService
 from serving.sessions import SessionTable
 from serving.tenants import Keys, Tenant
+from serving.worker_process import WorkerProcess
 
 log = logging.getLogger("memserve.server")
 
@@ -56,8 +57,11 @@ MAX_STREAMS_PER_CONNECTION = 4096
 class Server:
     """One memserve process: call `start()`, then `wait()`; `drain()` stops it."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self, config: ServerConfig, started: dict[str, WorkerProcess] | None = None
+    ) -> None:
         self.config = config
+        self._started = started  # the models' processes, if started already (`serving.startup`)
         self.metrics = Metrics()
         self.table = SessionTable()
         self.engines: dict[str, ModelEngine] = {}
@@ -97,8 +101,9 @@ class Server:
             self.committer, self.config.durability, self.config.snapshot_every,
             self.config.replica,
         )  # fmt: skip
+        started, self._started = self._started, None
         for name, engine in load_engines(
-            self.config, park_dir, self.table, self.metrics, durability
+            self.config, park_dir, self.table, self.metrics, durability, started
         ).items():
             engine.on_failure = self.fail
             engine.lifecycle.parked_bytes = self.parked_bytes
@@ -329,9 +334,10 @@ class Server:
         return self.exit_code
 
 
-def serve(config: ServerConfig) -> int:
-    """Run a server with `config` until it is told to stop; returns the exit code."""
-    return asyncio.run(Server(config).run())
+def serve(config: ServerConfig, started: dict[str, WorkerProcess] | None = None) -> int:
+    """Run a server with `config` (its models' processes `started` already, or not) until it
+    is told to stop; returns the exit code."""
+    return asyncio.run(Server(config, started).run())
 
 
 def _fraction(used: Callable[[], float], limit: float) -> float:

@@ -62,7 +62,17 @@ from serving.staging import to_host as to_host  # re-exported: tests count its c
 TEXT_OPERATIONS = ("encode", "begin_reply", "decode")
 
 
-def describe(model: MemoryModel, backend: str) -> ModelCard:
+def pick_device(setting: str) -> torch.device:
+    """The device of a `--device` setting: "auto" is CUDA where there is one."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {setting!r} asked for, but this machine has no CUDA device")
+    return device
+
+
+def describe(model: MemoryModel, backend: str, device: torch.device) -> ModelCard:
     """The card the worker sends the server once the model is loaded."""
     tokenizer = getattr(model, "tokenizer", None)
     return ModelCard(
@@ -73,6 +83,7 @@ def describe(model: MemoryModel, backend: str) -> ModelCard:
         initial_state=host_state(model.initial_state()),
         weights_digest=model.weights_digest,
         backend=backend,
+        device=str(device),
         tokenizer_json=None if tokenizer is None else tokenizer.to_str(),
         text_operations=tokenizer is not None
         and all(hasattr(model, name) for name in TEXT_OPERATIONS),
@@ -297,7 +308,7 @@ def serve(
     try:
         if threads:
             torch.set_num_threads(threads)
-        model = checkpoint.load(directory, device)
+        model = checkpoint.load(directory, pick_device(device))
         try:
             pool = model.new_pool(slots)
         except (RuntimeError, MemoryError) as error:
@@ -306,7 +317,7 @@ def serve(
             ) from error
         scratch = model.new_pool(1)
         warm_up(model, pool)
-        card = describe(model, select_backend(pool.device))
+        card = describe(model, select_backend(pool.device), pool.device)
     except BaseException as error:  # said to the server, which refuses to start
         connection.send(Reply(False, portable(error)))
         return

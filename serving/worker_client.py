@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 from collections import deque
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -34,10 +32,10 @@ from serving.protocol import (
     ResetSlot,
     WriteSlot,
 )
-from serving.worker import host_state, serve
+from serving.worker import host_state
+from serving.worker_process import STOP_SECONDS, WorkerProcess
 
 START_SECONDS = 120.0  # importing torch and loading a checkpoint in the worker
-STOP_SECONDS = 10.0
 
 State = dict[str, torch.Tensor]
 
@@ -47,21 +45,12 @@ class WorkerGone(Unavailable):
 
 
 class WorkerClient:
-    """Starts the worker for one checkpoint and sends it requests, answered in order."""
+    """Sends a started worker (`serving.worker_process`) requests, answered in order."""
 
-    def __init__(
-        self, directory: Path, device: str, slots: int, threads: int, nice: int = 0
-    ) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork of a threaded server
-        self.connection, child = context.Pipe()
-        self.process = context.Process(
-            target=serve,
-            args=(child, str(directory), device, slots, threads, nice),
-            name=f"memserve-model-{directory.name}",
-            daemon=True,
-        )
-        self.process.start()
-        child.close()
+    def __init__(self, started: WorkerProcess) -> None:
+        self.directory = started.directory
+        self.process = started.process
+        self.connection = started.connection
         self.waiting: deque[asyncio.Future[Any]] = deque()  # sent, not answered, oldest first
 
     @property

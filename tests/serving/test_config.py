@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.child_server import ServerProcess
 from serving import config
@@ -103,6 +104,32 @@ def test_unknown_model_exits_2_naming_it() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "ntm-nope" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_exits_2_naming_it() -> None:
+    """The model's process resolves --device (the server starts it before it imports
+    torch itself); its refusal is the server's, with the same message and exit code."""
+    result = subprocess.run(
+        [sys.executable, "-m", "memserve", "serve", "--models", "ntm-copy", "--device", "cuda",
+         "--port", "0", "--metrics-port", "-1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "device 'cuda' asked for, but this machine has no CUDA device" in result.stderr
+
+
+def test_what_starts_the_models_processes_does_not_import_torch() -> None:
+    """What lets a server's own import of torch overlap its models' processes' (theirs
+    begins first): `memserve serve` starts them from modules that do not import torch."""
+    code = (
+        "import sys\n"
+        "import memserve.cli, serving.config, serving.logs, serving.startup\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
 
 
 def test_help_names_every_setting_with_its_variable_and_default() -> None:

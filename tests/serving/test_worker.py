@@ -113,7 +113,7 @@ def test_slot_requests_reset_read_and_write(model: MemoryModel) -> None:
 @pytest.mark.parametrize("name", ["ntm-copy", "vmed-chat"])
 def test_the_card_says_what_the_model_is(name: str) -> None:
     model = checkpoint.load(name)
-    card = describe(model, "torch")
+    card = describe(model, "torch", torch.device("cpu"))
     directory = checkpoint.resolve(name)
     digest = hashlib.sha256((directory / checkpoint.WEIGHTS_FILE).read_bytes()).hexdigest()
     assert card.weights_digest == digest
@@ -123,6 +123,7 @@ def test_the_card_says_what_the_model_is(name: str) -> None:
     for spec in card.state_specs:
         assert np.array_equal(card.initial_state[spec.name], model.initial_state()[spec.name])
     assert card.text_operations == (name == "vmed-chat")
+    assert card.device == "cpu"
     assert (card.tokenizer_json is not None) == (name == "vmed-chat")
 
 

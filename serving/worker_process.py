@@ -1,0 +1,59 @@
+"""A model's process, started: the worker (`serving.worker`) spawned with its end of a pipe.
+
+Nothing here imports torch. `memserve serve` starts its models' processes first
+(`serving.startup`) and imports the rest of the server, torch included, while they import
+theirs and load their weights: the two imports overlap instead of following each other,
+which is most of a server's start (docs/performance.md, "Starting a server").
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+STOP_SECONDS = 10.0
+
+
+@dataclass
+class WorkerProcess:
+    """A started worker: its process and the server's end of its pipe."""
+
+    directory: Path
+    process: BaseProcess
+    connection: Connection
+
+    @classmethod
+    def start(
+        cls, directory: Path, device: str, slots: int, threads: int, nice: int = 0
+    ) -> WorkerProcess:
+        """Spawn the worker for the checkpoint in `directory`; `device` is a setting
+        ("auto", "cpu", "cuda:0", ...) the worker resolves."""
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded server
+        connection, child = context.Pipe()
+        process = context.Process(
+            target=run,
+            args=(child, str(directory), device, slots, threads, nice),
+            name=f"memserve-model-{directory.name}",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        return cls(directory, process, connection)
+
+    def kill(self) -> None:
+        """Stop a worker no client took over (the server failed to start)."""
+        self.connection.close()
+        self.process.terminate()
+        self.process.join(timeout=STOP_SECONDS)
+
+
+def run(
+    connection: Connection, directory: str, device: str, slots: int, threads: int, nice: int
+) -> None:
+    """The worker process's entry point: the worker, and torch, are imported there only."""
+    from serving.worker import serve
+
+    serve(connection, directory, device, slots, threads, nice)
