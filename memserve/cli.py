@@ -57,9 +57,18 @@ def _serve(args: argparse.Namespace) -> int:
     # The models' processes first: they import torch and load their weights while this one
     # imports the server (torch too), instead of after it.
     started = startup.start_workers(settings)
-    from serving import server
+    try:
+        from serving import server
+        from serving.durable.base import StoreUnavailable
 
-    return server.serve(settings, started)
+        try:
+            return server.serve(settings, started)
+        except StoreUnavailable as error:  # e.g. its Redis is down at start: not a crash
+            print(f"memserve serve: error: {error}", file=sys.stderr)
+            return 1
+    finally:  # a server that failed before taking them over (its store, its port) leaves none
+        for worker in started.values():
+            worker.kill()
 
 
 def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -44,7 +44,8 @@ class WorkerProcess:
         return cls(directory, process, connection)
 
     def kill(self) -> None:
-        """Stop a worker no client took over (the server failed to start)."""
+        """Stop a worker no client took over (the server failed to start); nothing if it
+        has stopped already."""
         self.connection.close()
         self.process.terminate()
         self.process.join(timeout=STOP_SECONDS)
