@@ -106,6 +106,17 @@ def test_unknown_model_exits_2_naming_it() -> None:
     assert "ntm-nope" in result.stderr
 
 
+def test_a_store_that_cannot_be_reached_at_start_exits_1_naming_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "memserve", "serve", "--models", "ntm-copy", "--store",
+         "redis://127.0.0.1:1/0", "--port", "0", "--metrics-port", "-1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "memserve serve: error: the session store redis://127.0.0.1:1/0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_cuda_device_without_cuda_exits_2_naming_it() -> None:
     """The model's process resolves --device (the server starts it before it imports
