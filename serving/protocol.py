@@ -245,7 +245,7 @@ class ModelCard:
     state_specs: tuple[StateSpec, ...]
     initial_state: HostState  # a new session's state, for one that starts parked
     weights_digest: str  # SHA-256 of the weights file: exports import only into the same
-    backend: str  # the kernel backend the worker runs ("triton", "torch")
+    backend: str  # what runs the model's step: "fused-cpu" (the C step), "triton", "torch"
     device: str  # where its pool lives ("cpu", "cuda:0"), as the worker resolved the setting
     tokenizer_json: str | None = None  # dialogue models: the tokenizer, serialised
     text_operations: bool = False  # whether the model has ENCODE, BEGIN and DECODE

@@ -24,7 +24,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
-from kernels import backend
 from memserve import __version__
 from protos import memserve_pb2
 from protos.inference import grpc_service_pb2
@@ -180,7 +179,7 @@ class Server:
                 "metrics_port": self.metrics_port,
                 "models": list(self.engines),
                 "replica": self.config.replica,
-                "kernel_backend": backend.describe(),
+                "backends": {name: engine.card.backend for name, engine in self.engines.items()},
                 "tls": "mutual" if self.config.tls_client_ca else bool(self.config.tls_cert),
                 "auth": "open: any caller may use every session"
                 if self.keys is None

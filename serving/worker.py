@@ -316,8 +316,8 @@ def serve(
                 f"a pool of {slots} slots of {model.state_bytes} bytes does not fit: {error}"
             ) from error
         scratch = model.new_pool(1)
-        warm_up(model, pool)
-        card = describe(model, select_backend(pool.device), pool.device)
+        fused = warm_up(model, pool)
+        card = describe(model, "fused-cpu" if fused else select_backend(pool.device), pool.device)
     except BaseException as error:  # said to the server, which refuses to start
         connection.send(Reply(False, portable(error)))
         return
@@ -337,14 +337,14 @@ def serve(
             connection.send(reply)
 
 
-def warm_up(model: MemoryModel, pool: StatePool) -> None:
+def warm_up(model: MemoryModel, pool: StatePool) -> bool:
     """Build (or find in its cache) the fused CPU step now, while the server waits for the
-    card, rather than in the first launch: compiling takes seconds."""
+    card, rather than in the first launch: compiling takes seconds. Whether the model steps
+    through it."""
     from models.controller import ControllerMemoryModel
     from models.fused import fused_step
 
-    if isinstance(model, ControllerMemoryModel):
-        fused_step(model, pool)
+    return isinstance(model, ControllerMemoryModel) and fused_step(model, pool) is not None
 
 
 def portable(error: BaseException) -> BaseException:

@@ -171,3 +171,21 @@ def test_the_model_process_runs_at_model_nice_below_the_server(tmp_path: Path) -
         assert loaded is not None and server.process is not None
         server_nice = niceness(server.process.pid)
         assert niceness(loaded["pid"]) == min(19, server_nice + 7)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_the_logs_name_what_runs_each_models_step(tmp_path: Path, fused: str) -> None:
+    """`model_loaded` and `serving` say what the worker really steps with: the NTM's fused C
+    step where it applies, the PyTorch reference for a model without one (vmed-chat) or
+    with it turned off, never a guess made in the server's process."""
+    from kernels import cpu_step
+
+    env = {"MEMSERVE_FUSED_STEP": fused}
+    with ServerProcess(tmp_path, "--models", "ntm-copy,vmed-chat", env=env) as server:
+        loaded = {
+            e["model"]: e["backend"] for e in server.events() if e.get("event") == "model_loaded"
+        }
+        serving = server.event("serving")
+    ntm = "fused-cpu" if fused == "1" and cpu_step.available() else "torch"
+    assert loaded == {"ntm-copy": ntm, "vmed-chat": "torch"}
+    assert serving is not None and serving["backends"] == loaded
