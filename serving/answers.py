@@ -11,7 +11,9 @@
 - A commit that fails or is refused is answered UNAVAILABLE, and its session is unloaded:
   what this server holds of it is ahead of the store, so its next call brings it back from
   the store, where a retry of the failed call finds it as it was before.
-- The answer is kept for the call's request id (`serving.requests`).
+- The answer is kept for the call's request id (`serving.requests`), also that of a Step
+  cut short by a drain after it took steps (they stay taken): a repeat of its id is told
+  where it stopped rather than running again. A call that failed otherwise leaves no trace.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import NamedTuple
 
 from protos import journal_pb2
 from serving import journal
-from serving.calls import Call
+from serving.calls import Call, StepCall
 from serving.durable.committer import Committer
 from serving.errors import Cancelled, Unavailable
 from serving.generation import GenerateCall
@@ -150,7 +152,7 @@ class Answers:
         """Answer the caller (unless it left), and keep the answer for its request id."""
         session, error = call.session, error if error is not None else call.error
         if call.request_id:
-            if error is None:
+            if error is None or taken_and_cut_short(call, error):
                 answer = answer or journal.response(call)
                 assert answer is not None
                 session.requests.finish(call.request_id, answer)
@@ -178,3 +180,8 @@ def commit_failure(session: Session, done: asyncio.Future[set[str]]) -> Exceptio
             "step for it (another server advanced it); retry to continue from the store"
         )
     return None
+
+
+def taken_and_cut_short(call: Call, error: Exception) -> bool:
+    """A Step cut short by a drain after it took steps: they stay taken and count."""
+    return isinstance(error, Cancelled) and isinstance(call, StepCall) and call.done > 0

@@ -185,8 +185,15 @@ class Persistence:
     def parked(self, session: Session, state: State) -> None:
         """A state went to the parking store: write it durably if it is due."""
         due = self.mode == "park" or session.logged_ops >= self.snapshot_every
-        idle = not self.scheduler.has_calls(session)  # mid-call states are not committed
-        if self.committer is not None and session.logged_ops and due and idle:
+        # Not mid-call (that state is not committed), nor while a commit of it is in flight:
+        # the answers that commit holds are the session's only once it lands, and a snapshot
+        # without them would make them dead records (a retry after a restart would run again).
+        if (
+            self.committer is not None
+            and session.logged_ops
+            and due
+            and self.between_calls(session)
+        ):
             self._snapshot(session, state)
 
     def _snapshot(self, session: Session, state: State) -> asyncio.Future[set[str]]:
@@ -257,6 +264,9 @@ class Persistence:
             return 0
         written = 0
         async with self.lock:
+            # The commits in flight (calls the drain cut short among them) land first, so
+            # every snapshot carries the answers they hold.
+            await self.committer.flush()
             for session in [*self.slots.active.values(), *self.slots.parked.values()]:
                 if session.logged_ops and self.table.live(session):
                     self._snapshot(session, await self._state_of(session))

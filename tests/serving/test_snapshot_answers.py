@@ -1,0 +1,147 @@
+"""A snapshot never drops an answer a request id still needs: not one taken when a session
+is parked while its call's commit is in flight, nor the drain's, which follows a Step it cut
+short. Engines in this process over real model processes and a real `dir:` store; the
+store's own `load` after the server stopped, and a second server on the same store, are the
+reference."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kernels.backend import BACKEND_ENV
+from serving.config import ServerConfig
+from serving.durable.directory import DirectorySessionStore
+from serving.errors import FailedPrecondition
+from serving.server import Server
+
+
+@pytest.fixture(autouse=True)
+def torch_backend() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(BACKEND_ENV, "torch")
+        yield
+
+
+def durable_server(tmp_path: Path, **settings: Any) -> Server:
+    config = ServerConfig(
+        models=("ntm-copy",), threads=1, park_dir=str(tmp_path / "park"),
+        store=f"dir:{tmp_path / 'store'}", durability="launch", **settings,
+    )  # fmt: skip
+    server = Server(config)
+    server.load_models()
+    return server
+
+
+def answers_kept(tmp_path: Path, session_id: str) -> dict[str, str]:
+    """The request ids the store answers for the session, each with what it was told."""
+    store = DirectorySessionStore(tmp_path / "store")
+    try:
+        kept = store.load(session_id).responses
+    finally:
+        store.close()
+    return {r.request_id: r.cancelled or f"step {r.step.step}" for r in kept}
+
+
+def test_a_session_parked_while_its_commit_is_written_keeps_the_answer(tmp_path: Path) -> None:
+    """One slot and a snapshot due at every step: creating a second session parks the first
+    while its Step's commit (with the answer of its request id) is being written. A snapshot
+    then, without that answer, would make the call's record dead, and a retry after a
+    restart would step again."""
+    server = durable_server(tmp_path, slots=1, snapshot_every=1)
+    engine, store, committer = server.engines["ntm-copy"], server.session_store, server.committer
+    assert committer is not None
+    gate, writing = threading.Event(), threading.Event()
+    write = store.commit
+
+    def gated_write(records: Any) -> set[str]:  # in the committer's thread
+        writing.set()
+        gate.wait()
+        return write(records)
+
+    store.commit = gated_write  # type: ignore[method-assign]
+
+    async def scenario() -> str:
+        committer.start()
+        engine.start()
+        try:
+            gate.set()
+            a = await engine.lifecycle.create(None, None)
+            gate.clear()
+            writing.clear()
+            inputs = np.ones((1, 9), np.float32)
+            first = asyncio.ensure_future(engine.step(a, inputs, None, "r1", b"digest"))
+            assert await asyncio.to_thread(writing.wait, 60)  # a's commit is being written
+            writing.clear()
+            making = asyncio.ensure_future(engine.lifecycle.create(None, None))
+            while a.id not in engine.slots.parked:
+                await asyncio.sleep(0)  # until the new session's slot was taken from a
+            gate.set()
+            _, step = await first
+            await making
+            assert step == 1
+            return a.id
+        finally:
+            gate.set()
+            await engine.stop()
+            await committer.stop()
+
+    session_id = asyncio.run(scenario())
+    assert answers_kept(tmp_path, session_id) == {"r1": "step 1"}
+
+
+def test_a_step_cut_short_by_the_drain_keeps_its_answer_through_the_drains_snapshot(
+    tmp_path: Path,
+) -> None:
+    """A 64-step Step with a request id, one step a launch, cut short by the drain: its
+    steps stay, the drain snapshots the session, and a repeat of the id on the next server
+    is FAILED_PRECONDITION saying how far it went, not 64 more steps."""
+    steps = 64
+    inputs = np.random.default_rng(0).random((steps, 9), dtype=np.float32)
+
+    async def first_server() -> tuple[str, int]:
+        server = durable_server(tmp_path, slots=2, steps_per_launch=1)
+        engine, committer = server.engines["ntm-copy"], server.committer
+        assert committer is not None
+        committer.start()
+        engine.start()
+        try:
+            a = await engine.lifecycle.create(None, None)
+            call = asyncio.ensure_future(engine.step(a, inputs, None, "r1", b"digest"))
+            while a.step < 1:
+                await asyncio.sleep(0)  # until its first launch landed
+        finally:
+            await engine.stop()  # the drain: cuts the call short, then snapshots
+            await committer.stop()
+        with pytest.raises(Exception, match="shut down"):
+            await call
+        assert 1 <= a.step < steps
+        return a.id, a.step
+
+    session_id, taken = asyncio.run(first_server())
+    told = f"cut short after {taken} of {steps} steps"
+    assert answers_kept(tmp_path, session_id) == {"r1": told}
+
+    async def second_server() -> int:
+        server = durable_server(tmp_path, slots=2, steps_per_launch=1)
+        server._adopt_stored_sessions()
+        engine, committer = server.engines["ntm-copy"], server.committer
+        assert committer is not None
+        committer.start()
+        engine.start()
+        try:
+            session = server.table.get(session_id)
+            with pytest.raises(FailedPrecondition, match=f"{told}; the session is at step {taken}"):
+                await engine.step(session, inputs, None, "r1", b"digest")
+            return session.step
+        finally:
+            await engine.stop()
+            await committer.stop()
+
+    assert asyncio.run(second_server()) == taken
