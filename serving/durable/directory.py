@@ -155,15 +155,56 @@ class DirectorySessionStore(SessionStore):
     # ------------------------------------------------------------------ writing
 
     def _open_active(self) -> None:
-        self.file = os.open(self._segment_path(self.active), os.O_WRONLY | os.O_CREAT, 0o644)
+        self.file = self._new_segment(self.active)
+        self._begin_segment()
+
+    def _new_segment(self, segment: int) -> int:
+        """Create segment `segment` (durably: its directory entry is synced) and open it."""
+        file = os.open(self._segment_path(segment), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            sync_directory(self.path)
+        except OSError:
+            os.close(file)
+            raise
+        return file
+
+    def _begin_segment(self) -> None:
         self.sizes[self.active] = 0  # always a new segment: opening seals the last one
         self.zeroed = 0  # bytes of it the file has (records, then zeros)
+        self.uncleared = 0  # where bytes of a failed write that could not be cleared end
         self.live_bytes.setdefault(self.active, 0)
-        sync_directory(self.path)
+
+    def _roll(self) -> None:
+        """Seal the active segment and go on in a new one. If the new one cannot be made
+        (no inode, too many open files), the records just written are durable all the
+        same: this segment goes on growing, and the next write tries again."""
+        try:
+            file = self._new_segment(self.active + 1)
+        except OSError as error:
+            log.warning("cannot start a new segment in %s: %s", self.path, error)
+            return
+        self._close_active()
+        self.active += 1
+        self.file = file
+        self._begin_segment()
+
+    def _clear_failed_write(self) -> None:
+        """Zero (and fdatasync) what a failed write may have left after the last record, so
+        that no later, shorter write leaves a stale record behind it for a recovery to
+        find; until that succeeds nothing more is written (OSError)."""
+        start = self.sizes[self.active]
+        if self.uncleared <= start:
+            return
+        zeros = bytes(self.uncleared - start)
+        if os.pwrite(self.file, zeros, start) != len(zeros):
+            raise OSError(f"cleared only part of a failed write in {self.path}")
+        os.fdatasync(self.file)
+        self.uncleared = 0
 
     def _write(self, data: bytes) -> int:
         """Write `data` after the active segment's last record and fdatasync it; where it
         starts. Zeros are written past it first if the file is not long enough yet."""
+        self._clear_failed_write()
         start = self.sizes[self.active]
         end = start + len(data)
         if end > self.zeroed:
@@ -180,9 +221,10 @@ class DirectorySessionStore(SessionStore):
                 raise OSError(f"wrote {written} of {len(data)} bytes")
             os.fdatasync(self.file)
         except OSError:
+            self.uncleared = max(self.uncleared, end)
             try:  # leave no partial record for the next write to follow: zeros again
-                os.pwrite(self.file, bytes(len(data)), start)
-            except OSError:
+                self._clear_failed_write()
+            except OSError:  # the next write, and the probe, try again first
                 log.exception("could not clear %s after a failed write", self.path)
             raise
         self.sizes[self.active] = end
@@ -231,9 +273,7 @@ class DirectorySessionStore(SessionStore):
             self._index(record, Location(self.active, offset, len(framed)))
             offset += len(framed)
         if offset >= self.segment_bytes:
-            self._close_active()
-            self.active += 1
-            self._open_active()
+            self._roll()
 
     def _close_active(self) -> None:
         """Cut the zeros written ahead off the active segment and close it."""
@@ -337,6 +377,7 @@ class DirectorySessionStore(SessionStore):
     def probe(self) -> None:
         probe = self.path / "PROBE"
         try:
+            self._clear_failed_write()
             descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.write(descriptor, b"probe")

@@ -52,7 +52,9 @@ def read_frame(data: bytes | memoryview, offset: int) -> tuple[journal_pb2.Recor
     if magic != MAGIC:
         raise CorruptRecordError(f"no record starts at byte {offset}")
     start, end = offset + HEADER.size, offset + HEADER.size + length
-    if length > MAX_RECORD_BYTES or end > len(data):
+    # `frame` never writes an empty record: a length of 0 (whose CRC of nothing is 0) is a
+    # header cut short before zeros written ahead.
+    if not 0 < length <= MAX_RECORD_BYTES or end > len(data):
         raise CorruptRecordError(f"the record at byte {offset} is cut short")
     payload = bytes(data[start:end])
     if zlib.crc32(payload) != crc:

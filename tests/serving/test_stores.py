@@ -354,3 +354,109 @@ def test_redis_takes_a_snapshot_only_from_the_sessions_owner(tmp_path: Path) -> 
         assert [(c.from_step, c.to_step) for c in stored.calls] == [(0, 2), (2, 3)]
         assert b.commit([snapshot("s", 3)]) == set()  # the owner's is taken
         assert a.load("s").snapshot.step == 3  # type: ignore[union-attr]
+
+
+def test_a_header_cut_short_before_the_zeros_is_a_record_cut_short(tmp_path: Path) -> None:
+    """A crash that left only a record's MAGIC before the zeros: its length and CRC read as
+    0, which must not pass for an empty record kept at every opening."""
+    store = DirectorySessionStore(tmp_path / "store")
+    store.commit([created("a"), call("a", 0, 2)])
+    whole = store.sizes[store.active]
+    store.commit([call("a", 2, 5)])
+    image = crash_image(store, tmp_path / "image")
+    store.close()
+    last = segments(image)[-1]
+    data = bytearray(last.read_bytes())
+    data[whole + 4 :] = bytes(len(data) - whole - 4)  # MAGIC alone reached the disk
+    last.write_bytes(bytes(data))
+    again = DirectorySessionStore(image)
+    assert again.load("a").step == 2
+    assert len(again.problems()) == 1 and "cut short" in again.problems()[0]
+    assert last.stat().st_size == whole
+    again.close()
+
+
+class FailingDisk:
+    """os.fdatasync and os.pwrite of the `dir:` store, made to fail on demand."""
+
+    def __init__(self, patch: pytest.MonkeyPatch) -> None:
+        self.syncs_to_fail = 0
+        self.clearing_fails = False
+        real_sync, real_pwrite = os.fdatasync, os.pwrite
+
+        def fdatasync(fd: int) -> None:
+            if self.syncs_to_fail:
+                self.syncs_to_fail -= 1
+                raise OSError(5, "Input/output error")
+            real_sync(fd)
+
+        def pwrite(fd: int, data: bytes, offset: int) -> int:
+            if self.clearing_fails and data and not any(data):  # zeros over a failed write
+                raise OSError(5, "Input/output error")
+            return real_pwrite(fd, data, offset)
+
+        patch.setattr("serving.durable.directory.os.fdatasync", fdatasync)
+        patch.setattr("serving.durable.directory.os.pwrite", pwrite)
+
+
+def test_a_failed_write_that_cannot_be_cleared_stops_writes_until_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write whose fdatasync failed (its bytes may be on the disk all the same) and whose
+    clearing failed too: no later write goes in until it is cleared, or a shorter one would
+    leave a stale, never acknowledged record after it for a recovery to apply."""
+    from serving.durable.base import StoreUnavailable
+
+    store = DirectorySessionStore(tmp_path / "store")
+    store.commit([created("a"), created("b")])
+    disk = FailingDisk(monkeypatch)
+    disk.syncs_to_fail, disk.clearing_fails = 1, True
+    stale = call("b", 0, 1, "x")  # after a's record: at a frame boundary once b's is shorter
+    with pytest.raises(StoreUnavailable):
+        store.commit([call("a", 0, 1), stale])
+    good = call("b", 0, 1)
+    with pytest.raises(StoreUnavailable):
+        store.commit([good])  # the failed write is still there: nothing is written
+    with pytest.raises(StoreUnavailable):
+        store.probe()  # nor is the store healthy
+    disk.clearing_fails = False
+    store.probe()  # clears it
+    assert store.commit([good]) == set()
+    image = crash_image(store, tmp_path / "image")
+    store.close()
+    again = DirectorySessionStore(image)
+    assert again.problems() == []
+    assert again.load("b").calls == [good.call] and again.load("a").step == 0
+    again.close()
+
+
+def test_a_new_segment_that_cannot_be_made_neither_fails_the_commit_nor_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The records that fill a segment are durable before the next segment is made: if it
+    cannot be (too many open files), the commit still succeeds, the segment grows, and the
+    next write makes the new one."""
+    store = DirectorySessionStore(tmp_path / "store", segment_bytes=4096)
+    store.commit([created("a")])
+    real_open = os.open
+    refusing = True
+
+    def open_(path: str | os.PathLike[str], *args: int) -> int:
+        if refusing and str(path).endswith(".log"):
+            raise OSError(24, "Too many open files")
+        return real_open(path, *args)
+
+    monkeypatch.setattr("serving.durable.directory.os.open", open_)
+    step, first = 0, store.active
+    while store.sizes[first] < 2 * 4096:
+        assert store.commit([call("a", step, step + 5)]) == set()
+        step += 5
+    assert store.active == first
+    refusing = False
+    assert store.commit([call("a", step, step + 1)]) == set()
+    assert store.active == first + 1
+    assert store.commit([call("a", step + 1, step + 2)]) == set()
+    store.close()
+    again = DirectorySessionStore(tmp_path / "store")
+    assert again.problems() == [] and again.load("a").step == step + 2
+    again.close()
