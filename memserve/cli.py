@@ -82,7 +82,8 @@ def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
             "Every setting can also come from the environment (MEMSERVE_<NAME>) or a TOML "
             "file (--config or $MEMSERVE_CONFIG, keys named as the settings); flags win over "
             "the environment, which wins over the file. SIGTERM or SIGINT drains: health "
-            "turns NOT_SERVING, calls in flight get --grace seconds, exit 0."
+            "turns NOT_SERVING, calls in flight get --grace seconds, sessions are written to "
+            "the store, exit 0 (1 if some could not be, or a model's process died)."
         ),
         epilog="Example: memserve serve --models ntm-copy --port 50051 --slots 1024",
     )

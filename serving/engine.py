@@ -35,11 +35,12 @@ from serving.errors import (
     NotFound,
     ResourceExhausted,
     ServingError,
+    Unavailable,
 )
 from serving.generation import GenerateCall, Sampling, prompt_tokens, require_text, text_tokenizer
 from serving.lifecycle import Lifecycle
 from serving.metrics import Metrics
-from serving.persistence import Persistence
+from serving.persistence import Checkpoint, Persistence
 from serving.pipeline import Pipeline
 from serving.protocol import ModelCard
 from serving.pushback import Pushback
@@ -51,6 +52,10 @@ from serving.store import ParkingStore
 from serving.worker_client import WorkerClient, WorkerGone
 
 log = logging.getLogger("memserve.engine")
+
+# How long a stopping engine waits for its launches in flight: they take milliseconds, so a
+# model process that has not answered by then is stuck (a hung device, a deadlock).
+STUCK_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class ModelEngine:
         )  # fmt: skip
         self.pipeline = Pipeline(
             name, card.backend, worker, self.scheduler, self.slots, table, metrics,
-            end=self.end, on_failure=lambda error: self.on_failure(error),
+            lose=self.lose, on_failure=lambda error: self.on_failure(error),
         )  # fmt: skip
         self.pipeline.on_written = self.wake.set
         self.persistence = Persistence(
@@ -231,6 +236,24 @@ class ModelEngine:
     def _flying(self, session: Session) -> bool:
         return session.id in self.scheduler.in_flight
 
+    def lose(self, session: Session, error: Exception) -> None:
+        """A launch with the session's rows failed: what its slot holds is unknown. With a
+        session store the session is forgotten here and kept there at its last committed
+        step (nothing of the failed call is committed): its calls are answered UNAVAILABLE,
+        and its next call brings it back from the store, on this server or, if the model's
+        process is gone, on the one that replaces it. Without a store it is lost."""
+        why = f"a step failed on the server ({error})"
+        if self.persistence.committer is not None:
+            self.slots.unload(session)  # first: its calls' commits see it is not live here
+            self.scheduler.drop(session, Unavailable(
+                f"session {session.id}: {why}; the session store keeps it at its last "
+                "committed step: retry"
+            ))  # fmt: skip
+            return
+        if isinstance(error, WorkerGone):  # the server exits: its clients retry elsewhere
+            self.scheduler.drop(session, Unavailable(f"session {session.id} was lost: {why}"))
+        self.end(session, f"was lost: {why}")
+
     def end(self, session: Session, why: str) -> None:
         """Remove a session: free its slot or parked state, answer its calls NOT_FOUND."""
         self.slots.release(session)
@@ -246,22 +269,34 @@ class ModelEngine:
             asyncio.create_task(self._expiry_loop(), name=f"expiry-{self.name}"),
         ]
 
-    async def stop(self) -> int:
+    async def stop(self) -> Checkpoint:
         """Stop the loops; the launches in flight land, calls still queued are answered
         CANCELLED (a Step call keeps the steps it took, a Generate turn is undone), and with
-        a durable store every session's state is written in whole. Returns how many were."""
+        a durable store every session's state is written in whole. A model process that
+        does not land its launches within STUCK_SECONDS is killed (its calls fail as if it
+        had died). Returns how many states were written, and how many could not be."""
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         async with self.lock:
-            with contextlib.suppress(WorkerGone):
-                await self.pipeline.land_all()
+            try:
+                await asyncio.wait_for(self.pipeline.land_all(), STUCK_SECONDS)
+            except WorkerGone:
+                pass
+            except TimeoutError:
+                log.error(
+                    "the model process did not answer in %g s: killed", STUCK_SECONDS,
+                    extra={"event": "model_process_stuck", "model": self.name},
+                )  # fmt: skip
+                self.worker.kill()
+                with contextlib.suppress(WorkerGone):
+                    await self.pipeline.land_all()  # each fails at once now
             self.scheduler.drop_all(Cancelled("the server shut down before this call ended"))
-        written = await self.persistence.checkpoint() if self.worker.alive else 0
+        done = await self.persistence.checkpoint() if self.worker.alive else Checkpoint()
         self.worker.close()
-        return written
+        return done
 
     async def _batch_loop(self) -> None:
         scheduler, pipeline = self.scheduler, self.pipeline

@@ -15,10 +15,12 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from serving import journal
+from serving.answers import commit_failure
 from serving.durable.base import SessionSummary
 from serving.durable.committer import Committer, Durability
 from serving.durable.records import replay_row
@@ -257,22 +259,35 @@ class Persistence:
             return self.slots.read(session)
         return await self.worker.read(session.slot)
 
-    async def checkpoint(self) -> int:
+    async def checkpoint(self) -> Checkpoint:
         """At drain: every session with steps since its last snapshot written in whole (none
-        has calls any more). Returns how many."""
+        has calls any more). Returns how many were written, and how many could not be (a
+        state that could not be read, a store that failed): each of those is logged."""
         if self.committer is None:
-            return 0
-        written = 0
+            return Checkpoint()
+        writes: list[tuple[Session, asyncio.Future[set[str]]]] = []
+        failed = 0
         async with self.lock:
             # The commits in flight (calls the drain cut short among them) land first, so
             # every snapshot carries the answers they hold.
             await self.committer.flush()
             for session in [*self.slots.active.values(), *self.slots.parked.values()]:
-                if session.logged_ops and self.table.live(session):
-                    self._snapshot(session, await self._state_of(session))
-                    written += 1
-        await self.committer.flush()
-        return written
+                if not (session.logged_ops and self.table.live(session)):
+                    continue
+                try:
+                    state = await self._state_of(session)
+                except Exception as error:  # its parked file is gone, the worker died
+                    why = {"event": "checkpoint_failed", "session": session.id}
+                    log.error(
+                        "cannot read session %s to write it: %s", session.id, error, extra=why
+                    )
+                    failed += 1
+                    continue
+                writes.append((session, self._snapshot(session, state)))
+        if writes:
+            await asyncio.wait([done for _, done in writes])
+        written = sum(commit_failure(session, done) is None for session, done in writes)
+        return Checkpoint(written, failed + len(writes) - written)
 
 
 def log_failure(done: asyncio.Future[set[str]]) -> None:
@@ -280,3 +295,12 @@ def log_failure(done: asyncio.Future[set[str]]) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("a background commit failed: %s", done.exception(),
                   extra={"event": "commit_failed"})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a drain's checkpoint did: sessions written in whole, and sessions it could not
+    write (their steps since their last commit are lost if they were not committed)."""
+
+    written: int = 0
+    failed: int = 0

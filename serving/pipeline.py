@@ -85,7 +85,7 @@ class Pipeline:
         slots: SlotManager,
         table: SessionTable,
         metrics: Metrics,
-        end: Callable[[Session, str], None],
+        lose: Callable[[Session, Exception], None],
         on_failure: Callable[[WorkerGone], None],
     ) -> None:
         self.name = name
@@ -93,7 +93,7 @@ class Pipeline:
         self.scheduler = scheduler
         self.slots = slots
         self.table = table
-        self.end = end  # ends a session whose state a failed launch took with it
+        self.lose = lose  # a session whose state a failed launch took with it
         self.on_failure = on_failure  # the model's process is gone
         self.flights: deque[Flight] = deque()
         # Lands a launch (the callable given) and commits the calls it finished, returning
@@ -187,7 +187,7 @@ class Pipeline:
 
     def _lose(self, rows: list[Row], parked: list[tuple[Session, int]], error: Exception) -> None:
         """A launch failed: its slots may be half-written and the states it parked are gone,
-        so those sessions end rather than keep a state that no longer matches their count."""
+        so those sessions do not go on from a state that no longer matches their count."""
         log.error(
             "batched step failed",
             exc_info=error,
@@ -197,4 +197,4 @@ class Pipeline:
         sessions = [*self.scheduler.update_from_failure(rows), *(s for s, _ in parked)]
         for session in sessions:
             if self.table.live(session):
-                self.end(session, f"was lost: a step failed on the server ({error})")
+                self.lose(session, error)

@@ -281,11 +281,43 @@ class Server:
         while self.service.admission.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         left = self.service.admission.in_flight
-        committed = 0
-        for engine in self.engines.values():  # what is still queued is answered CANCELLED
-            committed += await engine.stop()
-        if self.committer is not None:
-            await self.committer.stop()
+        committed = not_written = 0
+        try:
+            for name, engine in self.engines.items():  # what is queued is answered CANCELLED
+                try:
+                    done = await engine.stop()
+                except Exception:
+                    log.exception("model %s did not stop cleanly", name,
+                                  extra={"event": "stop_failed", "model": name})  # fmt: skip
+                    self.exit_code = 1
+                    continue
+                committed, not_written = committed + done.written, not_written + done.failed
+            if self.committer is not None and not await self.committer.stop():
+                log.error("the session store could not be written at drain",
+                          extra={"event": "stop_failed"})  # fmt: skip
+                self.exit_code = 1
+        except Exception:
+            log.exception("the session store did not close cleanly", extra={"event": "stop_failed"})
+            self.exit_code = 1
+        finally:
+            if not_written:  # what they did since their last write is lost (`--durability`)
+                self.exit_code = 1
+            await self._close()
+            log.info(
+                "stopped",
+                extra={
+                    "event": "stopped",
+                    "seconds": round(time.monotonic() - started, 3),
+                    "calls_cut_short": left,
+                    "sessions_committed": committed,
+                    "sessions_not_written": not_written,
+                    "exit_code": self.exit_code,
+                },
+            )
+            self.stopped.set()
+
+    async def _close(self) -> None:
+        """Stop listening and remove what this server made for itself."""
         if self.grpc_server is not None:
             await self.grpc_server.stop(0.5)
         if self.metrics_http is not None:
@@ -293,16 +325,6 @@ class Server:
             self.metrics_http.server_close()
         if self._temporary_park_dir:
             shutil.rmtree(self._temporary_park_dir, ignore_errors=True)
-        log.info(
-            "stopped",
-            extra={
-                "event": "stopped",
-                "seconds": round(time.monotonic() - started, 3),
-                "calls_cut_short": left,
-                "sessions_committed": committed,
-            },
-        )
-        self.stopped.set()
 
     def fail(self, error: Exception) -> None:
         """A model can no longer be served (its process is gone): drain and exit 1, so that

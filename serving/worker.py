@@ -15,7 +15,8 @@ buffer, asynchronously, on a GPU), the states it parks or saves are copied on th
 come back with the outputs, and a DECODE's tokens are sampled on the host after that copy.
 tests/serving/test_worker_syncs.py runs launches under a mode that fails on any operation
 that would make the host wait for a GPU. It ignores SIGINT and SIGTERM (the server drains
-first, then closes the pipe) and exits when the pipe closes, also when the server is killed.
+first, then closes the pipe) and exits when the pipe closes; the kernel kills it when the
+server dies (`serving.worker_process.die_with_server`).
 """
 
 from __future__ import annotations
@@ -319,9 +320,10 @@ def serve(
         fused = warm_up(model, pool)
         card = describe(model, "fused-cpu" if fused else select_backend(pool.device), pool.device)
     except BaseException as error:  # said to the server, which refuses to start
-        connection.send(Reply(False, portable(error)))
+        tell(connection, Reply(False, portable(error)))
         return
-    connection.send(Reply(True, card))
+    if not tell(connection, Reply(True, card)):
+        return
     with torch.inference_mode():
         while True:
             try:
@@ -334,7 +336,17 @@ def serve(
                 reply = Reply(True, answer(model, pool, scratch, request))
             except Exception as error:
                 reply = Reply(False, portable(error))
-            connection.send(reply)
+            if not tell(connection, reply):
+                return
+
+
+def tell(connection: Connection, reply: Reply) -> bool:
+    """Send the server `reply`; False if it is gone (it stopped, or failed to start)."""
+    try:
+        connection.send(reply)
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    return True
 
 
 def warm_up(model: MemoryModel, pool: StatePool) -> bool:

@@ -144,13 +144,19 @@ class WorkerClient:
                 answer.set_exception(error)
 
     def close(self) -> None:
-        """Stop the worker: ask, then wait, then terminate. Requests still waiting are
-        answered WorkerGone."""
+        """Stop the worker: ask, then wait, then kill it (it ignores SIGTERM, which is the
+        server's to drain on). Requests still waiting are answered WorkerGone."""
         self._fail_waiting(WorkerGone("the model process was stopped"))
         with contextlib.suppress(OSError, ValueError):
             self.connection.send(Close())
         self.connection.close()
         self.process.join(timeout=STOP_SECONDS)
         if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=STOP_SECONDS)
+            self.kill()
+
+    def kill(self) -> None:
+        """Stop a worker that does not answer, at once (SIGKILL). Requests still waiting are
+        answered WorkerGone."""
+        self._fail_waiting(WorkerGone("the model process did not answer and was killed"))
+        self.process.kill()
+        self.process.join(timeout=STOP_SECONDS)

@@ -8,13 +8,18 @@ which is most of a server's start (docs/performance.md, "Starting a server").
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 STOP_SECONDS = 10.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -45,9 +50,10 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """Stop a worker no client took over (the server failed to start); nothing if it
-        has stopped already."""
+        has stopped already. SIGKILL: a worker ignores SIGTERM (the server drains it), and
+        one still loading does not read its pipe; it holds nothing worth keeping yet."""
         self.connection.close()
-        self.process.terminate()
+        self.process.kill()
         self.process.join(timeout=STOP_SECONDS)
 
 
@@ -55,6 +61,23 @@ def run(
     connection: Connection, directory: str, device: str, slots: int, threads: int, nice: int
 ) -> None:
     """The worker process's entry point: the worker, and torch, are imported there only."""
+    die_with_server()
     from serving.worker import serve
 
     serve(connection, directory, device, slots, threads, nice)
+
+
+def die_with_server() -> None:
+    """On Linux, have the kernel SIGKILL this process when the server's thread that started
+    it ends, a kill -9 of the server included. Otherwise a model process still loading its
+    weights (it reads its pipe only once loaded) outlives its server for as long as the load
+    takes, holding memory that a restarted server's models want. The server starts its
+    models from its main thread, which lives as long as it does."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the prctl
+        os._exit(1)

@@ -81,19 +81,24 @@ class Committer:
         """Run another store operation (a load) in the writer's thread, between writes."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
-    async def flush(self) -> None:
-        """Return once everything queued before is written (or has failed)."""
-        with contextlib.suppress(StoreUnavailable):
+    async def flush(self) -> bool:
+        """Return once everything queued before is written (True) or has failed (False)."""
+        try:
             await self.commit([])
+        except StoreUnavailable:
+            return False
+        return True
 
-    async def stop(self) -> None:
-        await self.flush()
+    async def stop(self) -> bool:
+        """Write what is queued and close the store; whether that was all written."""
+        written = await self.flush()
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         self.executor.shutdown(wait=True)
         self.store.close()
+        return written
 
     async def _write_loop(self) -> None:
         while True:

@@ -4,6 +4,7 @@ as a client without the .proto sees them."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from bench.child_server import ServerProcess
 from protos import memserve_pb2
-from tests.serving.client import create, step, wait_for_launches
+from tests.serving.client import create, info, step, wait_for_launches
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -115,17 +116,23 @@ def test_health_check_names_unknown_services(server: ServerProcess) -> None:
     assert server.stub().ListModels(memserve_pb2.ListModelsRequest()).models
 
 
-def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["memory", "dir"])
+def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(
+    tmp_path: Path, store: str
+) -> None:
     """The model runs in a child process (serving/worker.py). If that process dies, the
-    call in flight is answered with an error (not left hanging), health goes NOT_SERVING,
-    and the server exits 1 so that a supervisor starts a fresh one."""
+    call in flight is answered UNAVAILABLE (not left hanging), health goes NOT_SERVING, and
+    the server exits 1 so that a supervisor starts a fresh one. Without a session store the
+    session was lost with the process; with one, the next server has it at its last
+    committed step, nothing of the failed call in it."""
     import os
 
-    with ServerProcess(
-        tmp_path, "--models", "ntm-copy", "--max-steps-per-call", "100000", "--grace", "5"
-    ) as server:
+    durable = ["--store", f"dir:{tmp_path / 'store'}"] if store == "dir" else []
+    flags = ["--models", "ntm-copy", "--max-steps-per-call", "100000", "--grace", "5", *durable]
+    with ServerProcess(tmp_path, *flags) as server:
         stub = server.stub()
         session_id = create(stub)
+        step(stub, session_id, np.ones((3, 9), np.float32))
         loaded = server.event("model_loaded")
         assert loaded is not None and server.process is not None
         assert loaded["pid"] != server.process.pid
@@ -145,12 +152,86 @@ def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(tmp_path:
         caller.join(30)
         assert not caller.is_alive()
         assert len(errors) == 1
-        # Its state lived in the dead process: the session is gone, and says why.
-        assert errors[0].code() == grpc.StatusCode.NOT_FOUND, errors[0].details()
-        assert "lost" in errors[0].details()
+        assert errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors[0].details()
+        kept = "keeps it at its last committed step" if durable else "was lost"
+        assert kept in errors[0].details()
         assert server.wait(30) == 1
         exited = server.event("model_process_exited")
         assert exited is not None and "exit code -9" in exited["message"], exited
+    if durable:
+        with ServerProcess(tmp_path, *flags) as again:
+            assert info(again.stub(), session_id).step == 3
+
+
+def test_a_model_process_that_stops_answering_is_killed_and_the_drain_ends(
+    tmp_path: Path,
+) -> None:
+    """A model process that is alive but answers nothing (SIGSTOP stands in for a hung
+    device): the drain waits for its launches in flight only so long, then kills it, and
+    the server exits 1."""
+    import os
+
+    from serving.engine import STUCK_SECONDS
+
+    flags = ["--models", "ntm-copy", "--max-steps-per-call", "100000", "--grace", "0.5"]
+    with ServerProcess(tmp_path, *flags) as server:
+        stub = server.stub()
+        session_id = create(stub)
+        loaded = server.event("model_loaded")
+        assert loaded is not None
+        errors: list[grpc.RpcError] = []
+
+        def run_long_call() -> None:
+            try:
+                step(stub, session_id, np.zeros((50000, 9), np.float32))
+            except grpc.RpcError as error:
+                errors.append(error)
+
+        caller = threading.Thread(target=run_long_call)
+        caller.start()
+        wait_for_launches(server.metrics_url, at_least=10)
+        os.kill(loaded["pid"], signal.SIGSTOP)
+        try:
+            server.signal(signal.SIGTERM)
+            assert server.wait(STUCK_SECONDS + 30) == 1
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(loaded["pid"], signal.SIGCONT)
+        caller.join(30)
+        assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors
+        assert server.event("model_process_stuck") is not None
+        stopped = server.event("stopped")
+        assert stopped is not None and stopped["exit_code"] == 1
+
+
+def test_a_drain_that_cannot_write_a_session_says_so_and_exits_one(tmp_path: Path) -> None:
+    """The drain writes every session with steps since its last snapshot. One it cannot
+    (its state, parked to disk, is gone) is logged, the others are written, and the server
+    exits 1 rather than claim it wrote everything (with `--durability park` those writes
+    are all a session has; with `launch`, here, its calls are in the store and the next
+    server replays them)."""
+    park = tmp_path / "park"
+    flags = [
+        "--models", "ntm-copy", "--slots", "1", "--park-host-bytes", "0",
+        "--park-dir", str(park), "--store", f"dir:{tmp_path / 'store'}",
+    ]  # fmt: skip
+    with ServerProcess(tmp_path, *flags) as server:
+        stub = server.stub()
+        first, second = create(stub), create(stub)
+        step(stub, first, np.ones((2, 9), np.float32))  # parks second to disk
+        step(stub, second, np.ones((2, 9), np.float32))  # parks first to disk
+        files = list(park.iterdir())
+        assert len(files) == 1
+        files[0].unlink()  # first's parked state
+        server.signal(signal.SIGTERM)
+        assert server.wait(30) == 1
+        failed = server.event("checkpoint_failed")
+        assert failed is not None and failed["session"] == first
+        stopped = server.event("stopped")
+        assert stopped is not None
+        assert (stopped["sessions_committed"], stopped["sessions_not_written"]) == (1, 1)
+    with ServerProcess(tmp_path, *flags) as again:
+        assert [info(again.stub(), s).step for s in (first, second)] == [2, 2]
 
 
 def test_the_healthcheck_command_exits_zero_only_while_serving(tmp_path: Path) -> None:

@@ -1,0 +1,98 @@
+"""A model's process never outlives what should stop it: a worker still loading (it ignores
+SIGTERM and does not read its pipe yet) is stopped at once, and a worker whose server is
+killed -9 is killed by the kernel. Real spawned processes; `pidfd` polls are the events
+waited on."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from models.locate import resolve
+from serving.worker_process import WorkerProcess
+
+SIGTERM_BIT = 1 << 14  # signal 15 in /proc/PID/status masks
+
+
+def ignored_signals(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("SigIgn")).split()[1], 16)
+
+
+def exits_within(pid: int, seconds: float) -> bool:
+    """Whether process `pid` (any process, not only a child) exits within `seconds`."""
+    try:
+        descriptor = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(descriptor, select.POLLIN)
+        return bool(poller.poll(seconds * 1000))
+    finally:
+        os.close(descriptor)
+
+
+@pytest.fixture
+def slow_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fused CPU step's build, which a worker runs while loading, takes 20 s (a C
+    compiler that waits first), with an empty build cache; the file it touches once the
+    worker is in it."""
+    entered = tmp_path / "building"
+    compiler = tmp_path / "cc"
+    compiler.write_text(f"#!/bin/sh\ntouch {entered}\nexec sleep 20\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("MEMSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")
+    return entered
+
+
+def test_a_worker_still_loading_is_stopped_at_once(slow_build: Path) -> None:
+    worker = WorkerProcess.start(resolve("ntm-copy"), "cpu", 4, 1)
+    pid = worker.process.pid
+    assert pid is not None
+    connection_ready = worker.connection.poll  # the card would come once the build ends
+    deadline = time.monotonic() + 120
+    while not slow_build.exists():  # the compiler's first act: the worker is building
+        assert not connection_ready(0.05) and time.monotonic() < deadline
+    assert ignored_signals(pid) & SIGTERM_BIT  # in `serve`: SIGTERM would do nothing
+    began = time.monotonic()
+    worker.kill()
+    assert not worker.process.is_alive()
+    assert time.monotonic() - began < 5  # not the STOP_SECONDS wait for a SIGTERM ignored
+
+
+def test_a_worker_dies_with_its_server(slow_build: Path) -> None:
+    """A server killed -9 while its model loads: the model's process goes too, rather
+    than load on for as long as that takes (holding memory a restarted server wants)."""
+    script = (
+        "import sys\n"
+        "from models.locate import resolve\n"
+        "from serving.worker_process import WorkerProcess\n"
+        "worker = WorkerProcess.start(resolve('ntm-copy'), 'cpu', 4, 1)\n"
+        "print(worker.process.pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        pid = int(server.stdout.readline())
+        deadline = time.monotonic() + 120
+        while not slow_build.exists():
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        server.kill()
+        server.wait()
+        assert exits_within(pid, 10)
+    finally:
+        server.kill()
+        server.wait()
