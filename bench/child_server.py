@@ -43,6 +43,16 @@ def process_stat(pid: int | str) -> tuple[int, float] | None:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = process_stat(entry.name)
+        if stat is not None and stat[0] == pid:
+            found.append(int(entry.name))
+    return found
+
+
 class ChildServer:
     """`command` in a child process (cwd: the repository), its output in a log file under
     `log_dir`; `start` returns once it logs `{"event": "serving", "port": ...}`, with its
@@ -151,12 +161,7 @@ class ChildServer:
 
     def children(self) -> list[int]:
         """The processes whose parent is the server (its model processes)."""
-        found = []
-        for entry in Path("/proc").glob("[0-9]*"):
-            stat = process_stat(entry.name)
-            if stat is not None and stat[0] == self.pid:
-                found.append(int(entry.name))
-        return found
+        return children_of(self.pid)
 
     def kill(self, wait: float = 10.0) -> bool:
         """kill -9 of the server; True if its children then exited by themselves within

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import platform
+import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from memserve import __version__
 from memserve.flags import add_setting_flags
+
+if TYPE_CHECKING:
+    from serving.worker_process import WorkerProcess
 
 
 def _version(_: argparse.Namespace) -> int:
@@ -54,10 +59,15 @@ def _serve(args: argparse.Namespace) -> int:
         {name: getattr(args, name) for name in config.FIELDS}, config_file=args.config
     )
     logs.configure(settings.log_level)
+    # Until the server drains on them itself, SIGTERM and SIGINT stop the start: the
+    # models' processes are stopped and nothing is left behind.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, _stop_starting)
     # The models' processes first: they import torch and load their weights while this one
     # imports the server (torch too), instead of after it.
-    started = startup.start_workers(settings)
+    started: dict[str, WorkerProcess] = {}
     try:
+        started = startup.start_workers(settings)
         from serving import server
         from serving.durable.base import StoreUnavailable
 
@@ -66,9 +76,20 @@ def _serve(args: argparse.Namespace) -> int:
         except StoreUnavailable as error:  # e.g. its Redis is down at start: not a crash
             print(f"memserve serve: error: {error}", file=sys.stderr)
             return 1
+    except StopStartingError as stop:
+        print(f"memserve serve: stopped by {stop} before serving", file=sys.stderr)
+        return 0
     finally:  # a server that failed before taking them over (its store, its port) leaves none
         for worker in started.values():
             worker.kill()
+
+
+class StopStartingError(Exception):
+    """SIGTERM or SIGINT while `memserve serve` was starting."""
+
+
+def _stop_starting(number: int, frame: object) -> None:
+    raise StopStartingError(signal.Signals(number).name)
 
 
 def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -168,15 +168,17 @@ class ServerConfig:
         default=0,
         metadata={
             "help": "CPU threads each model's process may use (torch intra-op threads; "
-            "0: the cores but one, which the server process keeps, shared among the models)"
+            "0: the cores this process may run on but one, which the server process keeps, "
+            "shared among the models)"
         },
     )
     model_nice: int = field(
         default=10,
         metadata={
-            "help": "niceness of each model's process, 0..19: where the cores are short, the "
-            "model yields them to the gRPC front end that feeds it and its launches grow "
-            "(0: the same priority as the server)"
+            "help": "how many steps of niceness each model's process runs below the server "
+            "(0..19, added to the server's own): where the cores are short, the model yields "
+            "them to the gRPC front end that feeds it and its launches grow (0: the same "
+            "priority as the server)"
         },
     )
     device: str = field(

@@ -17,7 +17,7 @@ from serving.metrics import Metrics
 from serving.sessions import SessionTable
 from serving.startup import start_workers
 from serving.store import DirectoryStore, ParkingStore
-from serving.worker_client import WorkerClient
+from serving.worker_client import WorkerClient, WorkerGone
 from serving.worker_process import WorkerProcess
 
 log = logging.getLogger("memserve.server")
@@ -83,7 +83,7 @@ def load_engines(
         for name, worker in workers.items():  # they load at once: each was started
             try:
                 card = worker.wait_ready()
-            except (RuntimeError, MemoryError) as error:  # e.g. the pool does not fit
+            except (RuntimeError, MemoryError, WorkerGone) as error:  # e.g. the pool does not fit
                 raise ValueError(
                     f"cannot serve {name} on device {config.device!r}: {error}"
                 ) from error

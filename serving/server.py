@@ -89,6 +89,8 @@ class Server:
         if not park_dir:
             park_dir = self._temporary_park_dir = tempfile.mkdtemp(prefix="memserve-park-")
         self.session_store = open_store(self.config.store, self.config.replica)
+        if self.config.replica:  # it reads no sessions at start: ask the store it answers
+            self.session_store.probe()
         if self.session_store.durable:
             interval = self.config.durability == "interval"
             self.committer = Committer(
@@ -151,11 +153,13 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {address} (in use, or not an address here)")
         if self.config.metrics_port >= 0:
-            self.metrics_http, _ = start_http_server(
-                self.config.metrics_port,
-                self.config.metrics_host,
-                served_registry(self.metrics, self.config.replica),
-            )
+            host, port = self.config.metrics_host, self.config.metrics_port
+            try:
+                self.metrics_http, _ = start_http_server(
+                    port, host, served_registry(self.metrics, self.config.replica)
+                )
+            except OSError as error:
+                raise OSError(f"cannot serve metrics on {host}:{port}: {error}") from error
             self.metrics_port = self.metrics_http.server_port
         if not self.config.replica:  # a replica finds sessions in the store as they are used
             self._adopt_stored_sessions()
@@ -341,7 +345,11 @@ class Server:
     async def run(self) -> int:
         """Serve until SIGTERM or SIGINT, then drain; returns the exit code (0, or 1 when
         a model's process died)."""
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:  # its ports, and a park directory of its own, go with it
+            await self._close()
+            raise
         loop = asyncio.get_running_loop()
 
         def on_signal(number: int) -> None:

@@ -25,7 +25,7 @@ def start_workers(config: ServerConfig) -> dict[str, WorkerProcess]:
         raise ValueError("no models to serve: pass --models (none are bundled)")
     # Intra-op threads per model process. OpenMP threads spin between operations, so more
     # threads than free cores stall every step: one core stays with the server's process.
-    threads = config.threads or max(1, ((os.cpu_count() or 1) - 1) // len(specs))
+    threads = config.threads or max(1, (len(os.sched_getaffinity(0)) - 1) // len(specs))
     started: dict[str, WorkerProcess] = {}
     try:
         for spec in specs:

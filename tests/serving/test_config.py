@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench.child_server import ServerProcess
+from bench.child_server import ServerProcess, children_of
 from serving import config
 from serving.config import ServerConfig
 
@@ -106,10 +108,13 @@ def test_unknown_model_exits_2_naming_it() -> None:
     assert "ntm-nope" in result.stderr
 
 
-def test_a_store_that_cannot_be_reached_at_start_exits_1_naming_it() -> None:
+@pytest.mark.parametrize("replica", ["", "r1"], ids=["server", "replica"])
+def test_a_store_that_cannot_be_reached_at_start_exits_1_naming_it(replica: str) -> None:
+    """Also a cluster's replica, which reads no sessions at start (they are found as they
+    are used) and would otherwise report SERVING until its first commit failed."""
     result = subprocess.run(
         [sys.executable, "-m", "memserve", "serve", "--models", "ntm-copy", "--store",
-         "redis://127.0.0.1:1/0", "--port", "0", "--metrics-port", "-1"],
+         "redis://127.0.0.1:1/0", "--port", "0", "--metrics-port", "-1", "--replica", replica],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
@@ -189,3 +194,66 @@ def test_the_logs_name_what_runs_each_models_step(tmp_path: Path, fused: str) ->
     ntm = "fused-cpu" if fused == "1" and cpu_step.available() else "torch"
     assert loaded == {"ntm-copy": ntm, "vmed-chat": "torch"}
     assert serving is not None and serving["backends"] == loaded
+
+
+def test_a_failed_start_names_the_metrics_address_and_leaves_no_park_directory(
+    tmp_path: Path,
+) -> None:
+    """The metrics port is taken: the error names it, exit 1, and the park directory the
+    server made for itself (no --park-dir) is gone with it."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "memserve", "serve", "--models", "ntm-copy", "--port", "0",
+             "--metrics-host", "127.0.0.1", "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+        )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"memserve serve: error: cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+    assert list(tmp_path.glob("memserve-park-*")) == []
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_models_load_stops_the_start_cleanly(
+    tmp_path: Path, number: int
+) -> None:
+    """SIGTERM or SIGINT while a model still loads (its fused step's build held up by a
+    compiler that waits): the server stops its model's process, says so and exits 0, with no
+    traceback and no process left behind."""
+    entered = tmp_path / "building"
+    compiler = tmp_path / "cc"
+    compiler.write_text(f"#!/bin/sh\ntouch {entered}\nexec sleep 20\n")
+    compiler.chmod(0o755)
+    env = {**os.environ, "CC": str(compiler), "MEMSERVE_CACHE_DIR": str(tmp_path / "cache"),
+           "MEMSERVE_KERNEL_BACKEND": "torch", "TMPDIR": str(tmp_path)}  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "memserve", "serve", "--models", "ntm-copy", "--port", "0",
+         "--metrics-port", "-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not entered.exists():  # the model's process is in its build
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        # The model's process (multiprocessing's resource tracker leaves once the server has)
+        models = [
+            pid
+            for pid in children_of(server.pid)
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(models) == 1
+        server.send_signal(number)
+        _, stderr = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert server.returncode == 0, stderr
+    assert f"memserve serve: stopped by {signal.Signals(number).name} before serving" in stderr
+    assert "Traceback" not in stderr
+    assert not [pid for pid in models if Path(f"/proc/{pid}").exists()]
+    assert list(tmp_path.glob("memserve-park-*")) == []
