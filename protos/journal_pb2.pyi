@@ -109,14 +109,24 @@ class SessionDeleted(_message.Message):
     why: str
     def __init__(self, session_id: _Optional[str] = ..., why: _Optional[str] = ...) -> None: ...
 
+class Written(_message.Message):
+    __slots__ = ("start", "crc")
+    START_FIELD_NUMBER: _ClassVar[int]
+    CRC_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    crc: int
+    def __init__(self, start: _Optional[int] = ..., crc: _Optional[int] = ...) -> None: ...
+
 class Record(_message.Message):
-    __slots__ = ("created", "call", "snapshot", "deleted")
+    __slots__ = ("created", "call", "snapshot", "deleted", "written")
     CREATED_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
     created: SessionCreated
     call: CallCommitted
     snapshot: Snapshot
     deleted: SessionDeleted
-    def __init__(self, created: _Optional[_Union[SessionCreated, _Mapping]] = ..., call: _Optional[_Union[CallCommitted, _Mapping]] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., deleted: _Optional[_Union[SessionDeleted, _Mapping]] = ...) -> None: ...
+    written: Written
+    def __init__(self, created: _Optional[_Union[SessionCreated, _Mapping]] = ..., call: _Optional[_Union[CallCommitted, _Mapping]] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., deleted: _Optional[_Union[SessionDeleted, _Mapping]] = ..., written: _Optional[_Union[Written, _Mapping]] = ...) -> None: ...

@@ -135,5 +135,7 @@ def record_session(record: journal_pb2.Record) -> str:
     kind = record.WhichOneof("record")
     if kind is None:
         raise ValueError("an empty record")
+    if kind == "written":
+        raise ValueError("the end of a write, of no session")
     session_id: str = getattr(record, kind).session_id
     return session_id

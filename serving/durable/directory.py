@@ -42,7 +42,7 @@ from serving.durable.base import (
     record_session,
 )
 from serving.durable.index import Entry, Location, without_state
-from serving.durable.records import CorruptRecordError, frame, read_frame
+from serving.durable.records import CorruptRecordError, end_of_write, frame, read_frame
 from serving.durable.segments import recover, segment_path, sync_directory
 from serving.errors import DataLoss
 
@@ -51,6 +51,7 @@ log = logging.getLogger("memserve.store")
 SEGMENT_BYTES = 64 << 20
 ZEROED_AHEAD = 4 << 20  # the most zeros written ahead at once (from 64 KiB, doubling)
 FIRST_ZEROS = 64 << 10
+SEGMENT_START = end_of_write(0, b"")  # what every segment begins with
 
 
 class DirectorySessionStore(SessionStore):
@@ -159,9 +160,13 @@ class DirectorySessionStore(SessionStore):
         self._begin_segment()
 
     def _new_segment(self, segment: int) -> int:
-        """Create segment `segment` (durably: its directory entry is synced) and open it."""
-        file = os.open(self._segment_path(segment), os.O_WRONLY | os.O_CREAT, 0o644)
+        """Create segment `segment`, beginning with the end of a write of nothing (it tells
+        a recovery that every write in it ends with one), durably: synced, and its
+        directory entry too. Opened for writing."""
+        file = os.open(self._segment_path(segment), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            os.write(file, SEGMENT_START)
+            os.fdatasync(file)
             sync_directory(self.path)
         except OSError:
             os.close(file)
@@ -169,8 +174,8 @@ class DirectorySessionStore(SessionStore):
         return file
 
     def _begin_segment(self) -> None:
-        self.sizes[self.active] = 0  # always a new segment: opening seals the last one
-        self.zeroed = 0  # bytes of it the file has (records, then zeros)
+        self.sizes[self.active] = len(SEGMENT_START)  # always a new segment: opening seals the last
+        self.zeroed = len(SEGMENT_START)  # bytes of it the file has (records, then zeros)
         self.uncleared = 0  # where bytes of a failed write that could not be cleared end
         self.live_bytes.setdefault(self.active, 0)
 
@@ -201,11 +206,13 @@ class DirectorySessionStore(SessionStore):
         os.fdatasync(self.file)
         self.uncleared = 0
 
-    def _write(self, data: bytes) -> int:
-        """Write `data` after the active segment's last record and fdatasync it; where it
-        starts. Zeros are written past it first if the file is not long enough yet."""
+    def _write(self, records: bytes) -> int:
+        """Write `records` after the active segment's last record, with the end of the
+        write (`Written`), and fdatasync them; where they start. Zeros are written past
+        them first if the file is not long enough yet."""
         self._clear_failed_write()
         start = self.sizes[self.active]
+        data = records + end_of_write(start, records)
         end = start + len(data)
         if end > self.zeroed:
             ahead = min(max(self.zeroed, FIRST_ZEROS), ZEROED_AHEAD)

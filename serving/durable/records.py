@@ -36,6 +36,13 @@ def frame(record: journal_pb2.Record) -> bytes:
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
+def end_of_write(start: int, written: bytes) -> bytes:
+    """The frame that ends a write of `written`, begun at `start` in its segment (`Written`
+    in journal.proto): whether a write reached the disk whole is known from it alone."""
+    end = journal_pb2.Written(start=start, crc=zlib.crc32(written))
+    return frame(journal_pb2.Record(written=end))
+
+
 def unframe(data: bytes | memoryview) -> journal_pb2.Record:
     """The record of one whole frame (CorruptRecordError if it is not one)."""
     record, end = read_frame(data, 0)
@@ -96,6 +103,29 @@ def scan(data: bytes) -> Iterator[tuple[int, int, journal_pb2.Record] | Damage]:
             continue
         yield offset, end - offset, record
         offset = end
+
+
+def whole_writes_end(
+    data: bytes, items: list[tuple[int, int, journal_pb2.Record] | Damage]
+) -> int | None:
+    """Where the last whole write of a segment (`data`, scanned into `items`) ends: the end
+    of its last `Written` whose CRC holds over the bytes it covers. None for a segment of
+    the older format, which does not begin with one."""
+    first = items[0] if items else None
+    if isinstance(first, Damage) or first is None or first[0] != 0:
+        return None
+    if first[2].WhichOneof("record") != "written" or first[2].written.start != 0:
+        return None
+    end = 0
+    for item in items:
+        if isinstance(item, Damage):
+            continue
+        offset, length, record = item
+        if record.WhichOneof("record") == "written":
+            start = record.written.start
+            if start <= offset and zlib.crc32(data[start:offset]) == record.written.crc:
+                end = offset + length
+    return end
 
 
 # ---------------------------------------------------------------------- operations

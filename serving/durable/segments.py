@@ -18,7 +18,7 @@ from pathlib import Path
 from protos import journal_pb2
 from serving.durable.base import record_session
 from serving.durable.index import Entry, Location, resolve
-from serving.durable.records import Damage, scan
+from serving.durable.records import Damage, scan, whole_writes_end
 
 PREFIX, SUFFIX = "wal-", ".log"
 
@@ -48,8 +48,21 @@ def recover(directory: Path, problem: Callable[[str], None]) -> Recovered:
     for segment in found:
         path = segment_path(directory, segment)
         data = path.read_bytes()
+        scanned = list(scan(data))
+        # The last segment ends with the write a crash interrupted, if any: never
+        # acknowledged, whichever of its pages reached the disk. Nothing after the last
+        # whole write is kept (older segments, without `Written` records: whatever scans).
+        whole = whole_writes_end(data, scanned) if segment == found[-1] else None
+        if whole is not None and any(data[whole:]):
+            cut = len(data.rstrip(b"\0")) - whole  # the zeros written ahead aside
+            problem(
+                f"{path.name}: the last {cut} bytes written are a write cut short "
+                "(a crash interrupted it; it was never acknowledged): truncated"
+            )
         size = 0  # where its records end: zeros written ahead may follow
-        for item in scan(data):
+        for item in scanned:
+            if whole is not None and (item.start if isinstance(item, Damage) else item[0]) >= whole:
+                break
             if isinstance(item, Damage):
                 if item.end == len(data) and segment == found[-1]:
                     cut = len(data.rstrip(b"\0")) - item.start  # the zeros after it aside
@@ -65,6 +78,8 @@ def recover(directory: Path, problem: Callable[[str], None]) -> Recovered:
                 continue
             offset, length, record = item
             size = offset + length
+            if record.WhichOneof("record") == "written":  # a write's end: of no session
+                continue
             try:
                 session_id = record_session(record)
             except ValueError:
