@@ -23,7 +23,7 @@ from serving import journal
 from serving.answers import commit_failure
 from serving.durable.base import SessionSummary
 from serving.durable.committer import Committer, Durability
-from serving.durable.records import replay_row
+from serving.durable.records import CorruptRecordError, replay_row
 from serving.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
 from serving.export import import_state
 from serving.logs import log_session
@@ -130,7 +130,11 @@ class Persistence:
             raise
         base = stored.snapshot.state if stored.snapshot is not None else stored.created.state
         start = stored.snapshot.step if stored.snapshot is not None else stored.created.step
-        rows = tuple(replay_row(op) for call in stored.calls for op in call.operations)
+        try:
+            rows = tuple(replay_row(op) for call in stored.calls for op in call.operations)
+        except CorruptRecordError as error:  # intact bytes this server cannot replay
+            session.broken = DataLoss(f"session {session.id} cannot be restored: {error}")
+            raise session.broken from error
         steps = steps_of(rows)
         if start + steps != stored.step:
             session.broken = DataLoss(

@@ -86,8 +86,8 @@ def recover(directory: Path, problem: Callable[[str], None]) -> Recovered:
                 problem(f"{path.name}: an empty record at byte {offset}")
                 continue
             records.setdefault(session_id, []).append((Location(segment, offset, length), record))
-        if size < len(data):  # a record cut short, or zeros written ahead: cut off
-            os.truncate(path, size)
+        if size < len(data):  # a write cut short, or zeros written ahead: cut off
+            truncate(path, size)
         recovered.sizes[segment] = size
         recovered.live_bytes[segment] = 0
     for session_id, items in records.items():
@@ -101,6 +101,17 @@ def recover(directory: Path, problem: Callable[[str], None]) -> Recovered:
         for location in entry.live():
             recovered.live_bytes[location.segment] += location.size
     return recovered
+
+
+def truncate(path: Path, size: int) -> None:
+    """Cut a file to `size` bytes, durably: a crash right after must not bring back a torn
+    write that a later segment now follows, where it would read as damage."""
+    descriptor = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(descriptor, size)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def sync_directory(path: Path) -> None:

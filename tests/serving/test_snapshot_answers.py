@@ -145,3 +145,53 @@ def test_a_step_cut_short_by_the_drain_keeps_its_answer_through_the_drains_snaps
             await committer.stop()
 
     assert asyncio.run(second_server()) == taken
+
+
+def test_a_stored_call_this_server_cannot_replay_is_data_loss_for_its_session(
+    tmp_path: Path,
+) -> None:
+    """A record intact on the disk (its CRC holds) whose operation this server does not
+    know: the session answers DATA_LOSS saying so, every time, rather than another error
+    and a load tried again at each call."""
+    from protos import journal_pb2
+    from serving.errors import DataLoss
+
+    async def first_server() -> str:
+        server = durable_server(tmp_path, slots=2)
+        engine, committer = server.engines["ntm-copy"], server.committer
+        assert committer is not None
+        committer.start()
+        engine.start()
+        try:
+            a = await engine.lifecycle.create(None, None)
+            await engine.step(a, np.ones((1, 9), np.float32), None)
+            return a.id
+        finally:
+            await engine.stop()
+            await committer.stop()
+
+    session_id = asyncio.run(first_server())
+    store = DirectorySessionStore(tmp_path / "store")
+    unknown = journal_pb2.CallCommitted(
+        session_id=session_id, from_step=1, to_step=2, operations=[journal_pb2.Operation()]
+    )
+    assert store.commit([journal_pb2.Record(call=unknown)]) == set()
+    store.close()
+
+    async def second_server() -> None:
+        server = durable_server(tmp_path, slots=2)
+        server._adopt_stored_sessions()
+        engine, committer = server.engines["ntm-copy"], server.committer
+        assert committer is not None
+        committer.start()
+        engine.start()
+        try:
+            session = server.table.get(session_id)
+            for _ in range(2):
+                with pytest.raises(DataLoss, match="an operation of unknown kind"):
+                    await engine.step(session, np.ones((1, 9), np.float32), None)
+        finally:
+            await engine.stop()
+            await committer.stop()
+
+    asyncio.run(second_server())
