@@ -1,12 +1,9 @@
 """`dir:PATH`: a session store in a local directory, as segment files of framed records.
 
-Every commit appends its records to the active segment (`wal-00000001.log`, ...) and calls
-`fdatasync` once, whatever the number of sessions in it; a segment past `segment_bytes` is
-sealed and a new one begun. The active segment is written ahead with zeros (up to
-`ZEROED_AHEAD` at a time), so that a commit overwrites bytes the file already has: its
-`fdatasync` then flushes the data alone, where an append that grows the file also waits for
-the file system's journal to record the new size (ext4, XFS; PostgreSQL zero-fills its WAL
-for the same reason). The zeros after the last record mean "nothing written here yet".
+Every commit appends its records to the active segment (`wal-00000001.log`, ...) in one
+write, one `fdatasync`, whatever the number of sessions in it (`serving.durable.appender`:
+zeros written ahead, each write ended by a record of its extent and CRC); a segment past
+`segment_bytes` is sealed and a new one begun.
 
 Opening the directory scans every segment and rebuilds an index of where each session's live
 records are: its creation, its latest snapshot, the calls after that snapshot. The scan does
@@ -15,9 +12,9 @@ forward: a sealed segment whose live share falls under half is copied into the a
 and deleted, one per commit at most.
 
 What a crash can leave, and what opening does with it:
-- zeros after the last record (written ahead): cut off, nothing to report;
-- a record cut short at the end of the last segment (the write that was never
-  acknowledged): the file is truncated before it, and the truncation reported;
+- zeros after the last write (written ahead): cut off, nothing to report;
+- a write cut short at the end of the last segment (never acknowledged), whichever of its
+  pages reached the disk: the file is truncated before it, and the truncation reported;
 - damaged bytes anywhere else (a flipped bit): the records they held are skipped and
   reported; a session that loses one becomes unloadable with DATA_LOSS naming the steps it
   misses, and the rest of the store is served.
@@ -33,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from protos import journal_pb2
+from serving.durable.appender import Appender
 from serving.durable.base import (
     RESPONSES_KEPT,
     SessionStore,
@@ -42,16 +40,13 @@ from serving.durable.base import (
     record_session,
 )
 from serving.durable.index import Entry, Location, without_state
-from serving.durable.records import CorruptRecordError, end_of_write, frame, read_frame
+from serving.durable.records import CorruptRecordError, frame, read_frame
 from serving.durable.segments import recover, segment_path, sync_directory
 from serving.errors import DataLoss
 
 log = logging.getLogger("memserve.store")
 
 SEGMENT_BYTES = 64 << 20
-ZEROED_AHEAD = 4 << 20  # the most zeros written ahead at once (from 64 KiB, doubling)
-FIRST_ZEROS = 64 << 10
-SEGMENT_START = end_of_write(0, b"")  # what every segment begins with
 
 
 class DirectorySessionStore(SessionStore):
@@ -78,8 +73,7 @@ class DirectorySessionStore(SessionStore):
         self.entries: dict[str, Entry] = found.entries
         self.sizes: dict[int, int] = found.sizes  # bytes of each segment
         self.live_bytes: dict[int, int] = found.live_bytes  # bytes of live records in each
-        self.active = max(self.sizes, default=0) + 1
-        self._open_active()
+        self._begin(Appender(self.path, max(self.sizes, default=0) + 1, segment_bytes))
 
     # ------------------------------------------------------------------ reading
 
@@ -155,86 +149,32 @@ class DirectorySessionStore(SessionStore):
 
     # ------------------------------------------------------------------ writing
 
-    def _open_active(self) -> None:
-        self.file = self._new_segment(self.active)
-        self._begin_segment()
-
-    def _new_segment(self, segment: int) -> int:
-        """Create segment `segment`, beginning with the end of a write of nothing (it tells
-        a recovery that every write in it ends with one), durably: synced, and its
-        directory entry too. Opened for writing."""
-        file = os.open(self._segment_path(segment), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(file, SEGMENT_START)
-            os.fdatasync(file)
-            sync_directory(self.path)
-        except OSError:
-            os.close(file)
-            raise
-        return file
-
-    def _begin_segment(self) -> None:
-        self.sizes[self.active] = len(SEGMENT_START)  # always a new segment: opening seals the last
-        self.zeroed = len(SEGMENT_START)  # bytes of it the file has (records, then zeros)
-        self.uncleared = 0  # where bytes of a failed write that could not be cleared end
-        self.live_bytes.setdefault(self.active, 0)
+    @property
+    def active(self) -> int:
+        """The number of the segment written to."""
+        return self.appender.number
 
     def _roll(self) -> None:
         """Seal the active segment and go on in a new one. If the new one cannot be made
         (no inode, too many open files), the records just written are durable all the
         same: this segment goes on growing, and the next write tries again."""
         try:
-            file = self._new_segment(self.active + 1)
+            appender = Appender(self.path, self.active + 1, self.segment_bytes)
         except OSError as error:
             log.warning("cannot start a new segment in %s: %s", self.path, error)
             return
-        self._close_active()
-        self.active += 1
-        self.file = file
-        self._begin_segment()
+        self.appender.close()
+        self._begin(appender)
 
-    def _clear_failed_write(self) -> None:
-        """Zero (and fdatasync) what a failed write may have left after the last record, so
-        that no later, shorter write leaves a stale record behind it for a recovery to
-        find; until that succeeds nothing more is written (OSError)."""
-        start = self.sizes[self.active]
-        if self.uncleared <= start:
-            return
-        zeros = bytes(self.uncleared - start)
-        if os.pwrite(self.file, zeros, start) != len(zeros):
-            raise OSError(f"cleared only part of a failed write in {self.path}")
-        os.fdatasync(self.file)
-        self.uncleared = 0
+    def _begin(self, appender: Appender) -> None:
+        self.appender = appender
+        self.sizes[appender.number] = appender.size
+        self.live_bytes.setdefault(appender.number, 0)
 
     def _write(self, records: bytes) -> int:
-        """Write `records` after the active segment's last record, with the end of the
-        write (`Written`), and fdatasync them; where they start. Zeros are written past
-        them first if the file is not long enough yet."""
-        self._clear_failed_write()
-        start = self.sizes[self.active]
-        data = records + end_of_write(start, records)
-        end = start + len(data)
-        if end > self.zeroed:
-            ahead = min(max(self.zeroed, FIRST_ZEROS), ZEROED_AHEAD)
-            zeroed = max(end, min(self.zeroed + ahead, self.segment_bytes))
-            try:
-                if os.pwrite(self.file, bytes(zeroed - end), end) == zeroed - end:
-                    self.zeroed = zeroed
-            except OSError as error:  # a full disk may still take the records alone
-                log.warning("could not write zeros ahead in %s: %s", self.path, error)
-        try:
-            written = os.pwrite(self.file, data, start)
-            if written != len(data):
-                raise OSError(f"wrote {written} of {len(data)} bytes")
-            os.fdatasync(self.file)
-        except OSError:
-            self.uncleared = max(self.uncleared, end)
-            try:  # leave no partial record for the next write to follow: zeros again
-                self._clear_failed_write()
-            except OSError:  # the next write, and the probe, try again first
-                log.exception("could not clear %s after a failed write", self.path)
-            raise
-        self.sizes[self.active] = end
+        """Write `records` to the active segment, durably; where they start."""
+        start = self.appender.write(records)
+        self.sizes[self.active] = self.appender.size
         return start
 
     def commit(self, records: Sequence[journal_pb2.Record]) -> set[str]:
@@ -281,14 +221,6 @@ class DirectorySessionStore(SessionStore):
             offset += len(framed)
         if offset >= self.segment_bytes:
             self._roll()
-
-    def _close_active(self) -> None:
-        """Cut the zeros written ahead off the active segment and close it."""
-        try:
-            os.ftruncate(self.file, self.sizes[self.active])
-        except OSError:  # harmless: opening reads zeros after the last record as its end
-            log.exception("could not cut the zeros off %s", self.path)
-        os.close(self.file)
 
     def _index(self, record: journal_pb2.Record, location: Location) -> None:
         session_id = record_session(record)
@@ -384,7 +316,7 @@ class DirectorySessionStore(SessionStore):
     def probe(self) -> None:
         probe = self.path / "PROBE"
         try:
-            self._clear_failed_write()
+            self.appender.clear_failed_write()
             descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.write(descriptor, b"probe")
@@ -398,5 +330,5 @@ class DirectorySessionStore(SessionStore):
             ) from error
 
     def close(self) -> None:
-        self._close_active()
+        self.appender.close()
         self._lock.close()
