@@ -9,14 +9,16 @@ same reason). Zeros after the last write mean "nothing written here yet".
 
 Written records: a segment begins with one covering nothing (synced when it is made: it
 marks the format), and every write ends with one holding where the write began and the
-CRC-32 of its bytes, so a recovery knows where the last whole write ends however the pages
-of the one after it reached the disk (`serving.durable.records.whole_writes_end`).
+CRC-32 of its records' headers (each record's own CRC covers the rest), so a recovery knows
+where the last whole write ends however the pages of the one after it reached the disk
+(`serving.durable.records.whole_writes_end`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from serving.durable.records import end_of_write
@@ -26,7 +28,7 @@ log = logging.getLogger("memserve.store")
 
 ZEROED_AHEAD = 4 << 20  # the most zeros written ahead at once (from 64 KiB, doubling)
 FIRST_ZEROS = 64 << 10
-SEGMENT_START = end_of_write(0, b"")  # what every segment begins with
+SEGMENT_START = end_of_write(0, [])  # what every segment begins with
 
 
 class Appender:
@@ -50,14 +52,14 @@ class Appender:
         self.zeroed = self.size  # bytes the file has (writes, then zeros)
         self.uncleared = 0  # where bytes of a failed write that could not be cleared end
 
-    def write(self, records: bytes) -> int:
-        """Write `records` after the last write, with the end of the write (`Written`), and
+    def write(self, frames: Sequence[bytes]) -> int:
+        """Write `frames` after the last write, with the end of the write (`Written`), and
         fdatasync them; where they start. OSError if they are not all durable: then
         nothing of them is left for a recovery to find, or (if even that failed) nothing
         more is written until it is so (`clear_failed_write`)."""
         self.clear_failed_write()
         start = self.size
-        data = records + end_of_write(start, records)
+        data = b"".join([*frames, end_of_write(start, frames)])
         end = start + len(data)
         if end > self.zeroed:
             ahead = min(max(self.zeroed, FIRST_ZEROS), ZEROED_AHEAD)

@@ -171,9 +171,9 @@ class DirectorySessionStore(SessionStore):
         self.sizes[appender.number] = appender.size
         self.live_bytes.setdefault(appender.number, 0)
 
-    def _write(self, records: bytes) -> int:
-        """Write `records` to the active segment, durably; where they start."""
-        start = self.appender.write(records)
+    def _write(self, frames: Sequence[bytes]) -> int:
+        """Write `frames` to the active segment, durably; where they start."""
+        start = self.appender.write(frames)
         self.sizes[self.active] = self.appender.size
         return start
 
@@ -211,7 +211,7 @@ class DirectorySessionStore(SessionStore):
 
     def _append(self, accepted: list[tuple[journal_pb2.Record, bytes]]) -> None:
         try:
-            offset = self._write(b"".join(framed for _, framed in accepted))
+            offset = self._write([framed for _, framed in accepted])
         except OSError as error:
             raise StoreUnavailable(
                 f"cannot write the session store {self.path}: {error}"
@@ -269,7 +269,7 @@ class DirectorySessionStore(SessionStore):
             ]
             if moves:
                 frames = [frame(record) for _, _, record in moves]
-                offset = self._write(b"".join(frames))
+                offset = self._write(frames)
                 for (entry, old, _), framed in zip(moves, frames, strict=True):
                     self._relocate(entry, old, Location(self.active, offset, len(framed)))
                     offset += len(framed)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +36,14 @@ def frame(record: journal_pb2.Record) -> bytes:
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def end_of_write(start: int, written: bytes) -> bytes:
-    """The frame that ends a write of `written`, begun at `start` in its segment (`Written`
-    in journal.proto): whether a write reached the disk whole is known from it alone."""
-    end = journal_pb2.Written(start=start, crc=zlib.crc32(written))
+def end_of_write(start: int, frames: Sequence[bytes]) -> bytes:
+    """The frame that ends a write of `frames`, begun at `start` in its segment (`Written`
+    in journal.proto). Its CRC is of the frames' headers: each frame's own CRC covers its
+    payload, so the write reached the disk whole if every frame in it is intact and their
+    headers are these (`whole_writes_end`), at the cost of a few bytes a record, not of
+    every byte written."""
+    headers = b"".join(framed[: HEADER.size] for framed in frames)
+    end = journal_pb2.Written(start=start, crc=zlib.crc32(headers))
     return frame(journal_pb2.Record(written=end))
 
 
@@ -109,23 +113,30 @@ def whole_writes_end(
     data: bytes, items: list[tuple[int, int, journal_pb2.Record] | Damage]
 ) -> int | None:
     """Where the last whole write of a segment (`data`, scanned into `items`) ends: the end
-    of its last `Written` whose CRC holds over the bytes it covers. None for a segment of
-    the older format, which does not begin with one."""
+    of its last `Written` that follows the write before it, with every frame since intact
+    and their headers the ones it names (`end_of_write`). None for a segment of the older
+    format, which does not begin with a `Written` of nothing."""
     first = items[0] if items else None
     if isinstance(first, Damage) or first is None or first[0] != 0:
         return None
     if first[2].WhichOneof("record") != "written" or first[2].written.start != 0:
         return None
-    end = 0
+    whole = previous = 0  # where the last whole write ends; where the last write ends
+    headers: list[bytes] = []
+    intact = True
     for item in items:
         if isinstance(item, Damage):
+            intact = False
             continue
         offset, length, record = item
-        if record.WhichOneof("record") == "written":
-            start = record.written.start
-            if start <= offset and zlib.crc32(data[start:offset]) == record.written.crc:
-                end = offset + length
-    return end
+        if record.WhichOneof("record") != "written":
+            headers.append(data[offset : offset + HEADER.size])
+            continue
+        crc = zlib.crc32(b"".join(headers))
+        if intact and record.written.start == previous and crc == record.written.crc:
+            whole = offset + length
+        previous, headers, intact = offset + length, [], True
+    return whole
 
 
 # ---------------------------------------------------------------------- operations
