@@ -21,11 +21,29 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from bench.child_server import ServerProcess
-from protos import memserve_pb2
+from protos import memserve_pb2, memserve_pb2_grpc
 from tests.serving.client import create, info, step, wait_for_launches
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def call_in_background(
+    stub: memserve_pb2_grpc.MemServeStub, session_id: str, steps: int
+) -> tuple[threading.Thread, list[grpc.RpcError]]:
+    """A Step call of `steps` steps in a thread of its own (started), and the errors it
+    ends with."""
+    errors: list[grpc.RpcError] = []
+
+    def run() -> None:
+        try:
+            step(stub, session_id, np.zeros((steps, 9), np.float32))
+        except grpc.RpcError as error:
+            errors.append(error)
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    return caller, errors
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -76,16 +94,7 @@ def test_grace_period_bounds_the_drain(tmp_path: Path) -> None:
     ) as server:
         stub = server.stub()
         session_id = create(stub)
-        errors: list[grpc.RpcError] = []
-
-        def run_endless_call() -> None:
-            try:
-                step(stub, session_id, np.zeros((100000, 9), np.float32))
-            except grpc.RpcError as error:
-                errors.append(error)
-
-        caller = threading.Thread(target=run_endless_call)
-        caller.start()
+        caller, errors = call_in_background(stub, session_id, 100000)
         wait_for_launches(server.metrics_url, at_least=10)
         started = time.monotonic()
         server.signal(signal.SIGTERM)
@@ -136,16 +145,7 @@ def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(
         loaded = server.event("model_loaded")
         assert loaded is not None and server.process is not None
         assert loaded["pid"] != server.process.pid
-        errors: list[grpc.RpcError] = []
-
-        def run_long_call() -> None:
-            try:
-                step(stub, session_id, np.zeros((50000, 9), np.float32))
-            except grpc.RpcError as error:
-                errors.append(error)
-
-        caller = threading.Thread(target=run_long_call)
-        caller.start()
+        caller, errors = call_in_background(stub, session_id, 50000)
         wait_for_launches(server.metrics_url, at_least=10)
         assert caller.is_alive()
         os.kill(loaded["pid"], signal.SIGKILL)
@@ -179,16 +179,7 @@ def test_a_model_process_that_stops_answering_is_killed_and_the_drain_ends(
         session_id = create(stub)
         loaded = server.event("model_loaded")
         assert loaded is not None
-        errors: list[grpc.RpcError] = []
-
-        def run_long_call() -> None:
-            try:
-                step(stub, session_id, np.zeros((50000, 9), np.float32))
-            except grpc.RpcError as error:
-                errors.append(error)
-
-        caller = threading.Thread(target=run_long_call)
-        caller.start()
+        caller, errors = call_in_background(stub, session_id, 50000)
         wait_for_launches(server.metrics_url, at_least=10)
         os.kill(loaded["pid"], signal.SIGSTOP)
         try:

@@ -7,8 +7,9 @@ reference."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from kernels.backend import BACKEND_ENV
 from serving.config import ServerConfig
 from serving.durable.directory import DirectorySessionStore
+from serving.engine import ModelEngine
 from serving.errors import FailedPrecondition
 from serving.server import Server
 
@@ -37,6 +39,28 @@ def durable_server(tmp_path: Path, **settings: Any) -> Server:
     server = Server(config)
     server.load_models()
     return server
+
+
+def restarted(tmp_path: Path, **settings: Any) -> Server:
+    """A server on the store an earlier one left, knowing its sessions."""
+    server = durable_server(tmp_path, **settings)
+    server._adopt_stored_sessions()
+    return server
+
+
+@contextlib.asynccontextmanager
+async def running(server: Server) -> AsyncIterator[ModelEngine]:
+    """The server's engine and its store's writer at work; stopped on the way out as a
+    drain stops them (calls still running cut short, sessions snapshotted)."""
+    engine, committer = server.engines["ntm-copy"], server.committer
+    assert committer is not None
+    committer.start()
+    engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+        await committer.stop()
 
 
 def answers_kept(tmp_path: Path, session_id: str) -> dict[str, str]:
@@ -68,29 +92,29 @@ def test_a_session_parked_while_its_commit_is_written_keeps_the_answer(tmp_path:
     store.commit = gated_write  # type: ignore[method-assign]
 
     async def scenario() -> str:
-        committer.start()
-        engine.start()
-        try:
-            gate.set()
-            a = await engine.lifecycle.create(None, None)
-            gate.clear()
-            writing.clear()
-            inputs = np.ones((1, 9), np.float32)
-            first = asyncio.ensure_future(engine.step(a, inputs, None, "r1", b"digest"))
-            assert await asyncio.to_thread(writing.wait, 60)  # a's commit is being written
-            writing.clear()
-            making = asyncio.ensure_future(engine.lifecycle.create(None, None))
-            while a.id not in engine.slots.parked:
-                await asyncio.sleep(0)  # until the new session's slot was taken from a
-            gate.set()
-            _, step = await first
-            await making
-            assert step == 1
-            return a.id
-        finally:
-            gate.set()
-            await engine.stop()
-            await committer.stop()
+        async with running(server):
+            try:
+                return await park_while_committing()
+            finally:
+                gate.set()
+
+    async def park_while_committing() -> str:
+        gate.set()
+        a = await engine.lifecycle.create(None, None)
+        gate.clear()
+        writing.clear()
+        inputs = np.ones((1, 9), np.float32)
+        first = asyncio.ensure_future(engine.step(a, inputs, None, "r1", b"digest"))
+        assert await asyncio.to_thread(writing.wait, 60)  # a's commit is being written
+        writing.clear()
+        making = asyncio.ensure_future(engine.lifecycle.create(None, None))
+        while a.id not in engine.slots.parked:
+            await asyncio.sleep(0)  # until the new session's slot was taken from a
+        gate.set()
+        _, step = await first
+        await making
+        assert step == 1
+        return a.id
 
     session_id = asyncio.run(scenario())
     assert answers_kept(tmp_path, session_id) == {"r1": "step 1"}
@@ -106,19 +130,12 @@ def test_a_step_cut_short_by_the_drain_keeps_its_answer_through_the_drains_snaps
     inputs = np.random.default_rng(0).random((steps, 9), dtype=np.float32)
 
     async def first_server() -> tuple[str, int]:
-        server = durable_server(tmp_path, slots=2, steps_per_launch=1)
-        engine, committer = server.engines["ntm-copy"], server.committer
-        assert committer is not None
-        committer.start()
-        engine.start()
-        try:
+        async with running(durable_server(tmp_path, slots=2, steps_per_launch=1)) as engine:
             a = await engine.lifecycle.create(None, None)
             call = asyncio.ensure_future(engine.step(a, inputs, None, "r1", b"digest"))
             while a.step < 1:
                 await asyncio.sleep(0)  # until its first launch landed
-        finally:
-            await engine.stop()  # the drain: cuts the call short, then snapshots
-            await committer.stop()
+        # stopped as a drain stops it: the call cut short, then the session snapshotted
         with pytest.raises(Exception, match="shut down"):
             await call
         assert 1 <= a.step < steps
@@ -129,20 +146,12 @@ def test_a_step_cut_short_by_the_drain_keeps_its_answer_through_the_drains_snaps
     assert answers_kept(tmp_path, session_id) == {"r1": told}
 
     async def second_server() -> int:
-        server = durable_server(tmp_path, slots=2, steps_per_launch=1)
-        server._adopt_stored_sessions()
-        engine, committer = server.engines["ntm-copy"], server.committer
-        assert committer is not None
-        committer.start()
-        engine.start()
-        try:
+        server = restarted(tmp_path, slots=2, steps_per_launch=1)
+        async with running(server) as engine:
             session = server.table.get(session_id)
             with pytest.raises(FailedPrecondition, match=f"{told}; the session is at step {taken}"):
                 await engine.step(session, inputs, None, "r1", b"digest")
             return session.step
-        finally:
-            await engine.stop()
-            await committer.stop()
 
     assert asyncio.run(second_server()) == taken
 
@@ -157,18 +166,10 @@ def test_a_stored_call_this_server_cannot_replay_is_data_loss_for_its_session(
     from serving.errors import DataLoss
 
     async def first_server() -> str:
-        server = durable_server(tmp_path, slots=2)
-        engine, committer = server.engines["ntm-copy"], server.committer
-        assert committer is not None
-        committer.start()
-        engine.start()
-        try:
+        async with running(durable_server(tmp_path, slots=2)) as engine:
             a = await engine.lifecycle.create(None, None)
             await engine.step(a, np.ones((1, 9), np.float32), None)
             return a.id
-        finally:
-            await engine.stop()
-            await committer.stop()
 
     session_id = asyncio.run(first_server())
     store = DirectorySessionStore(tmp_path / "store")
@@ -179,19 +180,11 @@ def test_a_stored_call_this_server_cannot_replay_is_data_loss_for_its_session(
     store.close()
 
     async def second_server() -> None:
-        server = durable_server(tmp_path, slots=2)
-        server._adopt_stored_sessions()
-        engine, committer = server.engines["ntm-copy"], server.committer
-        assert committer is not None
-        committer.start()
-        engine.start()
-        try:
+        server = restarted(tmp_path, slots=2)
+        async with running(server) as engine:
             session = server.table.get(session_id)
             for _ in range(2):
                 with pytest.raises(DataLoss, match="an operation of unknown kind"):
                     await engine.step(session, np.ones((1, 9), np.float32), None)
-        finally:
-            await engine.stop()
-            await committer.stop()
 
     asyncio.run(second_server())

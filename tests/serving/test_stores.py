@@ -181,6 +181,18 @@ def crash_image(store: DirectorySessionStore, to: Path) -> Path:
     return to
 
 
+def crash_after_a_second_write(tmp_path: Path) -> tuple[Path, int]:
+    """A crash image of a store whose session `a` took steps 0-2 in one write and 2-5 in
+    another, and where the first write ends."""
+    store = DirectorySessionStore(tmp_path / "store")
+    store.commit([created("a"), call("a", 0, 2)])
+    whole = store.sizes[store.active]
+    store.commit([call("a", 2, 5)])
+    image = crash_image(store, tmp_path / "image")
+    store.close()
+    return image, whole
+
+
 def test_commits_overwrite_zeros_written_ahead_instead_of_growing_the_file(
     tmp_path: Path,
 ) -> None:
@@ -208,12 +220,7 @@ def test_commits_overwrite_zeros_written_ahead_instead_of_growing_the_file(
 
 
 def test_a_record_cut_short_before_the_zeros_is_truncated_and_reported(tmp_path: Path) -> None:
-    store = DirectorySessionStore(tmp_path / "store")
-    store.commit([created("a"), call("a", 0, 2)])
-    whole = store.sizes[store.active]
-    store.commit([call("a", 2, 5)])
-    image = crash_image(store, tmp_path / "image")
-    store.close()
+    image, whole = crash_after_a_second_write(tmp_path)
     last = segments(image)[-1]
     data = bytearray(last.read_bytes())
     tail = len(data.rstrip(b"\0")) - whole  # the last write: its record and its end
@@ -360,12 +367,7 @@ def test_redis_takes_a_snapshot_only_from_the_sessions_owner(tmp_path: Path) -> 
 def test_a_header_cut_short_before_the_zeros_is_a_record_cut_short(tmp_path: Path) -> None:
     """A crash that left only a record's MAGIC before the zeros: its length and CRC read as
     0, which must not pass for an empty record kept at every opening."""
-    store = DirectorySessionStore(tmp_path / "store")
-    store.commit([created("a"), call("a", 0, 2)])
-    whole = store.sizes[store.active]
-    store.commit([call("a", 2, 5)])
-    image = crash_image(store, tmp_path / "image")
-    store.close()
+    image, whole = crash_after_a_second_write(tmp_path)
     last = segments(image)[-1]
     data = bytearray(last.read_bytes())
     data[whole + 4 :] = bytes(len(data) - whole - 4)  # MAGIC alone reached the disk
