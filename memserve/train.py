@@ -262,6 +262,10 @@ def add_dialogue_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--word-dropout", type=float, default=0.0,
         help="probability that a decoder input token is replaced by <unk> in training",
     )  # fmt: skip
+    parser.add_argument(
+        "--read-dropout", type=float, default=0.0,
+        help="dropout on the memory's read vectors in training (0: none); serving reads whole",
+    )  # fmt: skip
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="dialogues held out")
     parser.add_argument("--split-seed", type=int, default=0, help="seeds the held-out choice")
     parser.add_argument("--embedding-size", type=int, default=64, help="token embedding width")
@@ -350,6 +354,7 @@ def run_dialogue(args: argparse.Namespace) -> int:
         encoder_reads=not args.no_memory,
         bag_of_words=args.bag_of_words > 0,
         usage_decay=args.usage_decay,
+        read_dropout=args.read_dropout,
     )
     final = train(
         VMED(config, tokenizer), task, settings, args.out, _command(args), resume=args.resume,

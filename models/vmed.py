@@ -97,6 +97,11 @@ class VMEDConfig:
     # so that rows written long ago, and not written since, become the least used: a full
     # memory then allocates them first instead of writing weakly everywhere.
     usage_decay: float = 1.0
+    # Training only: the probability that each element of a memory read vector (the encoder's
+    # R reads and the decoder's K) is zeroed, the rest scaled by 1 / (1 - p). A regulariser
+    # for a network that fits its training conversations through the memory; serving (eval
+    # mode) reads whole.
+    read_dropout: float = 0.0
 
     @property
     def uses_memory(self) -> bool:
@@ -111,6 +116,8 @@ class VMEDConfig:
         )  # fmt: skip
         if not 0 < self.usage_decay <= 1:
             raise ValueError(f"VMED usage_decay must be in (0, 1], got {self.usage_decay}")
+        if not 0 <= self.read_dropout < 1:
+            raise ValueError(f"VMED read_dropout must be in [0, 1), got {self.read_dropout}")
 
 
 class ReplyStart(NamedTuple):
@@ -274,6 +281,7 @@ class VMED(MemoryModel):
         """The controller part of one encoder step: new h, c and the DNC interface vector."""
         if not self.config.encoder_reads:
             reads = torch.zeros_like(reads)
+        reads = self._dropped(reads)
         inputs = torch.cat([self.embedding(tokens), reads.flatten(1)], dim=1)
         if rowwise:
             h, c = self.encoder.step(inputs, h, c)
@@ -289,7 +297,13 @@ class VMED(MemoryModel):
         keys = interface[:, : K * W].reshape(-1, K, W)
         strengths = oneplus(interface[:, K * W :])
         weights = content_addressing(keys, memory, strengths)
-        return weights @ memory, strengths
+        return self._dropped(weights @ memory), strengths
+
+    def _dropped(self, reads: Tensor) -> Tensor:
+        """`reads` with `config.read_dropout` applied in training; unchanged otherwise."""
+        if self.training and self.config.read_dropout > 0:
+            return nn.functional.dropout(reads, self.config.read_dropout)
+        return reads
 
     def _start_reply(self, h: Tensor, memory: Tensor, rowwise: bool) -> ReplyStart:
         """The prior and the first reads, from the encoder's h `[B, L, H]` and the memory."""

@@ -422,7 +422,16 @@ class DialogueTask:
         rows, turns, longest = batch.tokens.shape
         noise = torch.randn(rows, turns, vmed.config.latent_size, generator=generator)
         dropped = torch.rand(rows, turns, longest + 1, generator=generator) < self.word_dropout
-        return self.backward(vmed, batch, noise.to(device), dropped.to(device), step)
+        if vmed.config.read_dropout == 0:
+            return self.backward(vmed, batch, noise.to(device), dropped.to(device), step)
+        # The read dropout's masks come from torch's global generator: seeded from this
+        # batch's, so that they too are a function of (seed, step) and a resumed run repeats
+        # them; forked, so that nothing else's draws move.
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self.backward(vmed, batch, noise.to(device), dropped.to(device), step)
 
     def backward(
         self, vmed: VMED, batch: ConversationBatch, noise: Tensor, dropped: Tensor, step: int

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from models.tasks.dialogue import (
     turn_tensors,
 )
 from models.tokenizer import BOS, EOS, PAD, train_tokenizer
+from models.training import batch_generator
 from models.vmed import VMED
 from tests.conftest import relative_error
 from tests.models.test_vmed import VOCAB, random_vmed
@@ -338,6 +340,39 @@ def test_free_bits_leave_the_prior_without_gradient_below_them(
         assert bool((prior != 0).any()) == expect_gradient
 
 
+def test_read_dropout_trains_repeatably_and_leaves_serving_alone(
+    tmp_path: Path, generator: torch.Generator
+) -> None:
+    """Dropout on the memory's reads: a batch's gradient is a function of (seed, step) alone
+    (the same twice, whatever torch's global generator held, which it leaves as it was),
+    differs from the gradient without dropout, and in eval mode (serving, evaluation) the
+    network computes exactly what the same weights without dropout do."""
+    base = random_vmed(generator)
+    dropping = VMED(replace(base.config, read_dropout=0.5))
+    dropping.load_state_dict(base.state_dict())
+    task = small_task(tmp_path, kl_warmup_steps=0)
+
+    def batch_gradient(model: VMED) -> dict[str, torch.Tensor]:
+        model.train().zero_grad()
+        task.accumulate_gradients(model, batch_generator(7, 3), torch.device("cpu"), step=3)
+        return gradients(model)
+
+    torch.manual_seed(1)
+    global_state = torch.get_rng_state()
+    first = batch_gradient(dropping)
+    assert torch.equal(torch.get_rng_state(), global_state)
+    torch.manual_seed(2)
+    again = batch_gradient(dropping)
+    assert all(torch.equal(again[name], value) for name, value in first.items())
+    whole = batch_gradient(base)
+    assert relative_error(first["read_interface.weight"], whole["read_interface.weight"]) > 1e-2
+
+    cpu = torch.device("cpu")
+    assert task.validate(dropping.eval(), cpu) == task.validate(base.eval(), cpu)
+    with pytest.raises(ValueError, match="read_dropout must be in"):
+        replace(base.config, read_dropout=1.0)
+
+
 ANIMALS = ["dogs", "cats", "birds", "fish", "horses", "rabbits"]
 
 
@@ -435,7 +470,7 @@ def test_the_task_trains_on_both_corpora_and_validates_on_the_first(tmp_path: Pa
     "variant",
     [
         ["--no-memory", "--word-dropout", "0.2"],
-        ["--usage-decay", "0.9", "--free-bits", "1", "--kl-warmup", "2"],
+        ["--usage-decay", "0.9", "--free-bits", "1", "--kl-warmup", "2", "--read-dropout", "0.3"],
     ],
     ids=["no memory", "memory"],
 )
@@ -444,7 +479,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
 ) -> None:
     """A run stopped after its step-4 checkpoint and resumed (with its saved tokenizer) ends
     bit-identical to the run left alone: the no-memory ablation (with word dropout's random
-    draws), and the memory model as shipped runs train it (free bits) with a usage decay."""
+    draws), and the memory model as shipped runs train it (free bits) with a usage decay and
+    read dropout (whose masks come from torch's global generator, seeded by the step)."""
     corpus = synthetic_corpus(tmp_path / "corpus.txt", dialogues=20)
     options = ["--steps", "8", "--checkpoint-every", "4", *variant]
     assert train(corpus, tmp_path / "straight", *options) == 0
@@ -472,6 +508,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
     without_memory = "--no-memory" in variant
     assert model.config.memory_reads == model.config.encoder_reads == (not without_memory)
     assert model.config.usage_decay == (1.0 if without_memory else 0.9)
+    assert model.config.read_dropout == (0.0 if without_memory else 0.3)
 
 
 def corpus_slice(path: Path, dialogues: int) -> Path:
