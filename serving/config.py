@@ -164,6 +164,15 @@ class ServerConfig:
         default=10.0,
         metadata={"help": "seconds in-flight calls get to finish after SIGTERM/SIGINT"},
     )
+    launch_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "seconds a model's process may take over one launch (milliseconds "
+            "normally) before it counts as stuck (a hung device, a deadlock): it is killed, "
+            "its calls are answered UNAVAILABLE and the server drains and exits 1, so that "
+            "its supervisor starts another"
+        },
+    )
     threads: int = field(
         default=0,
         metadata={
@@ -222,9 +231,11 @@ class ServerConfig:
                 f"durability_interval must be a number of seconds > 0, "
                 f"got {self.durability_interval}"
             )
-        for name in ("max_queue_delay", "session_ttl", "max_session_ttl", "grace"):
+        seconds = ("max_queue_delay", "session_ttl", "max_session_ttl", "grace", "launch_timeout")
+        for name in seconds:
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name.endswith("ttl") and value == 0):
+            positive = name.endswith("ttl") or name == "launch_timeout"
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
                 raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
         if self.session_ttl > self.max_session_ttl:
             raise ValueError(

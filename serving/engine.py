@@ -53,10 +53,6 @@ from serving.worker_client import WorkerClient, WorkerGone
 
 log = logging.getLogger("memserve.engine")
 
-# How long a stopping engine waits for its launches in flight: they take milliseconds, so a
-# model process that has not answered by then is stuck (a hung device, a deadlock).
-STUCK_SECONDS = 10.0
-
 
 @dataclass(frozen=True)
 class EngineSettings:
@@ -72,6 +68,7 @@ class EngineSettings:
     steps_per_launch: int = 1  # steps of a Step call one launch may run back to back
     max_queued_calls: int = 4096  # calls queued or running on this model, at most
     max_sessions: int = 1_000_000  # sessions of the whole server (every model), at most
+    launch_timeout: float = 30.0  # seconds a launch may take before its process is killed
 
 
 class ModelEngine:
@@ -116,6 +113,7 @@ class ModelEngine:
         self.pipeline = Pipeline(
             name, card.backend, worker, self.scheduler, self.slots, table, metrics,
             lose=self.lose, on_failure=lambda error: self.on_failure(error),
+            launch_timeout=settings.launch_timeout,
         )  # fmt: skip
         self.pipeline.on_written = self.wake.set
         self.persistence = Persistence(
@@ -273,26 +271,15 @@ class ModelEngine:
         """Stop the loops; the launches in flight land, calls still queued are answered
         CANCELLED (a Step call keeps the steps it took, a Generate turn is undone), and with
         a durable store every session's state is written in whole. A model process that
-        does not land its launches within STUCK_SECONDS is killed (its calls fail as if it
-        had died). Returns how many states were written, and how many could not be."""
+        takes longer than the launch timeout over a launch is killed (its calls fail as if
+        it had died). Returns how many states were written, and how many could not be."""
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         async with self.lock:
-            try:
-                await asyncio.wait_for(self.pipeline.land_all(), STUCK_SECONDS)
-            except WorkerGone:
-                pass
-            except TimeoutError:
-                log.error(
-                    "the model process did not answer in %g s: killed", STUCK_SECONDS,
-                    extra={"event": "model_process_stuck", "model": self.name},
-                )  # fmt: skip
-                self.worker.kill()
-                with contextlib.suppress(WorkerGone):
-                    await self.pipeline.land_all()  # each fails at once now
+            await self.pipeline.land_all()
             self.scheduler.drop_all(Cancelled("the server shut down before this call ended"))
         done = await self.persistence.checkpoint() if self.worker.alive else Checkpoint()
         self.worker.close()

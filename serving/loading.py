@@ -79,6 +79,7 @@ def load_engines(
             max_new_tokens=config.max_new_tokens,
             max_queued_calls=config.max_queued_calls,
             max_sessions=config.max_sessions,
+            launch_timeout=config.launch_timeout,
         )
         for name, worker in workers.items():  # they load at once: each was started
             try:

@@ -163,17 +163,19 @@ def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(
             assert info(again.stub(), session_id).step == 3
 
 
-def test_a_model_process_that_stops_answering_is_killed_and_the_drain_ends(
-    tmp_path: Path,
+@pytest.mark.parametrize("draining", [False, True], ids=["serving", "draining"])
+def test_a_model_process_that_stops_answering_is_killed_and_the_server_exits_one(
+    tmp_path: Path, draining: bool
 ) -> None:
     """A model process that is alive but answers nothing (SIGSTOP stands in for a hung
-    device): the drain waits for its launches in flight only so long, then kills it, and
-    the server exits 1."""
+    device), while the server serves or drains: the launch it holds is waited for only
+    `--launch-timeout` seconds, then the process is killed, the call it was stepping is
+    answered UNAVAILABLE and the server exits 1 (for its supervisor to start another)."""
     import os
 
-    from serving.engine import STUCK_SECONDS
-
-    flags = ["--models", "ntm-copy", "--max-steps-per-call", "100000", "--grace", "0.5"]
+    timeout = 5.0  # launches here take milliseconds: only the stopped process exceeds it
+    flags = ["--models", "ntm-copy", "--max-steps-per-call", "100000", "--grace", "0.5",
+             "--launch-timeout", str(timeout)]  # fmt: skip
     with ServerProcess(tmp_path, *flags) as server:
         stub = server.stub()
         session_id = create(stub)
@@ -183,14 +185,16 @@ def test_a_model_process_that_stops_answering_is_killed_and_the_drain_ends(
         wait_for_launches(server.metrics_url, at_least=10)
         os.kill(loaded["pid"], signal.SIGSTOP)
         try:
-            server.signal(signal.SIGTERM)
-            assert server.wait(STUCK_SECONDS + 30) == 1
+            if draining:
+                server.signal(signal.SIGTERM)
+            assert server.wait(timeout + 30) == 1
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(loaded["pid"], signal.SIGCONT)
         caller.join(30)
         assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors
-        assert server.event("model_process_stuck") is not None
+        stuck = server.event("model_process_stuck")
+        assert stuck is not None and f"more than {timeout:g} s" in stuck["message"], stuck
         stopped = server.event("stopped")
         assert stopped is not None and stopped["exit_code"] == 1
 
