@@ -181,7 +181,8 @@ class RecentSessions:
     def __init__(self, keep_seconds: float = 600.0, keep: int = 65536) -> None:
         self.keep_seconds = keep_seconds
         self.keep = keep
-        self.entries: OrderedDict[str, Made] = OrderedDict()
+        self.entries: OrderedDict[str, Made] = OrderedDict()  # oldest first
+        self.unsorted = False  # `load` put one in out of time order: sort before trimming
 
     def find(self, request_id: str, digest: bytes, now: float) -> Made | None:
         self._trim(now)
@@ -240,11 +241,19 @@ class RecentSessions:
         return made
 
     def load(self, request_id: str, digest: bytes, session_id: str, made: float) -> None:
+        """Keep the id of a session made `made` (wall-clock seconds) by an earlier server: a
+        store lists its sessions in no particular order, so the bounds' order is restored
+        at the next trim."""
         entry = Made(digest, made, session_id)
         entry.done.set()
+        if self.entries and made < next(reversed(self.entries.values())).made:
+            self.unsorted = True
         self.entries[request_id] = entry
 
     def _trim(self, now: float) -> None:
+        if self.unsorted:
+            self.entries = OrderedDict(sorted(self.entries.items(), key=lambda e: e[1].made))
+            self.unsorted = False
         while self.entries:
             key, oldest = next(iter(self.entries.items()))
             if len(self.entries) <= self.keep and now - oldest.made <= self.keep_seconds:

@@ -170,3 +170,16 @@ def test_a_request_id_makes_one_session_whatever_its_repeats_do() -> None:
         assert (await recent.once("c", b"d", make, sessions.__getitem__)).id == "s4"
 
     asyncio.run(scenario())
+
+
+def test_ids_loaded_out_of_time_order_are_bounded_by_their_age() -> None:
+    """A restarted server loads the ids of the sessions it finds in the store's order, not
+    by time: the bounds still drop the oldest first (by age, then by count)."""
+    recent = RecentSessions(keep_seconds=100.0, keep=2)
+    for request_id, made in (("new", 950.0), ("old", 800.0), ("middle", 920.0)):
+        recent.load(request_id, b"d", f"session-{request_id}", made)
+    assert recent.find("new", b"d", now=1000.0) is not None  # trims: "old" is 200 s old
+    assert list(recent.entries) == ["middle", "new"]
+    recent.load("older", b"d", "session-older", 930.0)
+    recent.find("x", b"d", now=1000.0)  # over the count: the oldest goes, not the last loaded
+    assert list(recent.entries) == ["older", "new"]
