@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -176,13 +178,18 @@ class Made:
 
 class RecentSessions:
     """The request ids of the sessions one model made lately, for retries of their calls:
-    each kept `keep_seconds` (and no more than `keep` of them)."""
+    each kept `keep_seconds` (and no more than `keep` of them), the oldest dropped first.
+    Ids come in time order from this server's calls but in any order from a store (a
+    restart, a replica taking sessions over), so their age order is a heap."""
 
     def __init__(self, keep_seconds: float = 600.0, keep: int = 65536) -> None:
         self.keep_seconds = keep_seconds
         self.keep = keep
-        self.entries: OrderedDict[str, Made] = OrderedDict()  # oldest first
-        self.unsorted = False  # `load` put one in out of time order: sort before trimming
+        self.entries: dict[str, Made] = {}
+        # (made, tie-break, id, entry), the oldest on top; an item whose entry is no longer
+        # the id's (it failed, or was made again) is dropped when it comes up.
+        self.by_age: list[tuple[float, int, str, Made]] = []
+        self.counter = itertools.count()
 
     def find(self, request_id: str, digest: bytes, now: float) -> Made | None:
         self._trim(now)
@@ -195,8 +202,11 @@ class RecentSessions:
         return found
 
     def begin(self, request_id: str, digest: bytes, now: float) -> Made:
-        entry = Made(digest, now)
+        return self._keep(request_id, Made(digest, now))
+
+    def _keep(self, request_id: str, entry: Made) -> Made:
         self.entries[request_id] = entry
+        heapq.heappush(self.by_age, (entry.made, next(self.counter), request_id, entry))
         return entry
 
     def finish(self, request_id: str, session_id: str) -> None:
@@ -241,23 +251,20 @@ class RecentSessions:
         return made
 
     def load(self, request_id: str, digest: bytes, session_id: str, made: float) -> None:
-        """Keep the id of a session made `made` (wall-clock seconds) by an earlier server: a
-        store lists its sessions in no particular order, so the bounds' order is restored
-        at the next trim."""
+        """Keep the id of a session made at `made` (wall-clock seconds) by an earlier server."""
         entry = Made(digest, made, session_id)
         entry.done.set()
-        if self.entries and made < next(reversed(self.entries.values())).made:
-            self.unsorted = True
-        self.entries[request_id] = entry
+        self._keep(request_id, entry)
 
     def _trim(self, now: float) -> None:
-        if self.unsorted:
-            self.entries = OrderedDict(sorted(self.entries.items(), key=lambda e: e[1].made))
-            self.unsorted = False
-        while self.entries:
-            key, oldest = next(iter(self.entries.items()))
-            if len(self.entries) <= self.keep and now - oldest.made <= self.keep_seconds:
+        while self.by_age:
+            made, _, key, oldest = self.by_age[0]
+            if self.entries.get(key) is not oldest:
+                heapq.heappop(self.by_age)  # settled otherwise since
+                continue
+            if len(self.entries) <= self.keep and now - made <= self.keep_seconds:
                 break
             if not oldest.done.is_set():
                 break  # still running: its waiters need it
+            heapq.heappop(self.by_age)
             del self.entries[key]
