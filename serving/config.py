@@ -164,13 +164,15 @@ class ServerConfig:
         default=10.0,
         metadata={"help": "seconds in-flight calls get to finish after SIGTERM/SIGINT"},
     )
-    launch_timeout: float = field(
+    model_timeout: float = field(
         default=30.0,
         metadata={
-            "help": "seconds a model's process may take over one launch (milliseconds "
-            "normally) before it counts as stuck (a hung device, a deadlock): it is killed, "
-            "its calls are answered UNAVAILABLE and the server drains and exits 1, so that "
-            "its supervisor starts another"
+            "help": "seconds a model's process may spend on one request (a launch, bringing "
+            "a stored session back, a slot read or write) before it counts as stuck (a hung "
+            "device, a deadlock): it is killed, its calls are answered UNAVAILABLE and the "
+            "server drains and exits 1, so that its supervisor starts another; must exceed "
+            "the longest launch (max_batch x steps_per_launch steps) and replay "
+            "(snapshot_every + max_steps_per_call steps)"
         },
     )
     threads: int = field(
@@ -231,10 +233,10 @@ class ServerConfig:
                 f"durability_interval must be a number of seconds > 0, "
                 f"got {self.durability_interval}"
             )
-        seconds = ("max_queue_delay", "session_ttl", "max_session_ttl", "grace", "launch_timeout")
+        seconds = ("max_queue_delay", "session_ttl", "max_session_ttl", "grace", "model_timeout")
         for name in seconds:
             value = getattr(self, name)
-            positive = name.endswith("ttl") or name == "launch_timeout"
+            positive = name.endswith("ttl") or name == "model_timeout"
             if not math.isfinite(value) or value < 0 or (positive and value == 0):
                 raise ValueError(f"{name} must be a finite number of seconds > 0, got {value}")
         if self.session_ttl > self.max_session_ttl:

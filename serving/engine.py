@@ -68,7 +68,6 @@ class EngineSettings:
     steps_per_launch: int = 1  # steps of a Step call one launch may run back to back
     max_queued_calls: int = 4096  # calls queued or running on this model, at most
     max_sessions: int = 1_000_000  # sessions of the whole server (every model), at most
-    launch_timeout: float = 30.0  # seconds a launch may take before its process is killed
 
 
 class ModelEngine:
@@ -113,7 +112,6 @@ class ModelEngine:
         self.pipeline = Pipeline(
             name, card.backend, worker, self.scheduler, self.slots, table, metrics,
             lose=self.lose, on_failure=lambda error: self.on_failure(error),
-            launch_timeout=settings.launch_timeout,
         )  # fmt: skip
         self.pipeline.on_written = self.wake.set
         self.persistence = Persistence(
@@ -271,8 +269,9 @@ class ModelEngine:
         """Stop the loops; the launches in flight land, calls still queued are answered
         CANCELLED (a Step call keeps the steps it took, a Generate turn is undone), and with
         a durable store every session's state is written in whole. A model process that
-        takes longer than the launch timeout over a launch is killed (its calls fail as if
-        it had died). Returns how many states were written, and how many could not be."""
+        has stopped answering is killed by its client's watchdog (`model_timeout`), and its
+        calls fail as if it had died. Returns how many states were written, and how many
+        could not be."""
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:

@@ -54,7 +54,7 @@ def load_engines(
     the processes in `started` (`serving.startup`), or started here; nothing is left
     running if one fails."""
     workers = {
-        name: WorkerClient(process)
+        name: WorkerClient(process, config.model_timeout)
         for name, process in (start_workers(config) if started is None else started).items()
     }
     engines: dict[str, ModelEngine] = {}
@@ -79,7 +79,6 @@ def load_engines(
             max_new_tokens=config.max_new_tokens,
             max_queued_calls=config.max_queued_calls,
             max_sessions=config.max_sessions,
-            launch_timeout=config.launch_timeout,
         )
         for name, worker in workers.items():  # they load at once: each was started
             try:

@@ -87,10 +87,8 @@ class Pipeline:
         metrics: Metrics,
         lose: Callable[[Session, Exception], None],
         on_failure: Callable[[WorkerGone], None],
-        launch_timeout: float = 30.0,
     ) -> None:
         self.name = name
-        self.launch_timeout = launch_timeout
         self.worker = worker
         self.scheduler = scheduler
         self.slots = slots
@@ -138,7 +136,7 @@ class Pipeline:
         """Wait for the oldest launch's answer, then land it under `lock` (unless someone
         holding the lock landed it first)."""
         flight = self.flights[0]
-        await self._answered(flight)
+        await asyncio.wait({flight.answer})
         async with lock:
             if self.flights and self.flights[0] is flight:
                 self.flights.popleft()
@@ -149,26 +147,10 @@ class Pipeline:
         meanwhile; if the caller is cancelled, the answer stays for the batch loop."""
         while self.flights:
             flight = self.flights[0]
-            await self._answered(flight)
+            await asyncio.wait({flight.answer})
             if self.flights and self.flights[0] is flight:
                 self.flights.popleft()
                 self._land(flight)
-
-    async def _answered(self, flight: Flight) -> None:
-        """Wait for the answer of `flight`, the oldest launch in flight (the model's process
-        runs launches in the order sent, so it is the one being computed). One not in by
-        the launch timeout means a stuck process (a hung device, a deadlock, SIGSTOP): it is
-        killed, which fails this and every later answer with WorkerGone, and landing them
-        loses their sessions and reports the failure (the server drains and exits 1)."""
-        await asyncio.wait({flight.answer}, timeout=self.launch_timeout)
-        if not flight.answer.done() and self.worker.alive:
-            log.error(
-                "the model process took more than %g s over a launch: killed",
-                self.launch_timeout,
-                extra={"event": "model_process_stuck", "model": self.name},
-            )
-            self.worker.kill()
-        await asyncio.wait({flight.answer})  # at once after a kill
 
     def _land(self, flight: Flight) -> None:
         """Deliver a launch's answer: parked states to the store, outputs to their calls."""

@@ -1,7 +1,9 @@
 """The typed boundary between the server and a model's process (`serving.worker`).
 
-The server sends requests, one at a time, on a pipe; the worker answers each with a
-`Reply`, in the order sent. A `Launch` is one iteration of the batch loop: the slots whose
+The server sends requests on a socket pair, each framed by `frame` (a length, then the
+pickle: the server writes them without ever blocking, `serving.worker_client`); the worker
+reads them with `read_frame` and answers each with a `Reply` (`Connection.send`), in the
+order sent. A `Launch` is one iteration of the batch loop: the slots whose
 state leaves the pool (parked sessions, read out first), the states that come back into it
 (restored sessions, written next), then one `OperationBatch` per operation some session
 needs. The other requests reset, copy, read or write one slot. At start the worker sends a
@@ -16,6 +18,9 @@ asks for it.
 from __future__ import annotations
 
 import enum
+import pickle
+import socket
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -225,6 +230,32 @@ class Close:
 
 
 Request = Launch | ResetSlot | CopySlot | ReadSlot | WriteSlot | Replay | Close
+
+_LENGTH = struct.Struct("!Q")
+
+
+def frame(request: Request) -> tuple[bytes, bytes]:
+    """A request as it crosses the socket: its pickle's length (8 bytes), then the pickle."""
+    data = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(data)), data
+
+
+def read_frame(source: socket.socket) -> Request:
+    """The next request `frame` wrote to `source` (blocking); EOFError once it is closed."""
+    (length,) = _LENGTH.unpack(_read_exactly(source, _LENGTH.size))
+    request: Request = pickle.loads(_read_exactly(source, length))
+    return request
+
+
+def _read_exactly(source: socket.socket, size: int) -> bytearray:
+    data = bytearray(size)
+    view, got = memoryview(data), 0
+    while got < size:
+        count = source.recv_into(view[got:])
+        if count == 0:
+            raise EOFError("the server closed the socket")
+        got += count
+    return data
 
 
 @dataclass(frozen=True)

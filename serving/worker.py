@@ -25,6 +25,7 @@ import itertools
 import os
 import pickle
 import signal
+import socket
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -55,6 +56,7 @@ from serving.protocol import (
     StepBatch,
     WriteSlot,
     batch_of,
+    read_frame,
 )
 from serving.sampling import sample_tokens
 from serving.staging import Staging, staging_for
@@ -324,10 +326,11 @@ def serve(
         return
     if not tell(connection, Reply(True, card)):
         return
+    requests = socket.socket(fileno=os.dup(connection.fileno()))  # framed by the server
     with torch.inference_mode():
         while True:
             try:
-                request = connection.recv()
+                request = read_frame(requests)
             except (EOFError, OSError):  # the server is gone
                 return
             if isinstance(request, Close):

@@ -20,8 +20,10 @@ from tests.tiny_vmed import tiny_vmed
 CHAT = "vmed-tiny"
 
 # A snapshot every 64 steps (1024 by default): a session that moves to another replica
-# replays at most about that many, a few ms each, which the failover pause includes.
-ARGS = ("--max-new-tokens", str(LIMIT), "--max-steps-per-call", "64", "--snapshot-every", "64")
+# replays at most about that many, a few ms each, which the failover pause includes. Tests
+# stop a replica's model process (SIGSTOP) on purpose: its watchdog must not end it first.
+ARGS = ("--max-new-tokens", str(LIMIT), "--max-steps-per-call", "64", "--snapshot-every", "64",
+        "--model-timeout", "600")  # fmt: skip
 
 
 @pytest.fixture(scope="package")

@@ -116,7 +116,9 @@ def test_the_pieces_fit_together(form: str) -> None:
     settings = config.load({**flags, "replica": "a-pod"}, environ={})  # the flags parse
     assert settings.store.startswith("redis://") and settings.replica == "a-pod"
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + settings.grace + 10
+    assert (
+        pod["terminationGracePeriodSeconds"] >= pre_stop + settings.grace + settings.model_timeout
+    )
     redis = find(resources, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]
     assert redis["args"][:4] == ["--appendonly", "yes", "--appendfsync", "always"]
     if form.endswith("gpu"):

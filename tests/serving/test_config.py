@@ -51,7 +51,7 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
         ({"device": "tpu"}, {}, ("device",)),
         ({"metrics_port": "-2"}, {}, ("metrics_port",)),
         ({"model_nice": "20"}, {}, ("model_nice", "0..19")),
-        ({"launch_timeout": "0"}, {}, ("launch_timeout", "> 0")),
+        ({"model_timeout": "0"}, {}, ("model_timeout", "> 0")),
     ],
 )
 def test_bad_values_name_the_setting(

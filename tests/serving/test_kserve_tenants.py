@@ -35,7 +35,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         lines += [f"[tenants.{name}]", f'keys = ["{hash_key(key)}"]', QUOTAS.get(name, "")]
     keys = directory / "keys.toml"
     keys.write_text("\n".join(lines) + "\n")
-    with ServerProcess(directory, "--models", MODEL, "--auth-keys", str(keys)) as process:
+    # "--model-timeout": a test stops the model process on purpose
+    flags = ("--models", MODEL, "--auth-keys", str(keys), "--model-timeout", "600")
+    with ServerProcess(directory, *flags) as process:
         yield process
 
 

@@ -30,7 +30,8 @@ from tests.serving.client import metric, scrape
 def cluster(tmp_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess, ServerProcess]]:
     """Replicas a and b on one Redis, and a lone reference server."""
     with RedisServer(tmp_path / "redis") as redis_server:
-        common = ("--models", "ntm-copy", "--store", redis_server.url)
+        # a's model process is stopped on purpose: its watchdog must not end it first
+        common = ("--models", "ntm-copy", "--store", redis_server.url, "--model-timeout", "600")
         with (
             ServerProcess(tmp_path, *common, "--replica", "a") as a,
             ServerProcess(tmp_path, *common, "--replica", "b") as b,

@@ -236,6 +236,7 @@ def test_tenant_quotas_refuse_naming_the_quota_and_recover(tmp_path: Path) -> No
         f"max_parked_bytes = {2 * STATE_BYTES}\n"))})  # fmt: skip
     with ServerProcess(
         tmp_path, "--models", "ntm-copy", "--auth-keys", str(path), "--slots", "1",
+        "--model-timeout", "600",  # its model process may be stopped on purpose below
     ) as server:  # fmt: skip
         stub = server.stub()
         first, second = create(stub, small), create(stub, small)
@@ -285,6 +286,7 @@ def test_parked_bytes_quota(tmp_path: Path) -> None:
     path = keys_file(tmp_path / "keys.toml", {"small": ([small], quota)})
     with ServerProcess(
         tmp_path, "--models", "ntm-copy", "--auth-keys", str(path), "--slots", "1",
+        "--model-timeout", "600",  # its model process may be stopped on purpose below
     ) as server:  # fmt: skip
         stub = server.stub()
         for _ in range(3):  # one in the slot, two outside
@@ -323,6 +325,7 @@ def test_a_burst_of_ten_times_the_bound_is_answered_call_for_call(tmp_path: Path
     or cancelled, and the server counts what the client saw."""
     with ServerProcess(
         tmp_path, "--models", "ntm-copy", "--max-queued-calls", "20",
+        "--model-timeout", "600",  # its model process is stopped on purpose below
     ) as server:  # fmt: skip
         stub = server.stub()
         session = stub.CreateSession(memserve_pb2.CreateSessionRequest(model="ntm-copy")).session_id

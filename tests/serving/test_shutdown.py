@@ -21,8 +21,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from bench.child_server import ServerProcess
+from clients.loadgen.server_metrics import buckets
 from protos import memserve_pb2, memserve_pb2_grpc
-from tests.serving.client import create, info, step, wait_for_launches
+from tests.serving.client import create, info, metric, scrape, step, wait_for_launches
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -163,29 +164,36 @@ def test_a_dead_model_process_fails_its_calls_and_the_server_exits_one(
             assert info(again.stub(), session_id).step == 3
 
 
-@pytest.mark.parametrize("draining", [False, True], ids=["serving", "draining"])
+@pytest.mark.parametrize("when", ["serving", "draining", "exporting"])
 def test_a_model_process_that_stops_answering_is_killed_and_the_server_exits_one(
-    tmp_path: Path, draining: bool
+    tmp_path: Path, when: str
 ) -> None:
     """A model process that is alive but answers nothing (SIGSTOP stands in for a hung
-    device), while the server serves or drains: the launch it holds is waited for only
-    `--launch-timeout` seconds, then the process is killed, the call it was stepping is
-    answered UNAVAILABLE and the server exits 1 (for its supervisor to start another)."""
+    device) while the server serves, drains, or waits for a slot read (an export, which
+    holds the engine's lock): the request it holds is waited for only `--model-timeout`
+    seconds, then the process is killed, the call is answered UNAVAILABLE and the server
+    exits 1 (for its supervisor to start another)."""
     import os
 
-    timeout = 5.0  # launches here take milliseconds: only the stopped process exceeds it
+    timeout = 5.0  # requests here take milliseconds: only the stopped process exceeds it
     flags = ["--models", "ntm-copy", "--max-steps-per-call", "100000", "--grace", "0.5",
-             "--launch-timeout", str(timeout)]  # fmt: skip
+             "--model-timeout", str(timeout)]  # fmt: skip
     with ServerProcess(tmp_path, *flags) as server:
         stub = server.stub()
         session_id = create(stub)
         loaded = server.event("model_loaded")
         assert loaded is not None
-        caller, errors = call_in_background(stub, session_id, 50000)
-        wait_for_launches(server.metrics_url, at_least=10)
-        os.kill(loaded["pid"], signal.SIGSTOP)
+        errors: list[grpc.RpcError] = []
+        if when == "exporting":
+            os.kill(loaded["pid"], signal.SIGSTOP)
+            caller = threading.Thread(target=export_in_background, args=(stub, session_id, errors))
+            caller.start()
+        else:
+            caller, errors = call_in_background(stub, session_id, 50000)
+            wait_for_launches(server.metrics_url, at_least=10)
+            os.kill(loaded["pid"], signal.SIGSTOP)
         try:
-            if draining:
+            if when == "draining":
                 server.signal(signal.SIGTERM)
             assert server.wait(timeout + 30) == 1
         finally:
@@ -197,6 +205,75 @@ def test_a_model_process_that_stops_answering_is_killed_and_the_server_exits_one
         assert stuck is not None and f"more than {timeout:g} s" in stuck["message"], stuck
         stopped = server.event("stopped")
         assert stopped is not None and stopped["exit_code"] == 1
+
+
+def export_in_background(
+    stub: memserve_pb2_grpc.MemServeStub, session_id: str, errors: list[grpc.RpcError]
+) -> None:
+    try:
+        stub.ExportSession(memserve_pb2.ExportSessionRequest(session_id=session_id))
+    except grpc.RpcError as error:
+        errors.append(error)
+
+
+def wait_for_restores(url: str, at_least: int, seconds: float = 60.0) -> None:
+    """Return once the server has put `at_least` parked sessions into launches (counted as
+    each launch is assembled, just before it is sent; the metrics page has a thread of its
+    own, so it answers even while the event loop is held)."""
+    deadline = time.monotonic() + seconds
+    while metric(scrape(url), "memserve_session_restores_total") < at_least:
+        assert time.monotonic() < deadline, f"fewer than {at_least} restores in {seconds} s"
+        time.sleep(0.02)
+
+
+def test_large_requests_to_a_busy_model_process_never_block_the_server(tmp_path: Path) -> None:
+    """The model process reads its next request only once it has answered the last. A launch
+    that brings 64 parked sessions back (64 states, far more than the socket's buffer) sent
+    while it does not read (stopped) waits in the server's buffer: health checks and other
+    calls are still answered meanwhile, and once the process goes on every call is answered
+    as if nothing had happened."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    sessions, slots = 128, 64
+    # A second's wait before each launch gathers the 64 calls into one (its restores:
+    # 64 x 12 KB against the socket's ~200 KB).
+    flags = ["--models", "ntm-copy", "--slots", str(slots), "--model-timeout", "600",
+             "--max-queue-delay", "1"]  # fmt: skip
+    with ServerProcess(tmp_path, *flags) as server, ThreadPoolExecutor(sessions) as pool:
+        stub = server.stub()
+        ids = [create(stub) for _ in range(sessions)]
+        inputs = np.random.default_rng(0).standard_normal((sessions, 1, 9)).astype(np.float32)
+        list(pool.map(lambda i: step(stub, ids[i], inputs[i]), range(slots)))
+        list(pool.map(lambda i: step(stub, ids[i], inputs[i]), range(slots, sessions)))
+        loaded = server.event("model_loaded")
+        assert loaded is not None
+        restored = metric(scrape(server.metrics_url), "memserve_session_restores_total")
+        os.kill(loaded["pid"], signal.SIGSTOP)
+        try:
+            calls = [pool.submit(step, stub, ids[i], inputs[i]) for i in range(slots)]
+            # 390 KB sent, or being sent
+            wait_for_restores(server.metrics_url, at_least=restored + 32)
+            health = health_pb2_grpc.HealthStub(server.channel())
+            for _ in range(3):  # the event loop is free: it answers while the calls wait
+                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+                assert reply.status == SERVING
+            assert info(stub, ids[-1]).step == 1
+            assert not any(call.done() for call in calls)  # the stopped process answered nothing
+        finally:
+            os.kill(loaded["pid"], signal.SIGCONT)
+        results = {i: call.result(60) for i, call in enumerate(calls)}
+        by_size = buckets(scrape(server.metrics_url), "memserve_batch_size")
+        assert by_size["16.0"] < by_size["+Inf"]  # a launch of more than 16 restored states
+        (tmp_path / "reference").mkdir()
+        with ServerProcess(tmp_path / "reference", "--models", "ntm-copy") as reference:
+            again = reference.stub()
+            for index in range(slots):  # each session's second step, on a server at ease
+                session_id = create(again)
+                step(again, session_id, inputs[index])
+                outputs, count = step(again, session_id, inputs[index])
+                assert count == results[index][1] == 2
+                assert np.array_equal(outputs, results[index][0]), index
 
 
 def test_a_drain_that_cannot_write_a_session_says_so_and_exits_one(tmp_path: Path) -> None:
