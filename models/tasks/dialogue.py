@@ -424,13 +424,17 @@ class DialogueTask:
         dropped = torch.rand(rows, turns, longest + 1, generator=generator) < self.word_dropout
         if vmed.config.read_dropout == 0:
             return self.backward(vmed, batch, noise.to(device), dropped.to(device), step)
-        # The read dropout's masks come from torch's global generator: seeded from this
-        # batch's, so that they too are a function of (seed, step) and a resumed run repeats
-        # them; forked, so that nothing else's draws move.
+        # The read dropout's masks come from the default generator of the device the batch
+        # runs on: seeded from this batch's, so that they too are a function of (seed, step)
+        # and a resumed run repeats them; forked, so that nothing else's draws move. (On a
+        # GPU the masks differ from the CPU's: a run resumes on the kind it started on.)
         seed = int(torch.randint(2**62, (1,), generator=generator))
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
             return self.backward(vmed, batch, noise.to(device), dropped.to(device), step)
 
     def backward(
