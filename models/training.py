@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -189,6 +189,13 @@ def _task_settings(task: Task | GradientTask) -> dict[str, Any]:
     return asdict(task) if is_dataclass(task) and not isinstance(task, type) else {}
 
 
+def _defaults(settings: object) -> dict[str, Any]:
+    """The default of each field of a dataclass instance that has one ({} for others)."""
+    if not is_dataclass(settings) or isinstance(settings, type):
+        return {}
+    return {f.name: f.default for f in fields(settings) if f.default is not MISSING}
+
+
 def _check_same_run(
     run: dict[str, Any], model: MemoryModel, task: Task | GradientTask, settings: TrainSettings
 ) -> None:
@@ -210,6 +217,17 @@ def _check_same_run(
         f"{key.replace('_', '-')} {given.get(key)} (the run has {value})"
         for key, value in recorded.items()
         if given.get(key) != value
+    ]
+    # A setting added since the run began: the run had its default.
+    defaults = {
+        **{f"model {k}": v for k, v in _defaults(model.config).items()},
+        **{f"task {k}": v for k, v in _defaults(task).items()},
+        **_defaults(settings),
+    }
+    differences += [
+        f"{key.replace('_', '-')} {value} (the run predates it: it ran with {defaults[key]})"
+        for key, value in given.items()
+        if key not in recorded and key in defaults and value != defaults[key]
     ]
     if differences:
         raise ValueError(

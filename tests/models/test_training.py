@@ -16,10 +16,11 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from memserve.cli import main
 from models import load
+from models.ntm import NTMConfig
 
 SMALL = [
     "--memory-rows", "12", "--memory-width", "6", "--controller-size", "24",
@@ -117,6 +118,17 @@ def test_training_refuses_to_overwrite_or_to_resume_nothing(
     assert train(tmp_path / "run", "--steps", "9", "--lr", "0.01", "--resume") == 2
     error = capsys.readouterr().err
     assert "differs in steps 9 (the run has 5), learning-rate 0.01 (the run has 0.001)" in error
+    # A run that predates a setting ran with its default: a resume may not give another.
+    state_path = tmp_path / "run" / "training-state.safetensors"
+    with safe_open(state_path, framework="pt") as state:
+        metadata = state.metadata()
+    run = json.loads(metadata["run"])
+    del run["hyperparameters"]["controller_size"]
+    default = NTMConfig.__dataclass_fields__["controller_size"].default
+    save_file(load_file(state_path), state_path, {**metadata, "run": json.dumps(run)})
+    assert train(tmp_path / "run", "--steps", "5", "--resume") == 2  # SMALL: 24
+    error = capsys.readouterr().err
+    assert f"controller-size 24 (the run predates it: it ran with {default})" in error
     assert train(tmp_path / "empty", "--steps", "5", "--resume") == 2
     assert "holds no training run to resume" in capsys.readouterr().err
     assert train(tmp_path / "bad", "--steps", "5", "--min-length", "3", "--max-length", "2") == 2
