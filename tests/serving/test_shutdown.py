@@ -216,7 +216,7 @@ def export_in_background(
         errors.append(error)
 
 
-def wait_for_restores(url: str, at_least: int, seconds: float = 60.0) -> None:
+def wait_for_restores(url: str, at_least: float, seconds: float = 60.0) -> None:
     """Return once the server has put `at_least` parked sessions into launches (counted as
     each launch is assembled, just before it is sent; the metrics page has a thread of its
     own, so it answers even while the event loop is held)."""
