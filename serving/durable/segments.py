@@ -11,6 +11,7 @@ Each finding is passed to `problem` as one line.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,17 +91,39 @@ def recover(directory: Path, problem: Callable[[str], None]) -> Recovered:
             truncate(path, size)
         recovered.sizes[segment] = size
         recovered.live_bytes[segment] = 0
+    named = _ids_named(damaged)
     for session_id, items in records.items():
         entry = resolve(items)
         # A damaged record names its session: ids are 128 random bits, never matched by
         # chance. That session may have lost a step, so it is not served as it is.
-        hit = next((where for where, data in damaged if session_id.encode() in data), None)
+        key = session_id.encode()
+        hit = named.get(key) if SESSION_ID.fullmatch(key) else _named_in(key, damaged)
         if hit is not None and entry.deleted is None:
             entry.error = f"a record of it is damaged ({hit})"
         recovered.entries[session_id] = entry
         for location in entry.live():
             recovered.live_bytes[location.segment] += location.size
     return recovered
+
+
+SESSION_ID = re.compile(rb"[0-9a-f]{32}")  # serving.sessions.new_session_id's form
+_HEX_RUN = re.compile(rb"[0-9a-f]{32,}")
+
+
+def _ids_named(damaged: list[tuple[str, bytes]]) -> dict[bytes, str]:
+    """Every session id a damaged stretch may hold (each 32-character window of its runs of
+    hex digits), with where it is: one pass over the damage, not one per session."""
+    named: dict[bytes, str] = {}
+    for where, data in damaged:
+        for run in _HEX_RUN.finditer(data):
+            for start in range(run.start(), run.end() - 31):
+                named.setdefault(data[start : start + 32], where)
+    return named
+
+
+def _named_in(key: bytes, damaged: list[tuple[str, bytes]]) -> str | None:
+    """Where a session id of another form appears in the damage, if it does."""
+    return next((where for where, data in damaged if key in data), None)
 
 
 def truncate(path: Path, size: int) -> None:

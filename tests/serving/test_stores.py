@@ -21,6 +21,7 @@ from serving.durable.directory import DirectorySessionStore
 from serving.durable.records import HEADER, frame
 from serving.durable.redis_store import RedisSessionStore
 from serving.errors import DataLoss
+from serving.sessions import new_session_id
 
 # A store, and how to open it again as a restarted server would.
 Reopen = Callable[[], SessionStore]
@@ -234,24 +235,31 @@ def test_a_record_cut_short_before_the_zeros_is_truncated_and_reported(tmp_path:
     again.close()
 
 
-def test_a_flipped_byte_is_found_and_confined_to_its_session(tmp_path: Path) -> None:
+@pytest.mark.parametrize("served_ids", [False, True], ids=["short ids", "served ids"])
+def test_a_flipped_byte_is_found_and_confined_to_its_session(
+    tmp_path: Path, served_ids: bool
+) -> None:
+    """Ids of the form the server makes (32 hex digits) are looked up in the damage in one
+    pass; any other form by a search of their own."""
+    a, b = (new_session_id(), new_session_id()) if served_ids else ("a", "b")
     store = DirectorySessionStore(tmp_path)
-    store.commit([created("a"), created("b")])
-    store.commit([call("a", 0, 2), call("b", 0, 1)])
-    store.commit([call("a", 2, 3)])
+    store.commit([created(a), created(b)])
+    store.commit([call(a, 0, 2), call(b, 0, 1)])
+    store.commit([call(a, 2, 3)])
     store.close()
     path = segments(tmp_path)[-1]
     data = bytearray(path.read_bytes())
-    victim = data.find(frame(call("a", 0, 2)))
-    data[victim + HEADER.size + 60] ^= 0x40  # in its operations, not its session id
+    victim = data.find(frame(call(a, 0, 2)))
+    data[victim + len(frame(call(a, 0, 2))) - 5] ^= 0x40  # in its operations, not its id
     path.write_bytes(bytes(data))
     again = DirectorySessionStore(tmp_path)
     assert any("CRC" in problem for problem in again.problems())
     summaries = {s.session_id: s for s in again.sessions()}
-    assert summaries["b"].error is None and again.load("b").step == 1
-    assert summaries["a"].error is not None and "damaged" in summaries["a"].error
+    assert summaries[b].error is None and again.load(b).step == 1
+    error = summaries[a].error
+    assert error is not None and "damaged" in error
     with pytest.raises(DataLoss, match="a record of it is damaged"):
-        again.load("a")
+        again.load(a)
 
 
 def test_a_damaged_creation_record_makes_its_session_unloadable(tmp_path: Path) -> None:
