@@ -227,7 +227,7 @@ def _check_same_run(
     differences += [
         f"{key.replace('_', '-')} {value} (the run predates it: it ran with {defaults[key]})"
         for key, value in given.items()
-        if key not in recorded and key in defaults and value != defaults[key]
+        if key not in recorded and key not in ignored and key in defaults and value != defaults[key]
     ]
     if differences:
         raise ValueError(
