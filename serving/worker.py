@@ -38,9 +38,11 @@ from models.base import MemoryModel
 from models.state import StatePool, StateSpec
 from serving.protocol import (
     BeginBatch,
+    BeginRow,
     Close,
     CopySlot,
     DecodeBatch,
+    DecodeRow,
     EncodeBatch,
     HostState,
     Landed,
@@ -319,8 +321,9 @@ def serve(
                 f"a pool of {slots} slots of {model.state_bytes} bytes does not fit: {error}"
             ) from error
         scratch = model.new_pool(1)
-        fused = warm_up(model, pool)
+        fused = build_fused_step(model, pool)
         card = describe(model, "fused-cpu" if fused else select_backend(pool.device), pool.device)
+        warm_up(model, scratch, card)
     except BaseException as error:  # said to the server, which refuses to start
         tell(connection, Reply(False, portable(error)))
         return
@@ -352,7 +355,7 @@ def tell(connection: Connection, reply: Reply) -> bool:
     return True
 
 
-def warm_up(model: MemoryModel, pool: StatePool) -> bool:
+def build_fused_step(model: MemoryModel, pool: StatePool) -> bool:
     """Build (or find in its cache) the fused CPU step now, while the server waits for the
     card, rather than in the first launch: compiling takes seconds. Whether the model steps
     through it."""
@@ -360,6 +363,25 @@ def warm_up(model: MemoryModel, pool: StatePool) -> bool:
     from models.fused import fused_step
 
     return isinstance(model, ControllerMemoryModel) and fused_step(model, pool) is not None
+
+
+def warm_up(model: MemoryModel, scratch: StatePool, card: ModelCard) -> None:
+    """Run each operation the model serves once, on the scratch slot, before the card goes
+    to the server: on a GPU the first call of a kernel compiles it (Triton) and the first of
+    a library sets it up (cuBLAS), seconds that would otherwise fall in the first launch,
+    which must answer within the server's `model_timeout`. The scratch slot is reset by
+    every replay, so nothing of this reaches a session."""
+    rows: list[tuple[Operation, Any]] = [
+        (Operation.STEP, np.zeros((1, card.input_size), np.float32))
+    ]
+    if card.text_operations:
+        noise = np.zeros(card.spec("z").shape[0], np.float32)
+        rows += [
+            (Operation.ENCODE, 0),
+            (Operation.BEGIN, BeginRow(noise, 0.0)),
+            (Operation.DECODE, DecodeRow(0, 0.0, 0, 1.0, 0.0)),
+        ]
+    replay(model, scratch, Replay(None, tuple(rows)))
 
 
 def portable(error: BaseException) -> BaseException:

@@ -5,7 +5,8 @@ says what the model is."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from serving.protocol import (
     WriteSlot,
     steps_of,
 )
-from serving.worker import answer, describe, host_state, run_launch
+from serving.worker import answer, describe, host_state, run_launch, warm_up
 
 
 @pytest.fixture(autouse=True)
@@ -125,6 +126,30 @@ def test_the_card_says_what_the_model_is(name: str) -> None:
     assert card.text_operations == (name == "vmed-chat")
     assert card.device == "cpu"
     assert (card.tokenizer_json is not None) == (name == "vmed-chat")
+
+
+@pytest.mark.parametrize("name", ["ntm-copy", "dnc-recall", "vmed-chat"])
+def test_the_warm_up_runs_each_operation_the_model_serves(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Kernels compile on their first call: the warm-up makes that call, on the scratch slot,
+    # before the server hears that the model is ready.
+    model = checkpoint.load(name)
+    card = describe(model, "torch", torch.device("cpu"))
+    operations = ["step", *(["encode", "begin_reply", "decode"] if card.text_operations else [])]
+    calls: list[str] = []
+    for operation in operations:
+        monkeypatch.setattr(model, operation, counting(calls, operation, getattr(model, operation)))
+    warm_up(model, model.new_pool(1), card)
+    assert sorted(calls) == sorted(operations)
+
+
+def counting(calls: list[str], name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        return method(*args, **kwargs)
+
+    return counted
 
 
 @pytest.mark.parametrize("counts", [(3, 2, 1), (3, 3, 3)], ids=["padded", "full"])
