@@ -5,8 +5,10 @@ waited on."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from models.locate import resolve
+from serving.worker_client import LATE_SECONDS, WorkerClient
 from serving.worker_process import WorkerProcess
 
 SIGTERM_BIT = 1 << 14  # signal 15 in /proc/PID/status masks
@@ -96,3 +99,32 @@ def test_a_worker_dies_with_its_server(slow_build: Path) -> None:
     finally:
         server.kill()
         server.wait()
+
+
+def test_a_server_paused_with_its_model_is_not_taken_for_a_stuck_model() -> None:
+    """A paused container stops a server and its model's process together. On waking, the
+    watchdog's timer is late by the whole pause, which the model did not spend on the
+    request: the clock starts again, and the model, which answers at once, lives."""
+    worker = WorkerClient(WorkerProcess.start(resolve("ntm-copy"), "cpu", 4, 1), 2.0)
+    try:
+        worker.wait_ready()
+        pid = worker.pid
+        assert pid is not None
+
+        async def body() -> None:
+            loop = asyncio.get_running_loop()
+            os.kill(pid, signal.SIGSTOP)
+            pending = asyncio.ensure_future(worker.read(0))
+            await asyncio.sleep(0)  # the request is written, its clock started
+            assert len(worker.waiting) == 1
+            time.sleep(worker.answer_timeout + LATE_SECONDS + 1.0)  # the loop paused
+            # The model wakes in the same turn of the loop as the late timer, before the
+            # loop can read an answer: the watchdog sees the request still unanswered.
+            loop.call_soon(os.kill, pid, signal.SIGCONT)
+            state = await pending
+            assert "memory" in state
+            assert not worker.killed and worker.alive
+
+        asyncio.run(body())
+    finally:
+        worker.close()
