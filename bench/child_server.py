@@ -135,6 +135,15 @@ class ChildServer:
     def event(self, name: str) -> dict[str, Any] | None:
         return next((e for e in self.events() if e.get("event") == name), None)
 
+    def backends(self) -> dict[str, str]:
+        """What steps each model, as the server logged it once loaded ("fused-cpu", "torch",
+        "triton"); empty for a server that logs none (the echo server)."""
+        return {
+            str(e["model"]): str(e["backend"])
+            for e in self.events()
+            if e.get("event") == "model_loaded"
+        }
+
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """The server stopped (SIGSTOP) for the block, then continued: a call made meanwhile

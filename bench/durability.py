@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         **provenance("durability", "bench/durability.py", argv),
         "settings": {
             **asdict(settings),
-            "kernel_backend": "torch",
+            "kernel_backend_setting": "torch",  # MEMSERVE_KERNEL_BACKEND; rows: what served
             "shapes": [
                 {"shape": s.name, "steps_per_call": s.steps, "concurrency": c}
                 for s, c in zip(SHAPES, settings.concurrency, strict=True)

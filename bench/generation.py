@@ -107,6 +107,7 @@ class LevelRow:
     stolen_cpu_seconds: float  # of other_cpu_seconds, what the host took (/proc/stat steal)
     batching: dict[str, float] | None = None  # the server's own metrics over the window
     server_generated_tokens: float | None = None  # its memserve_generated_tokens_total, delta
+    backends: dict[str, str] = field(default_factory=dict)  # model -> its step, as served
     round: int = 1
 
     @property
@@ -223,6 +224,7 @@ async def measure_level(
         other_cpu_seconds=usage.other_cpu * seconds / measured,
         stolen_cpu_seconds=usage.stolen_cpu * seconds / measured,
         batching=batching_over(before, after, measured),
+        backends=child.backends(),
         server_generated_tokens=(
             server_metrics.total(after, GENERATED_TOKENS)
             - server_metrics.total(before, GENERATED_TOKENS)
@@ -458,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": model,
         "settings": {
             **asdict(settings),
-            "kernel_backend": "torch",
+            "kernel_backend_setting": "torch",  # MEMSERVE_KERNEL_BACKEND; rows: what served
             "slots": SLOTS,
             "user_texts": len(texts),
             "seeds": f"chat i: CreateSession and every GenerateRequest seed = {SEED} + i",

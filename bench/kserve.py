@@ -158,6 +158,7 @@ async def measure(
         other_cpu_seconds=usage.other_cpu * seconds / usage.measured,
         stolen_cpu_seconds=usage.stolen_cpu * seconds / usage.measured,
         batching=batching_over(usage.metrics_before, usage.metrics_after, usage.measured),
+        backends=child.backends(),
         round=round_,
     )  # fmt: skip
 
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             **vars(args),
             "out": str(args.out),
-            "kernel_backend": "torch",
+            "kernel_backend_setting": "torch",  # MEMSERVE_KERNEL_BACKEND; rows: what served
             "server_command": server_command(True)[1:],
             "seconds_taken": round(time.monotonic() - started, 1),
         },

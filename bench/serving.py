@@ -132,6 +132,7 @@ class LevelRow:
     other_cpu_seconds: float  # every other process on the machine, over the window
     stolen_cpu_seconds: float  # of other_cpu_seconds, what the host took (/proc/stat steal)
     batching: dict[str, float] | None = None  # the real server's own metrics over the window
+    backends: dict[str, str] = field(default_factory=dict)  # model -> its step, as served
     round: int = 1
 
     @property
@@ -505,6 +506,7 @@ async def measure_level(
         other_cpu_seconds=usage.other_cpu * seconds / usage.measured,
         stolen_cpu_seconds=usage.stolen_cpu * seconds / usage.measured,
         batching=batching,
+        backends=child.backends(),
         round=round_,
     )
 
@@ -945,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "settings": {
             **asdict(settings),
-            "kernel_backend": "torch",
+            "kernel_backend_setting": "torch",  # MEMSERVE_KERNEL_BACKEND; rows: what served
             "pool_slots": POOL_SLOTS,
             "server_command": server_command(True)[1:],
             "echo_command": echo_command()[1:],

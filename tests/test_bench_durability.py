@@ -57,6 +57,7 @@ def test_tiny_run_writes_a_consistent_record(
         latency = row["latency_us"]
         assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
         assert row["batching"]["launches"] > 0
+        assert row["backends"]["ntm-copy"] in ("fused-cpu", "torch")
         assert row["store_cpu_seconds"] >= 0 and row["disk_write_bytes"] >= 0
         assert row["other_servers_sessions"] == 0  # every other server was quiet
         if config == "redis-launch":  # every acknowledged call went through a commit script

@@ -86,6 +86,7 @@ def test_tiny_run_writes_a_consistent_record(
         assert batching["launches"] > 0
         assert 1 <= batching["mean_batch_size"] <= concurrency
         assert row["server_generated_tokens"] > 0
+        assert row["backends"] == {"vmed-bench-tiny": "torch"}  # no fused step for a VMED
 
     for n, targets in enumerate(record["rounds"], start=1):  # each round's own numbers
         scaling = targets["scaling"]
