@@ -116,6 +116,17 @@ class Cluster:
                         continue  # being written
         return events
 
+    def wait_for_event(
+        self, name: str, since: int, match: Callable[[dict[str, Any]], bool], what: str
+    ) -> dict[str, Any]:
+        """The first of a replica's log lines from byte `since` that `match` holds of, once
+        it is written (within START_SECONDS)."""
+        deadline = time.monotonic() + START_SECONDS
+        while not (found := [e for e in self.replica_events(name, since) if match(e)]):
+            assert time.monotonic() < deadline, f"no {what} in {name}'s log"
+            time.sleep(0.05)
+        return found[0]
+
     def log_sizes(self) -> dict[str, int]:
         logs = self.directory / "logs"
         return {n: (logs / f"{n}.log").stat().st_size for n in self.replica_names(self.state())}

@@ -136,9 +136,12 @@ def test_a_frozen_replica_loses_its_session_and_nothing_is_doubled(
         held.result(timeout=60)
     assert stale.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "refused" in (stale.value.details() or "")
-    dropped = [e for e in healthy.replica_events(owner, since)
-               if e.get("event") == "session_unloaded" and e["session"] == session]  # fmt: skip
-    assert dropped, "the frozen replica kept its stale copy"
+    # It answered first, then drops its copy (under the engine's lock): wait for the line.
+    healthy.wait_for_event(
+        owner, since,
+        lambda e: e.get("event") == "session_unloaded" and e["session"] == session,
+        "drop of the stale copy",
+    )  # fmt: skip
     healthy.healthy(3)  # back in Envoy's routing: the session's calls go to it again
     again = oracle.step(envoy, session, inputs, request_id, metadata)  # a repeat: the 1st answer
     assert again == taken
