@@ -26,7 +26,7 @@ def test_tiny_run_writes_a_consistent_record(
 ) -> None:
     out = tmp_path / "durability.json"
     argv = ["--rounds", "1", "--seconds", "0.5", "--warmup", "0.2", "--concurrency", "2", "4",
-            "--level-ttl", "2", "--sessions", str(SESSIONS), "--calls-per-session", str(CALLS),
+            "--level-ttl", "1", "--sessions", str(SESSIONS), "--calls-per-session", str(CALLS),
             "--recovery-concurrency", "4", "--commit-seconds", "0.01", "--store-dir",
             str(tmp_path), "--out", str(out)]  # fmt: skip
     assert bench.main(argv) == 0
@@ -39,7 +39,7 @@ def test_tiny_run_writes_a_consistent_record(
     assert record["store_filesystem"]["path"] == str(tmp_path)
     settings = record["settings"]
     assert settings["rounds"] == 1 and settings["seconds"] == 0.5
-    assert settings["concurrency"] == [2, 4] and settings["level_ttl"] == 2
+    assert settings["concurrency"] == [2, 4] and settings["level_ttl"] == 1
 
     # Throughput: every (store, shape) once, measured by bench/serving.py's level.
     levels = {(r["round"], r["config"], r["shape"]): r for r in record["levels"]}
