@@ -162,7 +162,7 @@ class Server:
                 raise OSError(f"cannot serve metrics on {host}:{port}: {error}") from error
             self.metrics_port = self.metrics_http.server_port
         if not self.config.replica:  # a replica finds sessions in the store as they are used
-            self._adopt_stored_sessions()
+            self.adopt_stored_sessions()
         self._watch_tenants()
         if self.committer is not None:
             self.committer.on_health = self._store_health
@@ -233,8 +233,10 @@ class Server:
     def _tenant_calls(self, tenant: Tenant) -> int:
         return self.service.admission.usage_of(tenant).calls
 
-    def _adopt_stored_sessions(self) -> None:
-        """Every session the store holds, known to its model's engine (states come later)."""
+    def adopt_stored_sessions(self) -> None:
+        """Every session the store holds, known to its model's engine (states come later).
+        A lone server's start does this once its models are loaded (a replica of a cluster
+        does not: it finds sessions in the shared store as they are called)."""
         found = self.session_store.sessions()
         adopted, elsewhere = 0, 0
         for summary in found:

@@ -44,7 +44,7 @@ def durable_server(tmp_path: Path, **settings: Any) -> Server:
 def restarted(tmp_path: Path, **settings: Any) -> Server:
     """A server on the store an earlier one left, knowing its sessions."""
     server = durable_server(tmp_path, **settings)
-    server._adopt_stored_sessions()
+    server.adopt_stored_sessions()
     return server
 
 
