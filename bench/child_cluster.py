@@ -117,11 +117,16 @@ class Cluster:
         return events
 
     def wait_for_event(
-        self, name: str, since: int, match: Callable[[dict[str, Any]], bool], what: str
+        self,
+        name: str,
+        since: int,
+        match: Callable[[dict[str, Any]], bool],
+        what: str,
+        seconds: float = 30.0,
     ) -> dict[str, Any]:
         """The first of a replica's log lines from byte `since` that `match` holds of, once
-        it is written (within START_SECONDS)."""
-        deadline = time.monotonic() + START_SECONDS
+        it is written (within `seconds`)."""
+        deadline = time.monotonic() + seconds
         while not (found := [e for e in self.replica_events(name, since) if match(e)]):
             assert time.monotonic() < deadline, f"no {what} in {name}'s log"
             time.sleep(0.05)

@@ -107,6 +107,7 @@ class InProcessRow:
     seconds_per_step: float  # median
     session_steps_per_s: float  # batch / seconds_per_step
     round: int = 1
+    backend: str = ""  # what stepped it: "fused-cpu", "torch", "triton"
 
 
 @dataclass
@@ -158,7 +159,8 @@ class Settings:
 
 @contextlib.contextmanager
 def torch_backend() -> Iterator[None]:
-    """Force the PyTorch reference kernels (what the server runs on CPU) for a while."""
+    """Force the PyTorch reference kernels for a while, as the benchmarks' servers do (the
+    fused CPU step, where a compiler built it, serves an NTM or a DNC all the same)."""
     saved = os.environ.get("MEMSERVE_KERNEL_BACKEND")
     os.environ["MEMSERVE_KERNEL_BACKEND"] = "torch"
     try:
@@ -176,6 +178,8 @@ def measure_in_process(batches: list[int], budget_s: float, round_: int = 1) -> 
 
     from kernels.backend import retain_freed_memory
     from models import checkpoint
+    from models.controller import ControllerMemoryModel
+    from models.fused import fused_step
 
     retain_freed_memory()  # as the server's model process does
     model = checkpoint.load(MODEL)
@@ -184,6 +188,8 @@ def measure_in_process(batches: list[int], budget_s: float, round_: int = 1) -> 
     generator = torch.Generator().manual_seed(0)
     rows: list[InProcessRow] = []
     with torch_backend():
+        fused = isinstance(model, ControllerMemoryModel) and fused_step(model, pool) is not None
+        backend = "fused-cpu" if fused else "torch"
         for batch in batches:
             slots = torch.randperm(POOL_SLOTS, generator=generator)[:batch].to(torch.int64)
             bits = torch.rand(batch, model.input_size, generator=generator) > 0.5
@@ -198,7 +204,9 @@ def measure_in_process(batches: list[int], budget_s: float, round_: int = 1) -> 
                 model.step(pool, slots, inputs)
                 samples.append(time.perf_counter() - start)
             seconds = statistics.median(samples)
-            rows.append(InProcessRow(batch, len(samples), seconds, batch / seconds, round_))
+            rows.append(
+                InProcessRow(batch, len(samples), seconds, batch / seconds, round_, backend)
+            )
     return rows
 
 

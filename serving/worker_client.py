@@ -52,7 +52,7 @@ from serving.worker_process import STOP_SECONDS, WorkerProcess
 
 log = logging.getLogger("memserve.worker")
 
-START_SECONDS = 120.0  # importing torch and loading a checkpoint in the worker
+START_SECONDS = 120.0  # importing torch, loading a checkpoint and the warm-up, in the worker
 # A timer that fires this much later than due means the server itself was not running (a
 # paused container, a stopped process group, a starved machine): its worker had no time
 # either, so the request's clock starts again rather than killing a healthy process.

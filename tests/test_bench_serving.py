@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from bench import serving as bench
+from kernels import cpu_step
 
+CPU_STEP = "fused-cpu" if cpu_step.available() else "torch"  # what steps ntm-copy here
 SHAPES = {"unary_t1": ("Step", 1), "stream_t1": ("StepStream", 1), "unary_t20": ("Step", 20)}
 
 
@@ -37,6 +39,7 @@ def test_tiny_run_writes_a_consistent_record(
     for (_, batch), row in in_process.items():
         assert row["samples"] >= 5 and row["seconds_per_step"] > 0
         assert row["session_steps_per_s"] == pytest.approx(batch / row["seconds_per_step"])
+        assert row["backend"] == CPU_STEP
 
     levels = {(r["round"], r["target"], r["shape"], r["concurrency"]): r for r in record["levels"]}
     assert sorted(levels) == sorted(
@@ -66,8 +69,8 @@ def test_tiny_run_writes_a_consistent_record(
             assert batching["launches"] > 0
             assert 1 <= batching["mean_batch_size"] <= 2
             # What stepped each model, as the server said; MEMSERVE_KERNEL_BACKEND=torch
-            # leaves the fused C step in place where a compiler built it.
-            assert row["backends"]["ntm-copy"] in ("fused-cpu", "torch")
+            # leaves the fused C step in place where a compiler builds it.
+            assert row["backends"]["ntm-copy"] == CPU_STEP
         else:
             assert row["batching"] is None and row["backends"] == {}
 

@@ -5,6 +5,10 @@ says what the model is."""
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
+import signal
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,15 +21,19 @@ from models import checkpoint
 from models.base import MemoryModel
 from models.state import StatePool
 from protos import journal_pb2, tensors
+from serving import worker
 from serving.durable.records import operation_record, replay_row
 from serving.protocol import (
+    Close,
     Launch,
+    ModelCard,
     Operation,
     ReadSlot,
     Replay,
     ResetSlot,
     StepBatch,
     WriteSlot,
+    frame,
     steps_of,
 )
 from serving.worker import answer, describe, host_state, run_launch, warm_up
@@ -142,6 +150,31 @@ def test_the_warm_up_runs_each_operation_the_model_serves(
         monkeypatch.setattr(model, operation, counting(calls, operation, getattr(model, operation)))
     warm_up(model, model.new_pool(1), card)
     assert sorted(calls) == sorted(operations)
+
+
+def test_the_worker_warms_up_before_it_sends_its_card(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's main, in this process over a real pipe (told to stop before it starts):
+    its warm-up runs before the card reaches the server's end, so the first launch, which
+    the server sends once it has the card, finds the kernels built."""
+    server_end, worker_end = multiprocessing.Pipe()
+    card_already_sent: list[bool] = []
+
+    def watched(model: MemoryModel, scratch: StatePool, card: ModelCard) -> None:
+        card_already_sent.append(server_end.poll())
+        warm_up(model, scratch, card)
+
+    monkeypatch.setattr(worker, "warm_up", watched)
+    with socket.socket(fileno=os.dup(server_end.fileno())) as requests:
+        requests.sendall(b"".join(frame(Close())))  # read once the worker has sent its card
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.serve(worker_end, str(checkpoint.resolve("ntm-copy")), "cpu", 2, 0, 0)
+    finally:
+        for number, handler in handlers.items():  # `serve` ignores them, as a worker does
+            signal.signal(number, handler)
+    assert card_already_sent == [False]
+    reply = server_end.recv()
+    assert reply.ok and isinstance(reply.value, ModelCard)
 
 
 def counting(calls: list[str], name: str, method: Callable[..., Any]) -> Callable[..., Any]:
