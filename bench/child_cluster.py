@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from bench.child_server import ROOT
+from bench.child_server import ROOT, child_env
 from clients.channel import SESSION_HEADER
 from memserve.cluster.maglev import Maglev
 from memserve.cluster.processes import routed
@@ -44,8 +44,7 @@ class Cluster:
         self._state: dict[str, Any] = {}
 
     def start(self) -> Cluster:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["MEMSERVE_KERNEL_BACKEND"] = "torch"
+        env = child_env()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT

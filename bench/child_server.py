@@ -31,6 +31,15 @@ from protos import memserve_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_SECONDS = 120.0
+KERNEL_BACKEND = "torch"  # MEMSERVE_KERNEL_BACKEND of every server started here
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a server started here: this process's, without TRITON_INTERPRET,
+    with the kernel backend set, then `extra`."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update({"MEMSERVE_KERNEL_BACKEND": KERNEL_BACKEND, **(extra or {})})
+    return env
 
 
 def process_stat(pid: int | str) -> tuple[int, float] | None:
@@ -76,8 +85,7 @@ class ChildServer:
         self.channels: list[grpc.Channel] = []
 
     def start(self) -> ChildServer:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.update({"MEMSERVE_KERNEL_BACKEND": "torch", **self.extra_env})
+        env = child_env(self.extra_env)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT

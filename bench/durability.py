@@ -58,6 +58,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ahead of bench/, whose serving.py is not serving/
 
+from bench.child_server import KERNEL_BACKEND  # noqa: E402
 from bench.durability_bytes import record_sizes  # noqa: E402
 from bench.durability_commits import measure_commit_costs  # noqa: E402
 from bench.durability_flush import run as measure_flush_cost  # noqa: E402
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         **provenance("durability", "bench/durability.py", argv),
         "settings": {
             **asdict(settings),
-            "kernel_backend_setting": "torch",  # MEMSERVE_KERNEL_BACKEND; rows: what served
+            "kernel_backend_setting": KERNEL_BACKEND,  # MEMSERVE_KERNEL_BACKEND; rows: what served
             "shapes": [
                 {"shape": s.name, "steps_per_call": s.steps, "concurrency": c}
                 for s, c in zip(SHAPES, settings.concurrency, strict=True)

@@ -44,7 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ahead of bench/, so that `serving` is the package
 
-from bench.child_server import ChildServer  # noqa: E402
+from bench.child_server import KERNEL_BACKEND, ChildServer  # noqa: E402
 from bench.serving import (  # noqa: E402
     BAD_RESPONSE,
     batching_over,
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": model,
         "settings": {
             **asdict(settings),
-            "kernel_backend_setting": "torch",  # MEMSERVE_KERNEL_BACKEND; rows: what served
+            "kernel_backend_setting": KERNEL_BACKEND,  # MEMSERVE_KERNEL_BACKEND; rows: what served
             "slots": SLOTS,
             "user_texts": len(texts),
             "seeds": f"chat i: CreateSession and every GenerateRequest seed = {SEED} + i",

@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ahead of bench/
 
-from bench.child_server import ChildServer  # noqa: E402
+from bench.child_server import KERNEL_BACKEND, ChildServer  # noqa: E402
 from bench.serving import (  # noqa: E402
     CONNECT_SECONDS,
     MODEL,
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             **vars(args),
             "out": str(args.out),
-            "kernel_backend_setting": "torch",  # MEMSERVE_KERNEL_BACKEND; rows: what served
+            "kernel_backend_setting": KERNEL_BACKEND,  # MEMSERVE_KERNEL_BACKEND; rows: what served
             "server_command": server_command(True)[1:],
             "seconds_taken": round(time.monotonic() - started, 1),
         },

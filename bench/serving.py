@@ -57,7 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # ahead of bench/, whose serving.py is this file
 
-from bench.child_server import ChildServer  # noqa: E402
+from bench.child_server import KERNEL_BACKEND, ChildServer  # noqa: E402
 from clients.channel import Metadata  # noqa: E402
 from clients.loadgen import server_metrics  # noqa: E402
 from clients.loadgen.connection import Connection  # noqa: E402
@@ -162,7 +162,7 @@ def torch_backend() -> Iterator[None]:
     """Force the PyTorch reference kernels for a while, as the benchmarks' servers do (the
     fused CPU step, where a compiler built it, serves an NTM or a DNC all the same)."""
     saved = os.environ.get("MEMSERVE_KERNEL_BACKEND")
-    os.environ["MEMSERVE_KERNEL_BACKEND"] = "torch"
+    os.environ["MEMSERVE_KERNEL_BACKEND"] = KERNEL_BACKEND
     try:
         yield
     finally:
@@ -955,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "settings": {
             **asdict(settings),
-            "kernel_backend_setting": "torch",  # MEMSERVE_KERNEL_BACKEND; rows: what served
+            "kernel_backend_setting": KERNEL_BACKEND,  # MEMSERVE_KERNEL_BACKEND; rows: what served
             "pool_slots": POOL_SLOTS,
             "server_command": server_command(True)[1:],
             "echo_command": echo_command()[1:],

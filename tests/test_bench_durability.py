@@ -14,7 +14,7 @@ from bench import durability as bench
 from bench.durability_commits import APPEND_SIZES
 from bench.durability_flush import FLUSH_RATES, flushing
 from bench.durability_recovery import recovery_verdict
-from kernels import cpu_step
+from tests.served import CPU_STEP
 
 CONFIGS = ["memory", "dir-launch", "dir-interval", "redis-launch", "redis-interval"]
 SHAPES = {"unary_t1": (1, 2), "unary_t20": (20, 4)}  # steps per call, C
@@ -58,7 +58,7 @@ def test_tiny_run_writes_a_consistent_record(
         latency = row["latency_us"]
         assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
         assert row["batching"]["launches"] > 0
-        assert row["backends"]["ntm-copy"] == ("fused-cpu" if cpu_step.available() else "torch")
+        assert row["backends"]["ntm-copy"] == CPU_STEP
         assert row["store_cpu_seconds"] >= 0 and row["disk_write_bytes"] >= 0
         assert row["other_servers_sessions"] == 0  # every other server was quiet
         if config == "redis-launch":  # every acknowledged call went through a commit script

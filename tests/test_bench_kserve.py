@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import kserve as bench
-from kernels import cpu_step
+from tests.served import CPU_STEP
 
 
 @pytest.mark.timeout(240)
@@ -35,7 +35,7 @@ def test_tiny_run_writes_v1_and_v2_levels_and_their_ratios(
             ("v2", "stream_t1"): "ModelStreamInfer",
         }
         assert row["method"] == method[target, shape]  # fmt: skip
-        assert row["backends"]["ntm-copy"] == ("fused-cpu" if cpu_step.available() else "torch")
+        assert row["backends"]["ntm-copy"] == CPU_STEP
     ratios = record["ratios"]
     assert set(ratios) == {"unary C=1", "unary C=2", "stream C=1", "stream C=2"}
     for ratio in ratios.values():

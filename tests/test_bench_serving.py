@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from bench import serving as bench
-from kernels import cpu_step
+from tests.served import CPU_STEP
 
-CPU_STEP = "fused-cpu" if cpu_step.available() else "torch"  # what steps ntm-copy here
 SHAPES = {"unary_t1": ("Step", 1), "stream_t1": ("StepStream", 1), "unary_t20": ("Step", 20)}
 
 
