@@ -41,9 +41,11 @@ from serving.protocol import (
     Launch,
     ModelCard,
     ReadSlot,
+    Replay,
     Reply,
     Request,
     ResetSlot,
+    StepBatch,
     WriteSlot,
     frame,
 )
@@ -73,7 +75,8 @@ class WorkerClient:
         self.process = started.process
         self.connection = started.connection
         self.answer_timeout = answer_timeout
-        self.waiting: deque[asyncio.Future[Any]] = deque()  # sent, not answered, oldest first
+        # Sent, not answered, oldest first: each answer's future and its request.
+        self.waiting: deque[tuple[asyncio.Future[Any], Request]] = deque()
         self.killed = False
         # The same socket, for writes that never block (a descriptor of its own).
         self._socket = socket.socket(fileno=os.dup(self.connection.fileno()))
@@ -108,7 +111,7 @@ class WorkerClient:
             raise self._gone() from error
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
-        self.waiting.append(answer)
+        self.waiting.append((answer, request))
         if len(self.waiting) == 1:
             loop.add_reader(self.connection.fileno(), self._read_answer)
             self._head_since = loop.time()
@@ -171,7 +174,7 @@ class WorkerClient:
 
     def _read_answer(self) -> None:
         """Read the oldest request's answer into its future (dropped if its caller left)."""
-        answer = self.waiting.popleft()
+        answer, _ = self.waiting.popleft()
         loop = asyncio.get_running_loop()
         if self.waiting:
             self._head_since = loop.time()  # the worker goes on to the next one now
@@ -201,11 +204,17 @@ class WorkerClient:
             self._watch = loop.call_at(due, self._check_head)
             return
         else:
+            request = describe_request(self.waiting[0][1])
             log.error(
-                "the model process took more than %g s over one request: killed",
-                self.answer_timeout,
-                extra={"event": "model_process_stuck", "model": self.directory.name},
-            )
+                "the model process took more than %g s over one request (%s): killed; if it "
+                "is slow rather than stuck, raise --model-timeout or make that request "
+                "smaller (--max-batch, --steps-per-launch; --snapshot-every for a replay)",
+                self.answer_timeout, request,
+                extra={
+                    "event": "model_process_stuck", "model": self.directory.name,
+                    "request": request,
+                },
+            )  # fmt: skip
             self.kill()
             return
         self._watch = loop.call_at(now + self.answer_timeout, self._check_head)
@@ -232,7 +241,7 @@ class WorkerClient:
             with contextlib.suppress(RuntimeError, ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self.connection.fileno())
         while self.waiting:
-            answer = self.waiting.popleft()
+            answer, _ = self.waiting.popleft()
             if not answer.done():
                 answer.set_exception(error)
 
@@ -260,3 +269,24 @@ class WorkerClient:
         self._fail_waiting(WorkerGone("the model process did not answer and was killed"))
         self._stop_writing()
         self.process.kill()
+
+
+def describe_request(request: Request) -> str:
+    """What a request asked of the model's process, in a few words (the watchdog's log)."""
+    if isinstance(request, Launch):
+        rows = sum(len(batch.slots) for batch in request.batches)
+        steps = max(
+            (
+                int(b.steps.max())
+                for b in request.batches
+                if isinstance(b, StepBatch) and len(b.slots)
+            ),
+            default=1,
+        )
+        rows_text = f"{rows} row{'s' * (rows != 1)}"
+        steps_text = f"{steps} step{'s' * (steps != 1)}"
+        moves = f"{len(request.restore)} states written in, {len(request.park)} read out"
+        return f"a launch of {rows_text}, up to {steps_text} each; {moves}"
+    if isinstance(request, Replay):
+        return f"bringing a stored session back: {len(request.rows)} operations"
+    return f"a slot operation ({type(request).__name__})"

@@ -203,6 +203,11 @@ def test_a_model_process_that_stops_answering_is_killed_and_the_server_exits_one
         assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors
         stuck = server.event("model_process_stuck")
         assert stuck is not None and f"more than {timeout:g} s" in stuck["message"], stuck
+        # It names the request, so that a slow model is told apart from a stuck one.
+        if when == "exporting":
+            assert stuck["request"] == "a slot operation (ReadSlot)", stuck
+        else:  # the one call, 8 steps a launch (--steps-per-launch's default)
+            assert stuck["request"].startswith("a launch of 1 row, up to 8 steps each"), stuck
         stopped = server.event("stopped")
         assert stopped is not None and stopped["exit_code"] == 1
 

@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.locate import resolve
-from serving.worker_client import LATE_SECONDS, WorkerClient
+from serving.protocol import CopySlot, Launch, Operation, Replay, StepBatch, batch_of
+from serving.worker_client import LATE_SECONDS, WorkerClient, describe_request
 from serving.worker_process import WorkerProcess
 
 SIGTERM_BIT = 1 << 14  # signal 15 in /proc/PID/status masks
@@ -128,3 +130,25 @@ def test_a_server_paused_with_its_model_is_not_taken_for_a_stuck_model() -> None
         asyncio.run(body())
     finally:
         worker.close()
+
+
+def test_the_watchdog_names_the_request_it_gave_up_on() -> None:
+    """What the log line of a killed model process says it was doing: the size of a launch
+    (rows, the most steps of one, states moved), a replay's length, or a slot operation."""
+    steps = batch_of(
+        Operation.STEP,
+        np.array([0, 1, 2]),
+        [np.zeros((4, 2), np.float32), np.zeros((2, 2), np.float32), np.zeros((1, 2), np.float32)],
+    )
+    assert isinstance(steps, StepBatch)
+    tokens = batch_of(Operation.ENCODE, np.array([3]), [7])
+    launch = Launch((steps, tokens), park=(5,), restore=((6, {}), (7, {})))
+    assert describe_request(launch) == (
+        "a launch of 4 rows, up to 4 steps each; 2 states written in, 1 read out"
+    )
+    assert describe_request(Launch((tokens,))) == (
+        "a launch of 1 row, up to 1 step each; 0 states written in, 0 read out"
+    )
+    replay = Replay(None, ((Operation.STEP, np.zeros((3, 2), np.float32)), (Operation.ENCODE, 1)))
+    assert describe_request(replay) == "bringing a stored session back: 2 operations"
+    assert describe_request(CopySlot(0, 1)) == "a slot operation (CopySlot)"
