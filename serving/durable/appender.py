@@ -16,6 +16,7 @@ where the last whole write ends however the pages of the one after it reached th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -47,6 +48,8 @@ class Appender:
             sync_directory(directory)
         except OSError:
             os.close(self.file)
+            with contextlib.suppress(OSError):  # writes go on in the segment before
+                path.unlink()
             raise
         self.size = len(SEGMENT_START)  # where the last write ends
         self.zeroed = self.size  # bytes the file has (writes, then zeros)

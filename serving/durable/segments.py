@@ -50,10 +50,13 @@ def recover(directory: Path, problem: Callable[[str], None]) -> Recovered:
         path = segment_path(directory, segment)
         data = path.read_bytes()
         scanned = list(scan(data))
-        # The last segment ends with the write a crash interrupted, if any: never
-        # acknowledged, whichever of its pages reached the disk. Nothing after the last
+        # A segment written to last ends with the write a crash interrupted, if any: never
+        # acknowledged, whichever of its pages reached the disk. Nothing after its last
         # whole write is kept (older segments, without `Written` records: whatever scans).
-        whole = whole_writes_end(data, scanned) if segment == found[-1] else None
+        # That is not always the last file: a new segment that could not be begun (a full
+        # disk) may be left behind empty while writes went on in the one before, so every
+        # segment is read this way (a sealed one ends with a whole write anyway).
+        whole = whole_writes_end(data, scanned)
         if whole is not None and any(data[whole:]):
             cut = len(data.rstrip(b"\0")) - whole  # the zeros written ahead aside
             problem(

@@ -16,10 +16,12 @@ import redis
 
 from bench.redis_server import RedisServer
 from protos import journal_pb2, memserve_pb2, tensors
+from serving.durable.appender import SEGMENT_START
 from serving.durable.base import SessionStore
 from serving.durable.directory import DirectorySessionStore
 from serving.durable.records import HEADER, frame
 from serving.durable.redis_store import RedisSessionStore
+from serving.durable.segments import segment_path
 from serving.errors import DataLoss
 from serving.sessions import new_session_id
 
@@ -470,6 +472,46 @@ def test_a_new_segment_that_cannot_be_made_neither_fails_the_commit_nor_the_stor
     store.close()
     again = DirectorySessionStore(tmp_path / "store")
     assert again.problems() == [] and again.load("a").step == step + 2
+    again.close()
+
+
+def test_a_new_segment_begun_in_vain_does_not_hide_the_tear_of_the_last_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new segment whose first bytes cannot be written (a full disk) is removed, and
+    writes go on in the one before. Were its empty file left (a crash before the removal
+    reached the disk), the segment written to last would not be the last file; a write torn
+    there is still dropped whole, never read record by record."""
+    store = DirectorySessionStore(tmp_path / "store", segment_bytes=4096)
+    store.commit([created("a"), created("b")])
+    real_write = os.write
+
+    def full_disk(descriptor: int, data: bytes) -> int:
+        if data == SEGMENT_START:
+            raise OSError(28, "No space left on device")
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr("serving.durable.appender.os.write", full_disk)
+    step, first = 0, store.active
+    while store.sizes[first] < 4096:
+        assert store.commit([call("a", step, step + 5)]) == set()
+        step += 5
+    assert store.active == first
+    assert segments(store.path) == [segment_path(store.path, first)]  # none left behind
+    acknowledged = store.sizes[first]
+    torn = [call("a", step, step + 1), call("b", 0, 1)]
+    store.commit(torn)
+    image = crash_image(store, tmp_path / "image")
+    store.close()
+    monkeypatch.undo()  # the disk has room again
+    written = segments(image)[-1]
+    segment_path(image, first + 1).touch()  # as if its removal had not reached the disk
+    with open(written, "r+b") as file:  # the crash cut the write inside its second record
+        file.truncate(acknowledged + len(frame(torn[0])) + 10)
+    again = DirectorySessionStore(image)
+    summaries = {s.session_id: (s.step, s.error) for s in again.sessions()}
+    assert summaries == {"a": (step, None), "b": (0, None)}  # a's record is not applied
+    assert len(again.problems()) == 1 and "cut short" in again.problems()[0]
     again.close()
 
 
