@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -71,6 +72,11 @@ class Persistence:
         self.recent = RecentSessions()  # create/fork/import request ids (the lifecycle's)
         self.loading: dict[str, asyncio.Future[None]] = {}
         self.unloading: set[asyncio.Future[None]] = set()
+        # Sessions a commit of which failed, until they are unloaded: what they hold here
+        # is ahead of the store, by steps whose callers heard of the failure, so it is
+        # never written in whole (a snapshot would commit those steps after all, and a
+        # retry would take them again).
+        self.diverged: set[str] = set()
         self.committing: Counter[str] = Counter()  # commits in flight per session (answers')
         self.snapshotting: dict[str, asyncio.Future[None]] = {}  # settled and due, per session
         slots.on_parked = self.parked
@@ -175,17 +181,21 @@ class Persistence:
     def unload(self, session: Session, failure: Exception) -> None:
         """A commit of the session's failed: forget what is here, keep what the store has
         (the next call brings it back from there)."""
+        self.diverged.add(session.id)
         task = asyncio.ensure_future(self._unload(session, failure))
         self.unloading.add(task)
         task.add_done_callback(self.unloading.discard)
 
     async def _unload(self, session: Session, failure: Exception) -> None:
-        async with self.lock:
-            await self.pipeline.land_all()
-            if not self.table.live(session) or self.slots.is_stored(session):
-                return
-            self.scheduler.drop(session, Unavailable(f"session {session.id}: {failure}"))
-            self.slots.unload(session)
+        try:
+            async with self.lock:
+                await self.pipeline.land_all()
+                if not self.table.live(session) or self.slots.is_stored(session):
+                    return
+                self.scheduler.drop(session, Unavailable(f"session {session.id}: {failure}"))
+                self.slots.unload(session)
+        finally:
+            self.diverged.discard(session.id)
         log_session(log, "unloaded", self.name, session.id, why=str(failure))
 
     def parked(self, session: Session, state: State) -> None:
@@ -202,13 +212,30 @@ class Persistence:
         ):
             self._snapshot(session, state)
 
-    def _snapshot(self, session: Session, state: State) -> asyncio.Future[set[str]]:
+    def _snapshot(self, session: Session, state: State) -> asyncio.Future[set[str]] | None:
+        """Write the session in whole (None: not, its state here is not the store's). Its
+        steps since count as written from now on; if the write fails, they count again, so
+        that the next chance (a park, the drain's checkpoint) writes them."""
         assert self.committer is not None
-        session.logged_ops = 0
+        if session.id in self.diverged:
+            return None
+        unwritten, session.logged_ops = session.logged_ops, 0
         record = journal.snapshot(session, self.card.weights_digest, state)
         done = self.committer.commit([record])
-        done.add_done_callback(log_failure)
+        done.add_done_callback(partial(self._snapshot_landed, session, unwritten))
         return done
+
+    def _snapshot_landed(
+        self, session: Session, unwritten: int, done: asyncio.Future[set[str]]
+    ) -> None:
+        failure = commit_failure(session, done)
+        if failure is None:
+            return
+        session.logged_ops += unwritten
+        log.error(
+            "session %s was not written in whole: %s", session.id, failure,
+            extra={"event": "commit_failed", "session": session.id, "why": str(failure)},
+        )  # fmt: skip
 
     async def snapshot_idle(self) -> None:
         """A few idle active sessions that are due, written in whole."""
@@ -287,7 +314,9 @@ class Persistence:
                     )
                     failed += 1
                     continue
-                writes.append((session, self._snapshot(session, state)))
+                done = self._snapshot(session, state)
+                if done is not None:
+                    writes.append((session, done))
         if writes:
             await asyncio.wait([done for _, done in writes])
         written = sum(commit_failure(session, done) is None for session, done in writes)

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 from kernels.backend import BACKEND_ENV
+from protos import journal_pb2
 from serving.config import ServerConfig
 from serving.durable.directory import DirectorySessionStore
 from serving.engine import ModelEngine
-from serving.errors import FailedPrecondition
+from serving.errors import FailedPrecondition, Unavailable
+from serving.persistence import Checkpoint
 from serving.server import Server
 
 
@@ -32,9 +34,10 @@ def torch_backend() -> Iterator[None]:
 
 
 def durable_server(tmp_path: Path, **settings: Any) -> Server:
+    settings.setdefault("durability", "launch")
     config = ServerConfig(
         models=("ntm-copy",), threads=1, park_dir=str(tmp_path / "park"),
-        store=f"dir:{tmp_path / 'store'}", durability="launch", **settings,
+        store=f"dir:{tmp_path / 'store'}", **settings,
     )  # fmt: skip
     server = Server(config)
     server.load_models()
@@ -118,6 +121,99 @@ def test_a_session_parked_while_its_commit_is_written_keeps_the_answer(tmp_path:
 
     session_id = asyncio.run(scenario())
     assert answers_kept(tmp_path, session_id) == {"r1": "step 1"}
+
+
+def kind(record: journal_pb2.Record) -> str | None:
+    name: str | None = record.WhichOneof("record")
+    return name
+
+
+def stored_step(tmp_path: Path, session_id: str) -> int:
+    store = DirectorySessionStore(tmp_path / "store")
+    try:
+        return store.load(session_id).step
+    finally:
+        store.close()
+
+
+def test_a_park_whose_write_was_refused_is_written_by_the_drain(tmp_path: Path) -> None:
+    """`--durability park`: a session parked while the store refuses its snapshot keeps
+    its steps counted as unwritten, so the drain's checkpoint writes them (before, they
+    counted as written, the drain passed the session by and its steps were lost)."""
+    server = durable_server(tmp_path, slots=1, durability="park")
+    store = server.session_store
+    refuse, refused = threading.Event(), threading.Event()
+    write = store.commit
+
+    def refusing_write(records: Any) -> set[str]:  # in the committer's thread
+        snapshots = {r.snapshot.session_id for r in records if kind(r) == "snapshot"}
+        if refuse.is_set() and snapshots:
+            refuse.clear()
+            refused.set()
+            return write([r for r in records if kind(r) != "snapshot"]) | snapshots
+        return write(records)
+
+    store.commit = refusing_write  # type: ignore[method-assign]
+
+    async def scenario() -> str:
+        async with running(server) as engine:
+            a = await engine.lifecycle.create(None, None)
+            for _ in range(3):
+                await engine.step(a, np.ones((1, 9), np.float32), None)
+            refuse.set()
+            await engine.lifecycle.create(None, None)  # takes a's slot: a is parked
+            assert await asyncio.to_thread(refused.wait, 60)  # and its write refused
+            return a.id
+
+    session_id = asyncio.run(scenario())  # stopped as a drain stops it: the checkpoint
+    assert stored_step(tmp_path, session_id) == 3
+
+
+def test_a_session_whose_commit_failed_is_not_written_in_whole_by_the_drain(
+    tmp_path: Path,
+) -> None:
+    """A Step's commit that the store refuses lands while the drain's checkpoint waits for
+    the commits in flight: the call is answered UNAVAILABLE and the session is to be
+    unloaded, so the checkpoint must not write its state, a step ahead of the store (the
+    caller, told it failed, would retry and take the step twice)."""
+    server = durable_server(tmp_path, slots=2)
+    engine, store, committer = server.engines["ntm-copy"], server.session_store, server.committer
+    assert committer is not None
+    gate, writing = threading.Event(), threading.Event()
+    write = store.commit
+
+    def refusing_calls(records: Any) -> set[str]:  # in the committer's thread
+        calls = {r.call.session_id for r in records if kind(r) == "call"}
+        if not calls:
+            return write(records)
+        writing.set()
+        gate.wait()
+        return write([r for r in records if kind(r) != "call"]) | calls
+
+    store.commit = refusing_calls  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[str, Checkpoint]:
+        async with running(server):
+            try:
+                a = await engine.lifecycle.create(None, None)
+                call = asyncio.ensure_future(
+                    engine.step(a, np.ones((1, 9), np.float32), None, "r1", b"digest")
+                )
+                assert await asyncio.to_thread(writing.wait, 60)  # its commit is being written
+                checkpoint = asyncio.ensure_future(engine.persistence.checkpoint())
+                while not any(not records for records, _ in committer.waiting):
+                    await asyncio.sleep(0)  # until the checkpoint, holding the lock, waits
+                gate.set()
+                written = await checkpoint
+                with pytest.raises(Unavailable, match="refused"):
+                    await call
+                return a.id, written
+            finally:
+                gate.set()
+
+    session_id, written = asyncio.run(scenario())
+    assert written == Checkpoint(0, 0)
+    assert stored_step(tmp_path, session_id) == 0
 
 
 def test_a_step_cut_short_by_the_drain_keeps_its_answer_through_the_drains_snapshot(
