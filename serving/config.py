@@ -228,6 +228,13 @@ class ServerConfig:
             raise ValueError(
                 f"durability must be launch, interval or park, got {self.durability!r}"
             )
+        if self.replica and self.durability == "park":
+            raise ValueError(
+                "replica needs durability launch or interval: a session moves to another "
+                "replica at any call, which brings back only what the store has, and with "
+                "park the store hears of a session in use only when it is parked (Redis "
+                "would expire it meanwhile)"
+            )
         if not (math.isfinite(self.durability_interval) and self.durability_interval > 0):
             raise ValueError(
                 f"durability_interval must be a number of seconds > 0, "

@@ -37,9 +37,12 @@ from serving.errors import DataLoss
 PREFIX = "memserve:"
 
 # ARGV: prefix, then per record: kind, session id, a, b, c, framed record. created: a = its
-# step, b = its summary, c = its TTL in ms; call: a = from, b = to; snapshot: a = its step.
-# Every record written refreshes the session's keys' expiry to its TTL: a session that is
-# not used for its TTL expires in Redis, for every replica at once.
+# step, b = its summary, c = its TTL in ms (0: none); call: a = from, b = to; snapshot: a =
+# its step. For a cluster's replicas, every record written refreshes the session's keys'
+# expiry to its TTL: a session that is not used for its TTL expires in Redis, for every
+# replica at once (they only forget idle sessions). A lone server deletes the sessions it
+# expires itself, so their keys get no expiry: with `--durability park` nothing is written
+# while a session is in use, and Redis would end it under its caller.
 COMMIT = """
 local prefix, replica = ARGV[1], ARGV[2]
 local refused, bad = {}, {}
@@ -248,7 +251,8 @@ class RedisSessionStore(SessionStore):
             c: Any = ""
             if kind == "created":
                 created = record.created
-                a, c = created.step, max(1, round(created.ttl_seconds * 1000))
+                a = created.step
+                c = max(1, round(created.ttl_seconds * 1000)) if self.replica else 0
                 b = json.dumps(
                     {
                         "model": created.model,

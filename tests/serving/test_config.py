@@ -52,6 +52,11 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
         ({"metrics_port": "-2"}, {}, ("metrics_port",)),
         ({"model_nice": "20"}, {}, ("model_nice", "0..19")),
         ({"model_timeout": "0"}, {}, ("model_timeout", "> 0")),
+        (
+            {"replica": "r1", "store": "redis://localhost:6379/0", "durability": "park"},
+            {},
+            ("replica", "launch or interval", "park"),
+        ),
     ],
 )
 def test_bad_values_name_the_setting(

@@ -354,6 +354,20 @@ def test_redis_down_is_unavailable_and_back_is_served(tmp_path: Path) -> None:
         assert store.load("a").step == 1
 
 
+def test_redis_expires_the_sessions_of_a_cluster_not_of_a_lone_server(tmp_path: Path) -> None:
+    """A cluster's replicas only forget idle sessions: Redis ends them after their TTL,
+    counted from their last write. A lone server ends the sessions it expires itself, and
+    writes nothing while one is in use with `--durability park`: Redis must not end it."""
+    with RedisServer(tmp_path) as server:
+        raw = redis.Redis(unix_socket_path=str(server.socket))
+        lone, replica = RedisSessionStore(server.url), RedisSessionStore(server.url, replica="r")
+        lone.commit([created("a"), call("a", 0, 1)])
+        replica.commit([created("b"), call("b", 0, 1)])
+        for name in ("meta", "created", "calls", "ends"):
+            assert raw.pttl(f"memserve:{{a}}:{name}") == -1  # no expiry
+            assert 0 < raw.pttl(f"memserve:{{b}}:{name}") <= 60_000  # created's TTL: 60 s
+
+
 def test_redis_takes_a_snapshot_only_from_the_sessions_owner(tmp_path: Path) -> None:
     """Replica a's call is refused (b advanced the session); a's snapshot of the state that
     call left must be refused too. Were it taken, it would stand in for b's step: that step
