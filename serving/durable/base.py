@@ -59,6 +59,7 @@ class SessionStore(ABC):
 
     durable: bool = True
     shared: bool = False  # whether several servers may use it at once (replicas)
+    commits_on_loop: bool = False  # whether it commits through `commit_on_loop`
 
     @abstractmethod
     def sessions(self) -> list[SessionSummary]:
@@ -95,6 +96,11 @@ class SessionStore(ABC):
         session the store does not hold; a refused record refuses the rest of its session's
         in the batch. A snapshot ahead of the committed step (a session whose calls are not
         logged) moves it there. StoreUnavailable if nothing could be written."""
+
+    async def commit_on_loop(self, records: Sequence[journal_pb2.Record]) -> set[str]:
+        """`commit` as a round trip the event loop waits on itself, for a store where
+        `commits_on_loop` (the committer's thread costs more than the wait: Redis)."""
+        raise NotImplementedError(f"{type(self).__name__} commits in the committer's thread")
 
     @abstractmethod
     def close(self) -> None:

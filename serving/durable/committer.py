@@ -1,6 +1,7 @@
 """Group commit: records from every launch and lifecycle call go to the store in order, as
-few writes as possible, from a thread of its own so the event loop never waits on a disk or
-a socket.
+few writes as possible, from a thread of its own so the event loop never waits on a disk
+(a store that is a network round trip away, Redis, is waited on by the loop itself:
+`SessionStore.commits_on_loop`).
 
 Whatever waits when the writer is free is committed together: at least one write per
 launch's worth of records, fewer under load (the next launch's records gather while one
@@ -110,7 +111,7 @@ class Committer:
             records = [record for records, _ in batch for record in records]
             started = time.perf_counter()
             try:
-                refused = await self.run(self.store.commit, records) if records else set()
+                refused = await self._write(records)
             except Exception as error:
                 failure = (
                     error
@@ -129,6 +130,13 @@ class Committer:
             for records, future in batch:
                 if not future.done():
                     future.set_result(refused & {record_session(r) for r in records})
+
+    async def _write(self, records: list[journal_pb2.Record]) -> set[str]:
+        if not records:
+            return set()
+        if self.store.commits_on_loop:
+            return await self.store.commit_on_loop(records)
+        return await self.run(self.store.commit, records)
 
     async def _until_healthy(self, failure: StoreUnavailable) -> None:
         """Mark the store unhealthy, then probe it until it answers."""

@@ -19,6 +19,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, cast
 
+import hiredis
 import redis
 from redis.exceptions import RedisError
 
@@ -32,6 +33,7 @@ from serving.durable.base import (
     record_session,
 )
 from serving.durable.records import CorruptRecordError, frame, unframe
+from serving.durable.redis_loop import RedisLoopConnection
 from serving.errors import DataLoss
 
 PREFIX = "memserve:"
@@ -144,6 +146,13 @@ class RedisSessionStore(SessionStore):
             raise ValueError(f"--store {url!r} is not a Redis URL: {error}") from error
         self.commit_script = self.redis.register_script(COMMIT)
         self.claim_script = self.redis.register_script(CLAIM)
+        self.timeout = timeout
+        # Commits go from the event loop (serving/durable/redis_loop.py) except over TLS,
+        # which that connection does not speak: those stay in the committer's thread.
+        self.commits_on_loop = not issubclass(
+            self.redis.connection_pool.connection_class, redis.connection.SSLConnection
+        )
+        self._loop_connection: RedisLoopConnection | None = None
 
     def _unreachable(self, error: RedisError) -> StoreUnavailable:
         return StoreUnavailable(f"the session store {self.url} cannot be used: {error}")
@@ -243,6 +252,33 @@ class RedisSessionStore(SessionStore):
     def commit(self, records: Sequence[journal_pb2.Record]) -> set[str]:
         if not records:
             return set()
+        try:
+            refused = self.commit_script(args=self._commit_arguments(records))
+        except RedisError as error:
+            raise self._unreachable(error) from error
+        return {_text(member) for member in refused}
+
+    async def commit_on_loop(self, records: Sequence[journal_pb2.Record]) -> set[str]:
+        """The same script as `commit`, sent on a connection the event loop drives."""
+        if not records:
+            return set()
+        arguments = self._commit_arguments(records)
+        connection = self._loop_connection
+        if connection is None or connection.lost is not None:
+            connection = self._loop_connection = await RedisLoopConnection.open(
+                self.url, self.redis.connection_pool.connection_kwargs, self.timeout
+            )
+        sha = self.commit_script.sha
+        reply = await connection.command(self.timeout, "EVALSHA", sha, 0, *arguments)
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            # Redis restarted and forgot the script (scripts are not persisted): nothing ran
+            reply = await connection.checked(self.timeout, "EVAL", COMMIT, 0, *arguments)
+        elif isinstance(reply, hiredis.ReplyError):
+            raise StoreUnavailable(f"the session store {self.url} cannot be used: {reply}")
+        return {_text(member) for member in reply}
+
+    def _commit_arguments(self, records: Sequence[journal_pb2.Record]) -> list[Any]:
+        """The commit script's ARGV for `records` (see COMMIT)."""
         arguments: list[Any] = [self.prefix, self.replica]
         for record in records:
             kind = record.WhichOneof("record")
@@ -270,13 +306,11 @@ class RedisSessionStore(SessionStore):
             elif kind == "snapshot":
                 a = record.snapshot.step
             arguments += [kind, record_session(record), str(a), str(b), str(c), frame(record)]
-        try:
-            refused = self.commit_script(args=arguments)
-        except RedisError as error:
-            raise self._unreachable(error) from error
-        return {_text(member) for member in refused}
+        return arguments
 
     def close(self) -> None:
+        if self._loop_connection is not None:
+            self._loop_connection.close()
         self.redis.close()
 
 

@@ -5,8 +5,10 @@ confined to the sessions it touches."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -352,6 +354,65 @@ def test_redis_down_is_unavailable_and_back_is_served(tmp_path: Path) -> None:
         server.start()
         assert store.commit([call("a", 0, 1)]) == set()
         assert store.load("a").step == 1
+
+
+def test_redis_commits_from_the_event_loop_as_from_the_thread(tmp_path: Path) -> None:
+    """The commit the server makes (`commit_on_loop`, on a connection the event loop drives)
+    writes and refuses what `commit` does, in the database the URL names; after a restart
+    of Redis, which forgets the script, it loads it again; with Redis gone, it is
+    StoreUnavailable, and once Redis is back it connects again."""
+    from serving.durable.base import StoreUnavailable
+
+    with RedisServer(tmp_path) as server:
+        store = RedisSessionStore(f"{server.url}?db=3")
+        raw = redis.Redis(unix_socket_path=str(server.socket), db=3)
+        assert store.commits_on_loop
+
+        async def commits() -> list[set[str]]:
+            first = await store.commit_on_loop([created("a"), call("a", 0, 2)])
+            refused = await store.commit_on_loop([call("a", 1, 3), created("b")])
+            raw.script_flush()
+            after_flush = await store.commit_on_loop([call("a", 2, 3)])
+            server.kill()
+            with pytest.raises(StoreUnavailable):
+                await store.commit_on_loop([call("a", 3, 4)])
+            server.start()
+            raw.script_flush()
+            return [first, refused, after_flush, await store.commit_on_loop([call("a", 3, 5)])]
+
+        assert asyncio.run(commits()) == [set(), {"a"}, set(), set()]
+        assert [(c.from_step, c.to_step) for c in store.load("a").calls] == [(0, 2), (2, 3), (3, 5)]
+        assert store.load("b").step == 0
+        assert raw.exists("memserve:{a}:meta") == 1
+        assert redis.Redis(unix_socket_path=str(server.socket)).dbsize() == 0  # not db 0
+        store.close()
+
+
+def test_redis_that_stops_answering_fails_the_commit_within_the_timeout(tmp_path: Path) -> None:
+    """A Redis that accepts a commit and never answers (SIGSTOP) fails it after the store's
+    timeout, StoreUnavailable, instead of holding the server; once it answers again, the
+    next commit connects anew."""
+    from serving.durable.base import StoreUnavailable
+
+    with RedisServer(tmp_path) as server:
+        store = RedisSessionStore(server.url, timeout=0.5)
+        assert server.process is not None
+        pid = server.process.pid
+
+        async def commits() -> set[str]:
+            await store.commit_on_loop([created("a")])
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(StoreUnavailable, match=r"no reply within 0\.5 s"):
+                    await store.commit_on_loop([call("a", 0, 1)])
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return await store.commit_on_loop([created("b")])
+
+        assert asyncio.run(commits()) == set()
+        assert store.load("b").step == 0
+        assert store.load("a").step in (0, 1)  # its reply was lost: it may have run
+        store.close()
 
 
 def test_redis_expires_the_sessions_of_a_cluster_not_of_a_lone_server(tmp_path: Path) -> None:
