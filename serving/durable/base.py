@@ -102,6 +102,10 @@ class SessionStore(ABC):
         `commits_on_loop` (the committer's thread costs more than the wait: Redis)."""
         raise NotImplementedError(f"{type(self).__name__} commits in the committer's thread")
 
+    async def probe_on_loop(self) -> None:
+        """`probe` of what `commit_on_loop` uses, for a store where `commits_on_loop`."""
+        raise NotImplementedError(f"{type(self).__name__} commits in the committer's thread")
+
     @abstractmethod
     def close(self) -> None:
         """Release what the store holds open."""

@@ -152,6 +152,8 @@ class Committer:
             await asyncio.sleep(PROBE_SECONDS)
             try:
                 await self.run(self.store.probe)
+                if self.store.commits_on_loop:
+                    await self.store.probe_on_loop()
             except Exception as error:
                 log.debug("store still unavailable: %s", error)
                 continue

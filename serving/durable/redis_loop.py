@@ -11,8 +11,9 @@ and replies parsed by hiredis (redis-py's own C parser), nothing else. Everythin
 store does (loads, claims, probes) stays on redis-py in the committer's thread.
 
 Replies come back in the order commands were sent; a connection lost or a reply not back
-within the timeout fails every command waiting on it, and the connection is dropped (the
-next commit opens another, once the committer's probe finds Redis again).
+within the timeout fails every command waiting on it, and the connection is dropped at
+once, with whatever it had not sent yet (the next commit opens another, once the
+committer's probe, made on such a connection too, finds Redis again).
 """
 
 from __future__ import annotations
@@ -120,5 +121,7 @@ class RedisLoopConnection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_exception(self.lost)
         if self.transport is not None:
+            # abort, not close: close would go on sending what is buffered, and a commit
+            # reported failed would land later, after the ones that follow it
             with contextlib.suppress(RuntimeError):  # the loop may be closing
-                self.transport.close()
+                self.transport.abort()

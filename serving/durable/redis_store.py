@@ -15,6 +15,7 @@ found on load and reported as DATA_LOSS for its session only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any, cast
@@ -262,12 +263,14 @@ class RedisSessionStore(SessionStore):
         """The same script as `commit`, sent on a connection the event loop drives."""
         if not records:
             return set()
-        arguments = self._commit_arguments(records)
-        connection = self._loop_connection
-        if connection is None or connection.lost is not None:
-            connection = self._loop_connection = await RedisLoopConnection.open(
-                self.url, self.redis.connection_pool.connection_kwargs, self.timeout
-            )
+        if any(record.WhichOneof("record") == "snapshot" for record in records):
+            # whole states (up to hundreds of KB each, every session at a drain): framed
+            # in a thread, not on the loop; a launch's calls are a few hundred bytes each
+            loop = asyncio.get_running_loop()
+            arguments = await loop.run_in_executor(None, self._commit_arguments, records)
+        else:
+            arguments = self._commit_arguments(records)
+        connection = await self._connected()
         sha = self.commit_script.sha
         reply = await connection.command(self.timeout, "EVALSHA", sha, 0, *arguments)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
@@ -276,6 +279,20 @@ class RedisSessionStore(SessionStore):
         elif isinstance(reply, hiredis.ReplyError):
             raise StoreUnavailable(f"the session store {self.url} cannot be used: {reply}")
         return {_text(member) for member in reply}
+
+    async def probe_on_loop(self) -> None:
+        """StoreUnavailable unless Redis answers on the connection commits take (a fresh
+        one, with its AUTH and SELECT: the pooled connection of `probe` may be fine while
+        new ones are refused)."""
+        await (await self._connected()).checked(self.timeout, "PING")
+
+    async def _connected(self) -> RedisLoopConnection:
+        connection = self._loop_connection
+        if connection is None or connection.lost is not None:
+            connection = self._loop_connection = await RedisLoopConnection.open(
+                self.url, self.redis.connection_pool.connection_kwargs, self.timeout
+            )
+        return connection
 
     def _commit_arguments(self, records: Sequence[journal_pb2.Record]) -> list[Any]:
         """The commit script's ARGV for `records` (see COMMIT)."""

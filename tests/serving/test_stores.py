@@ -415,6 +415,34 @@ def test_redis_that_stops_answering_fails_the_commit_within_the_timeout(tmp_path
         store.close()
 
 
+def test_a_command_given_up_on_is_not_sent_later(tmp_path: Path) -> None:
+    """A command too large for the socket's buffers, to a Redis that stopped answering: once
+    it fails (no reply within the timeout), none of the rest of it goes out, so it cannot
+    land after the commands that follow it on another connection."""
+    from serving.durable.base import StoreUnavailable
+    from serving.durable.redis_loop import RedisLoopConnection
+
+    with RedisServer(tmp_path) as server:
+        assert server.process is not None
+        pid, where = server.process.pid, {"path": str(server.socket)}
+
+        async def scenario() -> object:
+            old = await RedisLoopConnection.open(server.url, where, 5.0)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(StoreUnavailable, match="no reply within"):
+                    await old.command(0.5, "SET", "k", bytes(32 << 20))
+                assert old.transport is not None
+                assert old.transport.get_write_buffer_size() == 0  # dropped, not kept to send
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            new = await RedisLoopConnection.open(server.url, where, 5.0)
+            assert await new.command(5.0, "SET", "k", "new") == b"OK"
+            return await new.command(5.0, "GET", "k")
+
+        assert asyncio.run(scenario()) == b"new"
+
+
 def test_redis_expires_the_sessions_of_a_cluster_not_of_a_lone_server(tmp_path: Path) -> None:
     """A cluster's replicas only forget idle sessions: Redis ends them after their TTL,
     counted from their last write. A lone server ends the sessions it expires itself, and
