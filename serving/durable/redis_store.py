@@ -281,9 +281,9 @@ class RedisSessionStore(SessionStore):
         return {_text(member) for member in reply}
 
     async def probe_on_loop(self) -> None:
-        """StoreUnavailable unless Redis answers on the connection commits take (a fresh
-        one, with its AUTH and SELECT: the pooled connection of `probe` may be fine while
-        new ones are refused)."""
+        """StoreUnavailable unless Redis answers on the connection commits take (opened
+        anew, with its AUTH and SELECT, when a failure dropped it: the pooled connection of
+        `probe` may be fine while new ones are refused)."""
         await (await self._connected()).checked(self.timeout, "PING")
 
     async def _connected(self) -> RedisLoopConnection:
