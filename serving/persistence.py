@@ -127,10 +127,7 @@ class Persistence:
         try:
             stored = await self.committer.run(self.committer.store.load, session.id)
         except KeyError:
-            async with self.lock:
-                if self.table.live(session):
-                    self.end(session, "is no longer in the session store")
-            raise NotFound(f"session {session.id} is no longer in the session store") from None
+            raise await self._gone(session) from None
         except DataLoss as error:
             session.broken = error
             raise
@@ -150,6 +147,15 @@ class Persistence:
             raise session.broken
         initial = host_state(import_state(base).tensors) if base else None
         arrays = await self.worker.send(Replay(initial, rows))
+        if self.replica:
+            # This replica serves it from now on, so its reads elsewhere must reload. Claimed
+            # while it is still stored, so that no call of this replica's can commit first.
+            claimed = await self.committer.run(self.committer.store.claim, session.id)
+            if claimed is None:
+                raise await self._gone(session)
+            if claimed != stored.step:  # another replica moved it on: bring that back
+                await self._load(session)
+                return
         async with self.lock:
             if not self.slots.is_stored(session) or not self.table.live(session):
                 return
@@ -158,17 +164,14 @@ class Persistence:
             session.requests.load(stored.responses)
             session.logged_ops = steps
             self.slots.unstore(session, {n: torch.from_numpy(a) for n, a in arrays.items()})
-        if self.replica:  # this replica serves it now: its reads elsewhere must reload
-            claimed = await self.committer.run(self.committer.store.claim, session.id)
-            if claimed != stored.step:  # it moved on meanwhile: bring that back instead
-                async with self.lock:
-                    if self.table.live(session) and not self.scheduler.has_calls(session):
-                        self.slots.unload(session)
-                if claimed is None:
-                    raise NotFound(f"session {session.id} is no longer in the session store")
-                await self._load(session)
-                return
         log_session(log, "loaded", self.name, session.id, step=session.step, replayed=len(rows))
+
+    async def _gone(self, session: Session) -> NotFound:
+        """The store no longer holds a session this server knows: it ends here too."""
+        async with self.lock:
+            if self.table.live(session):
+                self.end(session, "is no longer in the session store")
+        return NotFound(f"session {session.id} is no longer in the session store")
 
     def forget(self, session: Session, why: str) -> None:
         """Drop a session from this replica only; it goes on in the shared store. The caller

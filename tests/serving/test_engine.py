@@ -16,6 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from bench.redis_server import RedisServer
 from kernels.backend import BACKEND_ENV
 from models import checkpoint
 from models.controller import ControllerMemoryModel
@@ -23,6 +24,7 @@ from models.fused import fused_step
 from serving import loading
 from serving.config import ServerConfig
 from serving.protocol import CopySlot, Launch, ReadSlot, Request, ResetSlot, WriteSlot
+from serving.replica import Replica
 from serving.server import Server
 from serving.worker_client import WorkerClient
 
@@ -210,3 +212,70 @@ def test_calls_that_arrive_while_a_commit_is_written_go_out_together_after_it(
             await committer.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_replica_claims_a_session_it_brings_back_before_its_calls_can_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that brings a session back from the shared Redis store records itself as
+    its owner (the claim) while the session is still stored: a call that arrives during the
+    claim waits for it, and the session is replayed once, not a second time because that
+    call's own commit reached the store before the claim and looked like another replica's.
+    The outputs are the bits of the same calls stepped alone in this process."""
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    monkeypatch.setattr(loading, "WorkerClient", RecordingWorker)
+    model = checkpoint.load("ntm-copy")
+    rng = np.random.default_rng()
+    inputs = [rng.random((2, 9), dtype=np.float32) for _ in range(2)]
+    with RedisServer(tmp_path / "redis") as redis_server:
+        config = ServerConfig(
+            models=("ntm-copy",), slots=2, threads=1, park_dir=str(tmp_path / "park"),
+            store=redis_server.url, durability="launch", replica="a",
+        )  # fmt: skip
+        server = Server(config)
+        server.load_models()
+        engine, store = server.engines["ntm-copy"], server.session_store
+        committer = server.committer
+        worker, replica = engine.worker, server.service.replica
+        assert isinstance(worker, RecordingWorker) and committer is not None
+        assert isinstance(replica, Replica) and store is not None
+        gate, claiming = threading.Event(), threading.Event()
+        claim = store.claim
+
+        def gated_claim(session_id: str) -> int | None:  # in the committer's thread
+            claiming.set()
+            gate.wait()
+            return claim(session_id)
+
+        store.claim = gated_claim  # type: ignore[method-assign]
+
+        async def scenario() -> list[tuple[np.ndarray, int]]:
+            committer.start()
+            engine.start()
+            try:
+                made = await engine.lifecycle.create(None, None)  # handed to the store
+                session = await replica.find(made.id)
+                assert session is not None and engine.slots.is_stored(session)
+                worker.take()
+                first = asyncio.ensure_future(engine.step(session, inputs[0], None))
+                assert await asyncio.to_thread(claiming.wait, 60)  # its load is claiming
+                second = asyncio.ensure_future(engine.step(session, inputs[1], None))
+                if not engine.slots.is_stored(session):
+                    await second  # served before the claim: let it commit, then see the claim
+                gate.set()
+                served = await asyncio.gather(first, second)
+                assert worker.take().count("Replay") == 1, "the session was brought back twice"
+                return list(served)
+            finally:
+                gate.set()
+                await engine.stop()
+                await committer.stop()
+
+        served = asyncio.run(scenario())
+    assert sorted(step for _, step in served) == [2, 4]
+    pool = model.new_pool(1)
+    model.reset(pool, [0])
+    for call in sorted(range(2), key=lambda call: served[call][1]):  # in the order served
+        want = [model.step(pool, torch.tensor([0]), torch.from_numpy(row[None]))[0]
+                for row in inputs[call]]  # fmt: skip
+        assert np.array_equal(served[call][0], np.stack(want))
