@@ -25,6 +25,11 @@ class StoreUnavailable(Unavailable):
     """The store cannot be reached or written (Redis down, disk failing); nothing of the
     failed commit is acknowledged."""
 
+    @classmethod
+    def unusable(cls, where: str, why: object) -> StoreUnavailable:
+        """The one wording of a store (named by its URL) that failed as `why` says."""
+        return cls(f"the session store {where} cannot be used: {why}")
+
 
 @dataclass
 class StoredSession:

@@ -70,7 +70,7 @@ class RedisLoopConnection(asyncio.Protocol):
         """`command`, with an error reply raised as StoreUnavailable."""
         reply = await self.command(timeout, *arguments)
         if isinstance(reply, hiredis.ReplyError):
-            raise StoreUnavailable(f"the session store {self.where} cannot be used: {reply}")
+            raise StoreUnavailable.unusable(self.where, reply)
         return reply
 
     async def command(self, timeout: float, *arguments: Any) -> Any:
@@ -115,7 +115,7 @@ class RedisLoopConnection(asyncio.Protocol):
 
     def _fail(self, why: str) -> None:
         if self.lost is None:
-            self.lost = StoreUnavailable(f"the session store {self.where} cannot be used: {why}")
+            self.lost = StoreUnavailable.unusable(self.where, why)
         while self.waiting:
             waiter = self.waiting.popleft()
             if not waiter.done():

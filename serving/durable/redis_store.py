@@ -156,7 +156,7 @@ class RedisSessionStore(SessionStore):
         self._loop_connection: RedisLoopConnection | None = None
 
     def _unreachable(self, error: RedisError) -> StoreUnavailable:
-        return StoreUnavailable(f"the session store {self.url} cannot be used: {error}")
+        return StoreUnavailable.unusable(self.url, error)
 
     def _key(self, session_id: str, name: str) -> str:
         return f"{self.prefix}{{{session_id}}}:{name}"
@@ -277,7 +277,7 @@ class RedisSessionStore(SessionStore):
             # Redis restarted and forgot the script (scripts are not persisted): nothing ran
             reply = await connection.checked(self.timeout, "EVAL", COMMIT, 0, *arguments)
         elif isinstance(reply, hiredis.ReplyError):
-            raise StoreUnavailable(f"the session store {self.url} cannot be used: {reply}")
+            raise StoreUnavailable.unusable(self.url, reply)
         return {_text(member) for member in reply}
 
     async def probe_on_loop(self) -> None:
