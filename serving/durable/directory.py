@@ -68,12 +68,16 @@ class DirectorySessionStore(SessionStore):
         except OSError as error:
             self._lock.close()
             raise ValueError(f"{self.path} is in use by another memserve server") from error
-        self._problems: list[str] = []
-        found = recover(self.path, self._problem)
-        self.entries: dict[str, Entry] = found.entries
-        self.sizes: dict[int, int] = found.sizes  # bytes of each segment
-        self.live_bytes: dict[int, int] = found.live_bytes  # bytes of live records in each
-        self._begin(Appender(self.path, max(self.sizes, default=0) + 1, segment_bytes))
+        try:
+            self._problems: list[str] = []
+            found = recover(self.path, self._problem)
+            self.entries: dict[str, Entry] = found.entries
+            self.sizes: dict[int, int] = found.sizes  # bytes of each segment
+            self.live_bytes: dict[int, int] = found.live_bytes  # bytes of live records in each
+            self._begin(Appender(self.path, max(self.sizes, default=0) + 1, segment_bytes))
+        except BaseException:
+            self._lock.close()  # not held until this half-made store is collected
+            raise
 
     # ------------------------------------------------------------------ reading
 

@@ -160,6 +160,18 @@ def test_a_second_server_cannot_open_the_directory(tmp_path: Path) -> None:
     DirectorySessionStore(tmp_path).close()  # free again once the first lets go
 
 
+def test_a_directory_that_fails_to_open_is_not_left_locked(tmp_path: Path) -> None:
+    """An opening that fails after taking the lock (here: a segment that cannot be read)
+    lets the lock go, so that opening it again once the cause is gone works, not "in use"."""
+    unreadable = segment_path(tmp_path, 1)
+    unreadable.mkdir(parents=True)
+    with pytest.raises(IsADirectoryError) as failed:
+        DirectorySessionStore(tmp_path)
+    unreadable.rmdir()
+    DirectorySessionStore(tmp_path).close()
+    assert failed.value is not None  # the failed opening's traceback is still alive here
+
+
 @pytest.mark.parametrize("cut", [1, HEADER.size - 1, HEADER.size + 3])
 def test_a_record_cut_short_at_the_end_is_truncated_and_reported(tmp_path: Path, cut: int) -> None:
     store = DirectorySessionStore(tmp_path)
