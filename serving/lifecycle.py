@@ -285,7 +285,8 @@ class Lifecycle:
 
     async def expire(self) -> None:
         """End the sessions idle for longer than their TTL (none with calls queued). A
-        cluster replica only forgets them: the shared store's own expiry ends them."""
+        cluster replica only forgets them: the shared store's own expiry ends them, which the
+        replica restarts for the sessions whose calls it is serving."""
         now = time.monotonic()
         slots = self.slots
         candidates = (*slots.active.values(), *slots.parked.values(), *slots.stored.values())
@@ -306,6 +307,12 @@ class Lifecycle:
                     log_session(log, "expired", self.name, session.id)
             if records and self.committer is not None:
                 self.committer.commit(records).add_done_callback(log_failure)
+        if self.persistence.replica and self.committer is not None:
+            # the shared store ends a session nobody used for its TTL; a call may last
+            # longer than that, so a replica restarts the expiry of the sessions it serves
+            busy = [s.id for s in candidates if self.scheduler.has_calls(s)]
+            if busy:
+                await self.committer.run(self.committer.store.touch, busy)
         await self.persistence.snapshot_idle()
 
     # ------------------------------------------------------------------ helpers

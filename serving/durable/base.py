@@ -89,6 +89,11 @@ class SessionStore(ABC):
         """Record this server as the session's owner; its committed step (None: absent)."""
         return self.committed_step(session_id)
 
+    def touch(self, session_ids: Sequence[str]) -> None:
+        """Restart the expiry of sessions in use (a call longer than their TTL must not see
+        them expire), for a store that expires sessions itself; others have nothing to do."""
+        return None
+
     @abstractmethod
     def load(self, session_id: str) -> StoredSession:
         """A session's records (KeyError if absent; serving.errors.DataLoss if damaged)."""

@@ -39,16 +39,13 @@ from serving.errors import DataLoss
 
 PREFIX = "memserve:"
 
-# ARGV: prefix, then per record: kind, session id, a, b, c, framed record. created: a = its
-# step, b = its summary, c = its TTL in ms (0: none); call: a = from, b = to; snapshot: a =
-# its step. For a cluster's replicas, every record written refreshes the session's keys'
-# expiry to its TTL: a session that is not used for its TTL expires in Redis, for every
-# replica at once (they only forget idle sessions). A lone server deletes the sessions it
-# expires itself, so their keys get no expiry: with `--durability park` nothing is written
-# while a session is in use, and Redis would end it under its caller.
-COMMIT = """
-local prefix, replica = ARGV[1], ARGV[2]
-local refused, bad = {}, {}
+# For a cluster's replicas, every record written refreshes the session's keys' expiry to its
+# TTL, and so does the replica serving a call that lasts longer (`touch`): a session that is
+# not used for its TTL expires in Redis, for every replica at once (they only forget idle
+# sessions). A lone server deletes the sessions it expires itself, so their keys get no
+# expiry: with `--durability park` nothing is written while a session is in use, and Redis
+# would end it under its caller.
+REFRESH = """
 local function refresh(key)
   local ttl = tonumber(redis.call('HGET', key .. 'meta', 'ttl'))
   if ttl and ttl > 0 then
@@ -57,6 +54,14 @@ local function refresh(key)
     end
   end
 end
+"""
+
+# ARGV: prefix, then per record: kind, session id, a, b, c, framed record. created: a = its
+# step, b = its summary, c = its TTL in ms (0: none); call: a = from, b = to; snapshot: a =
+# its step.
+COMMIT = REFRESH + """
+local prefix, replica = ARGV[1], ARGV[2]
+local refused, bad = {}, {}
 for i = 3, #ARGV, 6 do
   local kind, id, a, b, c = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local record = ARGV[i + 5]
@@ -114,6 +119,13 @@ return refused
 """
 
 
+# ARGV: prefix, then the ids of the sessions whose expiry to restart.
+TOUCH = REFRESH + """
+for i = 2, #ARGV do
+  refresh(ARGV[1] .. '{' .. ARGV[i] .. '}:')
+end
+"""
+
 CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
@@ -147,6 +159,7 @@ class RedisSessionStore(SessionStore):
             raise ValueError(f"--store {url!r} is not a Redis URL: {error}") from error
         self.commit_script = self.redis.register_script(COMMIT)
         self.claim_script = self.redis.register_script(CLAIM)
+        self.touch_script = self.redis.register_script(TOUCH)
         self.timeout = timeout
         # Commits go from the event loop (serving/durable/redis_loop.py) except over TLS,
         # which that connection does not speak: those stay in the committer's thread.
@@ -214,6 +227,14 @@ class RedisSessionStore(SessionStore):
         except RedisError as error:
             raise self._unreachable(error) from error
         return None if step is None else int(step)
+
+    def touch(self, session_ids: Sequence[str]) -> None:
+        if not session_ids:
+            return
+        try:
+            self.touch_script(args=[self.prefix, *session_ids])
+        except RedisError as error:
+            raise self._unreachable(error) from error
 
     def load(self, session_id: str) -> StoredSession:
         try:

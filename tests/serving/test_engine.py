@@ -6,7 +6,10 @@ parking carries exactly the states it must."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -279,3 +282,54 @@ def test_a_replica_claims_a_session_it_brings_back_before_its_calls_can_commit(
         want = [model.step(pool, torch.tensor([0]), torch.from_numpy(row[None]))[0]
                 for row in inputs[call]]  # fmt: skip
         assert np.array_equal(served[call][0], np.stack(want))
+
+
+def test_a_replica_keeps_a_session_alive_in_redis_while_a_call_outlasts_its_ttl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster's Redis ends a session nobody used for its TTL, but a call in progress is a
+    use: with the model's process stopped for twice the TTL under a call, the session's keys
+    are still there when it goes on, its commit is taken, and it answers."""
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    ttl = 3.0  # the engine's expiry sweep runs every ttl / 4
+    rng = np.random.default_rng()
+    with RedisServer(tmp_path / "redis") as redis_server:
+        config = ServerConfig(
+            models=("ntm-copy",), slots=2, threads=1, park_dir=str(tmp_path / "park"),
+            store=redis_server.url, durability="launch", replica="a", session_ttl=ttl,
+        )  # fmt: skip
+        server = Server(config)
+        server.load_models()
+        engine, store = server.engines["ntm-copy"], server.session_store
+        committer, replica = server.committer, server.service.replica
+        assert committer is not None and isinstance(replica, Replica) and store is not None
+
+        async def scenario() -> tuple[int, int | None]:
+            committer.start()
+            engine.start()
+            pid = engine.worker.pid
+            assert pid is not None
+            try:
+                made = await engine.lifecycle.create(None, None)  # handed to the store
+                session = await replica.find(made.id)
+                assert session is not None
+                await engine.step(session, rng.random((1, 9), dtype=np.float32), None)
+                used = time.monotonic()  # its last commit restarted its expiry
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    call = asyncio.ensure_future(
+                        engine.step(session, rng.random((1, 9), dtype=np.float32), None)
+                    )
+                    while time.monotonic() < used + 2 * ttl:  # the time itself is the point
+                        await asyncio.sleep(0.1)
+                    assert not call.done()
+                    assert store.committed_step(session.id) == 1, "it expired under its call"
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                _, step = await call
+                return step, store.committed_step(session.id)
+            finally:
+                await engine.stop()
+                await committer.stop()
+
+        assert asyncio.run(scenario()) == (2, 2)
