@@ -150,6 +150,7 @@ class ModelEngine:
         a repeat of the id gets its answer (`serving.requests`).
         """
         await self.persistence.ensure_loaded(session)
+        self.persistence.keep_alive((session,))
         if request_id:
             earlier = await session.requests.earlier(request_id, digest)
             if earlier is not None:
@@ -186,6 +187,7 @@ class ModelEngine:
         prompt = prompt_tokens(tokenizer, text, self.settings.max_steps_per_call)
         charge(len(prompt) + 2 * sampling.max_tokens + 2)  # the turn's steps, at most
         await self.persistence.ensure_loaded(session)
+        self.persistence.keep_alive((session,))
         if request_id:
             earlier = await session.requests.earlier(request_id, digest)
             if earlier is not None:

@@ -286,11 +286,12 @@ class Lifecycle:
     async def expire(self) -> None:
         """End the sessions idle for longer than their TTL (none with calls queued). A
         cluster replica only forgets them: the shared store's own expiry ends them, which the
-        replica restarts for the sessions whose calls it is serving."""
+        replica restarts for the sessions it is serving (`Persistence.keep_alive`)."""
         now = time.monotonic()
         slots = self.slots
         candidates = (*slots.active.values(), *slots.parked.values(), *slots.stored.values())
-        expired = [s for s in candidates if now - s.last_used > s.ttl]
+        loading = self.persistence.loading  # used now: its call waits for it
+        expired = [s for s in candidates if now - s.last_used > s.ttl and s.id not in loading]
         if expired:
             async with self.lock:
                 records = []
@@ -307,12 +308,10 @@ class Lifecycle:
                     log_session(log, "expired", self.name, session.id)
             if records and self.committer is not None:
                 self.committer.commit(records).add_done_callback(log_failure)
-        if self.persistence.replica and self.committer is not None:
-            # the shared store ends a session nobody used for its TTL; a call may last
-            # longer than that, so a replica restarts the expiry of the sessions it serves
-            busy = [s.id for s in candidates if self.scheduler.has_calls(s)]
-            if busy:
-                await self.committer.run(self.committer.store.touch, busy)
+        committing = self.persistence.committing
+        self.persistence.keep_alive(
+            s for s in candidates if self.scheduler.has_calls(s) or committing[s.id]
+        )
         await self.persistence.snapshot_idle()
 
     # ------------------------------------------------------------------ helpers

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,7 +22,7 @@ import torch
 
 from serving import journal
 from serving.answers import commit_failure
-from serving.durable.base import SessionSummary
+from serving.durable.base import SessionSummary, StoreUnavailable
 from serving.durable.committer import Committer, Durability
 from serving.durable.records import CorruptRecordError, replay_row
 from serving.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
@@ -39,6 +39,7 @@ from serving.worker import host_state
 log = logging.getLogger("memserve.persistence")
 
 SNAPSHOTS_PER_SWEEP = 8  # idle sessions written in whole per expiry sweep, at most
+LOAD_TRIES = 3  # loads of a session that other replicas keep advancing, before "retry"
 
 
 class Persistence:
@@ -72,6 +73,8 @@ class Persistence:
         self.recent = RecentSessions()  # create/fork/import request ids (the lifecycle's)
         self.loading: dict[str, asyncio.Future[None]] = {}
         self.unloading: set[asyncio.Future[None]] = set()
+        self.touching: set[str] = set()  # sessions whose expiry a touch is restarting now
+        self.touches: set[asyncio.Future[None]] = set()
         # Sessions a commit of which failed, until they are unloaded: what they hold here
         # is ahead of the store, by steps whose callers heard of the failure, so it is
         # never written in whole (a snapshot would commit those steps after all, and a
@@ -120,7 +123,7 @@ class Persistence:
             loading.add_done_callback(lambda _: self.loading.pop(session.id, None))
         await asyncio.shield(loading)
 
-    async def _load(self, session: Session) -> None:
+    async def _load(self, session: Session, tries: int = LOAD_TRIES) -> None:
         """The stored snapshot (or creation) with the calls after it replayed in the worker,
         alone, which gives the bits the batched launches gave."""
         assert self.committer is not None
@@ -149,13 +152,22 @@ class Persistence:
         arrays = await self.worker.send(Replay(initial, rows))
         if self.replica:
             # This replica serves it from now on, so its reads elsewhere must reload. Claimed
-            # while it is still stored, so that no call of this replica's can commit first.
+            # while it is still stored, so that no call of this replica's can commit first
+            # (the claim restarts its expiry in the store too).
+            if not self.table.live(session):
+                return
+            claiming = time.monotonic()
             claimed = await self.committer.run(self.committer.store.claim, session.id)
             if claimed is None:
                 raise await self._gone(session)
             if claimed != stored.step:  # another replica moved it on: bring that back
-                await self._load(session)
+                if tries <= 1:
+                    raise Unavailable(
+                        f"session {session.id} is being advanced by another replica; retry"
+                    )
+                await self._load(session, tries - 1)
                 return
+            session.touched = claiming
         async with self.lock:
             if not self.slots.is_stored(session) or not self.table.live(session):
                 return
@@ -165,6 +177,40 @@ class Persistence:
             session.logged_ops = steps
             self.slots.unstore(session, {n: torch.from_numpy(a) for n, a in arrays.items()})
         log_session(log, "loaded", self.name, session.id, step=session.step, replayed=len(rows))
+
+    def keep_alive(self, sessions: Iterable[Session]) -> None:
+        """A replica restarts the expiry, in the shared store, of sessions it is serving that
+        nothing has written or touched for half their TTL: the store ends a session nobody
+        used for its TTL, and a call may begin close to that, or last longer."""
+        if not self.replica or self.committer is None or not self.committer.healthy:
+            return
+        now = time.monotonic()
+        stale = [
+            session
+            for session in sessions
+            if now - max(session.last_used, session.touched) > session.ttl / 2
+            and session.id not in self.touching
+        ]
+        if stale:
+            self.touching.update(session.id for session in stale)
+            task = asyncio.ensure_future(self._touch(stale, now))
+            self.touches.add(task)
+            task.add_done_callback(self.touches.discard)
+
+    async def _touch(self, sessions: list[Session], since: float) -> None:
+        assert self.committer is not None
+        try:
+            await self.committer.run(self.committer.store.touch, [s.id for s in sessions])
+        except StoreUnavailable as error:  # the commits of their calls will say so too
+            log.warning(
+                "could not restart the expiry of %d sessions: %s", len(sessions), error,
+                extra={"event": "touch_failed", "model": self.name},
+            )  # fmt: skip
+        else:
+            for session in sessions:
+                session.touched = max(session.touched, since)
+        finally:
+            self.touching.difference_update(session.id for session in sessions)
 
     async def _gone(self, session: Session) -> NotFound:
         """The store no longer holds a session this server knows: it ends here too."""

@@ -29,6 +29,7 @@ class Session:
     model: str
     ttl: float  # seconds idle before it expires
     last_used: float  # time.monotonic() of its last completed request
+    touched: float = 0.0  # when a cluster replica last restarted its expiry in the store
     step: int = 0  # steps its state has taken
     slot: int | None = None  # its slot in the pool; None while parked
     seed: int | None = None

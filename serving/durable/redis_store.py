@@ -40,7 +40,8 @@ from serving.errors import DataLoss
 PREFIX = "memserve:"
 
 # For a cluster's replicas, every record written refreshes the session's keys' expiry to its
-# TTL, and so does the replica serving a call that lasts longer (`touch`): a session that is
+# TTL, and so do a claim and a touch (by a replica serving a session nothing has written for
+# half its TTL: serving/persistence.py, `keep_alive`): a session that is
 # not used for its TTL expires in Redis, for every replica at once (they only forget idle
 # sessions). A lone server deletes the sessions it expires itself, so their keys get no
 # expiry: with `--durability park` nothing is written while a session is in use, and Redis
@@ -59,7 +60,9 @@ end
 # ARGV: prefix, then per record: kind, session id, a, b, c, framed record. created: a = its
 # step, b = its summary, c = its TTL in ms (0: none); call: a = from, b = to; snapshot: a =
 # its step.
-COMMIT = REFRESH + """
+COMMIT = (
+    REFRESH
+    + """
 local prefix, replica = ARGV[1], ARGV[2]
 local refused, bad = {}, {}
 for i = 3, #ARGV, 6 do
@@ -117,20 +120,30 @@ for i = 3, #ARGV, 6 do
 end
 return refused
 """
+)
 
 
 # ARGV: prefix, then the ids of the sessions whose expiry to restart.
-TOUCH = REFRESH + """
+TOUCH = (
+    REFRESH
+    + """
 for i = 2, #ARGV do
   refresh(ARGV[1] .. '{' .. ARGV[i] .. '}:')
 end
 """
+)
 
-CLAIM = """
+# KEYS[1]: the session's meta key. The claimer serves the session from now on: its expiry
+# restarts as at a write.
+CLAIM = (
+    REFRESH
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+refresh(string.sub(KEYS[1], 1, #KEYS[1] - #'meta'))
 return redis.call('HGET', KEYS[1], 'step')
 """
+)
 
 
 class RedisSessionStore(SessionStore):

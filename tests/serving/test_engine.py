@@ -284,19 +284,24 @@ def test_a_replica_claims_a_session_it_brings_back_before_its_calls_can_commit(
         assert np.array_equal(served[call][0], np.stack(want))
 
 
-def test_a_replica_keeps_a_session_alive_in_redis_while_a_call_outlasts_its_ttl(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A cluster's Redis ends a session nobody used for its TTL, but a call in progress is a
-    use: with the model's process stopped for twice the TTL under a call, the session's keys
-    are still there when it goes on, its commit is taken, and it answers."""
-    monkeypatch.setenv(BACKEND_ENV, "torch")
-    ttl = 3.0  # the engine's expiry sweep runs every ttl / 4
+async def until(moment: float) -> None:
+    while time.monotonic() < moment:  # the time itself is the point
+        await asyncio.sleep(0.05)
+
+
+def call_outlasting_ttl(
+    tmp_path: Path, ttl: float, begin: float, end: float, sweeps: bool
+) -> tuple[int, int | None]:
+    """A replica on a real Redis makes a session with `ttl`, steps it once, and `begin`
+    seconds after that begins a second call under which its model's process stops until
+    `end` seconds after the first; the second call's step and the session's committed step
+    in the store after it. Without `sweeps`, the engine's expiry sweep (every 0.25 s here)
+    is stopped before the second call."""
     rng = np.random.default_rng()
     with RedisServer(tmp_path / "redis") as redis_server:
         config = ServerConfig(
             models=("ntm-copy",), slots=2, threads=1, park_dir=str(tmp_path / "park"),
-            store=redis_server.url, durability="launch", replica="a", session_ttl=ttl,
+            store=redis_server.url, durability="launch", replica="a", session_ttl=1.0,
         )  # fmt: skip
         server = Server(config)
         server.load_models()
@@ -310,18 +315,20 @@ def test_a_replica_keeps_a_session_alive_in_redis_while_a_call_outlasts_its_ttl(
             pid = engine.worker.pid
             assert pid is not None
             try:
-                made = await engine.lifecycle.create(None, None)  # handed to the store
+                made = await engine.lifecycle.create(ttl, None)  # handed to the store
                 session = await replica.find(made.id)
                 assert session is not None
                 await engine.step(session, rng.random((1, 9), dtype=np.float32), None)
-                used = time.monotonic()  # its last commit restarted its expiry
+                used = time.monotonic()  # after its commit restarted its expiry
+                if not sweeps:
+                    engine.tasks[1].cancel()
+                await until(used + begin)
                 os.kill(pid, signal.SIGSTOP)
                 try:
                     call = asyncio.ensure_future(
                         engine.step(session, rng.random((1, 9), dtype=np.float32), None)
                     )
-                    while time.monotonic() < used + 2 * ttl:  # the time itself is the point
-                        await asyncio.sleep(0.1)
+                    await until(used + end)
                     assert not call.done()
                     assert store.committed_step(session.id) == 1, "it expired under its call"
                 finally:
@@ -332,4 +339,23 @@ def test_a_replica_keeps_a_session_alive_in_redis_while_a_call_outlasts_its_ttl(
                 await engine.stop()
                 await committer.stop()
 
-        assert asyncio.run(scenario()) == (2, 2)
+        return asyncio.run(scenario())
+
+
+def test_a_replica_keeps_a_session_alive_in_redis_while_a_call_outlasts_its_ttl(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster's Redis ends a session nobody used for its TTL, but a call in progress is a
+    use: the replica's expiry sweeps keep it alive under a call twice as long as its TTL."""
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert call_outlasting_ttl(tmp_path, ttl=3.0, begin=0.0, end=6.0, sweeps=True) == (2, 2)
+
+
+def test_a_call_that_begins_late_in_the_ttl_restarts_its_sessions_expiry_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that begins with a fifth of the session's TTL left restarts its expiry as it
+    begins, not at the next sweep (stopped here): it outlasts the deadline it began under
+    (2 s) by 0.6 s, 1 s before the one its beginning set."""
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert call_outlasting_ttl(tmp_path, ttl=2.0, begin=1.6, end=2.6, sweeps=False) == (2, 2)

@@ -469,6 +469,30 @@ def test_redis_expires_the_sessions_of_a_cluster_not_of_a_lone_server(tmp_path: 
             assert 0 < raw.pttl(f"memserve:{{b}}:{name}") <= 60_000  # created's TTL: 60 s
 
 
+def test_redis_restarts_a_cluster_sessions_expiry_at_a_claim_and_a_touch(tmp_path: Path) -> None:
+    """A replica that brings a session back (claim) or serves a call on it that nothing
+    has written for a while (touch) restarts its expiry, every key of it; a lone server's
+    keys stay without one, and a touch of a session Redis does not hold makes nothing."""
+    with RedisServer(tmp_path) as server:
+        raw = redis.Redis(unix_socket_path=str(server.socket))
+        lone, replica = RedisSessionStore(server.url), RedisSessionStore(server.url, replica="r")
+        lone.commit([created("a"), call("a", 0, 1)])
+        replica.commit([created("b"), call("b", 0, 1)])
+        names = ("meta", "created", "calls", "ends")
+        for restart in ("claim", "touch"):
+            for name in names:
+                raw.pexpire(f"memserve:{{b}}:{name}", 1_000)  # as if 59 s had passed
+            if restart == "claim":
+                replica.claim("b")
+            else:
+                replica.touch(["a", "b", "c"])
+            for name in names:
+                assert raw.pttl(f"memserve:{{a}}:{name}") == -1
+                assert 1_000 < raw.pttl(f"memserve:{{b}}:{name}") <= 60_000
+        assert raw.keys("memserve:{c}:*") == []
+        assert replica.owner("b") == (1, "r")
+
+
 def test_redis_takes_a_snapshot_only_from_the_sessions_owner(tmp_path: Path) -> None:
     """Replica a's call is refused (b advanced the session); a's snapshot of the state that
     call left must be refused too. Were it taken, it would stand in for b's step: that step
