@@ -41,11 +41,11 @@ PREFIX = "memserve:"
 
 # For a cluster's replicas, every record written refreshes the session's keys' expiry to its
 # TTL, and so do a claim and a touch (by a replica serving a session nothing has written for
-# half its TTL: serving/persistence.py, `keep_alive`): a session that is
-# not used for its TTL expires in Redis, for every replica at once (they only forget idle
-# sessions). A lone server deletes the sessions it expires itself, so their keys get no
-# expiry: with `--durability park` nothing is written while a session is in use, and Redis
-# would end it under its caller.
+# half its TTL: serving/persistence.py, `keep_alive`): a session that is not used for its
+# TTL expires in Redis, for every replica at once (they only forget idle sessions). A lone
+# server deletes the sessions it expires itself, so their keys get no expiry: with
+# `--durability park` nothing is written while a session is in use, and Redis would end it
+# under its caller.
 REFRESH = """
 local function refresh(key)
   local ttl = tonumber(redis.call('HGET', key .. 'meta', 'ttl'))

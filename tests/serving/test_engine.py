@@ -264,7 +264,9 @@ def test_a_replica_claims_a_session_it_brings_back_before_its_calls_can_commit(
                 assert await asyncio.to_thread(claiming.wait, 60)  # its load is claiming
                 second = asyncio.ensure_future(engine.step(session, inputs[1], None))
                 if not engine.slots.is_stored(session):
-                    await second  # served before the claim: let it commit, then see the claim
+                    # a server that unstores before claiming (before bb23c66) serves it at once:
+                    # its commit lands first, so such a server fails below every time, not by luck
+                    await second
                 gate.set()
                 served = await asyncio.gather(first, second)
                 assert worker.take().count("Replay") == 1, "the session was brought back twice"
