@@ -41,6 +41,15 @@ caller's: `begin_reply` takes the standard-normal `noise [B, latent]` and a `uni
 [0, 1) and picks component k = the number of cumulative mixture weights pi_1, pi_1 + pi_2, ...
 that are <= uniform (clamped to K-1), then z = mu_k + exp(log_var_k / 2) * noise.
 
+**What the model has said** (`said`, bool `[vocab]`): every token a session's decoder was
+given as its previous token since the session began (`decode`'s ids; for `step`, the token
+whose input row is at least 0.5, a one-hot row's; never <bos>), so over every reply of the
+conversation, in a fixed size like the rest (one byte a token of the vocabulary). The
+conversation's presence penalty reads it: `decode(..., presence_penalty=p)` returns the
+logits less p on each token the model has said (the `presence_penalty` of OpenAI's API, over
+the whole conversation rather than one reply). The record is kept whatever the penalty, and
+the state after a `decode` still depends on the previous token only.
+
 `MemoryModel`'s generic API views the VMED as a language model over one-hot tokens:
 `input_size == output_size == vocab_size`; `step` is one `decode` step whose previous token
 is given as a one-hot (or any distribution) row, returning next-token probabilities, and
@@ -69,7 +78,7 @@ from models.dnc import (
     split_interface,
 )
 from models.state import StatePool, StateSpec
-from models.tokenizer import TOKENIZER_FILE, tokenizer_from_bytes, tokenizer_to_bytes
+from models.tokenizer import BOS, TOKENIZER_FILE, tokenizer_from_bytes, tokenizer_to_bytes
 
 LOG_VARIANCE_LIMIT = 10.0  # |log sigma^2| of every Gaussian, so exp() stays finite
 
@@ -243,6 +252,7 @@ class VMED(MemoryModel):
             StateSpec("decoder_h", (L, H)),
             StateSpec("decoder_c", (L, H)),
             StateSpec("z", (c.latent_size,)),
+            StateSpec("said", (c.vocab_size,), torch.bool),
         )
 
     def initial_state(self) -> dict[str, Tensor]:
@@ -250,7 +260,8 @@ class VMED(MemoryModel):
         reads and controller state; the decoder starts from that state with zero reads and
         z = 0 (what `decode` uses if called before any `begin_reply`)."""
         state = {
-            spec.name: self.initial_memory.new_zeros(spec.shape) for spec in self.state_specs()
+            spec.name: self.initial_memory.new_zeros(spec.shape, dtype=spec.dtype)
+            for spec in self.state_specs()
         }
         learned = {
             "memory": self.initial_memory,
@@ -608,20 +619,41 @@ class VMED(MemoryModel):
 
     @torch.no_grad()
     def decode(
-        self, pool: StatePool, slots: Tensor, previous_tokens: Tensor, check: bool = True
+        self,
+        pool: StatePool,
+        slots: Tensor,
+        previous_tokens: Tensor,
+        presence_penalty: Tensor | None = None,
+        check: bool = True,
     ) -> Tensor:
         """One decoder step per session: `previous_tokens` int64 `[B]` (<bos> first, then the
         token chosen last) -> logits float32 `[B, vocab]` of the next token (zeros for padding
-        rows). Reads the memory, never writes it. `check=False`: as `encode`."""
+        rows). Reads the memory, never writes it; records the previous token in `said`.
+        `presence_penalty` float `[B]` (>= 0; None: 0) is taken off the logits of every token
+        the session has said, this one included. `check=False`: as `encode`."""
+        penalty = presence_penalty
+        if penalty is None:
+            penalty = torch.zeros_like(previous_tokens, dtype=torch.float32)
 
-        def run(at: Tensor, previous: Tensor) -> Tensor:
-            return self._decode_embedded(pool, at, self.embedding(previous))
+        def run(at: Tensor, previous: Tensor, penalty: Tensor) -> Tensor:
+            pool["said"][at, previous] = previous != BOS
+            logits = self._decode_embedded(pool, at, self.embedding(previous))
+            if presence_penalty is None:
+                return logits
+            return logits - penalty.float().unsqueeze(1) * pool["said"][at]
 
         if not check:
-            return run(slots, previous_tokens)
-        live = self._live(pool, slots, {"previous_tokens": previous_tokens})
+            return run(slots, previous_tokens, penalty)
+        live = self._live(
+            pool, slots, {"previous_tokens": previous_tokens, "presence_penalty": penalty}
+        )
         self._check_tokens("previous_tokens", previous_tokens, live)
-        return on_live_rows(slots, (previous_tokens,), self.config.vocab_size, run)
+        if penalty.dim() != 1 or not penalty.is_floating_point():
+            raise ValueError(f"presence_penalty must be a 1-D float tensor, got {penalty.dtype}")
+        used = penalty[live]
+        if not bool((torch.isfinite(used) & (used >= 0)).all()):
+            raise ValueError("presence_penalty must be finite and >= 0")
+        return on_live_rows(slots, (previous_tokens, penalty), self.config.vocab_size, run)
 
     @torch.no_grad()
     def step(self, pool: StatePool, slots: Tensor, inputs: Tensor, check: bool = True) -> Tensor:
@@ -629,7 +661,11 @@ class VMED(MemoryModel):
         token), returning next-token probabilities (zeros for padding rows)."""
 
         def run(at: Tensor, rows: Tensor) -> Tensor:
-            embedded = rowwise_product(rows.float(), self.embedding.weight.t())
+            given = rows.float()
+            said = pool["said"][at] | (given >= 0.5)
+            said[:, BOS] = False
+            pool["said"][at] = said
+            embedded = rowwise_product(given, self.embedding.weight.t())
             return torch.softmax(self._decode_embedded(pool, at, embedded), dim=-1)
 
         if not check:

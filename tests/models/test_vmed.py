@@ -143,6 +143,74 @@ def test_one_hot_step_is_decode(
     probabilities = model.step(pools[0], torch.tensor([0, 1]), torch.eye(VOCAB)[tokens])
     logits = model.decode(pools[1], torch.tensor([0, 1]), tokens)
     assert torch.allclose(probabilities, torch.softmax(logits, dim=-1), atol=1e-7)
+    for name in pools[0]:  # the same state after, `said` included
+        assert torch.allclose(pools[0][name], pools[1][name], atol=1e-7), name
+
+
+def test_said_records_every_token_decoded_in_the_conversation(
+    monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
+) -> None:
+    """Over three replies, `said` holds exactly the tokens given to `decode` (never <bos>),
+    whatever the penalty; the penalty takes p off those tokens' logits and nothing else, and
+    changes no state: a pool decoded with p = 2 and one with p = 0 end up equal."""
+    monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")
+    model = random_vmed(generator)
+    pools = [model.new_pool(2), model.new_pool(2)]
+    for pool in pools:
+        model.reset(pool, [0, 1])
+    slots = torch.tensor([0, 1])
+    given: list[set[int]] = [set(), set()]
+    for _ in range(3):
+        noise = torch.randn(2, model.config.latent_size, generator=generator)
+        uniform = torch.rand(2, generator=generator)
+        for pool in pools:
+            model.begin_reply(pool, slots, noise, uniform)
+        previous = torch.tensor([BOS, BOS])
+        for _ in range(5):
+            plain = model.decode(pools[0], slots, previous)
+            penalised = model.decode(pools[1], slots, previous, torch.tensor([2.0, 0.5]))
+            for row, (ids, penalty) in enumerate(zip(given, (2.0, 0.5), strict=True)):
+                if int(previous[row]) != BOS:
+                    ids.add(int(previous[row]))
+                expected = plain[row].clone()
+                expected[sorted(ids)] -= penalty
+                assert torch.allclose(penalised[row], expected, atol=1e-6)
+            previous = torch.randint(4, VOCAB, (2,), generator=generator)
+        for row in range(2):
+            recorded = torch.nonzero(pools[0]["said"][row]).flatten().tolist()
+            assert recorded == sorted(given[row])
+    for name in pools[0]:
+        assert torch.equal(pools[0][name], pools[1][name]), name
+
+
+def test_a_presence_penalty_keeps_greedy_replies_from_repeating_a_token(
+    monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
+) -> None:
+    """With a penalty far above the logits' range, a greedy session never says a token twice
+    in the conversation (until the vocabulary runs out), where without it it does."""
+    monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")
+    model = random_vmed(generator)
+
+    def conversation(penalty: float) -> list[int]:
+        pool = model.new_pool(1)
+        model.reset(pool, [0])
+        slot, said = torch.tensor([0]), []
+        for turn in range(4):
+            noise = torch.randn(
+                1, model.config.latent_size, generator=torch.Generator().manual_seed(turn)
+            )
+            model.begin_reply(pool, slot, noise, torch.tensor([0.5]))
+            previous = BOS
+            for _ in range(4):  # and a fifth decode, from the fourth token, which ends the reply
+                logits = model.decode(pool, slot, torch.tensor([previous]), torch.tensor([penalty]))
+                logits[0, [BOS, EOS, PAD]] = -math.inf  # four tokens a reply, always
+                previous = int(logits.argmax())
+                said.append(previous)
+            model.decode(pool, slot, torch.tensor([previous]), torch.tensor([penalty]))
+        return said
+
+    assert len(set(conversation(0.0))) < 16
+    assert len(set(conversation(1e4))) == 16
 
 
 def test_twenty_turns_leave_the_state_size_unchanged(
@@ -183,6 +251,7 @@ def test_the_state_holds_both_halves_and_z(generator: torch.Generator) -> None:
     assert specs["memory"] == (10, 6) and specs["read_weights"] == (2, 10)
     assert specs["encoder_h"] == specs["decoder_h"] == (2, 12)
     assert specs["decoder_reads"] == (3, 6) and specs["z"] == (5,)
+    assert specs["said"] == (VOCAB,)
     assert "link" not in specs
     with_links = {s.name for s in random_vmed(generator, use_links=True).state_specs()}
     assert {"link", "precedence"} <= with_links
@@ -261,6 +330,18 @@ def test_bad_serving_calls_are_refused_and_change_nothing(
         "repeated slot": lambda: model.encode(pool, torch.tensor([1, 1]), torch.tensor([4, 5])),
         "slot outside": lambda: model.encode(pool, torch.tensor([3]), torch.tensor([4])),
         "rows and slots": lambda: model.decode(pool, torch.tensor([0, 1]), torch.tensor([4])),
+        "negative penalty": lambda: model.decode(
+            pool, torch.tensor([0]), torch.tensor([4]), torch.tensor([-1.0])
+        ),
+        "NaN penalty": lambda: model.decode(
+            pool, torch.tensor([0]), torch.tensor([4]), torch.tensor([math.nan])
+        ),
+        "penalty rows": lambda: model.decode(
+            pool, torch.tensor([0]), torch.tensor([4]), torch.tensor([1.0, 1.0])
+        ),
+        "integer penalty": lambda: model.decode(
+            pool, torch.tensor([0]), torch.tensor([4]), torch.tensor([1])
+        ),
         "noise shape": lambda: model.begin_reply(
             pool, torch.tensor([0]), torch.zeros(1, latent + 1), torch.zeros(1)
         ),
