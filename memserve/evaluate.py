@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import time
@@ -335,8 +336,9 @@ def add_dialogue_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
             "cross-entropy + KL) and the KL per token; and on greedy replies generated "
             "through the serving path at every turn (z from the prior, noise seeded by "
             "--seed) corpus BLEU-1, BLEU-4, distinct-1 and distinct-2, and the fraction of "
-            "replies that change when z's noise comes from --seed + 1. Prints a table and "
-            "writes JSON."
+            "replies that change when z's noise comes from --seed + 1. With "
+            "--presence-penalty the greedy replies are chosen as a Generate call with that "
+            "presence_penalty chooses them. Prints a table and writes JSON."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -347,6 +349,11 @@ def add_dialogue_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     parser.add_argument("--seed", type=int, default=12345, help="seeds the prior's noise")
     parser.add_argument("--max-reply-tokens", type=int, default=32, help="generation limit")
+    parser.add_argument(
+        "--presence-penalty", type=float, default=0.0,
+        help="taken off the logit of every token the model has said earlier in the "
+        "conversation, when greedy replies are generated (0: plain greedy)",
+    )  # fmt: skip
     parser.add_argument("--json", default="dialogue-eval.json", help="JSON file to write")
     parser.add_argument("--examples", type=int, default=1, help="conversations to print")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
@@ -370,6 +377,8 @@ def run_dialogue(args: argparse.Namespace) -> int:
 
     if args.conversations < 0 or args.threads < 1 or args.max_reply_tokens < 1:
         raise ValueError("--conversations must be >= 0, --threads and --max-reply-tokens >= 1")
+    if not (math.isfinite(args.presence_penalty) and args.presence_penalty >= 0):
+        raise ValueError(f"--presence-penalty must be >= 0, got {args.presence_penalty}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ValueError(
             f"--json {args.json}: the directory {Path(args.json).parent} does not exist"
@@ -388,7 +397,13 @@ def run_dialogue(args: argparse.Namespace) -> int:
     if args.conversations:
         held_out = held_out[: args.conversations]
     conversations = make_conversations(held_out, model.tokenizer)
-    metrics, replies = evaluate_dialogue(model, conversations, args.seed, args.max_reply_tokens)
+    metrics, replies = evaluate_dialogue(
+        model,
+        conversations,
+        args.seed,
+        args.max_reply_tokens,
+        presence_penalty=args.presence_penalty,
+    )
     print(
         f"{metrics['replies']:.0f} replies ({metrics['tokens']:.0f} tokens) of "
         f"{len(conversations)} held-out conversations, each whole in memory"
@@ -436,7 +451,14 @@ def run_dialogue(args: argparse.Namespace) -> int:
         ),
         "seed": args.seed,
         "max_reply_tokens": args.max_reply_tokens,
-        "decoding": "greedy, z from the prior (noise seeded by --seed)",
+        "decoding": "greedy, z from the prior (noise seeded by --seed)"
+        + (
+            f", presence penalty {args.presence_penalty:g} on the tokens the model said "
+            "earlier in the conversation"
+            if args.presence_penalty
+            else ""
+        ),
+        "presence_penalty": args.presence_penalty,
         "bleu": "corpus BLEU, fraction in [0, 1], whitespace words, no smoothing (our own code)",
         "metrics": metrics,
         "samples": samples,

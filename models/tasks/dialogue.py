@@ -552,11 +552,13 @@ def generate_conversation_replies(
     seed: int,
     max_reply_tokens: int = 32,
     batch_size: int = 128,
+    presence_penalty: float = 0.0,
 ) -> list[list[list[int]]]:
     """Greedy replies (token ids, without <eos>) at every turn of every conversation, through
     the serving path: each conversation has a slot of a pool; at each turn `begin_reply`
     draws z from the prior (noise fixed by `seed`, one draw per conversation and turn), then
-    `decode` picks the likeliest token until <eos> or `max_reply_tokens`; then the turn's
+    `decode` picks the likeliest token (its logit less `presence_penalty` if the model has
+    said it before in the conversation) until <eos> or `max_reply_tokens`; then the turn's
     real utterance and <eos> are written into memory (`encode`), as serving writes a turn,
     so every reply is generated from the conversation as it really went."""
     replies: list[list[list[int]]] = [[] for _ in conversations]
@@ -568,6 +570,7 @@ def generate_conversation_replies(
     uniform = torch.rand(len(conversations), most, generator=generator)
     device = model.device
     pool = model.new_pool(min(batch_size, len(conversations)), device)
+    penalty = torch.full((pool.capacity,), float(presence_penalty), device=device)
     for first in range(0, len(conversations), batch_size):
         chunk = list(range(first, min(first + batch_size, len(conversations))))
         slots = torch.arange(len(chunk), device=device)
@@ -584,7 +587,9 @@ def generate_conversation_replies(
             for _ in range(max_reply_tokens):
                 if bool(done.all()):
                     break
-                logits = model.decode(pool, torch.where(done, -1, slots), previous)
+                logits = model.decode(
+                    pool, torch.where(done, -1, slots), previous, penalty[: len(chunk)]
+                )
                 previous = logits.argmax(dim=-1)
                 for row in torch.nonzero(~done & (previous != EOS)).flatten().tolist():
                     chosen[row].append(int(previous[row]))
@@ -654,6 +659,7 @@ def evaluate_dialogue(
     seed: int,
     max_reply_tokens: int = 32,
     device: torch.device | str = "cpu",
+    presence_penalty: float = 0.0,
 ) -> tuple[dict[str, float], list[list[str]]]:
     """Perplexities (overall, by turn as `utterance_turns` defines it, and by utterance
     index) and the metrics of greedy replies at every utterance of `conversations`, each
@@ -665,11 +671,15 @@ def evaluate_dialogue(
     tokenizer = model.tokenizer
     scores = conversation_scores(model, conversations, torch.device(device), seed)
     metrics = {"conversations": float(len(conversations)), **perplexities(scores)}
-    generated = generate_conversation_replies(model, conversations, seed, max_reply_tokens)
+    generated = generate_conversation_replies(
+        model, conversations, seed, max_reply_tokens, presence_penalty=presence_penalty
+    )
     texts = [[decode(tokenizer, reply) for reply in replies] for replies in generated]
     hypotheses = [text.split() for replies in texts for text in replies]
     references = [text.split() for c in conversations for text in c.texts]
-    again = generate_conversation_replies(model, conversations, seed + 1, max_reply_tokens)
+    again = generate_conversation_replies(
+        model, conversations, seed + 1, max_reply_tokens, presence_penalty=presence_penalty
+    )
     flat, flat_again = (
         [reply for replies in generated for reply in replies],
         [reply for replies in again for reply in replies],

@@ -224,17 +224,23 @@ def test_conversation_scores_are_what_the_serving_path_computes(
     assert scores.tokens == tokens
 
 
+@pytest.mark.parametrize("penalty", [0.0, 1.5])
 def test_generated_replies_are_those_of_one_conversation_at_a_time(
-    monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
+    monkeypatch: pytest.MonkeyPatch, generator: torch.Generator, penalty: float
 ) -> None:
     """Batched greedy generation over conversations of different lengths gives, for each,
     the replies of a session that alone draws z with the same noise, decodes greedily and
-    then writes the real utterance."""
+    then writes the real utterance; with a presence penalty, greedily after taking it off
+    the logits of the tokens this test saw the session given before in the conversation."""
     monkeypatch.setenv("MEMSERVE_KERNEL_BACKEND", "torch")
     model = random_vmed(generator)
     conversations = random_conversations([2, 5, 3], generator)
     seed = int(torch.randint(0, 2**31, (1,), generator=generator))
-    replies = generate_conversation_replies(model, conversations, seed, 6, batch_size=2)
+    replies = generate_conversation_replies(
+        model, conversations, seed, 6, batch_size=2, presence_penalty=penalty
+    )
+    if penalty:  # the penalty changes some reply: the reference below is not plain greedy
+        assert replies != generate_conversation_replies(model, conversations, seed, 6)
 
     noise_generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(3, 5, model.config.latent_size, generator=noise_generator)
@@ -243,13 +249,17 @@ def test_generated_replies_are_those_of_one_conversation_at_a_time(
     slot = torch.tensor([0])
     for index, conversation in enumerate(conversations):
         model.reset(pool, [0])
-        expected = []
+        expected, given = [], set()
         for turn, utterance in enumerate(conversation.utterances):
             model.begin_reply(pool, slot, noise[index, turn : turn + 1],
                               uniform[index, turn : turn + 1])  # fmt: skip
             reply, previous = [], BOS
             for _ in range(6):
-                previous = int(model.decode(pool, slot, torch.tensor([previous])).argmax())
+                logits = model.decode(pool, slot, torch.tensor([previous]))[0]
+                if previous != BOS:
+                    given.add(previous)
+                logits[sorted(given)] -= penalty
+                previous = int(logits.argmax())
                 if previous == EOS:
                     break
                 reply.append(previous)
