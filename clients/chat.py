@@ -35,6 +35,7 @@ DEFAULT_MODEL = "vmed-chat"
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_K = 0
 DEFAULT_TOP_P = 0.9
+DEFAULT_PRESENCE_PENALTY = 0.0
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_TIMEOUT = 60.0
 CLEANUP_TIMEOUT = 10.0  # the most each deletion at the end may take (Ctrl-C cannot cut it)
@@ -109,6 +110,16 @@ def add_chat_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         metavar="P",
         help=f"sample from the smallest set of tokens with this much mass (default: "
         f"{DEFAULT_TOP_P})",
+    )
+    sampling.add_argument(
+        "--presence-penalty",
+        type=nonnegative_float,
+        default=DEFAULT_PRESENCE_PENALTY,
+        metavar="P",
+        help="taken off the logit of every token the model has said earlier in the "
+        "conversation, so that it repeats itself less; with --temperature 0, 1 keeps "
+        f"vmed-chat from repeating its replies (docs/models.md) (default: "
+        f"{DEFAULT_PRESENCE_PENALTY})",
     )
     sampling.add_argument(
         "--max-tokens",
@@ -278,6 +289,7 @@ class Chat:
             temperature=self.args.temperature,
             top_k=self.args.top_k,
             top_p=self.args.top_p,
+            presence_penalty=self.args.presence_penalty,
             seed=self.args.seed,
         )
         printed = False

@@ -133,8 +133,8 @@ class Client(ClientCore):
     ) -> Generation:  # fmt: skip
         """Start a dialogue model's reply to `text`: iterate the returned `Generation` for
         its pieces. Sampling options (`Sampling`: max_tokens, temperature, top_k, top_p,
-        seed, stop) that are not given take the server's defaults. `timeout` covers the
-        whole reply, retries included."""
+        seed, stop, presence_penalty) that are not given take the server's defaults.
+        `timeout` covers the whole reply, retries included."""
         request = calls.generate(session_id, text, sampling, request_id)
         return Generation(self, request, timeout)
 

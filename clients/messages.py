@@ -167,7 +167,7 @@ def step_request(
 class Sampling(TypedDict, total=False):
     """Generate's sampling options, all optional: unset ones take the server's defaults
     (max_tokens 0: the server's limit; temperature 1; top_k 0: all tokens; top_p 1; seed: the
-    session's; stop: none)."""
+    session's; stop: none; presence_penalty 0)."""
 
     max_tokens: int
     temperature: float | None
@@ -175,6 +175,7 @@ class Sampling(TypedDict, total=False):
     top_p: float | None
     seed: int | None
     stop: Sequence[str]
+    presence_penalty: float | None
 
 
 def generate_request(
@@ -191,6 +192,7 @@ def generate_request(
         top_p=sampling.get("top_p"),
         seed=sampling.get("seed"),
         stop=list(sampling.get("stop", ())),
+        presence_penalty=sampling.get("presence_penalty"),
     )
 
 

@@ -66,6 +66,7 @@ class Sampling:
     top_k: int = 0  # 0: no limit
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0  # off the logits of the tokens said in the conversation
 
     @classmethod
     def checked(
@@ -76,6 +77,7 @@ class Sampling:
         top_k: int,
         top_p: float | None,
         stop: list[str],
+        presence_penalty: float | None = None,
     ) -> Sampling:
         """From request fields; INVALID_ARGUMENT naming the first one out of range."""
         if not 0 <= max_tokens <= limit:
@@ -88,6 +90,9 @@ class Sampling:
         top_p = 1.0 if top_p is None else top_p
         if not (math.isfinite(top_p) and 0 < top_p <= 1):
             raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+        presence_penalty = 0.0 if presence_penalty is None else presence_penalty
+        if not (math.isfinite(presence_penalty) and presence_penalty >= 0):
+            raise InvalidArgument(f"presence_penalty must be >= 0, got {presence_penalty}")
         if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
             raise InvalidArgument(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
         return cls(
@@ -96,6 +101,7 @@ class Sampling:
             top_k=top_k,
             top_p=top_p,
             stop=tuple(stop),
+            presence_penalty=presence_penalty,
         )
 
 
@@ -140,7 +146,9 @@ class GenerateCall(Call):
         if self.phase == "decode":
             s = self.sampling
             previous = self.generated[-1] if self.generated else BOS
-            row = DecodeRow(previous, s.temperature, s.top_k, s.top_p, self.rng.random())
+            row = DecodeRow(
+                previous, s.temperature, s.top_k, s.top_p, self.rng.random(), s.presence_penalty
+            )
             return Operation.DECODE, row, 1
         return Operation.ENCODE, self.reply[self.position], 1
 

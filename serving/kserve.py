@@ -218,7 +218,7 @@ class KServeService:
             parameters = wire.sampling_parameters(request.parameters)
             sampling = Sampling.checked(
                 parameters.max_tokens, engine.settings.max_new_tokens, parameters.temperature,
-                parameters.top_k, parameters.top_p, [],
+                parameters.top_k, parameters.top_p, [], parameters.presence_penalty,
             )  # fmt: skip
             turn = wire.Turn(text, sampling, parameters.seed)
             steps = len(prompt) + 2 * sampling.max_tokens + 2  # at most, as memserve.v1's

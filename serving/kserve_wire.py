@@ -97,6 +97,7 @@ class SamplingParameters:
     top_k: int = 0
     top_p: float | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
 
 
 def sampling_parameters(parameters: Any) -> SamplingParameters:
@@ -127,6 +128,7 @@ def sampling_parameters(parameters: Any) -> SamplingParameters:
         top_k=integer("top_k", 2**31 - 1) or 0,
         top_p=real("top_p"),
         seed=integer("seed", 2**64 - 1),
+        presence_penalty=real("presence_penalty"),
     )
 
 

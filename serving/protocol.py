@@ -119,6 +119,7 @@ class DecodeRow:
     top_k: int
     top_p: float
     uniform: float
+    presence_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class DecodeBatch:
     top_k: np.ndarray  # int64 [B], 0: no limit
     top_p: np.ndarray  # float64 [B]
     uniform: np.ndarray  # float64 [B], in [0, 1)
+    presence_penalty: np.ndarray  # float32 [B], >= 0 (VMED.decode; staged to the device)
 
     @classmethod
     def of(cls, slots: np.ndarray, rows: Sequence[DecodeRow]) -> DecodeBatch:
@@ -146,6 +148,7 @@ class DecodeBatch:
             column("top_k", np.int64),
             column("top_p", np.float64),
             column("uniform", np.float64),
+            column("presence_penalty", np.float32),
         )
 
 

@@ -217,6 +217,7 @@ class MemServeService(memserve_pb2_grpc.MemServeServicer):
                     request.top_k,
                     request.top_p if request.HasField("top_p") else None,
                     list(request.stop),
+                    request.presence_penalty if request.HasField("presence_penalty") else None,
                 )
                 seed = request.seed if request.HasField("seed") else None
                 started = await engine.generate(

@@ -153,8 +153,8 @@ def batch_arrays(batch: OperationBatch) -> list[np.ndarray]:
         return [batch.slots, batch.tokens]
     if isinstance(batch, BeginBatch):
         return [batch.slots, batch.noise, batch.uniform]
-    if isinstance(batch, DecodeBatch):  # sampling settings stay on the host
-        return [batch.slots, batch.previous]
+    if isinstance(batch, DecodeBatch):  # sampling settings but the penalty stay on the host
+        return [batch.slots, batch.previous, batch.presence_penalty]
     raise TypeError(f"unknown operation batch {type(batch).__name__}")
 
 
@@ -173,7 +173,8 @@ def run_batch(
         model.begin_reply(pool, slots, arguments[0], arguments[1], check=False)
         return None
     if isinstance(batch, DecodeBatch):
-        logits = model.decode(pool, slots, arguments[0], check=False)
+        penalty = arguments[1] if batch.presence_penalty.any() else None  # none: no work
+        logits = model.decode(pool, slots, arguments[0], penalty, check=False)
 
         def sample(host: np.ndarray, batch: DecodeBatch = batch) -> np.ndarray:
             return sample_tokens(host, batch.temperature, batch.top_k, batch.top_p, batch.uniform)

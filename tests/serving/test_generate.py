@@ -64,13 +64,17 @@ def generate(
 
 
 class Conversation:
-    """The same turns in process: greedy replies, z drawn as the server draws it."""
+    """The same turns in process: greedy replies, z drawn as the server draws it; with a
+    presence penalty, greedy after taking it off the logits of every token this reference
+    saw the model given in the conversation."""
 
-    def __init__(self, model: VMED) -> None:
+    def __init__(self, model: VMED, presence_penalty: float = 0.0) -> None:
         self.model = model
         self.pool = model.new_pool(1)
         model.reset(self.pool, [0])
         self.slots = torch.zeros(1, dtype=torch.int64)
+        self.presence_penalty = presence_penalty
+        self.said: set[int] = set()
 
     def _write(self, tokens: list[int]) -> None:
         for token in tokens:
@@ -87,8 +91,11 @@ class Conversation:
         generated: list[int] = []
         previous = 1  # <bos>
         while len(generated) < max_tokens:
-            logits = self.model.decode(self.pool, self.slots, torch.tensor([previous]))
-            previous = int(logits[0].argmax())
+            logits = self.model.decode(self.pool, self.slots, torch.tensor([previous]))[0]
+            if previous != 1:
+                self.said.add(previous)
+            logits[sorted(self.said)] -= self.presence_penalty
+            previous = int(logits.argmax())
             if previous == EOS:
                 break
             generated.append(previous)
@@ -117,6 +124,25 @@ def test_streamed_replies_match_the_same_turns_in_process(
     samples = scrape(chat_server.metrics_url)
     assert metric(samples, "memserve_time_to_first_token_seconds_count", model=MODEL) >= 3
     assert metric(samples, "memserve_generated_tokens_total", model=MODEL) >= 36
+
+
+def test_a_presence_penalty_over_the_conversation_matches_the_same_turns_in_process(
+    chat_server: ServerProcess, tiny_vmed: tuple[Path, VMED], reference_backend: None
+) -> None:
+    """Greedy replies with presence_penalty equal the in-process reference that penalises
+    what it saw the model say in every turn so far, and differ from those without it."""
+    stub = chat_server.stub()
+    replies: dict[float, list[str]] = {}
+    for penalty in (0.0, 3.0):
+        session_id = create(stub, MODEL)
+        reference = Conversation(tiny_vmed[1], presence_penalty=penalty)
+        replies[penalty] = []
+        for index, text in enumerate(TURNS):
+            _, done = generate(stub, session_id, text, temperature=0.0, max_tokens=12,
+                               seed=index, presence_penalty=penalty)  # fmt: skip
+            assert done.text == reference.turn(text, seed=index, max_tokens=12)
+            replies[penalty].append(done.text)
+    assert replies[3.0] != replies[0.0]
 
 
 def test_same_seed_and_history_give_the_same_text(chat_server: ServerProcess) -> None:
@@ -219,6 +245,8 @@ def invalid_utf8_request(session_id: str) -> bytes:
         ({"top_k": -1}, "top_k"),
         ({"max_tokens": LIMIT + 1}, "max_tokens"),
         ({"stop": [""]}, "stop"),
+        ({"presence_penalty": -0.5}, "presence_penalty"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
         ({"raw": True}, "UTF-8"),
     ],
 )

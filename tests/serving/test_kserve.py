@@ -244,16 +244,19 @@ def test_a_dialogue_turn_streams_piece_by_piece_as_v1_generate(
     assert summary["finish_reason"].string_param == "length"
     assert summary["completion_tokens"].int64_param == 6
     assert empty_final.as_numpy("REPLY") is None and empty_final.as_numpy("STEP") is None
-    # The second turn, unary: the whole reply in one response, as v1's second turn.
+    # The second turn, unary: the whole reply in one response, as v1's second turn (with a
+    # presence penalty, as v1's presence_penalty).
     v1_second = list(
         stub.Generate(
             memserve_pb2.GenerateRequest(
-                session_id=session_id, text="what do you do ?", max_tokens=5, seed=12
+                session_id=session_id, text="what do you do ?", max_tokens=5, seed=12,
+                presence_penalty=2.0,
             )
         )
-    )[-1].done
+    )[-1].done  # fmt: skip
+    second_parameters = {"max_tokens": 5, "seed": 12, "presence_penalty": 2.0}
     second = client.infer(CHAT, [text_input("what do you do ?")], sequence_id="chat-1",
-                          sequence_end=True, parameters={"max_tokens": 5, "seed": 12})  # fmt: skip
+                          sequence_end=True, parameters=second_parameters)  # fmt: skip
     assert second.as_numpy("REPLY")[0].decode() == v1_second.text
     assert second.as_numpy("STEP").tolist() == [v1_second.step]
 
@@ -297,6 +300,7 @@ def test_bad_shapes_and_dtypes_are_refused_and_start_nothing(
         (CHAT, text_input("   "), {}, "text is empty"),
         (CHAT, text_input("hello"), {"temperature": -1.0}, "temperature must be >= 0"),
         (CHAT, text_input("hello"), {"top_p": "high"}, "'top_p' must be a number"),
+        (CHAT, text_input("hello"), {"presence_penalty": -1.0}, "presence_penalty must be >= 0"),
         (CHAT, text_input("hello"), {"max_tokens": 99}, "max_tokens must be between 1 and 24"),
     ],
 )
