@@ -18,11 +18,14 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One per-session tensor: its name, its shape for one session, and its dtype."""
+    """One per-session tensor: its name, its shape for one session, and its dtype.
+    `zero_if_missing`: a tensor added to the model's state after states of it were exported
+    or stored; `complete_state` gives such a state zeros for it, so that it still loads."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
+    zero_if_missing: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -36,6 +39,16 @@ class StateSpec:
 def state_bytes(specs: Sequence[StateSpec]) -> int:
     """Bytes of state one session takes."""
     return sum(spec.nbytes for spec in specs)
+
+
+def complete_state(specs: Sequence[StateSpec], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with zeros for each tensor it lacks whose spec is `zero_if_missing` (a state
+    exported or stored before that tensor was added); nothing else is changed or checked."""
+    completed = dict(state)
+    for spec in specs:
+        if spec.zero_if_missing and spec.name not in completed:
+            completed[spec.name] = torch.zeros(spec.shape, dtype=spec.dtype)
+    return completed
 
 
 def validate_state(specs: Sequence[StateSpec], state: Mapping[str, Tensor]) -> None:

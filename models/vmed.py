@@ -252,7 +252,7 @@ class VMED(MemoryModel):
             StateSpec("decoder_h", (L, H)),
             StateSpec("decoder_c", (L, H)),
             StateSpec("z", (c.latent_size,)),
-            StateSpec("said", (c.vocab_size,), torch.bool),
+            StateSpec("said", (c.vocab_size,), torch.bool, zero_if_missing=True),  # added later
         )
 
     def initial_state(self) -> dict[str, Tensor]:

@@ -15,12 +15,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
 import torch
 
-from models.state import validate_state
+from models.state import complete_state, validate_state
 from serving import journal
 from serving.durable.committer import Committer
 from serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -170,6 +171,9 @@ class Lifecycle:
                 f"(digest {imported.model_digest[:12]}, this server has "
                 f"{self.card.weights_digest[:12]})"
             )
+        imported = replace(
+            imported, tensors=complete_state(self.card.state_specs, imported.tensors)
+        )
         try:
             validate_state(self.card.state_specs, imported.tensors)
         except ValueError as error:

@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 
+from models.state import complete_state
 from serving import journal
 from serving.answers import commit_failure
 from serving.durable.base import SessionSummary, StoreUnavailable
@@ -148,7 +149,11 @@ class Persistence:
                 f"after step {start}, not the {stored.step - start} its count says"
             )
             raise session.broken
-        initial = host_state(import_state(base).tensors) if base else None
+        initial = (
+            host_state(complete_state(self.card.state_specs, import_state(base).tensors))
+            if base
+            else None
+        )
         arrays = await self.worker.send(Replay(initial, rows))
         if self.replica:
             # This replica serves it from now on, so its reads elsewhere must reload. Claimed

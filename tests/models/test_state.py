@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.state import StatePool, StateSpec, state_bytes
+from models.state import StatePool, StateSpec, complete_state, state_bytes, validate_state
 
 SPECS = (StateSpec("memory", (5, 3)), StateSpec("h", (2, 4)), StateSpec("count", (1,), torch.int64))
 
@@ -76,3 +76,21 @@ def test_slots_outside_the_pool_are_refused() -> None:
         StatePool(SPECS, 0)
     with pytest.raises(ValueError, match="unique"):
         StatePool((*SPECS, StateSpec("h", (1,))), 1)
+
+
+def test_complete_state_zeros_only_the_tensors_added_later() -> None:
+    """A state without a `zero_if_missing` tensor gets zeros of its shape and dtype; one
+    without any other tensor is still refused; a tensor already there is kept as it is."""
+    specs = (
+        StateSpec("memory", (2, 3)),
+        StateSpec("said", (4,), torch.bool, zero_if_missing=True),
+    )
+    memory = torch.ones(2, 3)
+    completed = complete_state(specs, {"memory": memory})
+    validate_state(specs, completed)
+    assert completed["memory"] is memory
+    assert completed["said"].dtype == torch.bool and not bool(completed["said"].any())
+    said = torch.tensor([True, False, True, False])
+    assert complete_state(specs, {"memory": memory, "said": said})["said"] is said
+    with pytest.raises(ValueError, match=r"missing \['memory'\]"):
+        validate_state(specs, complete_state(specs, {"said": said}))

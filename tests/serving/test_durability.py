@@ -491,3 +491,49 @@ def test_kill_9_under_load_loses_no_acknowledged_step_and_doubles_none(
         finally:
             stop.set()
             node.stop()
+
+
+def test_a_stored_session_from_before_the_said_record_still_loads(
+    tmp_path: Path, chat_model: Path
+) -> None:
+    """A dialogue session a store holds in the state layout from before VMED states held
+    `said` (written here as such a server wrote it: a SessionCreated record whose state
+    lacks it) is loaded with an empty record and answers as an import of that same state."""
+    from safetensors.torch import load as load_safetensors
+
+    from protos import journal_pb2
+    from serving.durable import open_store
+    from serving.export import export_state, import_state
+
+    directory = tmp_path / "store"
+    node = Node(tmp_path, f"dir:{directory}", chat_model).start()
+    try:
+        stub = node.stub()
+        made = stub.CreateSession(memserve_pb2.CreateSessionRequest(model=CHAT)).session_id
+        generate(stub, made, "hi ! do you like dogs ?", seed=1)
+        exported = import_state(
+            stub.ExportSession(memserve_pb2.ExportSessionRequest(session_id=made)).state
+        )
+    finally:
+        node.stop()
+    assert bool(exported.tensors["said"].any())
+    older = {name: t for name, t in exported.tensors.items() if name != "said"}
+    state = export_state(older, CHAT, exported.model_digest, exported.step)
+    assert "said" not in load_safetensors(state)
+    session = new_id()
+    created = journal_pb2.SessionCreated(
+        session_id=session, model=CHAT, weights_digest=exported.model_digest,
+        ttl_seconds=3600, step=exported.step, unix_time=time.time(), state=state,
+    )  # fmt: skip
+    stored = open_store(f"dir:{directory}")
+    try:
+        stored.commit([journal_pb2.Record(created=created)])
+    finally:
+        stored.close()
+    node.start()
+    try:
+        stub = node.stub()
+        twin = stub.ImportSession(memserve_pb2.ImportSessionRequest(state=state)).session_id
+        assert generate(stub, session, "what now ?", 3) == generate(stub, twin, "what now ?", 3)
+    finally:
+        node.stop()

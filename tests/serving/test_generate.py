@@ -21,7 +21,7 @@ from models.tokenizer import encode as encode_tokens
 from models.vmed import VMED
 from protos import memserve_pb2
 from protos.memserve_pb2_grpc import MemServeStub
-from serving.export import import_state
+from serving.export import export_state, import_state
 from tests.serving.client import create, info, metric, scrape
 from tests.tiny_vmed import tiny_vmed as make_tiny_vmed
 
@@ -282,3 +282,41 @@ def test_generate_on_a_model_without_text_is_refused(chat_server: ServerProcess)
         generate(stub, create(stub, "ntm-copy"), "hello")
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "does not generate text" in refused.value.details()
+
+
+def test_an_export_from_before_the_said_record_still_imports(
+    chat_server: ServerProcess, tiny_vmed: tuple[Path, VMED], reference_backend: None
+) -> None:
+    """A session exported before VMED states held `said` imports with an empty record and
+    replies as the same conversation in process does, whose record starts empty there too;
+    an export that lacks any other tensor is still refused."""
+    stub = chat_server.stub()
+    session_id = create(stub, MODEL)
+    generate(stub, session_id, TURNS[0], temperature=0.0, max_tokens=6, seed=0)
+    exported = import_state(
+        stub.ExportSession(memserve_pb2.ExportSessionRequest(session_id=session_id)).state
+    )
+    assert bool(exported.tensors["said"].any())
+    older = {name: t for name, t in exported.tensors.items() if name != "said"}
+    data = export_state(older, exported.model, exported.model_digest, exported.step)
+    imported = stub.ImportSession(memserve_pb2.ImportSessionRequest(state=data))
+    again = import_state(
+        stub.ExportSession(memserve_pb2.ExportSessionRequest(session_id=imported.session_id)).state
+    )
+    assert not bool(again.tensors["said"].any())
+    assert all(torch.equal(again.tensors[n], t) for n, t in older.items())
+    # The in-process reference: the same state, an empty record, then a turn with a penalty.
+    model = tiny_vmed[1]
+    reference = Conversation(model, presence_penalty=3.0)
+    model.reset(reference.pool, [0])
+    reference.pool.write(0, {**older, "said": torch.zeros_like(exported.tensors["said"])})
+    _, done = generate(stub, imported.session_id, TURNS[1], temperature=0.0, max_tokens=8,
+                       seed=1, presence_penalty=3.0)  # fmt: skip
+    assert done.text == reference.turn(TURNS[1], seed=1, max_tokens=8)
+    broken = {name: t for name, t in exported.tensors.items() if name != "z"}
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ImportSession(memserve_pb2.ImportSessionRequest(
+            state=export_state(broken, exported.model, exported.model_digest, exported.step)
+        ))  # fmt: skip
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "missing ['z']" in refused.value.details()
