@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         from serving import server
         from serving.durable.base import StoreUnavailable
 
+        _raise_if_stopped()  # a signal whose exception an import swallowed
         try:
             return server.serve(settings, started)
         except StoreUnavailable as error:  # e.g. its Redis is down at start: not a crash
@@ -84,12 +85,25 @@ def _serve(args: argparse.Namespace) -> int:
             worker.kill()
 
 
-class StopStartingError(Exception):
-    """SIGTERM or SIGINT while `memserve serve` was starting."""
+class StopStartingError(BaseException):
+    """SIGTERM or SIGINT while `memserve serve` was starting. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way (ours or a library's,
+    e.g. around an optional import) takes it for an error and goes on starting."""
+
+
+_signals_while_starting: list[str] = []
 
 
 def _stop_starting(number: int, frame: object) -> None:
-    raise StopStartingError(signal.Signals(number).name)
+    _signals_while_starting.append(signal.Signals(number).name)
+    raise StopStartingError(_signals_while_starting[0])
+
+
+def _raise_if_stopped() -> None:
+    """StopStartingError if a signal came even though its exception did not get here: one
+    raised where Python ignores exceptions (a `__del__`, a callback) is only printed."""
+    if _signals_while_starting:
+        raise StopStartingError(_signals_while_starting[0])
 
 
 def add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
